@@ -1,0 +1,5 @@
+import sys
+
+from selfflow.cli import main
+
+sys.exit(main())

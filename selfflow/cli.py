@@ -1,0 +1,203 @@
+"""The ``selfflow`` command line.
+
+    selfflow train --config configs/digits_flow_matching.yaml [--set train.lr=3e-4 ...]
+    selfflow sample --ckpt runs/x --n 64 --out samples/
+    selfflow export --ckpt runs/x --out model/
+    selfflow quickstart
+    selfflow data fetch mnist --to data/mnist
+
+Errors in input (config, data, checkpoints) print one line naming the problem and exit with 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own errors: one line, exit 2
+        self.print_usage(sys.stderr)
+        self.exit(2, f"selfflow: error: {message}\n")
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a model from a YAML config")
+    p.add_argument("--config", help="YAML file (see configs/); defaults when omitted")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.lr=3e-4")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def _add_sample(sub) -> None:
+    p = sub.add_parser("sample", help="generate images from a checkpoint (PNG grid + .npz)")
+    p.add_argument("--ckpt", required=True, help="checkpoint folder, run folder, or exported model folder")
+    p.add_argument("--n", type=int, default=64, help="number of images")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--sampler", default="euler", help="euler | heun | sde | dopri5")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--seed", type=int, default=0, help="image k uses seed (seed + k)")
+    p.add_argument("--labels", default=None, help="comma-separated class labels (cycled); default: k mod classes")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--weights", default="ema", choices=["ema", "model"], help="which weights of a training checkpoint")
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="export the generator (EMA weights, no training-only parts) as a model folder")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--weights", default="ema", choices=["ema", "model"])
+
+
+def _add_quickstart(sub) -> None:
+    p = sub.add_parser("quickstart", help="train a small model on the bundled digits (CPU, a few minutes)")
+    p.add_argument("--out", default="runs/quickstart")
+    p.add_argument("--steps", type=int, default=None, help="override the number of training steps")
+    p.add_argument("--device", default="auto")
+
+
+def _add_data(sub) -> None:
+    p = sub.add_parser("data", help="data set tools")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    f = dsub.add_parser("fetch", help="download a data set with hash checks")
+    f.add_argument("name", choices=["mnist"])
+    f.add_argument("--to", required=True, help="destination folder")
+    f.add_argument("--base-url", default=None, help="mirror to download from (default: the usual MNIST mirrors)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="selfflow", description="Self-Flow and friends: flow-matching transformers that learn their own representations.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_train(sub)
+    _add_sample(sub)
+    _add_export(sub)
+    _add_quickstart(sub)
+    _add_data(sub)
+    try:
+        from selfflow.evaluation.cli import add_eval_parser
+    except ImportError:
+        pass
+    else:
+        add_eval_parser(sub)
+    return parser
+
+
+# --------------------------------------------------------------------------------------------
+# commands
+# --------------------------------------------------------------------------------------------
+def cmd_train(args) -> int:
+    from selfflow.config import load_config
+    from selfflow.trainer import train
+
+    config = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(config.to_json())
+        return 0
+    result = train(config)
+    return 0 if result["status"] in ("finished", "interrupted") else 1
+
+
+def load_generator(path: str, weights: str = "ema", device: str = "cpu"):
+    """A DiT from a checkpoint folder, a run folder or an exported model folder."""
+    from selfflow.checkpoint import resolve_checkpoint
+    from selfflow.model import DiT
+
+    folder = resolve_checkpoint(path)
+    file = f"{weights}.safetensors"
+    if not (folder / file).exists() and (folder / "model.safetensors").exists() and not (folder / "ema.safetensors").exists():
+        file = "model.safetensors"  # an exported model folder holds one set of weights
+    return DiT.from_pretrained(folder, weights=file, device=device), folder
+
+
+def cmd_sample(args) -> int:
+    import numpy as np
+    import torch
+
+    from selfflow.config import ConfigError
+    from selfflow.imageio import save_grid
+    from selfflow.sampling import generate
+    from selfflow.trainer import resolve_device
+
+    if args.n <= 0:
+        raise ConfigError(f"--n must be positive, got {args.n}")
+    if args.steps <= 0:
+        raise ConfigError(f"--steps must be positive, got {args.steps}")
+    device = resolve_device(args.device)
+    model, folder = load_generator(args.ckpt, args.weights, device)
+    labels = None
+    if args.labels:
+        try:
+            values = [int(v) for v in args.labels.split(",")]
+        except ValueError:
+            raise ConfigError(f"--labels must be comma-separated integers, got {args.labels!r}") from None
+        bad = [v for v in values if not 0 <= v < max(model.num_classes, 1)]
+        if bad or model.num_classes == 0:
+            raise ConfigError(f"--labels {bad or values} outside 0..{model.num_classes - 1} (model has {model.num_classes} classes)")
+        labels = torch.tensor([values[k % len(values)] for k in range(args.n)], dtype=torch.long)
+    seeds = list(range(args.seed, args.seed + args.n))
+    result = generate(
+        model, num_samples=args.n, seeds=seeds, labels=labels, sampler=args.sampler, steps=args.steps,
+        cfg_scale=args.cfg_scale, batch_size=args.batch_size, device=device,
+        image_shape=(model.in_channels, model.image_size, model.image_size),
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_grid(result.images, out / "grid.png")
+    pixels = ((result.images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    np.savez(out / "samples.npz", images=pixels, labels=(result.labels.numpy() if result.labels is not None else np.zeros(0)), seeds=np.array(seeds))
+    info = {
+        "checkpoint": str(folder), "weights": args.weights, "n": args.n, "sampler": args.sampler, "steps": args.steps,
+        "cfg_scale": args.cfg_scale, "seeds": [seeds[0], seeds[-1]], "nfe_per_sample": result.nfe_per_sample,
+        "wall_time_s": result.wall_time_s, "device": str(device),
+    }
+    (out / "samples.json").write_text(json.dumps(info, indent=2))
+    print(f"wrote {out / 'grid.png'} and {out / 'samples.npz'} ({args.n} images, {result.nfe_per_sample:g} evaluations each)")
+    return 0
+
+
+def cmd_export(args) -> int:
+    model, folder = load_generator(args.ckpt, args.weights)
+    model.save_pretrained(args.out)
+    print(f"exported {args.weights} weights of {folder} to {args.out}")
+    return 0
+
+
+def cmd_quickstart(args) -> int:
+    from selfflow.quickstart import run_quickstart
+
+    report = run_quickstart(out_dir=args.out, steps=args.steps, device=args.device)
+    print(f"report: {report}")
+    return 0
+
+
+def cmd_data(args) -> int:
+    from selfflow.data_fetch import fetch_mnist
+
+    fetch_mnist(args.to, base_url=args.base_url)
+    print(f"MNIST is in {args.to} (hashes checked)")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "export": cmd_export, "quickstart": cmd_quickstart, "data": cmd_data}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from selfflow.errors import USER_ERRORS
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = COMMANDS.get(args.command) or getattr(args, "handler", None)
+    try:
+        return handler(args)
+    except USER_ERRORS as exc:
+        print(f"selfflow: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("selfflow: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""What every method shares: the batch it receives and the randomness it draws.
+
+A method is a small ``nn.Module`` with ``loss(model, batch) → (loss, logs)``. Its own parameters
+(Self-Flow's projection head, REPA's projector) are trained with the model and saved in
+``method.safetensors``; they are never part of the exported generator.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+
+class BatchRandom:
+    """Random draws for one micro-batch that do not depend on how the batch is split.
+
+    Every process draws the values for the **global** micro-batch from the same generator and
+    keeps its own rows, so a 2-process run sees exactly the noise of a 1-process run.
+    """
+
+    def __init__(self, generator: torch.Generator, global_batch: int, rows: slice):
+        self.generator = generator
+        self.global_batch = global_batch
+        self.rows = rows
+
+    @property
+    def device(self) -> torch.device:
+        return self.generator.device
+
+    def randn(self, *shape: int) -> torch.Tensor:
+        """(local B, *shape) standard normal."""
+        return torch.randn(self.global_batch, *shape, generator=self.generator, device=self.device)[self.rows]
+
+    def rand(self, *shape: int) -> torch.Tensor:
+        """(local B, *shape) uniform on [0, 1)."""
+        return torch.rand(self.global_batch, *shape, generator=self.generator, device=self.device)[self.rows]
+
+
+@dataclass
+class Batch:
+    x0: torch.Tensor  # (B, C, H, W) clean images in [-1, 1]
+    y: torch.Tensor  # (B,) int64 labels; num_classes is the null label
+    random: BatchRandom
+
+
+class Method(nn.Module):
+    """Base class. Subclasses set ``name`` and ``Config`` and implement :meth:`loss`."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type]
+
+    def __init__(self, config, model: nn.Module):
+        super().__init__()
+        self.config = config
+
+    def bind_teacher(self, teacher: nn.Module) -> None:
+        """Called by the trainer with its EMA model; methods that need a teacher keep it."""
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def drop_labels(self, y: torch.Tensor, probability: float, num_classes: int, random: BatchRandom) -> torch.Tensor:
+        """Label dropout for classifier-free guidance: each label → null with ``probability``."""
+        if probability <= 0 or num_classes == 0:
+            return y
+        drop = random.rand().to(y.device) < probability
+        return torch.where(drop, torch.full_like(y, num_classes), y)
+
+
+class Objective(nn.Module):
+    """Model + method in one module, so DDP/FSDP see (and synchronise) every trained parameter."""
+
+    def __init__(self, model: nn.Module, method: Method):
+        super().__init__()
+        self.model = model
+        self.method = method
+
+    def forward(self, batch: Batch):
+        return self.method.loss(self.model, batch)

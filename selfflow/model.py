@@ -1,0 +1,304 @@
+"""The network: a DiT/SiT transformer over patch tokens with **per-token** adaLN-Zero modulation.
+
+Every token carries its own time. The conditioning of token i of sample b is
+``c[b, i] = time_embed(t[b, i]) + label_embed(y[b])`` and each block modulates that token with
+``shift, scale, gate = adaLN(c[b, i])`` (DiT's adaLN-Zero, evaluated per token, SPEC.md §1).
+
+Cost: the modulation MLP would run on B·N rows. A sample rarely has more than two distinct times
+(Self-Flow: t and s; inference: one), so the conditioning is computed once per distinct
+``(sample, time)`` pair and gathered back to tokens. With a (B,) time tensor this is exactly DiT.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
+
+from selfflow.config import ModelConfig, from_dict
+
+
+# --------------------------------------------------------------------------------------------
+# embeddings
+# --------------------------------------------------------------------------------------------
+def sincos_2d(embed_dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position table, (grid_h·grid_w, embed_dim), row-major tokens."""
+    if embed_dim % 4 != 0:
+        raise ValueError(f"2-D sin-cos positions need a width divisible by 4, got {embed_dim}")
+    quarter = embed_dim // 4
+    omega = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter))
+    ys, xs = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64), torch.arange(grid_w, dtype=torch.float64), indexing="ij")
+    out_y = ys.reshape(-1, 1) * omega  # (N, D/4)
+    out_x = xs.reshape(-1, 1) * omega
+    table = torch.cat([out_x.sin(), out_x.cos(), out_y.sin(), out_y.cos()], dim=1)
+    return table.float()
+
+
+class TimeEmbedding(nn.Module):
+    """t ∈ [0, 1] → sinusoidal features of 1000·t → MLP → (R, D)."""
+
+    def __init__(self, hidden_size: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:  # (R,) -> (R, D)
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = (1000.0 * t.float())[:, None] * freqs[None]
+        features = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+# --------------------------------------------------------------------------------------------
+# blocks
+# --------------------------------------------------------------------------------------------
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, D)
+        B, N, D = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, H, N, D/H)
+        return self.proj(out.transpose(1, 2).reshape(B, N, D))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with adaLN-Zero; ``mod`` is (B, N, 6D) or (B, 1, 6D)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+        mod = self.adaLN(cond)  # (R, 6D): one row per distinct (sample, time)
+        mod = mod[index] if index is not None else mod[:, None]  # (B, N, 6D) or (B, 1, 6D)
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
+        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1))
+        x = x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        return x
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
+        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+        mod = self.adaLN(cond)
+        mod = mod[index] if index is not None else mod[:, None]
+        shift, scale = mod.chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+# --------------------------------------------------------------------------------------------
+# the model
+# --------------------------------------------------------------------------------------------
+class DiT(nn.Module):
+    """Flow transformer predicting the velocity ``v = ε − x0`` (SPEC.md conventions).
+
+    ``forward(x, t, y)``: x (B, C, H, W); t (B,) or (B, N) with N = (H/p)·(W/p) tokens in
+    row-major order; y (B,) int64 labels, ``num_classes`` is the null label (None: all null).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.image_size is None or config.in_channels is None or config.num_classes is None:
+            raise ValueError("ModelConfig.image_size, in_channels and num_classes must be set before building the model")
+        if config.image_size % config.patch_size != 0:
+            raise ValueError(f"image_size {config.image_size} is not divisible by patch_size {config.patch_size}")
+        self.config = config
+        depth, dim, heads = config.resolved_dims()
+        self.depth, self.hidden_size, self.num_heads = depth, dim, heads
+        self.patch_size = config.patch_size
+        self.in_channels = config.in_channels
+        self.image_size = config.image_size
+        self.num_classes = config.num_classes
+        self.grid = config.image_size // config.patch_size
+        self.num_tokens = self.grid * self.grid
+        self.activation_checkpointing = False
+        self.dedupe_times = True  # compute the conditioning once per distinct (sample, time)
+
+        self.patch_embed = nn.Conv2d(config.in_channels, dim, kernel_size=config.patch_size, stride=config.patch_size)
+        self.register_buffer("pos_embed", sincos_2d(dim, self.grid, self.grid)[None], persistent=False)
+        self.time_embed = TimeEmbedding(dim)
+        self.label_embed = nn.Embedding(config.num_classes + 1, dim)  # last row: the null label
+        self.blocks = nn.ModuleList([Block(dim, heads, config.mlp_ratio) for _ in range(depth)])
+        self.final = FinalLayer(dim, config.patch_size, config.in_channels)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        w = self.patch_embed.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.bias)
+        nn.init.normal_(self.label_embed.weight, std=0.02)
+        for layer in self.time_embed.mlp:
+            if isinstance(layer, nn.Linear):
+                nn.init.normal_(layer.weight, std=0.02)
+        for block in self.blocks:  # adaLN-Zero: every block starts as the identity
+            nn.init.zeros_(block.adaLN[-1].weight)
+            nn.init.zeros_(block.adaLN[-1].bias)
+        nn.init.zeros_(self.final.adaLN[-1].weight)
+        nn.init.zeros_(self.final.adaLN[-1].bias)
+        nn.init.zeros_(self.final.linear.weight)
+        nn.init.zeros_(self.final.linear.bias)
+
+    # ---- tokens <-> images ---------------------------------------------------------------
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) → (B, N, p·p·C) in the token order of the model."""
+        B, C, H, W = x.shape
+        p = self.patch_size
+        x = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)
+        return x.reshape(B, (H // p) * (W // p), p * p * C)
+
+    def unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, N, p·p·C) → (B, C, H, W)."""
+        B, N, _ = tokens.shape
+        p, C, g = self.patch_size, self.in_channels, self.grid
+        x = tokens.reshape(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4)
+        return x.reshape(B, C, g * p, g * p)
+
+    def token_times(self, t_image: torch.Tensor) -> torch.Tensor:
+        """A per-pixel time map (B, 1, H, W) constant on patches → per-token times (B, N)."""
+        return self.patchify(t_image)[..., 0]
+
+    # ---- conditioning --------------------------------------------------------------------
+    def _conditioning(self, t: torch.Tensor, y: torch.Tensor | None, batch: int):
+        """Return (cond rows (R, D), index (B, N) into the rows, or None when t is per sample)."""
+        if y is None:
+            y = torch.full((batch,), self.num_classes, dtype=torch.long, device=t.device)
+        if t.dim() == 0:
+            t = t.expand(batch)
+        label = self.label_embed(y)  # (B, D)
+        if t.dim() == 1:
+            return self.time_embed(t) + label, None
+        if t.shape != (batch, self.num_tokens):
+            raise ValueError(f"per-token times must have shape (B, N) = ({batch}, {self.num_tokens}), got {tuple(t.shape)}")
+        if not self.dedupe_times:
+            rows = self.time_embed(t.reshape(-1)) + label.repeat_interleave(self.num_tokens, dim=0)
+            return rows, torch.arange(batch * self.num_tokens, device=t.device).view(batch, self.num_tokens)
+        sample = torch.arange(batch, device=t.device)[:, None].expand_as(t)
+        pairs = torch.stack([sample.reshape(-1).to(t.dtype), t.reshape(-1)], dim=1)
+        unique, inverse = torch.unique(pairs, dim=0, return_inverse=True)
+        rows = self.time_embed(unique[:, 1]) + label[unique[:, 0].long()]
+        return rows, inverse.view(batch, self.num_tokens)
+
+    # ---- forward -------------------------------------------------------------------------
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor | None = None,
+        return_layers: Sequence[int] = (),
+        stop_after: int | None = None,
+    ):
+        """Velocity (B, C, H, W); with ``return_layers`` also {layer: hidden (B, N, D)}.
+
+        Layers count from 1: layer l is the output of block l. ``stop_after=l`` runs blocks 1..l
+        only and returns ``(None, hiddens)`` — the Self-Flow teacher needs nothing deeper.
+        """
+        B = x.shape[0]
+        h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, N, D)
+        cond, index = self._conditioning(t, y, B)
+        wanted = set(return_layers)
+        if stop_after is not None:
+            wanted.add(stop_after)
+        for layer in wanted:
+            if not 1 <= layer <= self.depth:
+                raise ValueError(f"layer {layer} is outside 1..{self.depth}")
+        hiddens: dict[int, torch.Tensor] = {}
+        for number, block in enumerate(self.blocks, start=1):
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                h = activation_checkpoint(block, h, cond, index, use_reentrant=False)
+            else:
+                h = block(h, cond, index)
+            if number in wanted:
+                hiddens[number] = h
+            if stop_after is not None and number == stop_after:
+                return None, hiddens
+        out = self.unpatchify(self.final(h, cond, index))
+        if return_layers:
+            return out, hiddens
+        return out
+
+    # ---- files ---------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``model.safetensors`` + ``config.json`` into ``directory`` atomically."""
+        from selfflow.checkpoint import atomic_directory, save_tensors
+
+        with atomic_directory(directory) as tmp:
+            save_tensors(self.state_dict(), tmp / "model.safetensors")
+            (tmp / "config.json").write_text(json.dumps({"model": asdict(self.config)}, indent=2))
+        return Path(directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, weights: str = "model.safetensors", device: str | torch.device = "cpu") -> "DiT":
+        """Load a folder written by :meth:`save_pretrained` or a training checkpoint.
+
+        ``weights="ema.safetensors"`` picks the EMA weights of a training checkpoint.
+        """
+        from selfflow.checkpoint import CheckpointError, load_tensors, read_json
+
+        directory = Path(directory)
+        meta = read_json(directory / "config.json")
+        if "model" not in meta:
+            raise CheckpointError(f"{directory / 'config.json'}: no 'model' section")
+        config = from_dict(ModelConfig, meta["model"], f"{directory / 'config.json'}:model")
+        model = cls(config)
+        state = load_tensors(directory / weights, device="cpu")
+        load_state_strict(model, state, directory / weights)
+        return model.to(device)
+
+
+def load_state_strict(module: nn.Module, state: dict[str, torch.Tensor], source: Path | str) -> None:
+    """``load_state_dict`` whose errors name the file, the key and both shapes."""
+    from selfflow.checkpoint import CheckpointError
+
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source}: weights do not match the model (missing {missing[:5]}{'…' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'…' if len(unexpected) > 5 else ''}); was it saved for another model size or method?"
+        )
+    for key, value in state.items():
+        if value.shape != own[key].shape:
+            raise CheckpointError(
+                f"{source}: tensor {key!r} has shape {tuple(value.shape)}, the model expects {tuple(own[key].shape)} "
+                "(a checkpoint of a different model size?)"
+            )
+    module.load_state_dict(state)
+
+
+def build_model(config: ModelConfig) -> DiT:
+    return DiT(config)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

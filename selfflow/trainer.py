@@ -1,0 +1,379 @@
+"""The one training loop. Methods plug in through ``loss(model, batch)``; they never fork it.
+
+Performance switches in plain sight (nanoGPT-style): bf16 autocast on CUDA, ``torch.compile``,
+DDP under torchrun, gradient accumulation, activation checkpointing. Trust: atomic checkpoints,
+exact resume (weights, EMA, optimizer, every RNG, data position), SIGTERM/SIGINT save and exit,
+a non-finite loss stops before the weights are touched.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import signal
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from selfflow import checkpoint as ckpt
+from selfflow.config import ConfigError, RunConfig, config_from_dict
+from selfflow.distributed import DistInfo, all_reduce_mean, any_rank, cleanup, init_distributed
+from selfflow.ema import EMA, decay_from_half_life
+from selfflow.methods import Batch, BatchRandom, Objective, build_method
+from selfflow.model import DiT, load_state_strict
+
+log = logging.getLogger("selfflow")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; no checkpoint was written for that state."""
+
+
+# --------------------------------------------------------------------------------------------
+# set-up helpers
+# --------------------------------------------------------------------------------------------
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name!r} but CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def setup_logging(out_dir: Path | None, is_main: bool) -> None:
+    log.setLevel(logging.INFO if is_main else logging.WARNING)
+    log.propagate = False
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+        handler.close()
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    stream = logging.StreamHandler(sys.stdout)
+    stream.setFormatter(fmt)
+    log.addHandler(stream)
+    if out_dir is not None and is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        file = logging.FileHandler(out_dir / "train.log")
+        file.setFormatter(fmt)
+        log.addHandler(file)
+
+
+def load_data(config: RunConfig):
+    from selfflow.data import load_dataset
+
+    d = config.data
+    return load_dataset(d.name, path=d.path, split=d.split, image_size=d.image_size, channels=d.channels)
+
+
+def complete_model_config(config: RunConfig, dataset) -> None:
+    """Fill image size, channels and classes from the data; mismatches name the key."""
+    m = config.model
+    num_classes = dataset.num_classes if config.data.class_conditional else 0
+    for key, value in (("image_size", dataset.image_size), ("in_channels", dataset.channels), ("num_classes", num_classes)):
+        current = getattr(m, key)
+        if current is None:
+            setattr(m, key, value)
+        elif current != value:
+            raise ConfigError(f"model.{key}={current} but the data set {config.data.name!r} gives {value}")
+    if m.image_size % m.patch_size != 0:
+        raise ConfigError(f"model.patch_size={m.patch_size} does not divide the image size {m.image_size}")
+
+
+def lr_at(step: int, config: RunConfig) -> float:
+    """Linear warm-up to train.lr, then constant (the SiT/REPA recipe)."""
+    warmup = config.train.warmup_steps
+    return config.train.lr * min(1.0, (step + 1) / warmup) if warmup > 0 else config.train.lr
+
+
+# --------------------------------------------------------------------------------------------
+# the trainer
+# --------------------------------------------------------------------------------------------
+class Trainer:
+    def __init__(self, config: RunConfig, dataset=None):
+        self.config = config
+        t = config.train
+        self.device = resolve_device(t.device)
+        self.dist: DistInfo = init_distributed(self.device.type)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        if t.batch_size % (self.dist.world_size * t.grad_accum) != 0:
+            raise ConfigError(
+                f"train.batch_size={t.batch_size} must be divisible by world size ({self.dist.world_size}) × grad_accum ({t.grad_accum})"
+            )
+        self.out_dir = Path(t.out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        setup_logging(self.out_dir, self.dist.is_main)
+        self.amp_dtype = autocast_dtype(t.precision, self.device)
+        if self.amp_dtype is not None and self.device.type == "cpu":
+            log.warning("bf16 autocast on CPU is slow; use train.precision=fp32 there")
+
+        self.dataset = dataset if dataset is not None else load_data(config)
+        complete_model_config(config, self.dataset)
+        torch.manual_seed(t.seed)
+        self.model = DiT(config.model).to(self.device)
+        self.model.activation_checkpointing = t.activation_checkpointing
+        self.method = build_method(config.method, self.model).to(self.device)
+        decay = decay_from_half_life(t.batch_size, t.ema_half_life_images) if t.ema_half_life_images else t.ema_decay
+        self.ema = EMA(self.model, decay, warmup=t.ema_warmup)
+        self.method.bind_teacher(self.ema.model)
+
+        self.params = [p for p in list(self.model.parameters()) + list(self.method.parameters()) if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay, fused=self.device.type == "cuda"
+        )
+        # One generator draws every training random number (times, noise, masks, label drop);
+        # the same seed on every process — see BatchRandom.
+        self.generator = torch.Generator(device=self.device).manual_seed(t.seed + 1)
+        from selfflow.data import IndexStream
+
+        self.stream = IndexStream(len(self.dataset), t.batch_size, seed=t.seed, rank=self.dist.rank, world_size=self.dist.world_size)
+        self.step = 0
+
+        forward_model = torch.compile(self.model) if t.compile else self.model
+        self.objective = Objective(forward_model, self.method)
+        if self.dist.enabled:
+            if t.distributed == "fsdp":
+                raise ConfigError("train.distributed=fsdp is not available in this build; use ddp")
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.objective = DistributedDataParallel(self.objective, device_ids=ids)
+        self._stop_signal: int | None = None
+        self._tb = None
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    def save_checkpoint(self) -> Path | None:
+        """Write ``checkpoints/step_N`` atomically (main process only) and prune old ones."""
+        target = self.ckpt_dir / ckpt.step_dir_name(self.step)
+        if self.dist.is_main:
+            with ckpt.atomic_directory(target) as tmp:
+                ckpt.save_tensors(self.model.state_dict(), tmp / "model.safetensors")
+                ckpt.save_tensors(self.ema.model.state_dict(), tmp / "ema.safetensors")
+                method_state = self.method.state_dict()
+                if method_state:
+                    ckpt.save_tensors(method_state, tmp / "method.safetensors")
+                opt_tensors, opt_rest = ckpt.split_optimizer_state(self.optimizer.state_dict())
+                ckpt.save_tensors(opt_tensors, tmp / "optimizer.safetensors")
+                ckpt.save_tensors(ckpt.rng_state({"train": self.generator}), tmp / "rng.safetensors")
+                ckpt.write_json({"model": asdict(self.config.model), "run": self.config.to_dict()}, tmp / "config.json")
+                state = {
+                    "step": self.step,
+                    "images_seen": self.step * self.config.train.batch_size,
+                    "data": self.stream.state_dict(),
+                    "optimizer": opt_rest,
+                    "world_size": self.dist.world_size,
+                    "versions": {"torch": torch.__version__},
+                }
+                ckpt.write_json(state, tmp / "state.json")
+            ckpt.prune_checkpoints(self.ckpt_dir, self.config.train.keep_last)
+            log.info("checkpoint step=%d path=%s", self.step, target)
+        if self.dist.enabled:
+            torch.distributed.barrier()
+        return target
+
+    def load_checkpoint(self, directory: Path) -> None:
+        meta = ckpt.read_json(directory / "config.json")
+        saved = meta.get("run")
+        if not isinstance(saved, dict):
+            raise ckpt.CheckpointError(f"{directory / 'config.json'}: no 'run' section")
+        mine = self.config.to_dict()
+        for section in ("model", "method"):
+            if saved.get(section) != mine[section]:
+                diff = sorted(k for k in set(saved.get(section, {})) | set(mine[section]) if saved.get(section, {}).get(k) != mine[section].get(k))
+                raise ckpt.CheckpointError(
+                    f"{directory}: checkpoint was trained with a different {section} config (keys {diff}); "
+                    f"use a new train.out_dir or the same config"
+                )
+        state = ckpt.read_json(directory / "state.json")
+        load_state_strict(self.model, ckpt.load_tensors(directory / "model.safetensors", self.device), directory / "model.safetensors")
+        load_state_strict(self.ema.model, ckpt.load_tensors(directory / "ema.safetensors", self.device), directory / "ema.safetensors")
+        if (directory / "method.safetensors").exists():
+            load_state_strict(self.method, ckpt.load_tensors(directory / "method.safetensors", self.device), directory / "method.safetensors")
+        opt = ckpt.join_optimizer_state(ckpt.load_tensors(directory / "optimizer.safetensors", self.device), state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(opt)
+        except (ValueError, KeyError) as exc:
+            raise ckpt.CheckpointError(f"{directory / 'optimizer.safetensors'}: optimizer state does not fit ({exc})") from None
+        ckpt.set_rng_state(ckpt.load_tensors(directory / "rng.safetensors"), {"train": self.generator}, directory / "rng.safetensors")
+        self.stream.load_state_dict(state["data"])
+        self.step = int(state["step"])
+        log.info("resumed step=%d from=%s", self.step, directory)
+
+    def maybe_resume(self) -> None:
+        ckpt.remove_stale_temporaries(self.ckpt_dir) if self.dist.is_main else None
+        latest = ckpt.latest_checkpoint(self.ckpt_dir)
+        if latest is not None:
+            self.load_checkpoint(latest)
+
+    # ---- one optimisation step ----------------------------------------------------------------
+    def _micro_batches(self):
+        t = self.config.train
+        indices = self.stream.next_batch()  # this process's share of the global batch
+        local = len(indices) // t.grad_accum
+        for m in range(t.grad_accum):
+            chunk = indices[m * local : (m + 1) * local]
+            x0, y = self.dataset.get_batch(chunk)
+            rows = slice(self.dist.rank * local, (self.dist.rank + 1) * local)
+            yield m, Batch(x0=x0.to(self.device, non_blocking=True), y=y.to(self.device), random=BatchRandom(self.generator, local * self.dist.world_size, rows))
+
+    def train_step(self) -> dict[str, float]:
+        t = self.config.train
+        lr = lr_at(self.step, self.config)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.objective.train()
+        totals: dict[str, torch.Tensor] = {}
+        for m, batch in self._micro_batches():
+            sync = m == t.grad_accum - 1
+            no_sync = self.objective.no_sync() if (self.dist.enabled and not sync) else contextlib.nullcontext()
+            autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
+            with no_sync:
+                with autocast:
+                    loss, logs = self.objective(batch)
+                (loss / t.grad_accum).backward()
+            totals["loss"] = totals.get("loss", 0) + loss.detach() / t.grad_accum
+            for key, value in logs.items():
+                totals[key] = totals.get(key, 0) + value.detach().float() / t.grad_accum
+        stats = {k: all_reduce_mean(v.float(), self.dist) for k, v in totals.items()}
+        if not torch.isfinite(stats["loss"]):
+            raise TrainingDiverged(
+                f"loss is {stats['loss'].item()} at step {self.step + 1}; stopped before updating the weights. "
+                f"The last good checkpoint in {self.ckpt_dir} is untouched. Lower train.lr or check the data for NaN."
+            )
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, t.grad_clip if t.grad_clip > 0 else float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ema.update(self.model, self.step)
+        self.step += 1
+        out = {k: v.item() for k, v in stats.items()}
+        out["grad_norm"] = float(grad_norm)
+        out["lr"] = lr
+        return out
+
+    # ---- logging and samples ---------------------------------------------------------------
+    def _log(self, record: dict) -> None:
+        if not self.dist.is_main:
+            return
+        with open(self.out_dir / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.config.train.tensorboard:
+            if self._tb is None:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+
+                    self._tb = SummaryWriter(str(self.out_dir / "tensorboard"))
+                except ImportError:
+                    log.warning("tensorboard is not installed; logging to metrics.jsonl only (pip install selfflow[tensorboard])")
+                    self.config.train.tensorboard = False
+            if self._tb is not None:
+                for key, value in record.items():
+                    if key != "step" and isinstance(value, (int, float)):
+                        self._tb.add_scalar(f"train/{key}", value, record["step"])
+        log.info("step=%d %s", record["step"], " ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "step"))
+
+    def write_samples(self) -> Path | None:
+        if not self.dist.is_main or self.config.train.num_sample_images == 0:
+            return None
+        from selfflow.imageio import save_grid
+        from selfflow.sampling import generate
+
+        s = self.config.sample
+        n = self.config.train.num_sample_images
+        result = generate(
+            self.ema.model,
+            num_samples=n,
+            seeds=list(range(n)),
+            sampler=s.sampler,
+            steps=s.steps,
+            cfg_scale=s.cfg_scale,
+            batch_size=min(s.batch_size, n),
+            device=self.device,
+            image_shape=(self.model.in_channels, self.model.image_size, self.model.image_size),
+            progress=False,
+        )
+        path = save_grid(result.images, self.out_dir / "samples" / f"{ckpt.step_dir_name(self.step)}.png", nrow=int(math.sqrt(n)) or None)
+        log.info("samples step=%d path=%s", self.step, path)
+        return path
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def _request_stop(self, signum, _frame) -> None:
+        self._stop_signal = signum
+        log.warning("received %s: saving a checkpoint after this step, then exiting", signal.Signals(signum).name)
+
+    def fit(self) -> dict:
+        t = self.config.train
+        if self.dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.yaml").write_text(_to_yaml(self.config.to_dict()))
+        self.maybe_resume()
+        previous = [signal.signal(s, self._request_stop) for s in (signal.SIGTERM, signal.SIGINT)]
+        try:
+            return self._loop()
+        finally:
+            for s, handler in zip((signal.SIGTERM, signal.SIGINT), previous):
+                signal.signal(s, handler)
+            if self._tb is not None:
+                self._tb.close()
+
+    def _loop(self) -> dict:
+        t = self.config.train
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=t.steps, initial=self.step, disable=not (t.progress and self.dist.is_main), desc="train", dynamic_ncols=True)
+        last_time, last_step = time.perf_counter(), self.step
+        record: dict = {}
+        status = "finished"
+        if self.step == 0:
+            log.info(
+                "start method=%s params=%.2fM device=%s world_size=%d batch=%d steps=%d",
+                self.config.method_name(), sum(p.numel() for p in self.model.parameters()) / 1e6,
+                self.device, self.dist.world_size, t.batch_size, t.steps,
+            )
+        while self.step < t.steps:
+            stats = self.train_step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats['loss']:.4f}")
+            if self.step % t.log_every == 0 or self.step == t.steps:
+                now = time.perf_counter()
+                images = (self.step - last_step) * t.batch_size
+                record = {"step": self.step, **stats, "images_per_s": images / max(now - last_time, 1e-9)}
+                last_time, last_step = now, self.step
+                self._log(record)
+            if t.ckpt_every and self.step % t.ckpt_every == 0 and self.step < t.steps:
+                self.save_checkpoint()
+            if t.sample_every and self.step % t.sample_every == 0 and self.step < t.steps:
+                self.write_samples()
+            if any_rank(self._stop_signal is not None, self.dist, self.device):
+                status = "interrupted"
+                break
+        bar.close()
+        self.save_checkpoint()
+        if status == "finished":
+            self.write_samples()
+        log.info("%s step=%d out_dir=%s", status, self.step, self.out_dir)
+        return {"status": status, "step": self.step, "last": record}
+
+    def close(self) -> None:
+        cleanup(self.dist)
+
+
+def _to_yaml(data: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def train(config: RunConfig) -> dict:
+    trainer = Trainer(config)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
