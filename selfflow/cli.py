@@ -173,11 +173,9 @@ def cmd_quickstart(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from selfflow.data_fetch import fetch_mnist
+    from selfflow.data_fetch import main_fetch
 
-    fetch_mnist(args.to, base_url=args.base_url)
-    print(f"MNIST is in {args.to} (hashes checked)")
-    return 0
+    return main_fetch(args.name, args.to, args.base_url)
 
 
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "export": cmd_export, "quickstart": cmd_quickstart, "data": cmd_data}

@@ -651,7 +651,7 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-@dataclass
+@dataclass(eq=False)
 class IndexStream:
     """An endless stream of batches of indices into a data set of ``num_items`` items.
 

@@ -61,13 +61,15 @@ def _file_sha256(file: Path) -> str:
 
 
 def _already_valid(dest: Path, stem: str, expected: str) -> Path | None:
-    """The existing ``stem.gz`` or raw ``stem`` in ``dest`` whose content hash is right."""
+    """The existing ``stem.gz`` (or, failing that, raw ``stem``) in ``dest`` if its content
+    hash is right. A broken ``.gz`` returns None even beside a good raw file, because the loader
+    reads the ``.gz`` first: the download then replaces it."""
     packed, raw = dest / f"{stem}.gz", dest / stem
-    try:
-        if packed.is_file() and _decompressed_sha256(packed) == expected:
-            return packed
-    except DataError:
-        pass  # a broken copy is replaced by a fresh download below
+    if packed.is_file():
+        try:
+            return packed if _decompressed_sha256(packed) == expected else None
+        except DataError:
+            return None
     if raw.is_file() and _file_sha256(raw) == expected:
         return raw
     return None

@@ -168,8 +168,8 @@ TIME_GRID_KINDS = ("uniform",)
 def time_grid(steps: int, kind: str = "uniform", shift: float = 1.0) -> Tensor:
     """Decreasing time grid from 1 to 0, shape (steps + 1,), float64.
 
-    ``kind="uniform"``: ``u_i = 1 - i / steps``. A timestep shift s (SD3, Esser et al. 2024,
-    eq. 23) then maps ``t = s * u / (1 + (s - 1) * u)``: s > 1 spends more steps at high noise
+    ``kind="uniform"``: ``u_i = 1 - i / steps``. A timestep shift s (SD3's resolution-dependent
+    shift, Esser et al. 2024) then maps ``t = s * u / (1 + (s - 1) * u)``: s > 1 spends more steps at high noise
     (t near 1), s < 1 at low noise; s = 1 is the identity. The endpoints 1 and 0 are fixed.
     """
     if int(steps) != steps or steps < 1:

@@ -419,6 +419,11 @@ def test_fetch_downloads_verifies_and_skips(http_folder, tmp_path):
     data_fetch.fetch_mnist(dest, url, timeout=5, sha256=hashes_of(blobs))
     assert len(requests) == 8  # everything present and valid: nothing downloaded again
 
+    (dest / "train-labels-idx1-ubyte.gz").write_bytes(b"broken")
+    data_fetch.fetch_mnist(dest, url, timeout=5, sha256=hashes_of(blobs))
+    assert requests[8:] == ["/train-labels-idx1-ubyte.gz"]  # only the broken file again
+    assert len(load_mnist(dest, "train", sha256=hashes_of(blobs))) == 6
+
 
 def test_fetch_rejects_corrupt_file_and_leaves_nothing(http_folder, tmp_path, monkeypatch):
     served, url, _ = http_folder

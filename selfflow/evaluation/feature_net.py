@@ -73,7 +73,6 @@ def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
     groups = math.gcd(8, c_out)
     return nn.Sequential(
         nn.Conv2d(c_in, c_out, 3, padding=1), nn.GroupNorm(groups, c_out), nn.SiLU(),
-        nn.Conv2d(c_out, c_out, 3, padding=1), nn.GroupNorm(groups, c_out), nn.SiLU(),
     )
 
 

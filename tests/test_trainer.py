@@ -1,0 +1,119 @@
+"""Trust in training: exact resume, divergence handling, signals."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from selfflow import checkpoint as ckpt
+from selfflow.trainer import Trainer, TrainingDiverged
+
+
+def run(config):
+    trainer = Trainer(config)
+    try:
+        result = trainer.fit()
+    finally:
+        trainer.close()
+    return trainer, result
+
+
+def weights(trainer):
+    return {**{f"model.{k}": v for k, v in trainer.model.state_dict().items()}, **{f"ema.{k}": v for k, v in trainer.ema.model.state_dict().items()}}
+
+
+def test_training_lowers_the_loss(tiny_config, tmp_path):
+    trainer, _ = run(tiny_config(tmp_path, train={"steps": 40, "log_every": 10, "lr": 3e-3}))
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < losses[0]
+    assert (tmp_path / "run" / "config.yaml").is_file() and (tmp_path / "run" / "train.log").is_file()
+
+
+def test_resume_is_bit_identical(tiny_config, tmp_path):
+    straight, _ = run(tiny_config(tmp_path / "a", train={"steps": 6, "grad_accum": 2}))
+    first, _ = run(tiny_config(tmp_path / "b", train={"steps": 3, "grad_accum": 2}))
+    resumed, result = run(tiny_config(tmp_path / "b", train={"steps": 6, "grad_accum": 2}))
+    assert result["step"] == 6
+    a, b = weights(straight), weights(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert torch.equal(straight.generator.get_state(), resumed.generator.get_state())
+
+
+def test_resume_refuses_a_different_model(tiny_config, tmp_path):
+    run(tiny_config(tmp_path, train={"steps": 2}))
+    with pytest.raises(ckpt.CheckpointError, match="different model config .*hidden_size"):
+        run(tiny_config(tmp_path, train={"steps": 4}, model={"hidden_size": 128}))
+
+
+def test_nan_loss_stops_without_touching_the_checkpoint(tiny_config, tmp_path, monkeypatch):
+    trainer, _ = run(tiny_config(tmp_path, train={"steps": 2}))
+    good = ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints")
+    before = (good / "model.safetensors").read_bytes()
+    config = tiny_config(tmp_path, train={"steps": 4})
+    trainer = Trainer(config)
+    original = trainer.method.loss
+
+    def poisoned(model, batch):
+        loss, logs = original(model, batch)
+        return loss * float("nan"), logs
+
+    monkeypatch.setattr(trainer.method, "loss", poisoned)
+    trainer.maybe_resume()
+    params_before = [p.detach().clone() for p in trainer.model.parameters()]
+    with pytest.raises(TrainingDiverged, match="loss is nan at step 3"):
+        trainer.fit()
+    assert ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints") == good
+    assert (good / "model.safetensors").read_bytes() == before
+    assert all(torch.equal(a, b) for a, b in zip(params_before, trainer.model.parameters()))
+
+
+def test_sigterm_saves_and_exits_zero(tmp_path):
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "selfflow", "train",
+        "--set", "model.depth=2", "--set", "model.hidden_size=64", "--set", "train.steps=100000",
+        "--set", "train.batch_size=16", "--set", f"train.out_dir={out}", "--set", "train.progress=false",
+        "--set", "train.tensorboard=false", "--set", "train.ckpt_every=0", "--set", "train.device=cpu",
+        "--set", "train.num_sample_images=0", "--set", "train.log_every=1",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    assert "received SIGTERM" in output and "interrupted" in output
+    latest = ckpt.latest_checkpoint(out / "checkpoints")
+    assert latest is not None and json.loads((latest / "state.json").read_text())["step"] >= 3
+
+
+def test_ema_half_life_is_batch_size_free():
+    from selfflow.ema import decay_from_half_life
+
+    # Two steps at batch 64 decay as much as one step at batch 128.
+    assert decay_from_half_life(64, 1000) ** 2 == pytest.approx(decay_from_half_life(128, 1000))
+    assert decay_from_half_life(500, 500) == pytest.approx(0.5)
+
+
+def test_ema_tracks_the_average():
+    from selfflow.ema import EMA
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    ema = EMA(model, decay=0.5, warmup=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update(model, step=0)
+    ema.update(model, step=1)
+    assert ema.model.weight.item() == pytest.approx(0.75)
