@@ -42,6 +42,8 @@ def _add_sample(sub) -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto")
     p.add_argument("--weights", default="ema", choices=["ema", "model"], help="which weights of a training checkpoint")
+    p.add_argument("--autoencoder", default=None,
+                   help="latent models: the autoencoder folder that decodes the samples (default: the one the latent set names)")
 
 
 def _add_export(sub) -> None:
@@ -49,6 +51,40 @@ def _add_export(sub) -> None:
     p.add_argument("--ckpt", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--weights", default="ema", choices=["ema", "model"])
+
+
+def _add_generate_set(sub) -> None:
+    p = sub.add_parser("generate-set", help="generate N images (or reflow pairs) into resumable safetensors shards")
+    p.add_argument("--ckpt", required=True, help="checkpoint folder, run folder, or exported model folder")
+    p.add_argument("--out", required=True, help="set folder (set.json + shard_NNNNN.safetensors); run again to resume")
+    p.add_argument("--n", type=int, required=True, help="number of items")
+    p.add_argument("--shard-size", type=int, default=1000)
+    p.add_argument("--kind", default="images", choices=["images", "pairs"], help="images: uint8; pairs: (noise, sample) float32 for reflow")
+    p.add_argument("--sampler", default="euler", help="euler | heun | sde | dopri5")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--cfg-scale", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="item k uses seed (seed + k)")
+    p.add_argument("--labels", default=None, help="comma-separated class labels (cycled); default: (seed + k) mod classes")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--weights", default="ema", choices=["ema", "model"])
+
+
+def _add_encode_latents(sub) -> None:
+    p = sub.add_parser("encode-latents", help="encode a data set with a local autoencoder into latent shards (resumable)")
+    p.add_argument("--data", default="folder", help="digits | mnist | folder | npz")
+    p.add_argument("--data-path", default=None)
+    p.add_argument("--split", default="train")
+    p.add_argument("--image-size", type=int, default=None, help="resize images to this size first (e.g. 256)")
+    p.add_argument("--channels", type=int, default=None, help="1 or 3; default: what the autoencoder takes")
+    p.add_argument("--autoencoder", required=True, help="a diffusers AutoencoderKL folder or a selfflow autoencoder folder")
+    p.add_argument("--out", required=True, help="latent set folder (set.json + shards); run again to resume")
+    p.add_argument("--shard-size", type=int, default=10000)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--posterior", default="mean", choices=["mean", "sample"], help="sample: item k's draw uses seed (seed + k)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="stored precision of the latents")
+    p.add_argument("--device", default="auto")
 
 
 def _add_quickstart(sub) -> None:
@@ -73,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_sample(sub)
     _add_export(sub)
+    _add_generate_set(sub)
+    _add_encode_latents(sub)
     _add_quickstart(sub)
     _add_data(sub)
     try:
@@ -137,6 +175,9 @@ def cmd_sample(args) -> int:
             raise ConfigError(f"--labels {bad or values} outside 0..{model.num_classes - 1} (model has {model.num_classes} classes)")
         labels = torch.tensor([values[k % len(values)] for k in range(args.n)], dtype=torch.long)
     seeds = list(range(args.seed, args.seed + args.n))
+    autoencoder = _latent_autoencoder(folder, args.autoencoder)
+    if autoencoder is not None:
+        return _sample_latent_model(args, model, folder, device, labels, seeds, autoencoder)
     result = generate(
         model, num_samples=args.n, seeds=seeds, labels=labels, sampler=args.sampler, steps=args.steps,
         cfg_scale=args.cfg_scale, batch_size=args.batch_size, device=device,
@@ -157,10 +198,121 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def _latent_autoencoder(folder: Path, given: str | None) -> str | None:
+    """None for a pixel model; for a latent model the autoencoder folder, or "" when none is at hand."""
+    if given:
+        return given
+    try:
+        run = json.loads((folder / "config.json").read_text()).get("run") or {}
+    except (OSError, json.JSONDecodeError):
+        return None
+    data = run.get("data") or {}
+    if data.get("name") != "latents":
+        return None
+    try:
+        latent_set = json.loads((Path(data.get("path") or "") / "set.json").read_text())
+        path = (latent_set.get("autoencoder") or {}).get("path") or ""
+    except (OSError, json.JSONDecodeError):
+        path = ""
+    return path if path and Path(path).is_dir() else ""
+
+
+def _sample_latent_model(args, model, folder, device, labels, seeds, autoencoder: str) -> int:
+    """A latent model: sample latents (unclipped), decode them when the autoencoder is at hand."""
+    import numpy as np
+    import torch
+
+    from selfflow.checkpoint import save_tensors
+    from selfflow.imageio import save_grid
+    from selfflow.latents import load_autoencoder, sample_latents
+
+    if labels is None and model.num_classes:
+        labels = torch.tensor(seeds, dtype=torch.long) % model.num_classes
+    latents = sample_latents(model, seeds, labels, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
+                             batch_size=args.batch_size, device=device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {"latents": latents, "seeds": torch.tensor(seeds, dtype=torch.int64)}
+    if labels is not None:
+        tensors["labels"] = labels
+    save_tensors(tensors, out / "latents.safetensors")
+    written = [out / "latents.safetensors"]
+    if autoencoder:
+        decoder = load_autoencoder(autoencoder, device)
+        with torch.no_grad():
+            images = torch.cat([decoder.decode(latents[i:i + args.batch_size].to(device)).float().clamp(-1, 1).cpu()
+                                for i in range(0, len(latents), args.batch_size)])
+        save_grid(images, out / "grid.png")
+        pixels = ((images + 1) * 127.5).round().to(torch.uint8).numpy()
+        np.savez(out / "samples.npz", images=pixels, labels=(labels.numpy() if labels is not None else np.zeros(0)), seeds=np.array(seeds))
+        written += [out / "grid.png", out / "samples.npz"]
+    info = {"checkpoint": str(folder), "weights": args.weights, "n": args.n, "sampler": args.sampler, "steps": args.steps,
+            "cfg_scale": args.cfg_scale, "seeds": [seeds[0], seeds[-1]], "latent": True, "autoencoder": autoencoder or None,
+            "device": str(device)}
+    (out / "samples.json").write_text(json.dumps(info, indent=2))
+    hint = "" if autoencoder else " (no autoencoder at hand: pass --autoencoder DIR to decode)"
+    print(f"wrote {', '.join(str(p) for p in written)}{hint}")
+    return 0
+
+
 def cmd_export(args) -> int:
     model, folder = load_generator(args.ckpt, args.weights)
     model.save_pretrained(args.out)
     print(f"exported {args.weights} weights of {folder} to {args.out}")
+    return 0
+
+
+def cmd_generate_set(args) -> int:
+    from selfflow.config import ConfigError
+    from selfflow.shards import generate_set
+    from selfflow.trainer import resolve_device
+
+    for name in ("n", "shard_size", "steps", "batch_size"):
+        if getattr(args, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    device = resolve_device(args.device)
+    model, folder = load_generator(args.ckpt, args.weights, device)
+    labels = None
+    if args.labels:
+        try:
+            labels = [int(v) for v in args.labels.split(",")]
+        except ValueError:
+            raise ConfigError(f"--labels must be comma-separated integers, got {args.labels!r}") from None
+        bad = [v for v in labels if not 0 <= v < model.num_classes]
+        if bad:
+            raise ConfigError(f"--labels {bad} outside 0..{model.num_classes - 1} (model has {model.num_classes} classes)")
+    source = {"checkpoint": str(folder.resolve()), "weights": args.weights}
+    shards = generate_set(
+        model, args.out, num=args.n, shard_size=args.shard_size, kind=args.kind, seed=args.seed, labels=labels,
+        sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale, batch_size=args.batch_size, device=device,
+        source=source, on_shard=lambda index, path: print(f"wrote {path}", flush=True),
+    )
+    print(f"set complete: {args.out} ({shards.num} items in {shards.num_shards} shards)")
+    return 0
+
+
+def cmd_encode_latents(args) -> int:
+    import torch
+
+    from selfflow.config import ConfigError
+    from selfflow.data import load_dataset
+    from selfflow.latents import encode_dataset, load_autoencoder
+    from selfflow.trainer import resolve_device
+
+    for name in ("shard_size", "batch_size"):
+        if getattr(args, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    device = resolve_device(args.device)
+    autoencoder = load_autoencoder(args.autoencoder, device)
+    dataset = load_dataset(args.data, path=args.data_path, split=args.split, image_size=args.image_size,
+                           channels=args.channels or autoencoder.in_channels)
+    shards = encode_dataset(
+        dataset, autoencoder, args.out, autoencoder_dir=args.autoencoder, shard_size=args.shard_size, batch_size=args.batch_size,
+        posterior=args.posterior, seed=args.seed, dtype=getattr(torch, args.dtype), device=device,
+        on_shard=lambda index, path: print(f"wrote {path}", flush=True),
+    )
+    shape = "x".join(str(v) for v in shards.manifest["latent_shape"])
+    print(f"latents complete: {args.out} ({shards.num} items of {shape}); train with data.name=latents data.path={args.out}")
     return 0
 
 
@@ -178,7 +330,14 @@ def cmd_data(args) -> int:
     return main_fetch(args.name, args.to, args.base_url)
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "export": cmd_export, "quickstart": cmd_quickstart, "data": cmd_data}
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "export": cmd_export, "quickstart": cmd_quickstart, "data": cmd_data,
+            "generate-set": cmd_generate_set, "encode-latents": cmd_encode_latents}
+
+
+def _one_line(message: str) -> str:
+    """Errors print on one line; a multi-line message (a YAML parser's caret diagram) is joined."""
+    parts = [line.strip() for line in message.splitlines() if line.strip() and set(line.strip()) != {"^"}]
+    return " | ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,7 +349,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handler(args)
     except USER_ERRORS as exc:
-        print(f"selfflow: error: {exc}", file=sys.stderr)
+        print(f"selfflow: error: {_one_line(str(exc))}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the machine's fault, not ours: a full disk, a read-only folder
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"selfflow: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("selfflow: interrupted", file=sys.stderr)

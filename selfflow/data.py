@@ -29,6 +29,9 @@ Sources (``name``):
 ``npz``
     A ``.npz`` file (loaded with ``allow_pickle=False``); see :func:`load_npz` for the keys,
     layouts and value ranges it accepts.
+``latents``
+    Autoencoder latents stored by ``selfflow encode-latents`` (a shard folder) or as ``.npy``
+    files; returns a :class:`selfflow.latents.LatentDataset` (see that module).
 
 For ``folder`` and ``npz`` the path itself is the split: ``split`` is checked and recorded but
 selects nothing.
@@ -65,7 +68,7 @@ __all__ = [
     "uint8_to_float",
 ]
 
-DATASET_NAMES = ("digits", "mnist", "folder", "npz")
+DATASET_NAMES = ("digits", "mnist", "folder", "npz", "latents")
 SPLITS = ("train", "test", "all")
 
 # sha256 of each MNIST file AFTER gzip decompression (the same bytes whatever the mirror or the
@@ -245,6 +248,12 @@ def load_dataset(name: str, path: str | os.PathLike | None = None, split: str = 
     if path is None:
         hint = " (download it with: selfflow data fetch mnist --to DIR)" if name == "mnist" else ""
         raise DataError(f"data set {name!r} needs a path{hint}")
+    if name == "latents":  # pre-encoded autoencoder latents (selfflow.latents)
+        if image_size is not None or channels is not None:
+            raise DataError("latents are used as stored: leave data.image_size and data.channels unset")
+        from selfflow.latents import load_latents
+
+        return load_latents(path, split)
     if name == "mnist":
         return load_mnist(path, split, image_size, channels)
     if name == "folder":

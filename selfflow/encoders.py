@@ -109,7 +109,10 @@ class InceptionEncoder(FrozenEncoder):
         except AttributeError:
             raise ValueError(f"{path}: not the FID Inception TorchScript layout (expected .net.layers)") from None
         self.stages = stages
-        self.stage_names = INCEPTION_STAGES[: INCEPTION_STAGES.index(layer) + 1]
+        # pool2 is a fixed 8×8 average pool (global at 299 px); a global mean of mixed_10 is the
+        # same there and also works at smaller input sizes.
+        last = "mixed_10" if layer == "pool2" else layer
+        self.stage_names = INCEPTION_STAGES[: INCEPTION_STAGES.index(last) + 1]
         self.layer = layer
         self.input_size = input_size
         self.feature_dim = INCEPTION_WIDTHS[layer]
@@ -127,7 +130,7 @@ class InceptionEncoder(FrozenEncoder):
         with torch.autocast(x.device.type, enabled=False):
             for name in self.stage_names:
                 x = getattr(self.stages, name)(x)
-        return x.flatten(1) if self.layer == "pool2" else x
+        return x.mean(dim=(2, 3)) if self.layer == "pool2" else x
 
 
 class FeatureNetEncoder(FrozenEncoder):

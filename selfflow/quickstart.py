@@ -76,8 +76,8 @@ def run_quickstart(out_dir: str = "runs/quickstart", steps: int | None = None, d
 def _quality(images: torch.Tensor, labels: torch.Tensor | None, device) -> dict:
     """FD_dom against the digits test split and classifier accuracy of the samples."""
     try:
-        from selfflow.evaluation.feature_net import conditional_accuracy, extract_features, train_feature_net
-        from selfflow.evaluation.fid import FeatureStats, frechet_distance
+        from selfflow.evaluation.feature_net import conditional_accuracy, train_feature_net
+        from selfflow.evaluation.fid import FeatureStats, extract_features
     except ImportError:
         return {}
     from selfflow.data import load_dataset
@@ -86,13 +86,13 @@ def _quality(images: torch.Tensor, labels: torch.Tensor | None, device) -> dict:
     test = load_dataset("digits", split="test")
     x_train, y_train = train.get_batch(torch.arange(len(train)))
     x_test, _ = test.get_batch(torch.arange(len(test)))
-    net = train_feature_net(x_train, y_train, train.num_classes, seed=0, device=device)
+    net = train_feature_net(x_train, y_train, train.num_classes, steps=500, seed=0, device=device)
     real = FeatureStats.from_features(extract_features(net, x_test))
     fake = FeatureStats.from_features(extract_features(net, images))
     train_stats = FeatureStats.from_features(extract_features(net, x_train[: len(x_test)]))
     out = {
-        "fd_dom_samples_vs_test": round(frechet_distance(fake, real), 3),
-        "fd_dom_train_vs_test_floor": round(frechet_distance(train_stats, real), 3),
+        "fd_dom_samples_vs_test": round(fake.frechet_distance(real), 3),
+        "fd_dom_train_vs_test_floor": round(train_stats.frechet_distance(real), 3),
         "fd_dom_count": {"samples": len(images), "test": len(x_test)},
     }
     if labels is not None:

@@ -18,6 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch.nn.parallel import DistributedDataParallel
 
 from selfflow import checkpoint as ckpt
@@ -112,7 +113,10 @@ class Trainer:
             )
         self.out_dir = Path(t.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
-        setup_logging(self.out_dir, self.dist.is_main)
+        try:
+            setup_logging(self.out_dir, self.dist.is_main)
+        except OSError as exc:  # a file in the way, a read-only or full disk
+            raise ConfigError(f"train.out_dir={str(self.out_dir)!r}: cannot create or write the run folder ({exc.strerror or exc})") from None
         self.amp_dtype = autocast_dtype(t.precision, self.device)
         if self.amp_dtype is not None and self.device.type == "cpu":
             log.warning("bf16 autocast on CPU is slow; use train.precision=fp32 there")
@@ -127,10 +131,6 @@ class Trainer:
         self.ema = EMA(self.model, decay, warmup=t.ema_warmup)
         self.method.bind_teacher(self.ema.model)
 
-        self.params = [p for p in list(self.model.parameters()) + list(self.method.parameters()) if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
-            self.params, lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay, fused=self.device.type == "cuda"
-        )
         # One generator draws every training random number (times, noise, masks, label drop);
         # the same seed on every process — see BatchRandom.
         self.generator = torch.Generator(device=self.device).manual_seed(t.seed + 1)
@@ -141,40 +141,75 @@ class Trainer:
 
         forward_model = torch.compile(self.model) if t.compile else self.model
         self.objective = Objective(forward_model, self.method)
-        if self.dist.enabled:
-            if t.distributed == "fsdp":
-                raise ConfigError("train.distributed=fsdp is not available in this build; use ddp")
+        self.sharded = self.dist.enabled and t.distributed == "fsdp"
+        if self.sharded:
+            from selfflow.fsdp import shard_for_training
+
+            # Before the optimizer exists: fully_shard replaces the parameters by DTensors.
+            shard_for_training(self.objective, self.model, self.ema.model, self.device, self.dist.world_size, self.amp_dtype)
+        elif self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.objective = DistributedDataParallel(self.objective, device_ids=ids)
+        self.params = [p for p in list(self.model.parameters()) + list(self.method.parameters()) if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay,
+            fused=self.device.type == "cuda" and not self.sharded,
+        )
+        self._saved_step = -1  # the step of the newest checkpoint on disk (not rewritten at the same step)
         self._stop_signal: int | None = None
         self._tb = None
 
     # ---- checkpoints -----------------------------------------------------------------------
+    def _write_records(self, folder: Path, extra_state: dict) -> None:
+        """``rng.safetensors``, ``config.json`` and ``state.json`` of a checkpoint (main process)."""
+        ckpt.save_tensors(ckpt.rng_state({"train": self.generator}), folder / "rng.safetensors")
+        ckpt.write_json({"model": asdict(self.config.model), "run": self.config.to_dict()}, folder / "config.json")
+        state = {
+            "step": self.step,
+            "images_seen": self.step * self.config.train.batch_size,
+            "data": self.stream.state_dict(),
+            "world_size": self.dist.world_size,
+            "versions": {"torch": torch.__version__},
+            **extra_state,
+        }
+        ckpt.write_json(state, folder / "state.json")
+
     def save_checkpoint(self) -> Path | None:
-        """Write ``checkpoints/step_N`` atomically (main process only) and prune old ones."""
+        """Write ``checkpoints/step_N`` atomically and prune old ones.
+
+        Unsharded runs: the main process writes safetensors files. Sharded (FSDP) runs: every
+        process writes its shards (``selfflow.fsdp``). A write that fails (disk full, no
+        permission) raises ``CheckpointError`` on every process and leaves the previous
+        checkpoint as it was.
+        """
         target = self.ckpt_dir / ckpt.step_dir_name(self.step)
+        if self.sharded:
+            from selfflow.fsdp import save_training_checkpoint
+
+            save_training_checkpoint(self, target, self._write_records)
+        else:
+            problem = None
+            if self.dist.is_main:
+                try:
+                    with ckpt.atomic_directory(target) as tmp:
+                        ckpt.save_tensors(self.model.state_dict(), tmp / "model.safetensors")
+                        ckpt.save_tensors(self.ema.model.state_dict(), tmp / "ema.safetensors")
+                        method_state = self.method.state_dict()
+                        if method_state:
+                            ckpt.save_tensors(method_state, tmp / "method.safetensors")
+                        opt_tensors, opt_rest = ckpt.split_optimizer_state(self.optimizer.state_dict())
+                        ckpt.save_tensors(opt_tensors, tmp / "optimizer.safetensors")
+                        self._write_records(tmp, {"optimizer": opt_rest})
+                except ckpt.CheckpointError as exc:
+                    problem = exc
+                except SafetensorError as exc:  # the writer's own I/O error (e.g. disk full)
+                    problem = ckpt.CheckpointError(f"could not write {target}: {exc}; the previous checkpoint is untouched")
+            if any_rank(problem is not None, self.dist, self.device):
+                raise problem or ckpt.CheckpointError(f"the main process could not write {target}; the previous checkpoint is untouched")
         if self.dist.is_main:
-            with ckpt.atomic_directory(target) as tmp:
-                ckpt.save_tensors(self.model.state_dict(), tmp / "model.safetensors")
-                ckpt.save_tensors(self.ema.model.state_dict(), tmp / "ema.safetensors")
-                method_state = self.method.state_dict()
-                if method_state:
-                    ckpt.save_tensors(method_state, tmp / "method.safetensors")
-                opt_tensors, opt_rest = ckpt.split_optimizer_state(self.optimizer.state_dict())
-                ckpt.save_tensors(opt_tensors, tmp / "optimizer.safetensors")
-                ckpt.save_tensors(ckpt.rng_state({"train": self.generator}), tmp / "rng.safetensors")
-                ckpt.write_json({"model": asdict(self.config.model), "run": self.config.to_dict()}, tmp / "config.json")
-                state = {
-                    "step": self.step,
-                    "images_seen": self.step * self.config.train.batch_size,
-                    "data": self.stream.state_dict(),
-                    "optimizer": opt_rest,
-                    "world_size": self.dist.world_size,
-                    "versions": {"torch": torch.__version__},
-                }
-                ckpt.write_json(state, tmp / "state.json")
             ckpt.prune_checkpoints(self.ckpt_dir, self.config.train.keep_last)
             log.info("checkpoint step=%d path=%s", self.step, target)
+        self._saved_step = self.step
         if self.dist.enabled:
             torch.distributed.barrier()
         return target
@@ -193,18 +228,27 @@ class Trainer:
                     f"use a new train.out_dir or the same config"
                 )
         state = ckpt.read_json(directory / "state.json")
-        load_state_strict(self.model, ckpt.load_tensors(directory / "model.safetensors", self.device), directory / "model.safetensors")
-        load_state_strict(self.ema.model, ckpt.load_tensors(directory / "ema.safetensors", self.device), directory / "ema.safetensors")
-        if (directory / "method.safetensors").exists():
-            load_state_strict(self.method, ckpt.load_tensors(directory / "method.safetensors", self.device), directory / "method.safetensors")
-        opt = ckpt.join_optimizer_state(ckpt.load_tensors(directory / "optimizer.safetensors", self.device), state["optimizer"])
-        try:
-            self.optimizer.load_state_dict(opt)
-        except (ValueError, KeyError) as exc:
-            raise ckpt.CheckpointError(f"{directory / 'optimizer.safetensors'}: optimizer state does not fit ({exc})") from None
+        if self.sharded or state.get("format") == "sharded":
+            from selfflow.fsdp import load_training_tensors
+
+            load_training_tensors(self, directory, state)  # any world size, sharded or not
+        else:
+            load_state_strict(self.model, ckpt.load_tensors(directory / "model.safetensors", self.device), directory / "model.safetensors")
+            load_state_strict(self.ema.model, ckpt.load_tensors(directory / "ema.safetensors", self.device), directory / "ema.safetensors")
+            if (directory / "method.safetensors").exists():
+                load_state_strict(self.method, ckpt.load_tensors(directory / "method.safetensors", self.device), directory / "method.safetensors")
+            opt = ckpt.join_optimizer_state(ckpt.load_tensors(directory / "optimizer.safetensors", self.device), state["optimizer"])
+            try:
+                self.optimizer.load_state_dict(opt)
+            except (ValueError, KeyError) as exc:
+                raise ckpt.CheckpointError(f"{directory / 'optimizer.safetensors'}: optimizer state does not fit ({exc})") from None
         ckpt.set_rng_state(ckpt.load_tensors(directory / "rng.safetensors"), {"train": self.generator}, directory / "rng.safetensors")
-        self.stream.load_state_dict(state["data"])
+        try:
+            self.stream.load_state_dict(state["data"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ckpt.CheckpointError(f"{directory / 'state.json'}: the data position does not fit this run ({exc}); use a new train.out_dir") from None
         self.step = int(state["step"])
+        self._saved_step = self.step
         log.info("resumed step=%d from=%s", self.step, directory)
 
     def maybe_resume(self) -> None:
@@ -233,7 +277,14 @@ class Trainer:
         totals: dict[str, torch.Tensor] = {}
         for m, batch in self._micro_batches():
             sync = m == t.grad_accum - 1
-            no_sync = self.objective.no_sync() if (self.dist.enabled and not sync) else contextlib.nullcontext()
+            no_sync = contextlib.nullcontext()
+            if self.dist.enabled and not sync:
+                if self.sharded:
+                    from selfflow.fsdp import no_gradient_sync
+
+                    no_sync = no_gradient_sync(self.objective)
+                else:
+                    no_sync = self.objective.no_sync()
             autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
             with no_sync:
                 with autocast:
@@ -254,7 +305,7 @@ class Trainer:
         self.ema.update(self.model, self.step)
         self.step += 1
         out = {k: v.item() for k, v in stats.items()}
-        out["grad_norm"] = float(grad_norm)
+        out["grad_norm"] = float(grad_norm.full_tensor()) if hasattr(grad_norm, "full_tensor") else float(grad_norm)
         out["lr"] = lr
         return out
 
@@ -280,15 +331,31 @@ class Trainer:
         log.info("step=%d %s", record["step"], " ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "step"))
 
     def write_samples(self) -> Path | None:
-        if not self.dist.is_main or self.config.train.num_sample_images == 0:
+        if self.config.train.num_sample_images == 0:
+            return None
+        generator_model = self.ema.model
+        if self.sharded:  # gather the EMA weights on rank 0 (every process takes part)
+            from selfflow.fsdp import full_state_dict
+
+            state = full_state_dict(self.ema.model)
+            if self.dist.is_main:
+                generator_model = DiT(self.config.model).to(self.device).eval().requires_grad_(False)
+                generator_model.load_state_dict(state)
+        if not self.dist.is_main:
             return None
         from selfflow.imageio import save_grid
         from selfflow.sampling import generate
 
         s = self.config.sample
         n = self.config.train.num_sample_images
+        if getattr(self.dataset, "is_latent", False):  # latents are decoded (or stored) by the data set's autoencoder
+            from selfflow.latents import write_latent_samples
+
+            path = write_latent_samples(generator_model, self.dataset, n, s, self.device, self.out_dir / "samples" / ckpt.step_dir_name(self.step))
+            log.info("samples step=%d path=%s", self.step, path)
+            return path
         result = generate(
-            self.ema.model,
+            generator_model,
             num_samples=n,
             seeds=list(range(n)),
             sampler=s.sampler,
@@ -310,10 +377,10 @@ class Trainer:
 
     def fit(self) -> dict:
         t = self.config.train
+        self.maybe_resume()  # first: a checkpoint that does not fit must leave the run folder as it was
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.yaml").write_text(_to_yaml(self.config.to_dict()))
-        self.maybe_resume()
         previous = [signal.signal(s, self._request_stop) for s in (signal.SIGTERM, signal.SIGINT)]
         try:
             return self._loop()
@@ -355,7 +422,8 @@ class Trainer:
                 status = "interrupted"
                 break
         bar.close()
-        self.save_checkpoint()
+        if self._saved_step != self.step:  # re-saving an existing step would only risk the folder
+            self.save_checkpoint()
         if status == "finished":
             self.write_samples()
         log.info("%s step=%d out_dir=%s", status, self.step, self.out_dir)

@@ -31,3 +31,21 @@ def tiny_config():
         return config_from_dict(raw)
 
     return make
+
+
+# ---- fault-trial report (tests/test_faults.py) -----------------------------------------------
+# The fault tests append one line per trial here; the summary prints them after the run, so the
+# count of trials and failures shows in CI logs without `-s`.
+_TRIAL_REPORT: list = []
+
+
+@pytest.fixture(scope="session")
+def trial_report():
+    return _TRIAL_REPORT
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _TRIAL_REPORT:
+        terminalreporter.section("fault trials")
+        for line in _TRIAL_REPORT:
+            terminalreporter.write_line(line)

@@ -77,3 +77,13 @@ def test_truncated_checkpoint_is_a_clear_error(trained_run, tmp_path, capsys):
     code = main(["sample", "--ckpt", str(broken), "--n", "2", "--out", str(tmp_path / "s"), "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == 2 and "ema.safetensors" in err and "truncated or corrupt" in err
+
+
+def test_quickstart_writes_grid_and_report(tmp_path):
+    from selfflow.quickstart import run_quickstart
+
+    report = run_quickstart(out_dir=str(tmp_path / "qs"), steps=4, device="cpu")
+    record = json.loads((tmp_path / "qs" / "report.json").read_text())
+    assert report.is_file() and (tmp_path / "qs" / "samples.png").is_file()
+    assert record["steps"] == 4 and record["status"] == "finished"
+    assert record["fd_dom_train_vs_test_floor"] >= 0 and 0 <= record["classifier_accuracy_on_samples"] <= 1

@@ -45,7 +45,7 @@ class FeatureNetConfig:
     in_channels: int
     num_classes: int
     image_size: int                      # square images, 8..64
-    widths: tuple[int, ...] = (32, 64, 128)  # last width = feature dimension
+    widths: tuple[int, ...] = (32, 64, 128, 128)  # last width = feature dimension
 
     def __post_init__(self) -> None:
         if self.in_channels not in (1, 3):
@@ -169,7 +169,7 @@ def _random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -
 def train_feature_net(images: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
                       steps: int | None = None, epochs: float | None = None, batch_size: int = 128,
                       lr: float = 3e-3, weight_decay: float = 1e-4, augment: bool = True,
-                      widths: tuple[int, ...] = (32, 64, 128), seed: int = 0,
+                      widths: tuple[int, ...] = (32, 64, 128, 128), seed: int = 0,
                       device: str | torch.device = "cpu", log_every: int = 0) -> FeatureNet:
     """Train the classifier with AdamW and a warm-up + cosine schedule; return it in eval mode.
 

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Protocol
@@ -77,13 +78,21 @@ def _trace_sqrt_product_eigh(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
     Σ1 Σ2 is similar to the symmetric PSD matrix M = Σ1^{1/2} Σ2 Σ1^{1/2}, so both have the same
     (real, non-negative) eigenvalues λ_i and the trace of the square root is Σ_i √λ_i. Negative
     eigenvalues can only come from round-off (or a covariance that is not PSD) and are clipped
-    to zero; this needs no complex arithmetic and stays exact when n < D makes Σ singular.
+    to zero (see ``_clip_round_off``); no complex arithmetic, and exact when n < D makes Σ singular.
     """
     w1, v1 = np.linalg.eigh((sigma1 + sigma1.T) / 2)
-    sqrt_sigma1 = (v1 * np.sqrt(np.clip(w1, 0.0, None))) @ v1.T
+    sqrt_sigma1 = (v1 * np.sqrt(_clip_round_off(w1))) @ v1.T
     m = sqrt_sigma1 @ sigma2 @ sqrt_sigma1
-    eig = np.linalg.eigvalsh((m + m.T) / 2)
-    return float(np.sqrt(np.clip(eig, 0.0, None)).sum())
+    return float(np.sqrt(_clip_round_off(np.linalg.eigvalsh((m + m.T) / 2))).sum())
+
+
+def _clip_round_off(eigenvalues: np.ndarray) -> np.ndarray:
+    """Set eigenvalues below the float64 resolution of the spectrum (D·eps·max|λ|) to zero.
+
+    A rank-deficient covariance (fewer samples than dimensions) has exact zero eigenvalues that
+    come out as ±round-off; √ would magnify them (√1e-14 = 1e-7 each), so they are zeroed."""
+    tol = eigenvalues.shape[0] * np.finfo(np.float64).eps * max(float(np.abs(eigenvalues).max(initial=0.0)), 1e-300)
+    return np.where(eigenvalues > tol, eigenvalues, 0.0)
 
 
 def _trace_sqrt_product_sqrtm(sigma1: np.ndarray, sigma2: np.ndarray, eps: float) -> float:
@@ -265,6 +274,7 @@ def _count(images: Any) -> int | None:
         return None
 
 
+@torch.inference_mode()
 def extract_features(extractor: FeatureExtractor, images: Any, *, batch_size: int = 100,
                      progress: bool = False, desc: str = "features") -> torch.Tensor:
     """All features (N, D) float32 on the CPU."""
@@ -275,6 +285,7 @@ def extract_features(extractor: FeatureExtractor, images: Any, *, batch_size: in
     return torch.cat(out)
 
 
+@torch.inference_mode()
 def compute_stats(extractor: FeatureExtractor, images: Any, *, batch_size: int = 100,
                   progress: bool = False, desc: str = "features") -> FeatureStats:
     """Streaming FeatureStats of the extractor's features; never holds all features at once."""
@@ -389,7 +400,10 @@ class InceptionExtractor:
             logger.warning("Inception weight file %s has an unknown sha256 %s; FIDs are comparable "
                            "only with figures from this same file", self.path, self.sha256)
         try:
-            net = torch.jit.load(str(self.path), map_location=self.device)
+            with warnings.catch_warnings():
+                # the FID weights exist only as TorchScript; torch's deprecation notice can't be acted on
+                warnings.filterwarnings("ignore", message=".*torch.jit.load.*deprecated", category=DeprecationWarning)
+                net = torch.jit.load(str(self.path), map_location=self.device)
         except Exception as err:  # torch raises RuntimeError/ValueError for a non-TorchScript file
             raise RuntimeError(f"could not load {self.path} as a TorchScript Inception network: {err}") from err
         self.net = net.float().eval()
@@ -426,7 +440,7 @@ def load_inception(path: str | Path | None = None, device: str | torch.device = 
 def inception_features(images: Any, model: InceptionExtractor, batch_size: int = 50,
                        device: str | torch.device | None = None, progress: bool = True) -> torch.Tensor:
     """Inception pool features (N, 2048) float32 on the CPU, for a tensor or an iterable of batches."""
-    if device is not None and torch.device(device) != model.device:
+    if device is not None and torch.device(device).type != model.device.type:
         raise ValueError(f"model was loaded on {model.device}, asked to run on {device}; "
                          "load it with load_inception(..., device=...)")
     return extract_features(model, images, batch_size=batch_size, progress=progress, desc="inception")

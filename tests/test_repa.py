@@ -1,0 +1,162 @@
+"""REPA: the alignment loss, the frozen encoders and their token targets, the training-only projector."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from selfflow.config import ConfigError, ModelConfig, config_from_dict
+from selfflow.encoders import FeatureNetEncoder, InceptionEncoder, features_to_tokens, load_encoder, train_encoder
+from selfflow.methods import Batch, BatchRandom
+from selfflow.methods.flow_matching import FlowMatching, FlowMatchingConfig
+from selfflow.methods.repa import Repa, RepaConfig
+from selfflow.model import DiT
+
+INCEPTION = Path(os.path.dirname(__file__)) / ".." / ".." / "shared" / "models" / "fid_inception_v3_fp16.pt"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return DiT(ModelConfig(size="tiny", depth=3, hidden_size=64, num_heads=4, patch_size=2, image_size=8, in_channels=1, num_classes=10))
+
+
+def make_batch(size=16, generator_seed=5):
+    torch.manual_seed(1)
+    generator = torch.Generator().manual_seed(generator_seed)
+    return Batch(x0=torch.rand(size, 1, 8, 8) * 2 - 1, y=torch.randint(0, 10, (size,)), random=BatchRandom(generator, size, slice(0, size)))
+
+
+class ConstantEncoder(nn.Module):
+    """A frozen 'encoder' whose features are a fixed (d, 4, 4) pattern for every image."""
+
+    feature_dim = 6
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("pattern", torch.randn(6, 4, 4, generator=torch.Generator().manual_seed(3)))
+
+    def forward(self, images):
+        return self.pattern.expand(images.shape[0], -1, -1, -1)
+
+
+class PatternProjector(nn.Module):
+    """Ignores the hidden states and returns `scale` × the encoder's per-token pattern."""
+
+    def __init__(self, encoder, scale):
+        super().__init__()
+        self.encoder, self.scale = encoder, scale
+
+    def forward(self, hidden):
+        tokens = features_to_tokens(self.encoder.pattern[None], 4)  # (1, N, d)
+        return self.scale * tokens.expand(hidden.shape[0], -1, -1)
+
+
+@pytest.fixture(scope="module")
+def digits_encoder(tmp_path_factory):
+    from selfflow.data import load_dataset
+
+    folder = tmp_path_factory.mktemp("enc") / "digits_cnn"
+    train_encoder(load_dataset("digits", split="train"), folder, steps=3, widths=(8, 16, 24))
+    return folder
+
+
+def test_alignment_loss_is_zero_when_the_projection_points_along_the_target():
+    model = tiny_model()
+    encoder = ConstantEncoder()
+    method = Repa(RepaConfig(projector_dim=32), model, encoder=encoder)
+    method.projector = PatternProjector(encoder, scale=2.5)  # same direction, other length
+    loss, logs = method.loss(model, make_batch())
+    assert logs["loss_align"].abs().item() < 1e-6
+    fm_loss, _ = FlowMatching(FlowMatchingConfig(), model).loss(model, make_batch())
+    assert torch.allclose(loss, fm_loss, rtol=1e-6, atol=1e-7)  # the same draws as flow matching
+    method.projector = PatternProjector(encoder, scale=-1.0)
+    _, logs = method.loss(model, make_batch())
+    assert torch.allclose(logs["loss_align"], torch.tensor(2.0))
+
+
+def test_projector_shape_and_gradients():
+    model = tiny_model()
+    method = Repa(RepaConfig(projector_dim=32, align_weight=0.5), model, encoder=ConstantEncoder())
+    linears = [m for m in method.projector if isinstance(m, nn.Linear)]
+    assert [(l.in_features, l.out_features) for l in linears] == [(64, 32), (32, 32), (32, 6)]
+    assert method.student_layer == 1  # round(0.3 · 3)
+    loss, logs = method.loss(model, make_batch())
+    loss.backward()
+    assert all(p.grad is not None for p in method.projector.parameters())
+    assert all(p.grad is None for p in method.encoder.parameters())
+    assert set(method.state_dict()) == {f"projector.{i}.{w}" for i in (0, 2, 4) for w in ("weight", "bias")}
+    assert 0 < logs["loss_align"].item() < 2
+
+
+def test_features_to_tokens_uses_the_models_token_order():
+    model = tiny_model()
+    grid = model.grid
+    image = torch.arange(64, dtype=torch.float32).view(1, 1, 8, 8)
+    # A 'feature map' that is the image's top-left pixel of each patch: token i must be patch i.
+    feature_map = image[:, :, ::2, ::2]  # (1, 1, 4, 4)
+    tokens = features_to_tokens(feature_map, grid)
+    assert torch.equal(tokens[0, :, 0], model.patchify(image)[0, :, 0])
+    pooled = features_to_tokens(torch.randn(2, 5), grid)
+    assert pooled.shape == (2, 16, 5) and torch.equal(pooled[:, 0], pooled[:, 15])
+    big = torch.ones(2, 3, 17, 17)
+    assert torch.allclose(features_to_tokens(big, 14), torch.ones(2, 196, 3))
+
+
+def test_feature_net_encoder_gives_spatial_maps(digits_encoder):
+    encoder = load_encoder("feature_net", str(digits_encoder), "block2")
+    assert isinstance(encoder, FeatureNetEncoder) and encoder.feature_dim == 16
+    out = encoder(torch.zeros(3, 1, 8, 8))
+    assert out.shape == (3, 16, 4, 4)
+    assert not any(p.requires_grad for p in encoder.parameters()) and not encoder.training
+    assert encoder.key["kind"] == "feature_net" and len(encoder.key["sha256"]) == 64
+    assert load_encoder("feature_net", str(digits_encoder)).feature_dim == 24  # default: last block
+
+
+@pytest.mark.skipif(not INCEPTION.is_file(), reason="needs ../shared/models/fid_inception_v3_fp16.pt")
+def test_inception_encoder_exposes_spatial_features():
+    spatial = InceptionEncoder(INCEPTION, layer="mixed_7", input_size=75)
+    assert spatial.feature_dim == 768
+    assert spatial(torch.zeros(2, 1, 8, 8)).shape == (2, 768, 3, 3)
+    # layer="pool" is FID's own 2048-d feature, broadcast to every token.
+    pooled = InceptionEncoder(INCEPTION, layer="pool", input_size=299)
+    full = torch.jit.load(str(INCEPTION)).float().eval()
+    x = torch.rand(1, 1, 8, 8) * 2 - 1
+    with torch.no_grad():
+        reference = full(torch.nn.functional.interpolate(x.expand(-1, 3, -1, -1), size=(299, 299), mode="bilinear", align_corners=False))
+        assert torch.allclose(pooled(x), reference, atol=1e-4)
+
+
+def test_repa_trains_with_the_trainer_and_keeps_the_encoder_out_of_checkpoints(tiny_config, tmp_path, digits_encoder):
+    from safetensors.torch import load_file
+
+    from selfflow import checkpoint as ckpt
+    from selfflow.trainer import Trainer
+
+    method = {"name": "repa", "encoder": "feature_net", "encoder_path": str(digits_encoder), "projector_dim": 32}
+    trainer = Trainer(tiny_config(tmp_path, method=method, train={"steps": 2}))
+    try:
+        result = trainer.fit()
+    finally:
+        trainer.close()
+    assert "loss_align" in result["last"]
+    state = load_file(str(ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints") / "method.safetensors"))
+    assert state and all(k.startswith("projector.") for k in state)
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="method.encoder"):
+        config_from_dict({"method": {"name": "repa", "encoder": "dinov2"}})
+    with pytest.raises(ConfigError, match="encoder_input_size"):
+        config_from_dict({"method": {"name": "repa", "encoder": "feature_net", "encoder_input_size": 128}})
+    config = config_from_dict({"method": {"name": "repa", "encoder_path": str(tmp_path / "missing")}})
+    with pytest.raises(ConfigError, match="python -m selfflow.encoders train"):
+        Repa(config.method, tiny_model())
