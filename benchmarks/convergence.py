@@ -328,6 +328,7 @@ def markdown(report: dict) -> str:
         "",
         f"Command: `{report['command']}`",
         "",
+        *([f"Note: {report['note']}", ""] if report.get("note") else []),
         f"Machine: {m.get('gpu', m['cpu'])}, {m['cpu_count']} CPUs, torch threads {m['torch_threads']}, torch {m['torch']}.",
         f"Training: {report['model']}; batch {report['batch_size']}; {report['steps']} steps; seeds {report['seeds']}; "
         f"the same data order, initialisation and batch for every method.",
@@ -425,6 +426,7 @@ def main(argv=None) -> int:
     parser.add_argument("--work", default=None, help="run folder (default: runs/convergence_<data>)")
     parser.add_argument("--max-minutes", type=float, default=None, help="checkpoint and stop after this long; run again to continue")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--note", default=None, help="a line of provenance for the report (e.g. which invocations trained the runs)")
     parser.add_argument("--out", required=True, help="output prefix: <out>.json, <out>.md, <out>.png")
     args = parser.parse_args(argv)
     for key, value in DEFAULTS[args.data].items():
@@ -465,7 +467,7 @@ def main(argv=None) -> int:
         "data": args.data, "device": str(device), "machine": machine_info(device), "steps": args.steps, "seeds": args.seeds,
         "batch_size": first["train"]["batch_size"],
         "model": f"DiT size {model['size']} (depth {model['depth'] or 'default'}, width {model['hidden_size'] or 'default'}, patch {model['patch_size']})",
-        "wall_seconds_this_invocation": time.time() - started,
+        "wall_seconds_this_invocation": time.time() - started, "note": args.note,
         "evaluation": {
             "metric": "FD_dom", "feature_dim": net.config.feature_dim, "fd_net_sha256": net.weights_sha256(),
             "fd_net_test_accuracy": net_accuracy, "fd_net_steps": args.fd_steps, "generated": args.num_samples,

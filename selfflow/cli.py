@@ -134,7 +134,7 @@ def cmd_train(args) -> int:
         print(config.to_json())
         return 0
     result = train(config)
-    return 0 if result["status"] in ("finished", "interrupted") else 1
+    return 0 if result["status"] in ("finished", "interrupted", "time_limit") else 1
 
 
 def load_generator(path: str, weights: str = "ema", device: str = "cpu"):

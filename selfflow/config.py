@@ -118,6 +118,7 @@ class TrainConfig:
     sample_every: int = 0  # 0: only at the end
     ckpt_every: int = 500  # 0: only at the end
     keep_last: int = 2
+    time_limit_minutes: Optional[float] = None  # stop (with a checkpoint) after this much training time
     num_sample_images: int = 64
     tensorboard: bool = True
     progress: bool = True
@@ -134,6 +135,8 @@ class TrainConfig:
             raise ConfigError(f"{where}.batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"{where}.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.time_limit_minutes is not None and self.time_limit_minutes <= 0:
+            raise ConfigError(f"{where}.time_limit_minutes must be positive, got {self.time_limit_minutes}")
         if self.ema_half_life_images is not None and self.ema_half_life_images <= 0:
             raise ConfigError(f"{where}.ema_half_life_images must be positive, got {self.ema_half_life_images}")
         for key in ("beta1", "beta2"):

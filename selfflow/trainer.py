@@ -398,6 +398,7 @@ class Trainer:
         last_time, last_step = time.perf_counter(), self.step
         record: dict = {}
         status = "finished"
+        started = time.perf_counter()
         if self.step == 0:
             log.info(
                 "start method=%s params=%.2fM device=%s world_size=%d batch=%d steps=%d",
@@ -421,10 +422,14 @@ class Trainer:
             if any_rank(self._stop_signal is not None, self.dist, self.device):
                 status = "interrupted"
                 break
+            if t.time_limit_minutes and any_rank(time.perf_counter() - started > 60 * t.time_limit_minutes, self.dist, self.device):
+                status = "time_limit"
+                log.warning("train.time_limit_minutes=%g reached at step %d: stopping early", t.time_limit_minutes, self.step)
+                break
         bar.close()
         if self._saved_step != self.step:  # re-saving an existing step would only risk the folder
             self.save_checkpoint()
-        if status == "finished":
+        if status in ("finished", "time_limit"):
             self.write_samples()
         log.info("%s step=%d out_dir=%s", status, self.step, self.out_dir)
         return {"status": status, "step": self.step, "last": record}

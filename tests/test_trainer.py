@@ -117,3 +117,9 @@ def test_ema_tracks_the_average():
     ema.update(model, step=0)
     ema.update(model, step=1)
     assert ema.model.weight.item() == pytest.approx(0.75)
+
+
+def test_time_limit_stops_with_a_checkpoint(tiny_config, tmp_path):
+    trainer, result = run(tiny_config(tmp_path, train={"steps": 1000, "time_limit_minutes": 1e-6}))
+    assert result["status"] == "time_limit" and result["step"] == 1
+    assert ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints").name == ckpt.step_dir_name(1)
