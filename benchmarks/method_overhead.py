@@ -26,6 +26,7 @@ builds the variant and runs ``--steps`` steps, minus its resident size before th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -135,7 +136,8 @@ def saved_activation_bytes(trainer) -> int:
         return tensor
 
     batch = next(trainer._micro_batches())[1]
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    autocast = torch.autocast(trainer.device.type, dtype=trainer.amp_dtype) if trainer.amp_dtype else contextlib.nullcontext()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
         loss, _ = trainer.objective(batch)
     del loss
     trainer.optimizer.zero_grad(set_to_none=True)
