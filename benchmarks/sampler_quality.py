@@ -10,7 +10,6 @@ a fixed budget (the "tuned" scale, chosen on this same sweep and labelled so).
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 

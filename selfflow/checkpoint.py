@@ -37,7 +37,8 @@ class CheckpointError(RuntimeError):
 # --------------------------------------------------------------------------------------------
 # files
 # --------------------------------------------------------------------------------------------
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Flush a folder's entries (renames) to disk; a no-op where the OS does not allow it."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -91,6 +92,19 @@ def read_json(path: str | Path) -> dict:
     return data
 
 
+def replace_directory(tmp: Path, target: Path) -> None:
+    """Move the complete folder ``tmp`` to ``target``, replacing any previous ``target``."""
+    fsync_dir(tmp)
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+    fsync_dir(target.parent)
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces ``target`` in one rename.
@@ -106,15 +120,7 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
         raise CheckpointError(f"cannot write to {target.parent}: {exc.strerror or exc}") from None
     try:
         yield tmp
-        _fsync_dir(tmp)
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        replace_directory(tmp, target)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError):

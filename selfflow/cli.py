@@ -149,6 +149,22 @@ def load_generator(path: str, weights: str = "ema", device: str = "cpu"):
     return DiT.from_pretrained(folder, weights=file, device=device), folder
 
 
+def parse_labels(text: str | None, num_classes: int) -> list[int] | None:
+    """``--labels 1,2,3`` → [1, 2, 3], each checked against the model's classes."""
+    from selfflow.config import ConfigError
+
+    if not text:
+        return None
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--labels must be comma-separated integers, got {text!r}") from None
+    bad = [v for v in values if not 0 <= v < num_classes]
+    if bad or num_classes == 0:
+        raise ConfigError(f"--labels {bad or values} outside 0..{num_classes - 1} (model has {num_classes} classes)")
+    return values
+
+
 def cmd_sample(args) -> int:
     import numpy as np
     import torch
@@ -164,16 +180,8 @@ def cmd_sample(args) -> int:
         raise ConfigError(f"--steps must be positive, got {args.steps}")
     device = resolve_device(args.device)
     model, folder = load_generator(args.ckpt, args.weights, device)
-    labels = None
-    if args.labels:
-        try:
-            values = [int(v) for v in args.labels.split(",")]
-        except ValueError:
-            raise ConfigError(f"--labels must be comma-separated integers, got {args.labels!r}") from None
-        bad = [v for v in values if not 0 <= v < max(model.num_classes, 1)]
-        if bad or model.num_classes == 0:
-            raise ConfigError(f"--labels {bad or values} outside 0..{model.num_classes - 1} (model has {model.num_classes} classes)")
-        labels = torch.tensor([values[k % len(values)] for k in range(args.n)], dtype=torch.long)
+    values = parse_labels(args.labels, model.num_classes)
+    labels = torch.tensor([values[k % len(values)] for k in range(args.n)], dtype=torch.long) if values else None
     seeds = list(range(args.seed, args.seed + args.n))
     autoencoder = _latent_autoencoder(folder, args.autoencoder)
     if autoencoder is not None:
@@ -272,15 +280,7 @@ def cmd_generate_set(args) -> int:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     device = resolve_device(args.device)
     model, folder = load_generator(args.ckpt, args.weights, device)
-    labels = None
-    if args.labels:
-        try:
-            labels = [int(v) for v in args.labels.split(",")]
-        except ValueError:
-            raise ConfigError(f"--labels must be comma-separated integers, got {args.labels!r}") from None
-        bad = [v for v in labels if not 0 <= v < model.num_classes]
-        if bad:
-            raise ConfigError(f"--labels {bad} outside 0..{model.num_classes - 1} (model has {model.num_classes} classes)")
+    labels = parse_labels(args.labels, model.num_classes)
     source = {"checkpoint": str(folder.resolve()), "weights": args.weights}
     shards = generate_set(
         model, args.out, num=args.n, shard_size=args.shard_size, kind=args.kind, seed=args.seed, labels=labels,

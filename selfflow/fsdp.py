@@ -38,9 +38,7 @@ Several nodes need a file system they all see (the usual shared ``/checkpoint`` 
 """
 from __future__ import annotations
 
-import os
 import shutil
-import uuid
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -287,18 +285,6 @@ def load_full_tensors(template: dict[str, torch.Tensor], full: dict[str, torch.T
 # --------------------------------------------------------------------------------------------
 # training checkpoints of a sharded run
 # --------------------------------------------------------------------------------------------
-def _replace_directory(tmp: Path, target: Path) -> None:
-    ckpt._fsync_dir(tmp)
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
-    ckpt._fsync_dir(target.parent)
-
-
 def save_training_checkpoint(trainer: "Trainer", target: Path, write_records: Callable[[Path, dict], None]) -> None:
     """Write a sharded checkpoint folder (collective; every process calls it).
 
@@ -340,7 +326,7 @@ def save_training_checkpoint(trainer: "Trainer", target: Path, write_records: Ca
             files = {p.name: p.stat().st_size for p in sorted((tmp / SHARDED_DIR).iterdir())}
             groups = [{k: v for k, v in g.items() if k != "params"} for g in trainer.optimizer.param_groups]
             write_records(tmp, {"format": FORMAT_SHARDED, "sharded": {"files": files}, "optimizer": {"param_groups": groups}})
-            _replace_directory(tmp, target)
+            ckpt.replace_directory(tmp, target)
         except (OSError, SafetensorError) as exc:
             problem = f"could not write {target}: {getattr(exc, 'strerror', None) or exc}; the previous checkpoint is untouched"
             shutil.rmtree(tmp, ignore_errors=True)

@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from torch.nn.parallel import DistributedDataParallel
 
 from selfflow import checkpoint as ckpt
-from selfflow.config import ConfigError, RunConfig, config_from_dict
+from selfflow.config import ConfigError, RunConfig
 from selfflow.distributed import DistInfo, all_reduce_mean, any_rank, cleanup, init_distributed
 from selfflow.ema import EMA, decay_from_half_life
 from selfflow.methods import Batch, BatchRandom, Objective, build_method
@@ -376,7 +376,6 @@ class Trainer:
         log.warning("received %s: saving a checkpoint after this step, then exiting", signal.Signals(signum).name)
 
     def fit(self) -> dict:
-        t = self.config.train
         self.maybe_resume()  # first: a checkpoint that does not fit must leave the run folder as it was
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,6 @@ listing it in :data:`METHODS`.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from selfflow.config import ConfigError, from_dict
