@@ -29,7 +29,7 @@ QUICKSTART_CONFIG = {
 }
 
 
-def run_quickstart(out_dir: str = "runs/quickstart", steps: int | None = None, device: str = "auto") -> Path:
+def run_quickstart(out_dir: str = "runs/quickstart", steps: int | None = None, device: str = "auto", classifier_steps: int = 300) -> Path:
     from selfflow.imageio import save_grid
     from selfflow.sampling import generate
     from selfflow.trainer import Trainer, log
@@ -67,7 +67,7 @@ def run_quickstart(out_dir: str = "runs/quickstart", steps: int | None = None, d
         "final_loss": result["last"].get("loss"), "sampler": s.sampler, "sampler_steps": s.steps,
         "nfe_per_sample": samples.nfe_per_sample, "grid": str(grid), "device": str(trainer.device),
     }
-    report.update(_quality(samples.images, samples.labels, trainer.device))
+    report.update(_quality(samples.images, samples.labels, trainer.device, classifier_steps))
     (out / "report.json").write_text(json.dumps(report, indent=2))
     path = out / "report.md"
     path.write_text(_markdown(report))
@@ -75,7 +75,7 @@ def run_quickstart(out_dir: str = "runs/quickstart", steps: int | None = None, d
     return path
 
 
-def _quality(images: torch.Tensor, labels: torch.Tensor | None, device) -> dict:
+def _quality(images: torch.Tensor, labels: torch.Tensor | None, device, classifier_steps: int) -> dict:
     """FD_dom against the digits test split and classifier accuracy of the samples."""
     try:
         from selfflow.evaluation.feature_net import conditional_accuracy, train_feature_net
@@ -88,7 +88,7 @@ def _quality(images: torch.Tensor, labels: torch.Tensor | None, device) -> dict:
     test = load_dataset("digits", split="test")
     x_train, y_train = train.get_batch(torch.arange(len(train)))
     x_test, _ = test.get_batch(torch.arange(len(test)))
-    net = train_feature_net(x_train, y_train, train.num_classes, steps=300, seed=0, device=device)
+    net = train_feature_net(x_train, y_train, train.num_classes, steps=classifier_steps, seed=0, device=device)
     real = FeatureStats.from_features(extract_features(net, x_test))
     fake = FeatureStats.from_features(extract_features(net, images))
     train_stats = FeatureStats.from_features(extract_features(net, x_train[: len(x_test)]))

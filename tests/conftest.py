@@ -3,8 +3,9 @@ import os
 import pytest
 import torch
 
-# Two cores on CI: one thread per test process keeps multi-process tests from oversubscribing.
-torch.set_num_threads(int(os.environ.get("SELFFLOW_TEST_THREADS", "2")))
+# Tiny models gain little from a second thread, and on a busy 2-core machine two threads per
+# process oversubscribe it badly: one thread per test process (SELFFLOW_TEST_THREADS to change).
+torch.set_num_threads(int(os.environ.get("SELFFLOW_TEST_THREADS", "1")))
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
 

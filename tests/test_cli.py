@@ -82,7 +82,7 @@ def test_truncated_checkpoint_is_a_clear_error(trained_run, tmp_path, capsys):
 def test_quickstart_writes_grid_and_report(tmp_path):
     from selfflow.quickstart import run_quickstart
 
-    report = run_quickstart(out_dir=str(tmp_path / "qs"), steps=4, device="cpu")
+    report = run_quickstart(out_dir=str(tmp_path / "qs"), steps=4, device="cpu", classifier_steps=20)
     record = json.loads((tmp_path / "qs" / "report.json").read_text())
     assert report.is_file() and (tmp_path / "qs" / "samples.png").is_file()
     assert record["steps"] == 4 and record["status"] == "finished"

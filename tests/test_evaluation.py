@@ -30,7 +30,7 @@ def random_spd(rng, d, scale=1.0):
 # --------------------------------------------------------------------------------------------
 # Fréchet distance
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("method", ["eigh", "sqrtm"])
+@pytest.mark.parametrize("method", ["svd", "eigh", "sqrtm"])
 def test_frechet_distance_of_a_set_with_itself_is_zero(method):
     feats = np.random.default_rng(0).normal(size=(400, 24)) @ np.random.default_rng(1).normal(size=(24, 24))
     stats = FeatureStats.from_features(feats)
@@ -38,7 +38,7 @@ def test_frechet_distance_of_a_set_with_itself_is_zero(method):
     assert abs(frechet_distance(stats.mu, stats.sigma, stats.mu, stats.sigma, method=method)) < 1e-8 * scale
 
 
-@pytest.mark.parametrize("method", ["eigh", "sqrtm"])
+@pytest.mark.parametrize("method", ["svd", "eigh", "sqrtm"])
 def test_frechet_distance_diagonal_gaussians_closed_form(method):
     # diagonal covariances: d² = ||μ1 − μ2||² + Σ_i (σ1_i − σ2_i)²
     rng = np.random.default_rng(2)
@@ -49,7 +49,7 @@ def test_frechet_distance_diagonal_gaussians_closed_form(method):
     assert got == pytest.approx(expected, rel=1e-10)
 
 
-@pytest.mark.parametrize("method", ["eigh", "sqrtm"])
+@pytest.mark.parametrize("method", ["svd", "eigh", "sqrtm"])
 def test_frechet_distance_commuting_and_2d_closed_forms(method):
     rng = np.random.default_rng(3)
     # commuting covariances Q diag(a) Qᵀ, Q diag(b) Qᵀ: the trace term is Σ (√a − √b)²
@@ -66,11 +66,30 @@ def test_frechet_distance_commuting_and_2d_closed_forms(method):
     assert frechet_distance(np.zeros(2), s1, np.zeros(2), s2, method=method) == pytest.approx(expected, rel=1e-9)
 
 
-def test_eigh_and_sqrtm_agree():
+def test_methods_agree_and_distance_is_symmetric():
     rng = np.random.default_rng(4)
     x, y = rng.normal(size=(300, 32)), rng.normal(size=(300, 32)) @ random_spd(rng, 32) + 0.3
     sx, sy = FeatureStats.from_features(x), FeatureStats.from_features(y)
-    assert sx.frechet_distance(sy, method="eigh") == pytest.approx(sx.frechet_distance(sy, method="sqrtm"), rel=1e-9)
+    svd = sx.frechet_distance(sy)
+    assert sx.frechet_distance(sy, method="eigh") == pytest.approx(svd, rel=1e-9)
+    assert sx.frechet_distance(sy, method="sqrtm") == pytest.approx(svd, rel=1e-9)
+    assert sy.frechet_distance(sx) == pytest.approx(svd, rel=1e-12)
+
+
+def test_frechet_distance_singular_commuting_closed_form():
+    # rank-deficient covariances (as when n < D) sharing an eigenbasis Q: the trace term is
+    # Σ √(a_i b_i), so d² = ||Δμ||² + Σ (√a_i − √b_i)². √ of round-off in the null space is
+    # what makes the symmetric-product and sqrtm routes drift (~1e-8); the default must not.
+    rng = np.random.default_rng(8)
+    d = 96
+    q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    a, b = rng.uniform(0.1, 4, d), rng.uniform(0.1, 4, d)
+    a[40:], b[25:70] = 0.0, 0.0
+    expected = np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    s1, s2 = q @ np.diag(a) @ q.T, q @ np.diag(b) @ q.T
+    assert frechet_distance(np.zeros(d), s1, np.zeros(d), s2) == pytest.approx(expected, rel=1e-12)
+    for method in ("eigh", "sqrtm"):
+        assert frechet_distance(np.zeros(d), s1, np.zeros(d), s2, method=method) == pytest.approx(expected, rel=1e-6)
 
 
 def test_frechet_distance_with_singular_covariances():
@@ -84,7 +103,8 @@ def test_frechet_distance_with_singular_covariances():
     expected = (np.sum((sx.mu - sy.mu) ** 2) + np.trace(sx.sigma) + np.trace(sy.sigma)
                 - 2 * np.sqrt(np.clip(lam, 0, None)).sum())
     assert sx.frechet_distance(sy) == pytest.approx(expected, rel=1e-6)
-    assert abs(sx.frechet_distance(sx)) < 1e-8 * np.trace(sx.sigma)
+    # the default (singular values of Σ2^{1/2} Σ1^{1/2}) keeps near machine precision here
+    assert abs(sx.frechet_distance(sx)) < 1e-12 * np.trace(sx.sigma)
 
 
 def test_frechet_distance_rejects_bad_input():
@@ -93,7 +113,7 @@ def test_frechet_distance_rejects_bad_input():
     with pytest.raises(ValueError, match="NaN"):
         frechet_distance(np.array([np.nan, 0]), np.eye(2), np.zeros(2), np.eye(2))
     with pytest.raises(ValueError, match="unknown method"):
-        frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.eye(2), method="svd")
+        frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.eye(2), method="cholesky")
 
 
 def test_streaming_stats_equal_numpy_mean_and_cov():
@@ -394,7 +414,7 @@ def test_evaluate_reports_every_field_and_uses_the_cache(tmp_path):
     kwargs = dict(metrics=("fd_dom", "pr", "acc"), reference=real, reference_key={"name": "digits", "split": "head"},
                   feature_net_dir=fnet_dir, cache_dir=tmp_path / "cache", progress=False)
     same = evaluate(images[:200], labels[:200], **kwargs)
-    assert same["fd_dom"] == pytest.approx(0.0, abs=1e-6)
+    assert abs(same["fd_dom"]) < 1e-9
     assert same["precision"] == 1.0 and same["recall"] == 1.0
     assert same["num_generated"] == 200 and same["num_reference"] == 200
     assert same["reference"]["name"] == "digits" and len(same["reference"]["content_sha256"]) == 64

@@ -72,18 +72,10 @@ def _check_gaussian(mu: np.ndarray, sigma: np.ndarray, name: str) -> None:
         raise ValueError(f"{name}: mean or covariance contains NaN or inf")
 
 
-def _trace_sqrt_product_eigh(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
-    """Tr((Σ1^{1/2} Σ2 Σ1^{1/2})^{1/2}) through two symmetric eigendecompositions.
-
-    Σ1 Σ2 is similar to the symmetric PSD matrix M = Σ1^{1/2} Σ2 Σ1^{1/2}, so both have the same
-    (real, non-negative) eigenvalues λ_i and the trace of the square root is Σ_i √λ_i. Negative
-    eigenvalues can only come from round-off (or a covariance that is not PSD) and are clipped
-    to zero (see ``_clip_round_off``); no complex arithmetic, and exact when n < D makes Σ singular.
-    """
-    w1, v1 = np.linalg.eigh((sigma1 + sigma1.T) / 2)
-    sqrt_sigma1 = (v1 * np.sqrt(_clip_round_off(w1))) @ v1.T
-    m = sqrt_sigma1 @ sigma2 @ sqrt_sigma1
-    return float(np.sqrt(_clip_round_off(np.linalg.eigvalsh((m + m.T) / 2))).sum())
+def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
+    """Symmetric PSD square root through an eigendecomposition (round-off eigenvalues → 0)."""
+    w, v = np.linalg.eigh((sigma + sigma.T) / 2)
+    return (v * np.sqrt(_clip_round_off(w))) @ v.T
 
 
 def _clip_round_off(eigenvalues: np.ndarray) -> np.ndarray:
@@ -93,6 +85,44 @@ def _clip_round_off(eigenvalues: np.ndarray) -> np.ndarray:
     come out as ±round-off; √ would magnify them (√1e-14 = 1e-7 each), so they are zeroed."""
     tol = eigenvalues.shape[0] * np.finfo(np.float64).eps * max(float(np.abs(eigenvalues).max(initial=0.0)), 1e-300)
     return np.where(eigenvalues > tol, eigenvalues, 0.0)
+
+
+def _psd_eigen(sigma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Non-zero eigenpairs (w (r,), V (D, r)) of a symmetric PSD matrix, round-off dropped."""
+    w, v = np.linalg.eigh((sigma + sigma.T) / 2)
+    keep = _clip_round_off(w) > 0
+    return w[keep], v[:, keep]
+
+
+def _trace_sqrt_product_svd(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """Tr((Σ1^{1/2} Σ2 Σ1^{1/2})^{1/2}) as the nuclear norm of A = Σ2^{1/2} Σ1^{1/2}.
+
+    AᵀA = Σ1^{1/2} Σ2 Σ1^{1/2}, so the singular values of A are the square roots of that matrix's
+    eigenvalues and their sum is the trace we want. With Σk = Vk diag(wk) Vkᵀ (non-zero part,
+    rank rk), A = V2 B V1ᵀ with B = diag(√w2) V2ᵀ V1 diag(√w1), and V1, V2 have orthonormal
+    columns, so the singular values of the small r2 × r1 matrix B are those of A (fast when
+    n < D makes the covariances rank-deficient). Working with A instead of AᵀA avoids squaring
+    the condition number: for an ill-conditioned covariance (eigenvalues down to 1e-7 of the
+    largest, common for network features) the symmetric-product route loses ~1e-6 absolute
+    accuracy and √ of null-space round-off adds ~1e-8 relative; this route keeps ~1e-13.
+    """
+    w1, v1 = _psd_eigen(sigma1)
+    w2, v2 = _psd_eigen(sigma2)
+    if w1.size == 0 or w2.size == 0:
+        return 0.0
+    b = (np.sqrt(w2)[:, None] * (v2.T @ v1)) * np.sqrt(w1)[None, :]
+    return float(np.linalg.svd(b, compute_uv=False).sum())
+
+
+def _trace_sqrt_product_eigh(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """Tr((Σ1^{1/2} Σ2 Σ1^{1/2})^{1/2}) from the eigenvalues of the symmetric PSD product.
+
+    Σ1 Σ2 is similar to M = Σ1^{1/2} Σ2 Σ1^{1/2}, so both have the same real, non-negative
+    eigenvalues λ_i and the trace is Σ_i √λ_i; negative λ_i are round-off and count as 0.
+    """
+    sqrt_sigma1 = _psd_sqrt(sigma1)
+    m = sqrt_sigma1 @ sigma2 @ sqrt_sigma1
+    return float(np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0.0, None)).sum())
 
 
 def _trace_sqrt_product_sqrtm(sigma1: np.ndarray, sigma2: np.ndarray, eps: float) -> float:
@@ -109,18 +139,20 @@ def _trace_sqrt_product_sqrtm(sigma1: np.ndarray, sigma2: np.ndarray, eps: float
             raise ValueError(
                 f"Fréchet distance: sqrtm(Σ1 Σ2) has an imaginary diagonal part of {max_imag_diag:.3g} "
                 "(> 1e-3); the covariances are probably not PSD or far too few samples were used. "
-                "method='eigh' clips round-off instead.")
+                "method='svd' needs no complex arithmetic.")
         covmean = covmean.real
     return float(np.trace(covmean))
 
 
-def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any, *, method: str = "eigh",
+def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any, *, method: str = "svd",
                      eps: float = 1e-6) -> float:
     """Squared Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64.
 
-    mu: (D,), sigma: (D, D). ``method="eigh"`` (default) uses the symmetric form
-    Σ1^{1/2} Σ2 Σ1^{1/2}; ``method="sqrtm"`` is the classic ``scipy.linalg.sqrtm(Σ1 Σ2)`` with the
-    usual guards (eps·I retry when not finite, error on a non-negligible imaginary part).
+    mu: (D,), sigma: (D, D). Methods for the trace term (all equal in exact arithmetic):
+    ``"svd"`` (default): nuclear norm of Σ2^{1/2} Σ1^{1/2}, the most accurate, also when n < D
+    makes the covariances singular; ``"eigh"``: eigenvalues of Σ1^{1/2} Σ2 Σ1^{1/2};
+    ``"sqrtm"``: the classic ``scipy.linalg.sqrtm(Σ1 Σ2)`` with the usual guards (eps·I retry
+    when not finite, error on a non-negligible imaginary part).
     """
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
@@ -128,12 +160,14 @@ def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any, *, method: st
     _check_gaussian(mu2, sigma2, "second")
     if mu1.shape != mu2.shape:
         raise ValueError(f"feature dimensions differ: {mu1.shape[0]} vs {mu2.shape[0]}")
-    if method == "eigh":
+    if method == "svd":
+        tr_covmean = _trace_sqrt_product_svd(sigma1, sigma2)
+    elif method == "eigh":
         tr_covmean = _trace_sqrt_product_eigh(sigma1, sigma2)
     elif method == "sqrtm":
         tr_covmean = _trace_sqrt_product_sqrtm(sigma1, sigma2, eps)
     else:
-        raise ValueError(f"unknown method {method!r}; use 'eigh' or 'sqrtm'")
+        raise ValueError(f"unknown method {method!r}; use 'svd', 'eigh' or 'sqrtm'")
     diff = mu1 - mu2
     value = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
     if not np.isfinite(value):

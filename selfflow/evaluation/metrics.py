@@ -187,7 +187,7 @@ def evaluate(images: torch.Tensor, labels: torch.Tensor | None = None, *,
 
     report: dict[str, Any] = {"protocol": PROTOCOL, "metrics": list(metrics), "num_generated": int(images.shape[0]),
                               "generated_fraction_outside_[-1,1]": out_of_range,
-                              "frechet_method": "eigh", "sampling": dict(sampling or {}), "timings_s": {}}
+                              "frechet_method": "svd", "sampling": dict(sampling or {}), "timings_s": {}}
     ref = _Reference(reference, num_reference, reference_key)
     report["reference"] = ref.key
     report["num_reference"] = ref.count
