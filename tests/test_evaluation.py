@@ -432,6 +432,19 @@ def test_evaluate_reports_every_field_and_uses_the_cache(tmp_path):
         evaluate(images[:10], metrics=("fd_dom", "is"), reference=real)
 
 
+def test_evaluate_reads_an_image_dataset(tmp_path):
+    from selfflow.data import load_digits as load_digits_dataset
+
+    reference = load_digits_dataset("test")  # ImageDataset: uint8 storage, get_batch → [−1, 1]
+    images, labels = reference.get_batch(torch.arange(len(reference)))
+    net = FeatureNet(FeatureNetConfig(in_channels=1, num_classes=10, image_size=8, widths=(8, 16, 32, 128)))
+    report = evaluate(images, labels, metrics=("fd_dom", "pr"), reference=reference, feature_net_dir=net,
+                      cache_dir=tmp_path, progress=False)
+    assert report["reference"]["name"] == "digits" and report["reference"]["split"] == "test"
+    assert report["num_reference"] == len(reference) == report["reference"]["count"]
+    assert abs(report["fd_dom"]) < 1e-9 and report["precision"] == 1.0
+
+
 @pytest.mark.slow  # two 2048-d eigendecompositions: seconds on an idle CPU, a minute on a busy one
 @needs_inception
 def test_evaluate_fid_of_a_set_with_itself_is_zero(tmp_path):

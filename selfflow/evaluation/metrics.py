@@ -24,8 +24,7 @@ import scipy
 import torch
 
 from .feature_net import FeatureNet, conditional_accuracy, load_feature_net
-from .fid import (INCEPTION_SIZE, compute_stats, extract_features, frechet_distance, load_inception,
-                  reference_stats)
+from .fid import INCEPTION_SIZE, compute_stats, extract_features, load_inception, reference_stats
 from .precision_recall import precision_recall
 
 logger = logging.getLogger(__name__)
