@@ -87,3 +87,22 @@ def test_quickstart_writes_grid_and_report(tmp_path):
     assert report.is_file() and (tmp_path / "qs" / "samples.png").is_file()
     assert record["steps"] == 4 and record["status"] == "finished"
     assert record["fd_dom_train_vs_test_floor"] >= 0 and 0 <= record["classifier_accuracy_on_samples"] <= 1
+
+
+def test_eval_reports_every_protocol_field(trained_run, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    code = main(["eval", "--ckpt", str(trained_run), "--n", "40", "--steps", "2", "--metrics", "fd_dom,pr,acc",
+                 "--split", "test", "--train-steps", "10", "--cache-dir", str(tmp_path / "cache"), "--device", "cpu",
+                 "--batch-size", "20", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads(out.read_text())
+    assert report["num_generated"] == 40 and report["reference"]["name"] == "digits" and report["reference"]["split"] == "test"
+    assert report["fd_dom"] >= 0 and 0 <= report["precision"] <= 1 and 0 <= report["accuracy"] <= 1
+    assert report["sampling"]["nfe_per_sample"] == 2 and report["sampling"]["seeds"] == [0, 39]
+    assert report["feature_net"]["path"].startswith(str(tmp_path / "cache"))
+    assert "fd_dom" in capsys.readouterr().out
+
+
+def test_eval_rejects_unknown_metric(trained_run, capsys):
+    assert main(["eval", "--ckpt", str(trained_run), "--metrics", "fid,is"]) == 2
+    assert "unknown ['is']" in capsys.readouterr().err

@@ -39,7 +39,7 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--cache-dir", default=None, help="reference statistics and feature nets (default ~/.cache/selfflow)")
     p.add_argument("--out", default=None, help="report JSON (default: eval.json next to the checkpoint / feature net folder)")
-    p.add_argument("--train-steps", type=int, default=2000, help="train-feature-net: optimisation steps")
+    p.add_argument("--train-steps", type=int, default=2000, help="optimisation steps of the FD_dom feature net when it is trained")
     p.set_defaults(handler=cmd_eval)
 
 
@@ -53,8 +53,12 @@ def feature_net_for(name: str, path: str | None, device, cache_dir: Path, steps:
     """Load the data set's FD_dom classifier from the cache, training it once if needed."""
     from selfflow.evaluation.feature_net import load_feature_net, save_feature_net, train_feature_net
 
+    from selfflow.evaluation.feature_net import FeatureNetConfig
+
     train = _dataset(name, path, "train")
-    folder = out or cache_dir / "feature_nets" / f"{name}_{len(train)}_{train.shape[0]}x{train.shape[1]}x{train.shape[2]}_s{steps}"
+    # The cache name carries everything that shapes the network: data, size, steps, architecture.
+    widths = "-".join(str(w) for w in FeatureNetConfig(in_channels=train.channels, num_classes=train.num_classes, image_size=train.image_size).widths)
+    folder = out or cache_dir / "feature_nets" / f"{name}_{len(train)}_{train.shape[0]}x{train.shape[1]}x{train.shape[2]}_s{steps}_w{widths}"
     if (folder / "model.safetensors").exists() and out is None:
         return load_feature_net(folder, device), folder
     x, y = train.get_batch(torch.arange(len(train)))
@@ -150,7 +154,7 @@ def cmd_eval(args) -> int:
         if args.feature_net:
             net = args.feature_net
         else:
-            net = feature_net_for(data_name, data_path, device, cache_dir)[1]
+            net = feature_net_for(data_name, data_path, device, cache_dir, args.train_steps)[1]
     report = evaluate(images, labels, metrics=metrics, reference=reference, num_reference=args.num_reference,
                       feature_net_dir=net, inception_path=args.inception, device=device,
                       cache_dir=cache_dir / "reference_stats", sampling=sampling)
