@@ -43,6 +43,8 @@ from pathlib import Path
 
 import torch
 
+from harness import resolve_data_path
+
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["flow_matching", "self_flow_dual_timestep_only", "self_flow_single_timestep", "self_flow", "repa"]
 LABELS = {
@@ -77,17 +79,6 @@ def machine_info(device: torch.device) -> dict:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
-
-
-def resolve_data_path(args) -> str | None:
-    if args.data != "mnist":
-        return None
-    candidates = [args.data_path] if args.data_path else ["data/mnist", "../shared/data/mnist", ".carry/mnist"]
-    for candidate in candidates:
-        for path in (Path(candidate), ROOT / candidate):
-            if path.is_dir():
-                return str(path.resolve())
-    raise SystemExit(f"MNIST not found in {candidates}; pass --data-path")
 
 
 # --------------------------------------------------------------------------------------------

@@ -84,6 +84,18 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def resolve_data_path(args) -> str | None:
+    """MNIST's folder: --data-path, else the first of data/mnist, ../shared/data/mnist, .carry/mnist."""
+    if args.data != "mnist":
+        return None
+    candidates = [args.data_path] if args.data_path else ["data/mnist", "../shared/data/mnist", ".carry/mnist"]
+    for candidate in candidates:
+        for path in (Path(candidate), ROOT / candidate):
+            if path.is_dir():
+                return str(path.resolve())
+    raise SystemExit(f"MNIST not found in {candidates}; pass --data-path")
+
+
 def timed(fn, warmup: int, repeats: int, sync=None) -> float:
     """Median seconds per call after ``warmup`` calls."""
     for _ in range(warmup):

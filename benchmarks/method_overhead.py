@@ -39,6 +39,8 @@ from pathlib import Path
 
 import torch
 
+from harness import resolve_data_path
+
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {
     # name: (config stem, dedupe)
@@ -72,18 +74,6 @@ def machine_info(device: torch.device) -> dict:
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
     return info
-
-
-def resolve_data_path(args) -> str | None:
-    """MNIST's folder: --data-path, else the first of data/mnist, ../shared/data/mnist, .carry/mnist."""
-    if args.data != "mnist":
-        return None
-    candidates = [args.data_path] if args.data_path else ["data/mnist", "../shared/data/mnist", ".carry/mnist"]
-    for candidate in candidates:
-        for path in (Path(candidate), ROOT / candidate):
-            if path.is_dir():
-                return str(path.resolve())
-    raise SystemExit(f"MNIST not found in {candidates}; pass --data-path")
 
 
 def build_trainer(args, variant: str, dataset, encoder_dir: str | None, out_dir: str):

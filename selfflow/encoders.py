@@ -27,7 +27,6 @@ Kinds:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -36,6 +35,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from selfflow.checkpoint import sha256_file
 
 ENCODER_KINDS = ("feature_net", "inception")
 INCEPTION_STAGES = (
@@ -47,14 +48,6 @@ INCEPTION_WIDTHS = {
     "mixed_1": 288, "mixed_2": 288, "mixed_3": 768, "mixed_4": 768, "mixed_5": 768, "mixed_6": 768, "mixed_7": 768,
     "mixed_8": 1280, "mixed_9": 2048, "mixed_10": 2048, "pool2": 2048,
 }
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def features_to_tokens(features: torch.Tensor, grid: int) -> torch.Tensor:
@@ -116,7 +109,7 @@ class InceptionEncoder(FrozenEncoder):
         self.layer = layer
         self.input_size = input_size
         self.feature_dim = INCEPTION_WIDTHS[layer]
-        self.key = {"kind": "inception", "file": path.name, "sha256": _sha256(path), "layer": layer, "input_size": input_size}
+        self.key = {"kind": "inception", "file": path.name, "sha256": sha256_file(path), "layer": layer, "input_size": input_size}
         self.freeze()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -155,7 +148,7 @@ class FeatureNetEncoder(FrozenEncoder):
         self.depth = int(layer[5:])
         self.feature_dim = self.net.config.widths[self.depth - 1]
         weights = path / "model.safetensors"
-        self.key = {"kind": "feature_net", "file": path.name, "sha256": _sha256(weights), "layer": layer}
+        self.key = {"kind": "feature_net", "file": path.name, "sha256": sha256_file(weights), "layer": layer}
         self.freeze()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

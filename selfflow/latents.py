@@ -32,7 +32,6 @@ load time, naming the file and row.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -45,18 +44,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from selfflow.checkpoint import sha256_file
 from selfflow.data import DataError
 
 AUTOENCODER_KINDS = ("small", "diffusers")
 _SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------
@@ -136,7 +128,7 @@ class SmallAutoencoder(nn.Module):
     def describe(self, directory: Optional[Path] = None) -> dict:
         out = {"kind": self.kind, "latent_channels": self.latent_channels, "downsample": self.downsample, "scaling_factor": 1.0}
         if directory is not None:
-            out.update(path=str(Path(directory).resolve()), sha256=_sha256(Path(directory) / "model.safetensors"))
+            out.update(path=str(Path(directory).resolve()), sha256=sha256_file(Path(directory) / "model.safetensors"))
         return out
 
 
@@ -182,7 +174,7 @@ class DiffusersAutoencoder(nn.Module):
         return {
             "kind": self.kind, "path": str(self.directory.resolve()), "latent_channels": self.latent_channels,
             "downsample": self.downsample, "scaling_factor": self.scaling_factor, "shift_factor": self.shift_factor,
-            "sha256": _sha256(weights[0]) if weights else None,
+            "sha256": sha256_file(weights[0]) if weights else None,
         }
 
 

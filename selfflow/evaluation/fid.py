@@ -355,11 +355,9 @@ def sha256_file(path: str | Path) -> str:
     st = path.stat()
     memo = (str(path), st.st_size, st.st_mtime_ns)
     if memo not in _SHA_CACHE:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        _SHA_CACHE[memo] = h.hexdigest()
+        from selfflow.checkpoint import sha256_file as file_digest
+
+        _SHA_CACHE[memo] = file_digest(path)
     return _SHA_CACHE[memo]
 
 

@@ -37,16 +37,22 @@ class FlowMatchingConfig(TimeSampling):
     pass
 
 
+def draw_flow_inputs(method: Method, model, batch: Batch):
+    """Label dropout, t, ε, then x_t = (1 − t)·x0 + t·ε — drawn in this order, which the methods
+    built on flow matching rely on to see exactly its noise for the same seed."""
+    x0 = batch.x0
+    y = method.drop_labels(batch.y, model.config.class_dropout_prob, model.num_classes, batch.random)
+    t = method.config.draw(batch)
+    noise = batch.random.randn(*x0.shape[1:]).to(x0.device)
+    return y, t, noise, interpolate(x0, noise, t)
+
+
 class FlowMatching(Method):
     name = "flow_matching"
     Config = FlowMatchingConfig
 
     def loss(self, model, batch: Batch):
-        x0 = batch.x0
-        y = self.drop_labels(batch.y, model.config.class_dropout_prob, model.num_classes, batch.random)
-        t = self.config.draw(batch)
-        noise = batch.random.randn(*x0.shape[1:]).to(x0.device)
-        x_t = interpolate(x0, noise, t)
+        y, t, noise, x_t = draw_flow_inputs(self, model, batch)
         pred = model(x_t, t, y)
-        loss = (pred.float() - velocity_target(x0, noise)).pow(2).mean()
+        loss = (pred.float() - velocity_target(batch.x0, noise)).pow(2).mean()
         return loss, {"loss_fm": loss.detach()}

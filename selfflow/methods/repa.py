@@ -22,9 +22,9 @@ from torch import nn
 from selfflow.config import ConfigError
 from selfflow.methods import register
 from selfflow.methods.base import Batch, Method
-from selfflow.methods.flow_matching import TimeSampling
+from selfflow.methods.flow_matching import TimeSampling, draw_flow_inputs
 from selfflow.methods.self_flow import default_layers, representation_loss
-from selfflow.path import interpolate, velocity_target
+from selfflow.path import velocity_target
 
 
 @dataclass
@@ -98,10 +98,7 @@ class Repa(Method):
 
     def loss(self, model, batch: Batch):
         x0 = batch.x0
-        y = self.drop_labels(batch.y, model.config.class_dropout_prob, model.num_classes, batch.random)
-        t = self.config.draw(batch)
-        noise = batch.random.randn(*x0.shape[1:]).to(x0.device)
-        x_t = interpolate(x0, noise, t)
+        y, t, noise, x_t = draw_flow_inputs(self, model, batch)
         pred, hiddens = model(x_t, t, y, return_layers=(self.student_layer,))
         loss_fm = (pred.float() - velocity_target(x0, noise)).pow(2).mean()
         target = self.target_features(x0, model.grid)
