@@ -34,8 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
@@ -43,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from harness import resolve_data_path
+from harness import machine, resolve_data_path
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["flow_matching", "self_flow_dual_timestep_only", "self_flow_single_timestep", "self_flow", "repa"]
@@ -63,22 +61,6 @@ DEFAULTS = {
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def machine_info(device: torch.device) -> dict:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version()}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
 
 
 # --------------------------------------------------------------------------------------------
@@ -455,7 +437,7 @@ def main(argv=None) -> int:
     first = records[0]["config"] if records else build_config(args, "flow_matching", args.seeds[0], work, None).to_dict()
     model = first["model"]
     extra = {
-        "data": args.data, "device": str(device), "machine": machine_info(device), "steps": args.steps, "seeds": args.seeds,
+        "data": args.data, "device": str(device), "machine": machine(device), "steps": args.steps, "seeds": args.seeds,
         "batch_size": first["train"]["batch_size"],
         "model": f"DiT size {model['size']} (depth {model['depth'] or 'default'}, width {model['hidden_size'] or 'default'}, patch {model['patch_size']})",
         "wall_seconds_this_invocation": time.time() - started, "note": args.note,

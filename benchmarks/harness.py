@@ -21,17 +21,25 @@ DOCS = ROOT / "docs" / "benchmarks"
 RESULTS = DOCS / "results"
 
 
-def machine() -> dict:
+def machine(device: torch.device | str | None = None) -> dict:
+    """The record of where a figure was measured (CPU, threads, load, GPU, versions)."""
     info = {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "platform": platform.platform(),
         "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
         "cpu_threads": torch.get_num_threads(),
+        "torch_threads": torch.get_num_threads(),
         "cuda": torch.version.cuda,
     }
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
+    try:
+        info["load_average_at_start"] = os.getloadavg()
+    except OSError:
+        pass
+    device = torch.device(device) if device is not None else None
+    if torch.cuda.is_available() and (device is None or device.type == "cuda"):
+        props = torch.cuda.get_device_properties(device if device is not None and device.index is not None else 0)
         info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1), gpu_count=torch.cuda.device_count())
     return info
 

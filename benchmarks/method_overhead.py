@@ -28,8 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -39,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from harness import resolve_data_path
+from harness import machine, resolve_data_path
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {
@@ -51,29 +49,6 @@ VARIANTS = {
     "self_flow (dedupe off)": ("self_flow", False),
     "repa": ("repa", None),
 }
-
-
-def machine_info(device: torch.device) -> dict:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {
-        "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-        "python": platform.python_version(), "platform": platform.platform(),
-    }
-    try:
-        info["load_average_at_start"] = os.getloadavg()
-    except OSError:
-        pass
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["cuda"] = torch.version.cuda
-    return info
 
 
 def build_trainer(args, variant: str, dataset, encoder_dir: str | None, out_dir: str):
@@ -272,7 +247,7 @@ def main(argv=None) -> int:
 
     report = {
         "benchmark": "method_overhead", "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": machine_info(device), "device": str(device), "setup": info, "steps_per_block": args.steps,
+        "machine": machine(device), "device": str(device), "setup": info, "steps_per_block": args.steps,
         "rounds": args.rounds, "warmup_steps": args.warmup, "results": results,
         "memory_note": (
             "cuda_step_peak_MiB: torch.cuda.max_memory_allocated during the variant's steps minus the allocation before them"
