@@ -252,7 +252,8 @@ class Trainer:
         log.info("resumed step=%d from=%s", self.step, directory)
 
     def maybe_resume(self) -> None:
-        ckpt.remove_stale_temporaries(self.ckpt_dir) if self.dist.is_main else None
+        if self.dist.is_main:
+            ckpt.remove_stale_temporaries(self.ckpt_dir)
         latest = ckpt.latest_checkpoint(self.ckpt_dir)
         if latest is not None:
             self.load_checkpoint(latest)

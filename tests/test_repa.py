@@ -16,14 +16,6 @@ from selfflow.model import DiT
 INCEPTION = Path(os.path.dirname(__file__)) / ".." / ".." / "shared" / "models" / "fid_inception_v3_fp16.pt"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_model():
     torch.manual_seed(0)
     return DiT(ModelConfig(size="tiny", depth=3, hidden_size=64, num_heads=4, patch_size=2, image_size=8, in_channels=1, num_classes=10))

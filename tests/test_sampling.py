@@ -29,15 +29,6 @@ except ImportError:
     HAS_TORCHDIFFEQ = False
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These tensors are tiny: one intra-op thread avoids oversubscribing a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _sampler_params():
     """Every registered sampler, with dopri5 skipped when torchdiffeq is missing."""
     marks = {"dopri5": pytest.mark.skipif(not HAS_TORCHDIFFEQ, reason="torchdiffeq not installed")}

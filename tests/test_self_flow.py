@@ -13,15 +13,6 @@ from selfflow.model import DiT
 from selfflow.path import interpolate
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Under load on a 2-core machine, 2 OpenMP threads per test made the training test ~10× slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_model(depth=4, seed=0):
     torch.manual_seed(seed)
     return DiT(ModelConfig(size="tiny", depth=depth, hidden_size=64, num_heads=4, patch_size=2, image_size=8, in_channels=1, num_classes=10))
