@@ -89,16 +89,21 @@ def write_json(obj: Any, path: str | Path) -> None:
         os.fsync(handle.fileno())
 
 
-def read_json(path: str | Path) -> dict:
+def read_json(path: str | Path, error: type[Exception] = CheckpointError, missing: str = "missing checkpoint file") -> dict:
+    """The JSON object in ``path``; anything else raises ``error`` naming the file.
+
+    ``missing`` is the message for an absent file (the path is appended), so each caller can say
+    what the file should have been; checkpoints, shard manifests and autoencoder folders share this.
+    """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"missing checkpoint file: {path}")
+        raise error(f"{missing}: {path}")
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc}); truncated or corrupt?") from None
+        raise error(f"{path}: not valid JSON ({exc}); truncated or corrupt?") from None
     if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
+        raise error(f"{path}: expected a JSON object, found {type(data).__name__}")
     return data
 
 

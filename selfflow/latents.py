@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfflow.checkpoint import sha256_file
+from selfflow.checkpoint import read_json, sha256_file
 from selfflow.data import DataError
 
 AUTOENCODER_KINDS = ("small", "diffusers")
@@ -114,7 +114,7 @@ class SmallAutoencoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "SmallAutoencoder":
-        from selfflow.checkpoint import load_tensors, read_json
+        from selfflow.checkpoint import load_tensors
         from selfflow.config import from_dict
         from selfflow.model import load_state_strict
 
@@ -182,15 +182,10 @@ def load_autoencoder(directory: str | os.PathLike, device: str | torch.device = 
     """A :class:`SmallAutoencoder` or :class:`DiffusersAutoencoder` from a local folder."""
     directory = Path(directory)
     config_file = directory / "config.json"
-    if not config_file.is_file():
-        raise DataError(f"{directory}: not an autoencoder folder (no config.json)")
-    try:
-        meta = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{config_file}: not valid JSON ({exc})") from None
-    if isinstance(meta, dict) and "autoencoder" in meta:
+    meta = read_json(config_file, DataError, missing="not an autoencoder folder (no config.json)")
+    if "autoencoder" in meta:
         return SmallAutoencoder.from_pretrained(directory).to(device)
-    if isinstance(meta, dict) and meta.get("_class_name") == "AutoencoderKL":
+    if meta.get("_class_name") == "AutoencoderKL":
         return DiffusersAutoencoder(directory).to(device)
     raise DataError(f"{config_file}: neither a selfflow autoencoder nor a diffusers AutoencoderKL (_class_name)")
 
@@ -440,12 +435,7 @@ def _load_npy_folder(folder: Path, split: str) -> LatentDataset:
         else:
             labels.append(torch.zeros(len(array), dtype=torch.int64))
     all_labels = torch.cat(labels)
-    meta: dict = {}
-    if (folder / "meta.json").is_file():
-        try:
-            meta = json.loads((folder / "meta.json").read_text())
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{folder / 'meta.json'}: not valid JSON ({exc})") from None
+    meta = read_json(folder / "meta.json", DataError) if (folder / "meta.json").is_file() else {}
     num_classes = int(meta.get("num_classes") or (int(all_labels.max()) + 1 if len(all_labels) else 1))
     return LatentDataset(parts, all_labels, num_classes, str(folder), meta.get("class_names"), meta, split)
 

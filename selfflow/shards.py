@@ -33,7 +33,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from selfflow.checkpoint import fsync_dir
+from selfflow.checkpoint import fsync_dir, read_json
 from selfflow.data import DataError
 
 MANIFEST = "set.json"
@@ -198,13 +198,8 @@ class ShardSet:
 
 
 def _read_manifest(file: Path) -> dict:
-    if not file.is_file():
-        raise ShardError(f"missing {file} (not a generated set, or its first write failed)")
-    try:
-        data = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ShardError(f"{file}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
+    data = read_json(file, ShardError, missing="not a generated set, or its first write failed; no manifest")
+    if data.get("format") != FORMAT:
         raise ShardError(f"{file}: not a {FORMAT} manifest")
     return data
 

@@ -14,22 +14,11 @@ SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
 def tiny_config():
     """A RunConfig small enough for a CPU unit test (digits 8×8, depth 2, width 64)."""
     from selfflow.config import config_from_dict
+    from support import tiny_run
 
     def make(tmp_path, **sections):
-        raw = {
-            "data": {"name": "digits"},
-            "model": {"size": "tiny", "depth": 2, "hidden_size": 64, "num_heads": 4},
-            "method": {"name": "flow_matching"},
-            "train": {
-                "steps": 6, "batch_size": 16, "lr": 1e-3, "warmup_steps": 2, "log_every": 2, "ckpt_every": 0,
-                "num_sample_images": 0, "out_dir": str(tmp_path / "run"), "progress": False, "tensorboard": False,
-                "device": "cpu",
-            },
-            "sample": {"steps": 4},
-        }
-        for name, values in sections.items():
-            raw.setdefault(name, {}).update(values)
-        return config_from_dict(raw)
+        sections["train"] = {"log_every": 2, **sections.get("train", {})}
+        return config_from_dict(tiny_run(tmp_path / "run", **sections))
 
     return make
 

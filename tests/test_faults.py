@@ -29,6 +29,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from support import tiny_run
+
 STEPS = 8
 TRAIN_TRIALS = 12  # kill -9 trials on training (4 step, 4 write, 4 time), plus 2 SIGTERM trials
 SET_TRIALS = 4  # kill -9 trials on set generation (2 mid-shard write, 2 time)
@@ -36,17 +38,7 @@ SEED = 1234
 
 
 def _raw(out_dir, steps=STEPS, **train):
-    raw = {
-        "data": {"name": "digits"},
-        "model": {"size": "tiny", "depth": 2, "hidden_size": 64, "num_heads": 4},
-        "method": {"name": "flow_matching"},
-        "train": {
-            "steps": steps, "batch_size": 16, "lr": 1e-3, "warmup_steps": 2, "log_every": 1, "ckpt_every": 1, "keep_last": 2,
-            "num_sample_images": 0, "out_dir": str(out_dir), "progress": False, "tensorboard": False, "device": "cpu",
-        },
-    }
-    raw["train"].update(train)
-    return raw
+    return tiny_run(out_dir, train={"steps": steps, "ckpt_every": 1, "keep_last": 2, **train})
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,58 +14,24 @@ import json
 import os
 import pickle
 import shutil
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 from selfflow import checkpoint as ckpt
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from support import fit, free_port, join_as_rank, logged_losses, tiny_run
 
 
 def _raw(out_dir, steps, **train):
-    raw = {
-        "data": {"name": "digits"},
-        "model": {"size": "tiny", "depth": 2, "hidden_size": 64, "num_heads": 4},
-        "method": {"name": "self_flow"},
-        "train": {
-            "steps": steps, "batch_size": 16, "lr": 1e-3, "warmup_steps": 1, "log_every": 1, "ckpt_every": 2, "keep_last": 3,
-            "num_sample_images": 0, "out_dir": str(out_dir), "progress": False, "tensorboard": False, "device": "cpu",
-            "distributed": "fsdp",
-        },
-        "sample": {"steps": 2},
-    }
-    raw["train"].update(train)
-    return raw
-
-
-def _run(raw):
-    from selfflow.config import config_from_dict
-    from selfflow.trainer import Trainer
-
-    trainer = Trainer(config_from_dict(raw))
-    try:
-        trainer.fit()
-    finally:
-        trainer.close()
-    return trainer
+    return tiny_run(out_dir, method={"name": "self_flow"}, sample={"steps": 2},
+                    train={"steps": steps, "warmup_steps": 1, "ckpt_every": 2, "keep_last": 3, "distributed": "fsdp", **train})
 
 
 def _worker(rank, world, phases):
-    torch.set_num_threads(1)  # two processes on two cores
     for port, raw in phases:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-        _run(raw)
-
-
-def _losses(out_dir):
-    return [json.loads(line)["loss"] for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+        join_as_rank(rank, world, port)
+        fit(raw)
 
 
 def _assert_close(a: dict, b: dict):
@@ -80,22 +46,22 @@ def runs(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        _run(_raw(root / "one", 4, distributed="ddp"))  # the 1-process reference (no process group)
+        fit(_raw(root / "one", 4, distributed="ddp"))  # the 1-process reference (no process group)
     finally:
         torch.set_num_threads(threads)
     (root / "from_full" / "checkpoints").mkdir(parents=True)
     shutil.copytree(root / "one" / "checkpoints" / "step_0000002", root / "from_full" / "checkpoints" / "step_0000002")
     phases = [
-        (_free_port(), _raw(root / "fsdp", 2)),
-        (_free_port(), _raw(root / "fsdp", 4)),
-        (_free_port(), _raw(root / "from_full", 4, activation_checkpointing=True, num_sample_images=4)),
+        (free_port(), _raw(root / "fsdp", 2)),
+        (free_port(), _raw(root / "fsdp", 4)),
+        (free_port(), _raw(root / "from_full", 4, activation_checkpointing=True, num_sample_images=4)),
     ]
     mp.start_processes(_worker, args=(2, phases), nprocs=2, join=True, start_method="spawn")
     return root
 
 
 def test_fsdp_two_processes_match_one_process(runs):
-    assert _losses(runs / "fsdp") == pytest.approx(_losses(runs / "one"), rel=1e-5, abs=1e-6)
+    assert logged_losses(runs / "fsdp") == pytest.approx(logged_losses(runs / "one"), rel=1e-5, abs=1e-6)
     # The sharded checkpoint carries the full EMA weights, gathered on rank 0, for sampling.
     one, two = runs / "one" / "checkpoints" / "step_0000004", runs / "fsdp" / "checkpoints" / "step_0000004"
     _assert_close(ckpt.load_tensors(two / "ema.safetensors"), ckpt.load_tensors(one / "ema.safetensors"))
@@ -112,7 +78,7 @@ def test_sharded_checkpoint_is_one_safetensors_file_per_process(runs):
 
 
 def test_unsharded_checkpoint_resumes_under_fsdp(runs):
-    assert _losses(runs / "from_full") == pytest.approx(_losses(runs / "one")[2:], rel=1e-5, abs=1e-6)
+    assert logged_losses(runs / "from_full") == pytest.approx(logged_losses(runs / "one")[2:], rel=1e-5, abs=1e-6)
     one, two = runs / "one" / "checkpoints" / "step_0000004", runs / "from_full" / "checkpoints" / "step_0000004"
     _assert_close(ckpt.load_tensors(two / "ema.safetensors"), ckpt.load_tensors(one / "ema.safetensors"))
     assert (runs / "from_full" / "samples" / "step_0000004.png").is_file()
@@ -128,9 +94,9 @@ def test_sharded_checkpoint_from_two_processes_resumes_on_one(runs, tmp_path):
     """Step 2 written by 2 FSDP processes → a plain 1-process trainer → step 4 equals the reference."""
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     shutil.copytree(runs / "fsdp" / "checkpoints" / "step_0000002", tmp_path / "run" / "checkpoints" / "step_0000002")
-    resumed = _run(_raw(tmp_path / "run", 4, distributed="ddp"))
-    assert _losses(tmp_path / "run") == pytest.approx(_losses(runs / "one")[2:], rel=1e-5, abs=1e-6)
-    reference = _run(_raw(runs / "one", 4, distributed="ddp"))  # resumes at step 4: nothing left to train
+    resumed = fit(_raw(tmp_path / "run", 4, distributed="ddp"))
+    assert logged_losses(tmp_path / "run") == pytest.approx(logged_losses(runs / "one")[2:], rel=1e-5, abs=1e-6)
+    reference = fit(_raw(runs / "one", 4, distributed="ddp"))  # resumes at step 4: nothing left to train
     _assert_close(_model_state(resumed), _model_state(reference))
     for a, b in zip(resumed.params, reference.params):
         _assert_close(resumed.optimizer.state[a], reference.optimizer.state[b])
@@ -147,7 +113,7 @@ def test_sharded_loading_runs_no_pickle(runs, tmp_path):
     run = tmp_path / "run" / "checkpoints"
     shutil.copytree(runs / "fsdp" / "checkpoints" / "step_0000002", run / "step_0000002")
     (run / "step_0000002" / "sharded" / ".metadata").write_bytes(pickle.dumps(Evil()))
-    _run(_raw(tmp_path / "run", 3, distributed="ddp"))
+    fit(_raw(tmp_path / "run", 3, distributed="ddp"))
     assert not marker.exists()
 
 

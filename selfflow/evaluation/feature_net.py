@@ -21,10 +21,7 @@ import hashlib
 import json
 import logging
 import math
-import os
-import shutil
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
@@ -33,6 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save
+
+from selfflow.checkpoint import atomic_directory, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -280,30 +279,14 @@ def conditional_accuracy(net: FeatureNet, images: torch.Tensor, labels: torch.Te
 def save_feature_net(model: FeatureNet, directory: str | Path, metadata: dict | None = None) -> Path:
     """Write ``directory/{model.safetensors, config.json}`` atomically (temp folder + rename)."""
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
     payload = _serialise(model)
     info = dict(getattr(model, "training_info", {}) or {})
     info.update(metadata or {})
     config = {"format": FORMAT, "config": _config_dict(model.config),
               "weights_sha256": hashlib.sha256(payload).hexdigest(), "metadata": info}
-    tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        for name, data in ((WEIGHTS_FILE, payload), (CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True).encode())):
-            with open(tmp / name, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        old = None
-        if directory.exists():
-            old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with atomic_directory(directory) as tmp:
+        (tmp / WEIGHTS_FILE).write_bytes(payload)
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
     return directory
 
 
@@ -313,7 +296,7 @@ def load_feature_net(directory: str | Path, device: str | torch.device = "cpu") 
     config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     if not config_path.is_file() or not weights_path.is_file():
         raise FileNotFoundError(f"{directory} is not a feature-net folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
-    meta = json.loads(config_path.read_text())
+    meta = read_json(config_path, ValueError)
     if meta.get("format") != FORMAT:
         raise ValueError(f"{config_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
     sha = hashlib.sha256(weights_path.read_bytes()).hexdigest()

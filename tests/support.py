@@ -1,0 +1,64 @@
+"""Pieces several test files share: the tiny run every trainer test uses, and the set-up of the
+worker processes that the multi-process tests spawn (one torch thread each: two cores)."""
+import copy
+import json
+import os
+import socket
+
+import torch
+
+# digits 8×8, a depth-2 width-64 DiT, CPU, no progress bars, no samples, no checkpoints by default
+TINY_RUN = {
+    "data": {"name": "digits"},
+    "model": {"size": "tiny", "depth": 2, "hidden_size": 64, "num_heads": 4},
+    "method": {"name": "flow_matching"},
+    "train": {
+        "steps": 6, "batch_size": 16, "lr": 1e-3, "warmup_steps": 2, "log_every": 1, "ckpt_every": 0,
+        "num_sample_images": 0, "progress": False, "tensorboard": False, "device": "cpu",
+    },
+    "sample": {"steps": 4},
+}
+
+
+def tiny_run(out_dir, **sections) -> dict:
+    """The raw (YAML-shaped) config of :data:`TINY_RUN` writing to ``out_dir``; each keyword is a
+    section whose keys replace the defaults, e.g. ``tiny_run(out, train={"steps": 2})``."""
+    raw = copy.deepcopy(TINY_RUN)
+    raw["train"]["out_dir"] = str(out_dir)
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return raw
+
+
+def fit(raw):
+    """Build a Trainer from a raw config, train it to the end, close it; returns the trainer."""
+    from selfflow.config import config_from_dict
+    from selfflow.trainer import Trainer
+
+    trainer = Trainer(config_from_dict(raw))
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    return trainer
+
+
+def logged_losses(out_dir) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def join_as_rank(rank: int, world: int, port: int) -> None:
+    """What torchrun would set for this process; plus one torch thread (two processes, two cores)."""
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+
+
+def leave_process_group_env() -> None:
+    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        os.environ.pop(key, None)
