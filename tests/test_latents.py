@@ -1,7 +1,9 @@
 """Latent data: encode with a local autoencoder, train and sample on the latents, read .npy latents.
 
-The autoencoder here is a small one the test trains on the digits in a second; the diffusers path
-is checked against a stand-in module with AutoencoderKL's interface (diffusers is an optional extra).
+The autoencoder here is a small one the test trains on the digits in a second. The diffusers path
+is checked twice: against a stand-in with AutoencoderKL's interface (scale, shift, the load options),
+and with a real, randomly initialised AutoencoderKL saved by diffusers itself (diffusers is the
+optional `latents` extra; the `dev` extra installs it, so CI runs these tests).
 """
 import json
 import sys
@@ -187,3 +189,69 @@ def test_missing_diffusers_is_a_clear_error(tmp_path, monkeypatch):
     (tmp_path / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))
     with pytest.raises(DataError, match=r"selfflow\[latents\]"):
         load_autoencoder(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# a real diffusers AutoencoderKL (when the `latents` extra is installed; the dev extra installs it)
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def real_vae_dir(tmp_path_factory):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(
+        in_channels=1, out_channels=1, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=8,
+        scaling_factor=0.5, shift_factor=0.1,
+    )
+    folder = tmp_path_factory.mktemp("vae") / "tiny-vae"
+    vae.save_pretrained(folder, safe_serialization=True)
+    return folder, vae.eval()
+
+
+def test_a_real_autoencoderkl_folder_encodes_trains_and_decodes(real_vae_dir, tmp_path):
+    folder, reference = real_vae_dir
+    vae = load_autoencoder(folder)
+    assert isinstance(vae, DiffusersAutoencoder) and vae.downsample == 2 and vae.latent_channels == 4
+    x = torch.rand(3, 1, 8, 8) * 2 - 1
+    with torch.no_grad():
+        posterior = reference.encode(x).latent_dist
+        mean, std = vae.encode(x)
+        torch.testing.assert_close(mean, (posterior.mean - 0.1) * 0.5)
+        torch.testing.assert_close(std, posterior.std * 0.5)
+        torch.testing.assert_close(vae.decode(mean), reference.decode(posterior.mean).sample)
+    assert vae.describe()["sha256"] is not None
+
+    latents = tmp_path / "latents"
+    assert main(["encode-latents", "--data", "digits", "--autoencoder", str(folder), "--out", str(latents),
+                 "--shard-size", "1000", "--batch-size", "256", "--device", "cpu"]) == 0
+    dataset = load_dataset("latents", path=str(latents))
+    assert tuple(dataset.get_batch(torch.arange(2))[0].shape) == (2, 4, 4, 4)  # 8×8 digits → 4 × 4×4 latents
+    run = tmp_path / "run"
+    assert main(["train", "--set", "data.name=latents", "--set", f"data.path={latents}", "--set", "model.depth=2",
+                 "--set", "model.hidden_size=64", "--set", "model.patch_size=1", "--set", "train.steps=2", "--set", "train.batch_size=16",
+                 "--set", f"train.out_dir={run}", "--set", "train.progress=false", "--set", "train.tensorboard=false",
+                 "--set", "train.num_sample_images=0", "--set", "train.device=cpu"]) == 0
+    out = tmp_path / "samples"
+    assert main(["sample", "--ckpt", str(run), "--n", "2", "--out", str(out), "--steps", "2", "--device", "cpu"]) == 0
+    assert np.load(out / "samples.npz")["images"].shape == (2, 1, 8, 8)  # decoded by the AutoencoderKL
+
+
+def test_an_autoencoderkl_with_pickled_weights_is_refused_unopened(real_vae_dir, tmp_path, capsys):
+    """Only safetensors are read: a folder whose weights are a pickle is an error, and the pickle never runs."""
+    folder, _ = real_vae_dir
+    bad = tmp_path / "pickled-vae"
+    bad.mkdir()
+    (bad / "config.json").write_text((folder / "config.json").read_text())
+    marker = tmp_path / "executed"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    import pickle
+    (bad / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(DataError, match="cannot load the AutoencoderKL"):
+        load_autoencoder(bad)
+    assert main(["encode-latents", "--data", "digits", "--autoencoder", str(bad), "--out", str(tmp_path / "z"), "--device", "cpu"]) == 2
+    assert "cannot load the AutoencoderKL" in capsys.readouterr().err
+    assert not marker.exists() and not (tmp_path / "z").exists()
