@@ -167,7 +167,7 @@ def run_one(args, method: str, seed: int, dataset, net, reference, encoder_path,
     trainer = Trainer(config, dataset=dataset)
     try:
         trainer.maybe_resume()  # continues a run stopped by --max-minutes
-        record.update({"steps": args.steps, "config": config.to_dict(), "done": False})
+        record.update({"steps": args.steps, "config": config.to_dict(), "done": False, "device": str(device), "machine": machine(device)})
         record.setdefault("commands", []).append(" ".join([Path(sys.executable).name, *sys.argv]))
         record["evals"] = [e for e in record["evals"] if e["step"] <= trainer.step]
         sums: dict[str, float] = {}
@@ -437,7 +437,10 @@ def main(argv=None) -> int:
     first = records[0]["config"] if records else build_config(args, "flow_matching", args.seeds[0], work, None).to_dict()
     model = first["model"]
     extra = {
-        "data": args.data, "device": str(device), "machine": machine(device), "steps": args.steps, "seeds": args.seeds,
+        # the machine that trained the runs (a --report-only rebuild may run elsewhere)
+        "data": args.data, "device": next((r["device"] for r in records if "device" in r), str(device)),
+        "machine": next((r["machine"] for r in records if "machine" in r), None) or machine(device),
+        "steps": args.steps, "seeds": args.seeds,
         "batch_size": first["train"]["batch_size"],
         "model": f"DiT size {model['size']} (depth {model['depth'] or 'default'}, width {model['hidden_size'] or 'default'}, patch {model['patch_size']})",
         "wall_seconds_this_invocation": time.time() - started, "note": args.note,

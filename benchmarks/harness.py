@@ -1,8 +1,8 @@
 """What every benchmark shares: the machine record, JSON results, Markdown tables and plots.
 
 Each script calls :func:`write_result` with its rows; the JSON lands in
-``docs/benchmarks/results/<name>.json`` and a Markdown table in ``docs/benchmarks/<name>.md``,
-both carrying the command line and the machine (SPEC.md, "Evaluation protocol").
+``docs/benchmarks/results/<name>.json`` and a Markdown table in ``docs/benchmarks/<name>.md``
+(or under ``$SELFFLOW_BENCH_DIR``), both carrying the command line and the machine (SPEC.md, "Evaluation protocol").
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ROOT / "docs" / "benchmarks"
+# SELFFLOW_BENCH_DIR sends every result elsewhere (benchmarks/gpu_suite.sh's CPU smoke run uses it)
+DOCS = Path(os.environ.get("SELFFLOW_BENCH_DIR") or ROOT / "docs" / "benchmarks").resolve()
 RESULTS = DOCS / "results"
 
 

@@ -1,0 +1,119 @@
+"""The CUDA path: the same code as on the CPU, checked against the CPU where it must agree.
+
+Skipped without a GPU (CI has none); `benchmarks/gpu_suite.sh` runs this file first on a lent GPU.
+Tolerances follow the arithmetic: float32 on the GPU (cuDNN may use TF32 for the patch
+convolution) within 1e-2 relative of the CPU; bf16 autocast within a few per cent of float32.
+"""
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from selfflow.config import ModelConfig
+from selfflow.model import DiT
+from support import fit, logged_losses, tiny_run
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().cpu(), b.double().cpu()
+    return float((a - b).norm() / b.norm())
+
+
+def perturbed_dit(**kw) -> DiT:
+    cfg = dict(size="tiny", depth=3, hidden_size=64, num_heads=4, image_size=28, in_channels=1, num_classes=10, patch_size=2)
+    cfg.update(kw)
+    torch.manual_seed(0)
+    model = DiT(ModelConfig(**cfg)).eval()
+    with torch.no_grad():  # adaLN-Zero starts at zero output: perturb so the comparison means something
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def test_dit_on_cuda_matches_cpu_fp32_and_bf16():
+    model = perturbed_dit()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 1, 28, 28, generator=g), torch.randint(0, 10, (8,), generator=g)
+    t_tokens = torch.rand(8, 196, generator=g)  # per-token times, as Self-Flow gives them
+    with torch.no_grad():
+        reference = model(x, t_tokens, y)
+        gpu = model.cuda()
+        fp32 = gpu(x.cuda(), t_tokens.cuda(), y.cuda())
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            bf16 = gpu(x.cuda(), t_tokens.cuda(), y.cuda())
+    assert relative_error(fp32, reference) < 1e-2
+    assert relative_error(bf16.float(), reference) < 5e-2
+    assert torch.isfinite(bf16).all()
+
+
+@pytest.mark.parametrize("method", [{"name": "flow_matching"}, {"name": "self_flow"}, {"name": "self_flow", "rep_weight": 0.0}])
+def test_bf16_training_on_cuda_lowers_the_loss(tmp_path, method):
+    raw = tiny_run(tmp_path / "run", method=method, train={"steps": 60, "device": "cuda", "precision": "bf16", "lr": 2e-3, "warmup_steps": 5})
+    fit(raw)
+    losses = logged_losses(tmp_path / "run")
+    assert len(losses) == 60 and all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-10:]) < 0.8 * sum(losses[:10])
+
+
+def test_cuda_resume_continues_the_run(tmp_path):
+    """Stop at step 3, resume to 6: the weights match the uninterrupted run (CUDA kernels may differ
+    in the last bits between launches, so within a tolerance, not bit for bit)."""
+    from selfflow import checkpoint as ckpt
+
+    train = {"steps": 6, "device": "cuda", "precision": "bf16", "ckpt_every": 3}
+    fit(tiny_run(tmp_path / "whole", method={"name": "self_flow"}, train=train))
+    resumed = tmp_path / "resumed" / "checkpoints"
+    resumed.mkdir(parents=True)
+    shutil.copytree(tmp_path / "whole" / "checkpoints" / "step_0000003", resumed / "step_0000003")
+    fit(tiny_run(tmp_path / "resumed", method={"name": "self_flow"}, train=train))
+    for name in ("model.safetensors", "ema.safetensors", "method.safetensors"):
+        a = ckpt.load_tensors(tmp_path / "whole" / "checkpoints" / "step_0000006" / name)
+        b = ckpt.load_tensors(resumed / "step_0000006" / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-4, msg=f"{name}:{key}")
+
+
+def test_generate_on_cuda_does_not_depend_on_the_batch():
+    from selfflow.sampling import generate
+
+    model = perturbed_dit(image_size=8).cuda()
+    common = dict(num_samples=6, image_shape=(1, 8, 8), seeds=[5, 6, 7, 8, 9, 10], sampler="sde", steps=6, cfg_scale=1.5,
+                  device="cuda", progress=False)
+    a = generate(model, batch_size=6, **common)
+    b = generate(model, batch_size=4, **common)
+    c = generate(model.cpu(), batch_size=6, **{**common, "device": "cpu"})
+    torch.testing.assert_close(a.images, b.images, rtol=0, atol=1e-5)
+    assert relative_error(a.images, c.images) < 1e-2
+
+
+def _inception_file() -> Path | None:
+    here = Path(__file__).resolve().parent.parent
+    for candidate in (os.environ.get("SELFFLOW_INCEPTION"), here / ".carry" / "fid_inception_v3_fp16.pt",
+                      here.parent / "shared" / "models" / "fid_inception_v3_fp16.pt"):
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    return None
+
+
+def test_inception_features_on_cuda_match_cpu():
+    from selfflow.data import load_dataset
+    from selfflow.evaluation.fid import FeatureStats, load_inception
+
+    path = _inception_file()
+    if path is None:
+        pytest.skip("no Inception weight file (.carry/fid_inception_v3_fp16.pt or $SELFFLOW_INCEPTION)")
+    images = load_dataset("digits", split="train").get_batch(torch.arange(256))[0]
+    cpu = load_inception(path, "cpu").features(images[:32])
+    gpu = load_inception(path, "cuda")
+    assert relative_error(gpu.features(images[:32]).cpu(), cpu) < 1e-2
+    # FID between two halves, both ways: the GPU figure agrees with the CPU one to 1 %.
+    fids = []
+    for net in (load_inception(path, "cpu"), gpu):
+        feats = net.features(images).cpu().double().numpy()
+        fids.append(FeatureStats.from_features(feats[:128]).frechet_distance(FeatureStats.from_features(feats[128:])))
+    assert abs(fids[1] - fids[0]) / fids[0] < 1e-2
