@@ -1,7 +1,9 @@
 """torch.distributed in one place: process-group set-up from torchrun's environment.
 
-A single process needs no process group. Under ``torchrun`` the backend is NCCL on CUDA and gloo on
-CPU. Multi-node: see README ("Many GPUs, many nodes").
+A plain single process needs no process group. Under ``torchrun`` (which sets ``MASTER_ADDR``) there
+is one, even with one process: ``torchrun --nproc_per_node 1`` then runs the same DDP or FSDP code
+as a larger job, which is how the FSDP path is checked on a one-GPU machine. The backend is NCCL on
+CUDA and gloo on CPU. Multi-node: see README ("Many GPUs, many nodes").
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    group: bool = False  # a process group exists (torchrun, any world size)
 
     @property
     def is_main(self) -> bool:
@@ -24,12 +27,12 @@ class DistInfo:
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        return self.group
 
 
 def init_distributed(device_type: str) -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if world <= 1 and not ("RANK" in os.environ and "MASTER_ADDR" in os.environ):
         return DistInfo()
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -38,7 +41,7 @@ def init_distributed(device_type: str) -> DistInfo:
         if device_type == "cuda":
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=backend)
-    return DistInfo(rank=rank, world_size=world, local_rank=local_rank)
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, group=True)
 
 
 def barrier(info: DistInfo) -> None:

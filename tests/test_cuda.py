@@ -117,3 +117,24 @@ def test_inception_features_on_cuda_match_cpu():
         feats = net.features(images).cpu().double().numpy()
         fids.append(FeatureStats.from_features(feats[:128]).frechet_distance(FeatureStats.from_features(feats[128:])))
     assert abs(fids[1] - fids[0]) / fids[0] < 1e-2
+
+
+def test_fsdp_with_nccl_and_bf16_on_one_gpu(tmp_path):
+    """torchrun --nproc_per_node 1 with distributed=fsdp: NCCL, fully_shard with bf16 parameters,
+    a sharded checkpoint that a plain process (no group) resumes; losses near the unsharded run's."""
+    from support import free_port, join_as_rank, leave_process_group_env
+
+    train = {"steps": 20, "device": "cuda", "precision": "bf16", "lr": 2e-3, "warmup_steps": 2, "ckpt_every": 10}
+    fit(tiny_run(tmp_path / "plain", method={"name": "self_flow"}, train=train))
+    join_as_rank(0, 1, free_port())
+    try:
+        fit(tiny_run(tmp_path / "fsdp", method={"name": "self_flow"}, train={**train, "distributed": "fsdp"}))
+    finally:
+        leave_process_group_env()
+    assert (tmp_path / "fsdp" / "checkpoints" / "step_0000020" / "sharded").is_dir()
+    plain, sharded = logged_losses(tmp_path / "plain"), logged_losses(tmp_path / "fsdp")
+    assert all(torch.isfinite(torch.tensor(sharded)))
+    assert relative_error(torch.tensor(sharded), torch.tensor(plain)) < 5e-2  # bf16 parameters vs autocast
+    shutil.rmtree(tmp_path / "fsdp" / "checkpoints" / "step_0000020")
+    fit(tiny_run(tmp_path / "fsdp", method={"name": "self_flow"}, train=train))  # resumes step 10's shards, no group
+    assert len(logged_losses(tmp_path / "fsdp")) == 30  # 20 sharded + 10 resumed

@@ -20,7 +20,7 @@ import torch
 import torch.multiprocessing as mp
 
 from selfflow import checkpoint as ckpt
-from support import fit, free_port, join_as_rank, logged_losses, tiny_run
+from support import fit, free_port, join_as_rank, leave_process_group_env, logged_losses, tiny_run
 
 
 def _raw(out_dir, steps, **train):
@@ -163,3 +163,16 @@ def test_disk_full_during_a_sharded_checkpoint_keeps_the_old_one(runs, tmp_path,
     resumed.maybe_resume()
     assert resumed.step == 3
     _assert_close(_model_state(resumed), _model_state(trainer))
+
+
+def test_one_process_under_torchrun_runs_fsdp_and_matches(runs, tmp_path):
+    """`torchrun --nproc_per_node 1` with distributed=fsdp really shards (a group of one): the same
+    losses as the plain process, and a sharded checkpoint. This is the FSDP path a one-GPU machine runs."""
+    join_as_rank(0, 1, free_port())
+    try:
+        fit(_raw(tmp_path / "run", 4))
+    finally:
+        leave_process_group_env()
+    assert not torch.distributed.is_initialized()  # the trainer closed its group
+    assert logged_losses(tmp_path / "run") == pytest.approx(logged_losses(runs / "one"), rel=1e-5, abs=1e-6)
+    assert (tmp_path / "run" / "checkpoints" / "step_0000004" / "sharded").is_dir()
