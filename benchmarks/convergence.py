@@ -293,9 +293,19 @@ def write_report(args, records, summary, extra, out: Path) -> None:
         log("matplotlib is not installed: no plot (pip install selfflow[eval])")
 
 
+def describe_model(model: dict) -> str:
+    from selfflow.config import MODEL_SIZES
+
+    depth, width, heads = MODEL_SIZES[model["size"]]
+    depth, width, heads = model["depth"] or depth, model["hidden_size"] or width, model["num_heads"] or heads
+    custom = (depth, width, heads) != tuple(MODEL_SIZES[model["size"]])
+    name = "a custom DiT" if custom else f"DiT size {model['size']}"
+    return f"{name} (depth {depth}, width {width}, {heads} heads, patch {model['patch_size']})"
+
+
 def markdown(report: dict) -> str:
     e, s = report["evaluation"], report["summary"]
-    m = report["machine"]
+    m, n = report["machine"], len(report["seeds"])
     lines = [
         f"# Convergence on {report['data']} ({report['device']})",
         "",
@@ -317,7 +327,7 @@ def markdown(report: dict) -> str:
         lines += [
             f"Flow matching's final FD_dom (mean over seeds): **{s['flow_matching_final']:.3f}**.",
             "",
-            "| method | final FD_dom (mean ± sd) | first evaluation reaching flow matching's final (mean curve) | speed-up (grid) | step reaching it, interpolated | speed-up (interpolated) | first evaluation per seed (vs that seed's baseline) | final class accuracy of samples |",
+            f"| method | final FD_dom{' (mean ± sd)' if n > 1 else ''} | first evaluation reaching flow matching's final (mean curve) | speed-up (grid) | step reaching it, interpolated | speed-up (interpolated) | first evaluation per seed (vs that seed's baseline) | final class accuracy of samples |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for method, r in s["methods"].items():
@@ -326,10 +336,10 @@ def markdown(report: dict) -> str:
             per_seed = ", ".join(f"s{k}: {v if v is not None else 'never'}" for k, v in r["first_step_per_seed"].items())
             cross = r["interpolated_step_reaching_fm_final"]
             cross_speed = f"{r['interpolated_speedup_vs_fm']:.2f}×" if r["interpolated_speedup_vs_fm"] else "—"
-            lines.append(f"| {LABELS.get(method, method)} | {r['final_mean']:.3f} ± {r['final_sd']:.3f} | "
+            lines.append(f"| {LABELS.get(method, method)} | {mean_sd(r['final_mean'], r['final_sd'], n)} | "
                          f"{first if first is not None else 'never'} | {speed} | {f'{cross:.0f}' if cross is not None else 'never'} | "
-                         f"{cross_speed} | {per_seed} | {accuracy_cell(r)} |")
-        lines += ["", "FD_dom per evaluation step (mean ± sd over seeds):", ""]
+                         f"{cross_speed} | {per_seed} | {accuracy_cell(r, n)} |")
+        lines += ["", "FD_dom per evaluation step" + (" (mean ± sd over seeds):" if n > 1 else ":"), ""]
         curves = s["curves"]
         steps = curves["flow_matching"]["steps"]
         lines.append("| step | " + " | ".join(LABELS.get(k, k) for k in curves) + " |")
@@ -337,7 +347,7 @@ def markdown(report: dict) -> str:
         for i, step in enumerate(steps):
             cells = []
             for c in curves.values():
-                cells.append(f"{c['mean'][i]:.3f} ± {c['sd'][i]:.3f}" if i < len(c["steps"]) and c["steps"][i] == step else "")
+                cells.append(mean_sd(c["mean"][i], c["sd"][i], n) if i < len(c["steps"]) and c["steps"][i] == step else "")
             lines.append(f"| {step} | " + " | ".join(cells) + " |")
     lines += ["", "Speed-up = (step at which flow matching first reaches its own final score) / (that step for the method): "
               "on the evaluation grid, and with the crossing interpolated linearly in log FD_dom between the two evaluations "
@@ -345,10 +355,15 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def accuracy_cell(r: dict) -> str:
+def mean_sd(mean: float, sd: float, seeds: int) -> str:
+    """'mean ± sd' over several seeds; the plain value for one seed (an sd of 0 would mislead)."""
+    return f"{mean:.3f} ± {sd:.3f}" if seeds > 1 else f"{mean:.3f}"
+
+
+def accuracy_cell(r: dict, seeds: int) -> str:
     if r.get("final_class_accuracy_mean") is None:
         return "—"
-    return f"{r['final_class_accuracy_mean']:.3f} ± {r['final_class_accuracy_sd']:.3f}"
+    return mean_sd(r["final_class_accuracy_mean"], r["final_class_accuracy_sd"], seeds)
 
 
 def plot(summary, extra, path: Path) -> None:
@@ -368,7 +383,8 @@ def plot(summary, extra, path: Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("training step")
     ax.set_ylabel("FD_dom (in-domain, lower is better)")
-    ax.set_title(f"{extra['data']}: mean ± sd over seeds {extra['seeds']}")
+    seeds = extra["seeds"]
+    ax.set_title(f"{extra['data']}: mean ± sd over seeds {seeds}" if len(seeds) > 1 else f"{extra['data']}: seed {seeds[0]} (one run per method)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -442,7 +458,7 @@ def main(argv=None) -> int:
         "machine": next((r["machine"] for r in records if "machine" in r), None) or machine(device),
         "steps": args.steps, "seeds": args.seeds,
         "batch_size": first["train"]["batch_size"],
-        "model": f"DiT size {model['size']} (depth {model['depth'] or 'default'}, width {model['hidden_size'] or 'default'}, patch {model['patch_size']})",
+        "model": describe_model(model),
         "wall_seconds_this_invocation": time.time() - started, "note": args.note,
         "evaluation": {
             "metric": "FD_dom", "feature_dim": net.config.feature_dim, "fd_net_sha256": net.weights_sha256(),
