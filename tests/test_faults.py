@@ -292,7 +292,9 @@ def test_kill_minus_9_during_set_generation_resumes_bit_identically(reference, t
         resumed = _start(_set_child, str(model_dir), str(out), None, str(root / "set.log"))
         problems = broken + ([] if _finish(resumed) == 0 else ["resume failed"])
         if not problems and _set_files(out) != expected:
-            problems.append("resumed set differs from the uninterrupted one")
+            got = _set_files(out)
+            differing = sorted(n for n in set(got) | set(expected) if got.get(n) != expected.get(n))
+            problems.append(f"resumed set differs from the uninterrupted one in {differing}")
         failures += bool(problems)
         what = f"SIGKILL mid-write of shard {kill_at}" if kill_at is not None else "SIGKILL at a random time"
         lines.append(f"  set trial {number}: {what}{'' if code == -signal.SIGKILL else ' (finished first)'}; "
