@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save
 
-from selfflow.checkpoint import atomic_directory, read_json
+from selfflow.checkpoint import atomic_directory, read_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -285,8 +285,11 @@ def save_feature_net(model: FeatureNet, directory: str | Path, metadata: dict | 
     config = {"format": FORMAT, "config": _config_dict(model.config),
               "weights_sha256": hashlib.sha256(payload).hexdigest(), "metadata": info}
     with atomic_directory(directory) as tmp:
-        (tmp / WEIGHTS_FILE).write_bytes(payload)
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+        with open(tmp / WEIGHTS_FILE, "wb") as handle:  # the very bytes that weights_sha256 names
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        write_json(config, tmp / CONFIG_FILE)
     return directory
 
 
