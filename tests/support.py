@@ -62,3 +62,19 @@ def join_as_rank(rank: int, world: int, port: int) -> None:
 def leave_process_group_env() -> None:
     for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
         os.environ.pop(key, None)
+
+
+def perturbed_dit(**overrides):
+    """A small DiT (8×8×1 digits-shaped by default) whose weights are all nudged off their
+    initialisation: adaLN-Zero starts with zero output, which would make comparisons vacuous."""
+    from selfflow.config import ModelConfig
+    from selfflow.model import DiT
+
+    cfg = dict(size="tiny", depth=3, hidden_size=64, num_heads=4, image_size=8, in_channels=1, num_classes=10)
+    cfg.update(overrides)
+    torch.manual_seed(0)
+    model = DiT(ModelConfig(**cfg)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model

@@ -11,9 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from selfflow.config import ModelConfig
-from selfflow.model import DiT
-from support import fit, logged_losses, tiny_run
+from support import fit, logged_losses, perturbed_dit, tiny_run
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -23,19 +21,8 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def perturbed_dit(**kw) -> DiT:
-    cfg = dict(size="tiny", depth=3, hidden_size=64, num_heads=4, image_size=28, in_channels=1, num_classes=10, patch_size=2)
-    cfg.update(kw)
-    torch.manual_seed(0)
-    model = DiT(ModelConfig(**cfg)).eval()
-    with torch.no_grad():  # adaLN-Zero starts at zero output: perturb so the comparison means something
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
-
-
 def test_dit_on_cuda_matches_cpu_fp32_and_bf16():
-    model = perturbed_dit()
+    model = perturbed_dit(image_size=28)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(8, 1, 28, 28, generator=g), torch.randint(0, 10, (8,), generator=g)
     t_tokens = torch.rand(8, 196, generator=g)  # per-token times, as Self-Flow gives them

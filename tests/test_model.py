@@ -5,18 +5,7 @@ import torch
 from selfflow.checkpoint import CheckpointError
 from selfflow.config import ModelConfig
 from selfflow.model import DiT
-
-
-def make_model(**kw):
-    cfg = dict(size="tiny", depth=3, hidden_size=64, num_heads=4, image_size=8, in_channels=1, num_classes=10)
-    cfg.update(kw)
-    torch.manual_seed(0)
-    model = DiT(ModelConfig(**cfg)).eval()
-    # adaLN-Zero starts as the identity with zero output; perturb so the checks mean something.
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
+from support import perturbed_dit
 
 
 def test_zero_initialised_output():
@@ -27,7 +16,7 @@ def test_zero_initialised_output():
 
 
 def test_patchify_round_trip_and_token_order():
-    model = make_model(in_channels=3)
+    model = perturbed_dit(in_channels=3)
     x = torch.randn(2, 3, 8, 8)
     assert torch.equal(model.unpatchify(model.patchify(x)), x)
     # token k covers rows (k // grid)·p … and columns (k % grid)·p … (row-major)
@@ -39,7 +28,7 @@ def test_patchify_round_trip_and_token_order():
 
 @pytest.mark.parametrize("dedupe", [True, False])
 def test_per_token_equals_scalar_time_when_tokens_share_t(dedupe):
-    model = make_model()
+    model = perturbed_dit()
     model.dedupe_times = dedupe
     x, t, y = torch.randn(4, 1, 8, 8), torch.rand(4), torch.tensor([0, 3, 10, 7])
     scalar = model(x, t, y)
@@ -48,7 +37,7 @@ def test_per_token_equals_scalar_time_when_tokens_share_t(dedupe):
 
 
 def test_deduplicated_conditioning_equals_full_per_token():
-    model = make_model()
+    model = perturbed_dit()
     x, y = torch.randn(3, 1, 8, 8), torch.tensor([1, 2, 3])
     t = torch.rand(3, 1).expand(3, 16).clone()
     t[:, ::3] = torch.rand(3, 1)  # two distinct times per sample, as Self-Flow uses
@@ -61,7 +50,7 @@ def test_deduplicated_conditioning_equals_full_per_token():
 
 def test_token_time_changes_only_through_that_token():
     """A token's time enters the network only through that token's modulation."""
-    model = make_model(depth=1)
+    model = perturbed_dit(depth=1)
     x, y = torch.randn(1, 1, 8, 8), torch.tensor([4])
     t = torch.full((1, 16), 0.5)
     _, h1 = model(x, t, y, return_layers=(1,))
@@ -74,7 +63,7 @@ def test_token_time_changes_only_through_that_token():
 
 
 def test_return_layers_and_stop_after_agree_with_full_forward():
-    model = make_model(depth=4)
+    model = perturbed_dit(depth=4)
     x, t, y = torch.randn(2, 1, 8, 8), torch.rand(2), torch.tensor([1, 10])
     out, hidden = model(x, t, y, return_layers=(1, 3))
     torch.testing.assert_close(out, model(x, t, y))
@@ -86,19 +75,19 @@ def test_return_layers_and_stop_after_agree_with_full_forward():
 
 
 def test_null_label_is_the_unconditional_model():
-    model = make_model()
+    model = perturbed_dit()
     x, t = torch.randn(2, 1, 8, 8), torch.rand(2)
     torch.testing.assert_close(model(x, t, None), model(x, t, torch.tensor([10, 10])))
 
 
 def test_bad_per_token_shape_names_the_expected_shape():
-    model = make_model()
+    model = perturbed_dit()
     with pytest.raises(ValueError, match=r"\(B, N\) = \(2, 16\)"):
         model(torch.randn(2, 1, 8, 8), torch.rand(2, 15), None)
 
 
 def test_save_and_load_pretrained_round_trip(tmp_path):
-    model = make_model()
+    model = perturbed_dit()
     model.save_pretrained(tmp_path / "m")
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
     loaded = DiT.from_pretrained(tmp_path / "m").eval()
@@ -107,8 +96,8 @@ def test_save_and_load_pretrained_round_trip(tmp_path):
 
 
 def test_loading_weights_of_another_size_names_the_tensor(tmp_path):
-    make_model(hidden_size=64).save_pretrained(tmp_path / "small")
-    wide = make_model(hidden_size=128)
+    perturbed_dit(hidden_size=64).save_pretrained(tmp_path / "small")
+    wide = perturbed_dit(hidden_size=128)
     from selfflow.checkpoint import load_tensors
     from selfflow.model import load_state_strict
 
@@ -117,7 +106,7 @@ def test_loading_weights_of_another_size_names_the_tensor(tmp_path):
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
-    model = make_model().train()
+    model = perturbed_dit().train()
     x, t, y = torch.randn(2, 1, 8, 8), torch.rand(2), torch.tensor([1, 2])
     model(x, t, y).pow(2).sum().backward()
     plain = [p.grad.clone() for p in model.parameters()]
