@@ -21,8 +21,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 
-class ConfigError(ValueError):
-    """A configuration problem; the message names the key (``train.lr``) and the bad value."""
+from selfflow.errors import ConfigError  # noqa: E402,F401  (re-exported: the error's old home)
 
 
 # --------------------------------------------------------------------------------------------

@@ -92,8 +92,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
 _GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 
 
-class DataError(ValueError):
-    """A data set could not be read: the message names the file (or key) and what is wrong."""
+from selfflow.errors import DataError  # noqa: E402,F401  (re-exported)
 
 
 # --------------------------------------------------------------------------------------------

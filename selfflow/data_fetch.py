@@ -36,8 +36,7 @@ MAX_DOWNLOAD_BYTES = 64 * 1024 * 1024  # MNIST's largest file is under 10 MB
 _CHUNK = 1 << 16
 
 
-class FetchError(DataError):
-    """A file could not be downloaded and verified from any mirror."""
+from selfflow.errors import FetchError  # noqa: E402,F401  (re-exported)
 
 
 def _decompressed_sha256(file: Path) -> str:

@@ -1,16 +1,32 @@
-"""The errors a user can cause (bad config, data, checkpoint, a diverged run): one line each, exit 2."""
+"""Every error a user can cause, in one leaf module (it imports nothing from selfflow).
+
+Each is reported by the command line as one line naming the file, key or value, with exit status 2.
+"""
 from __future__ import annotations
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from selfflow.checkpoint import CheckpointError
-    from selfflow.config import ConfigError
-    from selfflow.data import DataError
-    from selfflow.trainer import TrainingDiverged
-
-    return (ConfigError, CheckpointError, DataError, TrainingDiverged)
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key (``train.lr``) and the bad value."""
 
 
+class DataError(ValueError):
+    """A data set could not be read: the message names the file (or key) and what is wrong."""
 
 
-USER_ERRORS = _user_errors()
+class FetchError(DataError):
+    """A file could not be downloaded and verified from any mirror."""
+
+
+class ShardError(DataError):
+    """A generated set could not be written or read; the message names the file."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read; the message names the file."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; no checkpoint was written for that state."""
+
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, CheckpointError, TrainingDiverged)

@@ -42,8 +42,7 @@ FORMAT = "selfflow-set"
 KINDS = ("images", "pairs")
 
 
-class ShardError(DataError):
-    """A generated set could not be written or read; the message names the file."""
+from selfflow.errors import ShardError  # noqa: E402,F401  (re-exported)
 
 
 def shard_name(index: int) -> str:

@@ -31,8 +31,7 @@ from selfflow.model import DiT, load_state_strict
 log = logging.getLogger("selfflow")
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; no checkpoint was written for that state."""
+from selfflow.errors import TrainingDiverged  # noqa: E402,F401  (re-exported)
 
 
 # --------------------------------------------------------------------------------------------

@@ -355,7 +355,7 @@ def sha256_file(path: str | Path) -> str:
     st = path.stat()
     memo = (str(path), st.st_size, st.st_mtime_ns)
     if memo not in _SHA_CACHE:
-        from selfflow.checkpoint import sha256_file as file_digest
+        from selfflow.files import sha256_file as file_digest
 
         _SHA_CACHE[memo] = file_digest(path)
     return _SHA_CACHE[memo]
