@@ -14,7 +14,7 @@ import argparse
 import torch
 
 from harness import DOCS, env_threads, write_result
-from selfflow.cli import load_generator
+from selfflow.model import load_generator
 from selfflow.data import load_dataset
 from selfflow.evaluation.feature_net import train_feature_net
 from selfflow.evaluation.fid import FeatureStats, extract_features

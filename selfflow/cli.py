@@ -29,17 +29,22 @@ def _add_train(sub) -> None:
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
+def add_sampling_arguments(p) -> None:
+    """--sampler, --steps, --cfg-scale, --batch-size: default to the checkpoint's own ``sample`` section."""
+    p.add_argument("--sampler", default=None, help="euler | heun | sde | dopri5 (default: the run's sample.sampler)")
+    p.add_argument("--steps", type=int, default=None, help="solver steps (default: the run's sample.steps)")
+    p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale, 1 = off (default: the run's)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per network batch (default: the run's sample.batch_size)")
+
+
 def _add_sample(sub) -> None:
     p = sub.add_parser("sample", help="generate images from a checkpoint (PNG grid + .npz)")
     p.add_argument("--ckpt", required=True, help="checkpoint folder, run folder, or exported model folder")
     p.add_argument("--n", type=int, default=64, help="number of images")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--sampler", default="euler", help="euler | heun | sde | dopri5")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
+    add_sampling_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="image k uses seed (seed + k)")
     p.add_argument("--labels", default=None, help="comma-separated class labels (cycled); default: k mod classes")
-    p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto")
     p.add_argument("--weights", default="ema", choices=["ema", "model"], help="which weights of a training checkpoint")
     p.add_argument("--autoencoder", default=None,
@@ -60,12 +65,9 @@ def _add_generate_set(sub) -> None:
     p.add_argument("--n", type=int, required=True, help="number of items")
     p.add_argument("--shard-size", type=int, default=1000)
     p.add_argument("--kind", default="images", choices=["images", "pairs"], help="images: uint8; pairs: (noise, sample) float32 for reflow")
-    p.add_argument("--sampler", default="euler", help="euler | heun | sde | dopri5")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--cfg-scale", type=float, default=1.0)
+    add_sampling_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="item k uses seed (seed + k)")
     p.add_argument("--labels", default=None, help="comma-separated class labels (cycled); default: (seed + k) mod classes")
-    p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto")
     p.add_argument("--weights", default="ema", choices=["ema", "model"])
 
@@ -137,32 +139,14 @@ def cmd_train(args) -> int:
     return 0 if result["status"] in ("finished", "interrupted", "time_limit") else 1
 
 
-def load_generator(path: str, weights: str = "ema", device: str = "cpu"):
-    """A DiT from a checkpoint folder, a run folder or an exported model folder."""
-    from selfflow.checkpoint import resolve_checkpoint
-    from selfflow.model import DiT
+def resolved_sampling(args, folder):
+    """The checkpoint's ``sample`` settings with the command's flags on top (``args`` gains them)."""
+    from selfflow.config import sample_settings
 
-    folder = resolve_checkpoint(path)
-    file = f"{weights}.safetensors"
-    if not (folder / file).exists() and (folder / "model.safetensors").exists() and not (folder / "ema.safetensors").exists():
-        file = "model.safetensors"  # an exported model folder holds one set of weights
-    return DiT.from_pretrained(folder, weights=file, device=device), folder
-
-
-def parse_labels(text: str | None, num_classes: int) -> list[int] | None:
-    """``--labels 1,2,3`` → [1, 2, 3], each checked against the model's classes."""
-    from selfflow.config import ConfigError
-
-    if not text:
-        return None
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise ConfigError(f"--labels must be comma-separated integers, got {text!r}") from None
-    bad = [v for v in values if not 0 <= v < num_classes]
-    if bad or num_classes == 0:
-        raise ConfigError(f"--labels {bad or values} outside 0..{num_classes - 1} (model has {num_classes} classes)")
-    return values
+    settings = sample_settings(folder, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
+                               batch_size=args.batch_size)
+    args.sampler, args.steps, args.cfg_scale, args.batch_size = settings.sampler, settings.steps, settings.cfg_scale, settings.batch_size
+    return settings
 
 
 def cmd_sample(args) -> int:
@@ -171,15 +155,15 @@ def cmd_sample(args) -> int:
 
     from selfflow.config import ConfigError
     from selfflow.imageio import save_grid
-    from selfflow.sampling import generate
+    from selfflow.model import load_generator
+    from selfflow.sampling import generate, parse_labels
     from selfflow.trainer import resolve_device
 
     if args.n <= 0:
         raise ConfigError(f"--n must be positive, got {args.n}")
-    if args.steps <= 0:
-        raise ConfigError(f"--steps must be positive, got {args.steps}")
     device = resolve_device(args.device)
     model, folder = load_generator(args.ckpt, args.weights, device)
+    settings = resolved_sampling(args, folder)
     values = parse_labels(args.labels, model.num_classes)
     labels = torch.tensor([values[k % len(values)] for k in range(args.n)], dtype=torch.long) if values else None
     seeds = list(range(args.seed, args.seed + args.n))
@@ -187,8 +171,8 @@ def cmd_sample(args) -> int:
     if autoencoder is not None:
         return _sample_latent_model(args, model, folder, device, labels, seeds, autoencoder)
     result = generate(
-        model, num_samples=args.n, seeds=seeds, labels=labels, sampler=args.sampler, steps=args.steps,
-        cfg_scale=args.cfg_scale, batch_size=args.batch_size, device=device,
+        model, num_samples=args.n, seeds=seeds, labels=labels, sampler=settings.sampler, steps=settings.steps,
+        cfg_scale=settings.cfg_scale, batch_size=settings.batch_size, device=device,
         image_shape=(model.in_channels, model.image_size, model.image_size),
     )
     out = Path(args.out)
@@ -264,6 +248,8 @@ def _sample_latent_model(args, model, folder, device, labels, seeds, autoencoder
 
 
 def cmd_export(args) -> int:
+    from selfflow.model import load_generator
+
     model, folder = load_generator(args.ckpt, args.weights)
     model.save_pretrained(args.out)
     print(f"exported {args.weights} weights of {folder} to {args.out}")
@@ -272,14 +258,17 @@ def cmd_export(args) -> int:
 
 def cmd_generate_set(args) -> int:
     from selfflow.config import ConfigError
+    from selfflow.model import load_generator
+    from selfflow.sampling import parse_labels
     from selfflow.shards import generate_set
     from selfflow.trainer import resolve_device
 
-    for name in ("n", "shard_size", "steps", "batch_size"):
+    for name in ("n", "shard_size"):
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     device = resolve_device(args.device)
     model, folder = load_generator(args.ckpt, args.weights, device)
+    resolved_sampling(args, folder)
     labels = parse_labels(args.labels, model.num_classes)
     source = {"checkpoint": str(folder.resolve()), "weights": args.weights}
     shards = generate_set(

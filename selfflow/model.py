@@ -268,11 +268,26 @@ class DiT(nn.Module):
         meta = read_json(directory / "config.json")
         if "model" not in meta:
             raise CheckpointError(f"{directory / 'config.json'}: no 'model' section")
-        config = from_dict(ModelConfig, meta["model"], f"{directory / 'config.json'}:model")
+        fields = meta["model"]
+        if isinstance(fields, dict):  # label dropout moved to the method config: older files still load
+            fields = {k: v for k, v in fields.items() if k != "class_dropout_prob"}
+        config = from_dict(ModelConfig, fields, f"{directory / 'config.json'}:model")
         model = cls(config)
         state = load_tensors(directory / weights, device="cpu")
         load_state_strict(model, state, directory / weights)
         return model.to(device)
+
+
+def load_generator(path: str | Path, weights: str = "ema", device: str | torch.device = "cpu") -> tuple[DiT, Path]:
+    """(DiT, folder) from a checkpoint folder, a run folder (its newest checkpoint) or an exported model
+    folder; ``weights`` is ``ema`` or ``model`` (an exported folder holds one set, used for either)."""
+    from selfflow.checkpoint import resolve_checkpoint
+
+    folder = resolve_checkpoint(path)
+    file = f"{weights}.safetensors"
+    if not (folder / file).exists() and (folder / "model.safetensors").exists() and not (folder / "ema.safetensors").exists():
+        file = "model.safetensors"
+    return DiT.from_pretrained(folder, weights=file, device=device), folder
 
 
 def load_state_strict(module: nn.Module, state: dict[str, torch.Tensor], source: Path | str) -> None:

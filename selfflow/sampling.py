@@ -436,6 +436,24 @@ SAMPLERS = {
 }
 
 
+def parse_labels(text: Optional[str], num_classes: int) -> Optional[list[int]]:
+    """``"1,2,3"`` → [1, 2, 3], each checked against the model's classes; None/"" → None."""
+    from selfflow.errors import ConfigError
+
+    if not text:
+        return None
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--labels must be comma-separated integers, got {text!r}") from None
+    bad = [v for v in values if not 0 <= v < num_classes]
+    if bad or num_classes == 0:
+        if num_classes == 0:
+            raise ConfigError(f"--labels {values}: the model is unconditional (no classes)")
+        raise ConfigError(f"--labels {bad} outside 0..{num_classes - 1} (model has {num_classes} classes)")
+    return values
+
+
 def get_sampler(name: str) -> Callable:
     """The sampler registered under ``name``; unknown names raise listing the known ones."""
     try:

@@ -67,7 +67,7 @@ def test_masked_tokens_get_s_and_the_rest_t():
     (student,) = calls
     # Replay the draws in the method's order: label dropout, then t, ε, s, mask.
     again = replay(batch, state)
-    y = method.drop_labels(again.y, model.config.class_dropout_prob, model.num_classes, again.random)
+    y = method.drop_labels(again.y, method.config.class_dropout_prob, model.num_classes, again.random)
     draw = draw_dual_timesteps(method.config, again, model)
     times = student["t"]
     assert times.shape == (32, model.num_tokens)
@@ -118,7 +118,7 @@ def test_teacher_sees_min_t_s_everywhere_stops_at_its_layer_and_gets_no_gradient
         h.remove()
     (call,) = teacher_calls
     again = replay(batch, state)
-    y = method.drop_labels(again.y, model.config.class_dropout_prob, model.num_classes, again.random)
+    y = method.drop_labels(again.y, method.config.class_dropout_prob, model.num_classes, again.random)
     draw = draw_dual_timesteps(method.config, again, model)
     cleaner = torch.minimum(draw.t, draw.s)
     per_token = call["t"].expand(32) if call["t"].dim() == 0 else call["t"]

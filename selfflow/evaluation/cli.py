@@ -114,7 +114,7 @@ def cmd_eval(args) -> int:
     data_name, data_path, model, folder = args.data, args.data_path, None, None
     if args.ckpt:
         from selfflow.checkpoint import read_json
-        from selfflow.cli import load_generator
+        from selfflow.model import load_generator
 
         model, folder = load_generator(args.ckpt, "ema", device)
         run = read_json(folder / "config.json").get("run", {})

@@ -1,13 +1,13 @@
 """Training methods: siblings with one interface, ``loss(model, batch) → (loss, logs)``.
 
-Add a method by writing a module with a ``Method`` subclass and its ``Config`` dataclass and
-listing it in :data:`METHODS`.
+Add a method by writing its config dataclass in ``selfflow.config`` (listed in ``METHOD_CONFIGS``)
+and a module here with a ``Method`` subclass that registers itself.
 """
 from __future__ import annotations
 
 from typing import Any
 
-from selfflow.config import ConfigError, from_dict
+from selfflow.config import method_config_from_dict, method_name_of  # noqa: F401  (re-exported)
 from selfflow.methods.base import Batch, BatchRandom, Method, Objective
 from selfflow.methods.flow_matching import FlowMatching
 
@@ -31,24 +31,8 @@ def _load_optional_methods() -> None:
                 raise
 
 
-def method_config_from_dict(raw: Any) -> Any:
-    _load_optional_methods()
-    raw = dict(raw or {})
-    name = raw.pop("name", "flow_matching")
-    if name not in METHODS:
-        raise ConfigError(f"method.name: unknown method {name!r}; known: {sorted(METHODS)}")
-    return from_dict(METHODS[name].Config, raw, "method")
-
-
-def method_name_of(config: Any) -> str:
-    _load_optional_methods()
-    for name, cls in METHODS.items():
-        if type(config) is cls.Config:
-            return name
-    raise ConfigError(f"no method has config type {type(config).__name__}")
-
-
 def build_method(config: Any, model) -> Method:
+    _load_optional_methods()
     return METHODS[method_name_of(config)](config, model)
 
 

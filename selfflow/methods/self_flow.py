@@ -25,48 +25,21 @@ optimised, nor synchronised by DDP as part of the method.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfflow.config import ConfigError
+from selfflow.config import MASK_MODES, ConfigError, SelfFlowConfig  # noqa: F401  (MASK_MODES re-exported)
 from selfflow.methods import register
-from selfflow.methods.base import Batch, Method
-from selfflow.methods.flow_matching import TimeSampling
+from selfflow.methods.base import Batch, Method, draw_time
 from selfflow.path import interpolate, velocity_target
-
-MASK_MODES = ("exact", "bernoulli")
-
 
 def default_layers(depth: int) -> tuple[int, int]:
     """(student layer, teacher layer) ≈ (0.3·depth, 0.7·depth), counted from 1: (8, 20) for depth 28."""
     student = min(depth, max(1, round(0.3 * depth)))
     teacher = min(depth, max(1, round(0.7 * depth)))
     return student, teacher
-
-
-@dataclass
-class SelfFlowConfig(TimeSampling):
-    mask_ratio: float = 0.25  # r: fraction of tokens noised to s (0.25 images; 0.10 video, 0.50 audio)
-    mask_mode: str = "exact"  # exact: round(r·N) tokens per sample | bernoulli: a coin per token
-    rep_weight: float = 0.8  # γ; 0 turns off the head and the teacher pass (dual-timestep only)
-    student_layer: Optional[int] = None  # l_s, counted from 1; None: round(0.3·depth)
-    teacher_layer: Optional[int] = None  # l_t, counted from 1; None: round(0.7·depth)
-
-    def validate(self, where: str) -> None:
-        super().validate(where)
-        if not 0.0 <= self.mask_ratio <= 1.0:
-            raise ConfigError(f"{where}.mask_ratio must be in [0, 1], got {self.mask_ratio}")
-        if self.mask_mode not in MASK_MODES:
-            raise ConfigError(f"{where}.mask_mode must be one of {MASK_MODES}, got {self.mask_mode!r}")
-        if self.rep_weight < 0:
-            raise ConfigError(f"{where}.rep_weight must be >= 0, got {self.rep_weight}")
-        for key in ("student_layer", "teacher_layer"):
-            value = getattr(self, key)
-            if value is not None and value < 1:
-                raise ConfigError(f"{where}.{key} counts blocks from 1, got {value}")
 
 
 @dataclass
@@ -109,9 +82,9 @@ def draw_dual_timesteps(config: SelfFlowConfig, batch: Batch, model) -> DualTime
     the noise a flow-matching step with the same seed sees (tests/test_self_flow.py checks it).
     """
     x0 = batch.x0
-    t = config.draw(batch)
+    t = draw_time(config, batch)
     noise = batch.random.randn(*x0.shape[1:]).to(x0.device)
-    s = config.draw(batch)
+    s = draw_time(config, batch)
     mask = draw_mask(batch, model.num_tokens, config.mask_ratio, config.mask_mode)
     token_times = torch.where(mask, s[:, None], t[:, None])  # (B, N)
     return DualTimesteps(
@@ -170,7 +143,7 @@ class SelfFlow(Method):
 
     def loss(self, model, batch: Batch):
         x0 = batch.x0
-        y = self.drop_labels(batch.y, model.config.class_dropout_prob, model.num_classes, batch.random)
+        y = self.drop_labels(batch.y, self.config.class_dropout_prob, model.num_classes, batch.random)
         draw = draw_dual_timesteps(self.config, batch, model)
         x_mixed = interpolate(x0, draw.noise, draw.pixel_times)
         target = velocity_target(x0, draw.noise)
