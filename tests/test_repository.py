@@ -96,3 +96,26 @@ def test_methods_page_exists_and_names_real_functions():
         except AttributeError:
             missing.append(name)
     assert not missing, f"docs/methods.md names functions that do not exist: {missing}"
+
+
+def _slug(heading: str) -> str:
+    """A Markdown heading's anchor, as GitHub makes it: lower case, punctuation dropped, spaces → '-'."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_links_into_the_methods_page_land_on_a_section():
+    text = (ROOT / "docs" / "methods.md").read_text(encoding="utf-8")
+    anchors = {_slug(line.lstrip("#")) for line in text.splitlines() if line.startswith("#")}
+    broken = []
+    for path in repository_files():
+        if path.suffix.lower() in BINARY_SUFFIXES or not path.is_file():
+            continue
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (UnicodeDecodeError, OSError):
+            continue
+        for number, line in enumerate(lines, start=1):
+            for anchor in re.findall(r"methods\.md#([\w\-]+)", line):
+                if anchor not in anchors:
+                    broken.append(f"{path.relative_to(ROOT)}:{number}: #{anchor}")
+    assert not broken, "links to sections docs/methods.md does not have:\n" + "\n".join(broken)
