@@ -37,18 +37,7 @@ from selfflow.errors import TrainingDiverged  # noqa: E402,F401  (re-exported)
 # --------------------------------------------------------------------------------------------
 # set-up helpers
 # --------------------------------------------------------------------------------------------
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name!r} but CUDA is not available on this machine")
-    return torch.device(name)
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
+from selfflow.device import autocast_dtype, resolve_device  # noqa: E402,F401  (moved; re-exported)
 
 
 def setup_logging(out_dir: Path | None, is_main: bool) -> None:
