@@ -15,11 +15,17 @@ mid-write leaves the previous checkpoint as the newest complete one. Nothing is 
 """
 from __future__ import annotations
 
+import functools
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from torch import nn
+
+from selfflow.distributed import DistInfo, any_rank
 
 from selfflow.errors import CheckpointError  # noqa: F401  (re-exported)
 from selfflow.files import (atomic_directory, fsync_dir, load_tensors, read_json, replace_directory,  # noqa: F401  (re-exported)
@@ -125,3 +131,135 @@ def resolve_checkpoint(path: str | Path) -> Path:
         if found is not None:
             return found
     raise CheckpointError(f"no checkpoint found at {path} (expected a folder with config.json, or a run folder with checkpoints/)")
+
+
+def load_state_strict(module: nn.Module, state: dict[str, torch.Tensor], source: Path | str) -> None:
+    """``load_state_dict`` whose errors name the file, the key and both shapes."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source}: weights do not match the model (missing {missing[:5]}{'…' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'…' if len(unexpected) > 5 else ''}); was it saved for another model size or method?"
+        )
+    for key, value in state.items():
+        if value.shape != own[key].shape:
+            raise CheckpointError(
+                f"{source}: tensor {key!r} has shape {tuple(value.shape)}, the model expects {tuple(own[key].shape)} "
+                "(a checkpoint of a different model size?)"
+            )
+    module.load_state_dict(state)
+
+
+# --------------------------------------------------------------------------------------------
+# training checkpoints: save and restore an explicit training state
+# --------------------------------------------------------------------------------------------
+@dataclass
+class TrainingState:
+    """Everything a training checkpoint holds, named. The objects are live: loading writes into them."""
+
+    model: nn.Module
+    ema_model: nn.Module
+    method: nn.Module
+    optimizer: torch.optim.Optimizer
+    generators: dict[str, torch.Generator]
+    data: Any  # the data position: state_dict() / load_state_dict() (selfflow.data.IndexStream)
+    step: int = 0
+
+
+def write_records(state: TrainingState, folder: Path, extra_state: dict, *, run: dict, world_size: int) -> None:
+    """``rng.safetensors``, ``config.json`` and ``state.json`` of a checkpoint (main process only)."""
+    save_tensors(rng_state(state.generators), folder / "rng.safetensors")
+    write_json({"model": run["model"], "run": run}, folder / "config.json")
+    records = {
+        "step": state.step,
+        "images_seen": state.step * run["train"]["batch_size"],
+        "data": state.data.state_dict(),
+        "world_size": world_size,
+        "versions": {"torch": torch.__version__},
+        **extra_state,
+    }
+    write_json(records, folder / "state.json")
+
+
+def save_training_checkpoint(state: TrainingState, target: Path, *, run: dict, dist: DistInfo, device: torch.device,
+                             sharded: bool) -> None:
+    """Write ``target`` (``checkpoints/step_N``) atomically; every process calls it.
+
+    Unsharded: the main process writes the safetensors files. Sharded (FSDP): every process writes its
+    shards (``selfflow.fsdp``). A failed write (disk full, no permission) raises ``CheckpointError`` on
+    every process and leaves the previous checkpoint as it was.
+    """
+    records = functools.partial(write_records, state, run=run, world_size=dist.world_size)
+    if sharded:
+        from selfflow.fsdp import save_sharded_checkpoint
+
+        save_sharded_checkpoint(state, target, records, dist, device)
+        return
+    problem = None
+    if dist.is_main:
+        try:
+            with atomic_directory(target) as tmp:
+                save_tensors(state.model.state_dict(), tmp / "model.safetensors")
+                save_tensors(state.ema_model.state_dict(), tmp / "ema.safetensors")
+                method_state = state.method.state_dict()
+                if method_state:
+                    save_tensors(method_state, tmp / "method.safetensors")
+                opt_tensors, opt_rest = split_optimizer_state(state.optimizer.state_dict())
+                save_tensors(opt_tensors, tmp / "optimizer.safetensors")
+                records(tmp, {"optimizer": opt_rest})
+        except CheckpointError as exc:
+            problem = exc
+        except SafetensorError as exc:  # the writer's own I/O error (e.g. disk full)
+            problem = CheckpointError(f"could not write {target}: {exc}; the previous checkpoint is untouched")
+    if any_rank(problem is not None, dist, device):
+        raise problem or CheckpointError(f"the main process could not write {target}; the previous checkpoint is untouched")
+
+
+def check_same_run(directory: Path, run: dict) -> None:
+    """A checkpoint resumes only a run with the same model and method settings."""
+    meta = read_json(directory / "config.json")
+    saved = meta.get("run")
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{directory / 'config.json'}: no 'run' section")
+    for section in ("model", "method"):
+        mine, theirs = run[section], saved.get(section) or {}
+        if theirs != mine:
+            diff = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))
+            raise CheckpointError(
+                f"{directory}: checkpoint was trained with a different {section} config (keys {diff}); "
+                f"use a new train.out_dir or the same config"
+            )
+
+
+def load_training_checkpoint(state: TrainingState, directory: Path, *, run: dict, device: torch.device, sharded: bool) -> int:
+    """Restore weights, EMA, method, optimizer, every generator and the data position; returns the step.
+
+    A sharded checkpoint (or a sharded ``state``) goes through ``selfflow.fsdp``, on any number of
+    processes.
+    """
+    check_same_run(directory, run)
+    saved = read_json(directory / "state.json")
+    if sharded or saved.get("format") == "sharded":
+        from selfflow.fsdp import load_sharded_checkpoint
+
+        load_sharded_checkpoint(state, directory, saved)
+    else:
+        for module, file in ((state.model, "model"), (state.ema_model, "ema"), (state.method, "method")):
+            path = directory / f"{file}.safetensors"
+            if file == "method" and not path.exists():
+                continue
+            load_state_strict(module, load_tensors(path, device), path)
+        try:
+            opt = join_optimizer_state(load_tensors(directory / "optimizer.safetensors", device), saved["optimizer"])
+            state.optimizer.load_state_dict(opt)
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(f"{directory / 'optimizer.safetensors'}: optimizer state does not fit ({exc})") from None
+    set_rng_state(load_tensors(directory / "rng.safetensors"), state.generators, directory / "rng.safetensors")
+    try:
+        state.data.load_state_dict(saved["data"])
+        state.step = int(saved["step"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{directory / 'state.json'}: the data position does not fit this run ({exc}); use a new train.out_dir") from None
+    return state.step

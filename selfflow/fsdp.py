@@ -48,12 +48,12 @@ from torch import nn
 
 from safetensors import SafetensorError
 
-from selfflow import checkpoint as ckpt
-from selfflow.checkpoint import CheckpointError
-from selfflow.config import ConfigError
+from selfflow import files
+from selfflow.distributed import DistInfo, any_rank
+from selfflow.errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from selfflow.trainer import Trainer
+    from selfflow.checkpoint import TrainingState
 
 SHARDED_DIR = "sharded"
 FORMAT_SHARDED = "sharded"
@@ -162,7 +162,7 @@ def training_tensors(model: nn.Module, ema_model: nn.Module, method: nn.Module, 
     """Every tensor of the training state, keyed for a sharded checkpoint; values alias the live tensors.
 
     Under FSDP the values are the local shards' DTensors, so loading into this dict in place loads
-    the trainer.
+    the training state.
     """
     out: dict[str, torch.Tensor] = {}
     for prefix, module in (("model", model), ("ema", ema_model), ("method", method)):
@@ -285,15 +285,13 @@ def load_full_tensors(template: dict[str, torch.Tensor], full: dict[str, torch.T
 # --------------------------------------------------------------------------------------------
 # training checkpoints of a sharded run
 # --------------------------------------------------------------------------------------------
-def save_training_checkpoint(trainer: "Trainer", target: Path, write_records: Callable[[Path, dict], None]) -> None:
+def save_sharded_checkpoint(state: "TrainingState", target: Path, write_records: Callable[[Path, dict], None],
+                            info: DistInfo, device: torch.device) -> None:
     """Write a sharded checkpoint folder (collective; every process calls it).
 
-    ``write_records(folder, extra_state)`` is the trainer's writer of ``rng.safetensors``,
-    ``config.json`` and ``state.json``, run on rank 0 only.
+    ``write_records(folder, extra_state)`` writes ``rng.safetensors``, ``config.json`` and
+    ``state.json`` (``selfflow.checkpoint.write_records``), run on rank 0 only.
     """
-    from selfflow.distributed import any_rank
-
-    info, device = trainer.dist, trainer.device
     tmp = target.parent / f".{target.name}.tmp-sharded"
 
     def agree(problem: str | None) -> None:
@@ -312,8 +310,8 @@ def save_training_checkpoint(trainer: "Trainer", target: Path, write_records: Ca
             problem = f"cannot write to {target.parent}: {exc.strerror or exc}"
     agree(problem)
 
-    ema = full_state_dict(trainer.ema.model)  # rank 0 only
-    tensors = training_tensors(trainer.model, trainer.ema.model, trainer.method, trainer.optimizer)
+    ema = full_state_dict(state.ema_model)  # rank 0 only
+    tensors = training_tensors(state.model, state.ema_model, state.method, state.optimizer)
     try:
         save_sharded_tensors(tmp / SHARDED_DIR, tensors)
     except Exception as exc:
@@ -322,33 +320,33 @@ def save_training_checkpoint(trainer: "Trainer", target: Path, write_records: Ca
 
     if info.is_main:
         try:
-            ckpt.save_tensors(ema, tmp / "ema.safetensors")
-            files = {p.name: p.stat().st_size for p in sorted((tmp / SHARDED_DIR).iterdir())}
-            groups = [{k: v for k, v in g.items() if k != "params"} for g in trainer.optimizer.param_groups]
-            write_records(tmp, {"format": FORMAT_SHARDED, "sharded": {"files": files}, "optimizer": {"param_groups": groups}})
-            ckpt.replace_directory(tmp, target)
+            files.save_tensors(ema, tmp / "ema.safetensors")
+            sizes = {p.name: p.stat().st_size for p in sorted((tmp / SHARDED_DIR).iterdir())}
+            groups = [{k: v for k, v in g.items() if k != "params"} for g in state.optimizer.param_groups]
+            write_records(tmp, {"format": FORMAT_SHARDED, "sharded": {"files": sizes}, "optimizer": {"param_groups": groups}})
+            files.replace_directory(tmp, target)
         except (OSError, SafetensorError) as exc:
             problem = f"could not write {target}: {getattr(exc, 'strerror', None) or exc}; the previous checkpoint is untouched"
             shutil.rmtree(tmp, ignore_errors=True)
     agree(problem)
 
 
-def load_training_tensors(trainer: "Trainer", directory: Path, state: dict) -> None:
-    """Load weights, EMA, method and optimizer of any checkpoint into a trainer that may be sharded.
+def load_sharded_checkpoint(live: "TrainingState", directory: Path, state: dict) -> None:
+    """Load weights, EMA, method and optimizer of any checkpoint into a training state that may be sharded.
 
     A sharded checkpoint loads through DCP (any number of processes, sharded or not); an
-    unsharded one (safetensors files) loads into a sharded trainer piece by piece. The caller
+    unsharded one (safetensors files) loads into a sharded state piece by piece. The caller
     restores the RNG, the data position and the step.
     """
-    ensure_optimizer_state(trainer.optimizer)
-    tensors = training_tensors(trainer.model, trainer.ema.model, trainer.method, trainer.optimizer)
+    ensure_optimizer_state(live.optimizer)
+    tensors = training_tensors(live.model, live.ema_model, live.method, live.optimizer)
     if state.get("format") == FORMAT_SHARDED:
         folder = directory / SHARDED_DIR
         check_shard_files(folder, state.get("sharded", {}).get("files"))
         load_sharded_tensors(folder, tensors)
         saved_groups = state.get("optimizer", {}).get("param_groups", [])
-        if len(saved_groups) == len(trainer.optimizer.param_groups):
-            for group, saved in zip(trainer.optimizer.param_groups, saved_groups):
+        if len(saved_groups) == len(live.optimizer.param_groups):
+            for group, saved in zip(live.optimizer.param_groups, saved_groups):
                 group.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in saved.items() if k != "params"})
         return
 
@@ -357,14 +355,14 @@ def load_training_tensors(trainer: "Trainer", directory: Path, state: dict) -> N
     for prefix, file in (("model", "model.safetensors"), ("ema", "ema.safetensors"), ("method", "method.safetensors")):
         if prefix == "method" and not (directory / file).exists():
             continue
-        full.update({f"{prefix}/{k}": v for k, v in ckpt.load_tensors(directory / file).items()})
-    names = parameter_names(trainer.model, trainer.method)
-    order = [p for group in trainer.optimizer.param_groups for p in group["params"]]
-    for key, value in ckpt.load_tensors(directory / "optimizer.safetensors").items():
+        full.update({f"{prefix}/{k}": v for k, v in files.load_tensors(directory / file).items()})
+    names = parameter_names(live.model, live.method)
+    order = [p for group in live.optimizer.param_groups for p in group["params"]]
+    for key, value in files.load_tensors(directory / "optimizer.safetensors").items():
         index, name = key.split(".", 1)
         if not index.isdigit() or int(index) >= len(order):
             raise CheckpointError(f"{directory / 'optimizer.safetensors'}: unexpected entry {key!r}; another model size or method?")
         full[f"optim/{names[order[int(index)]]}/{name}"] = value
     load_full_tensors(tensors, full, directory)
-    for group, saved in zip(trainer.optimizer.param_groups, state.get("optimizer", {}).get("param_groups", [])):
+    for group, saved in zip(live.optimizer.param_groups, state.get("optimizer", {}).get("param_groups", [])):
         group.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in saved.items() if k != "params"})

@@ -2,7 +2,7 @@
 
 Every token carries its own time. The conditioning of token i of sample b is
 ``c[b, i] = time_embed(t[b, i]) + label_embed(y[b])`` and each block modulates that token with
-``shift, scale, gate = adaLN(c[b, i])`` (DiT's adaLN-Zero, evaluated per token, SPEC.md §1).
+``shift, scale, gate = adaLN(c[b, i])`` (DiT's adaLN-Zero, evaluated per token; docs/methods.md#the-network).
 
 Cost: the modulation MLP would run on B·N rows. A sample rarely has more than two distinct times
 (Self-Flow: t and s; inference: one), so the conditioning is computed once per distinct
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
+from selfflow.checkpoint import load_state_strict  # noqa: F401  (re-exported)
 from selfflow.config import ModelConfig, from_dict
 
 
@@ -116,7 +117,7 @@ class FinalLayer(nn.Module):
 # the model
 # --------------------------------------------------------------------------------------------
 class DiT(nn.Module):
-    """Flow transformer predicting the velocity ``v = ε − x0`` (SPEC.md conventions).
+    """Flow transformer predicting the velocity ``v = ε − x0`` (docs/methods.md#conventions).
 
     ``forward(x, t, y)``: x (B, C, H, W); t (B,) or (B, N) with N = (H/p)·(W/p) tokens in
     row-major order; y (B,) int64 labels, ``num_classes`` is the null label (None: all null).
@@ -288,27 +289,6 @@ def load_generator(path: str | Path, weights: str = "ema", device: str | torch.d
     if not (folder / file).exists() and (folder / "model.safetensors").exists() and not (folder / "ema.safetensors").exists():
         file = "model.safetensors"
     return DiT.from_pretrained(folder, weights=file, device=device), folder
-
-
-def load_state_strict(module: nn.Module, state: dict[str, torch.Tensor], source: Path | str) -> None:
-    """``load_state_dict`` whose errors name the file, the key and both shapes."""
-    from selfflow.checkpoint import CheckpointError
-
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{source}: weights do not match the model (missing {missing[:5]}{'…' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{'…' if len(unexpected) > 5 else ''}); was it saved for another model size or method?"
-        )
-    for key, value in state.items():
-        if value.shape != own[key].shape:
-            raise CheckpointError(
-                f"{source}: tensor {key!r} has shape {tuple(value.shape)}, the model expects {tuple(own[key].shape)} "
-                "(a checkpoint of a different model size?)"
-            )
-    module.load_state_dict(state)
 
 
 def build_model(config: ModelConfig) -> DiT:

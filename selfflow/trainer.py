@@ -8,17 +8,16 @@ a non-finite loss stops before the weights are touched.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
 import signal
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from torch.nn.parallel import DistributedDataParallel
 
 from selfflow import checkpoint as ckpt
@@ -26,7 +25,7 @@ from selfflow.config import ConfigError, RunConfig
 from selfflow.distributed import DistInfo, all_reduce_mean, any_rank, cleanup, init_distributed
 from selfflow.ema import EMA, decay_from_half_life
 from selfflow.methods import Batch, BatchRandom, Objective, build_method
-from selfflow.model import DiT, load_state_strict
+from selfflow.model import DiT
 
 log = logging.getLogger("selfflow")
 
@@ -64,18 +63,25 @@ def load_data(config: RunConfig):
     return load_dataset(d.name, path=d.path, split=d.split, image_size=d.image_size, channels=d.channels)
 
 
-def complete_model_config(config: RunConfig, dataset) -> None:
-    """Fill image size, channels and classes from the data; mismatches name the key."""
+def resolve_config(config: RunConfig, dataset) -> RunConfig:
+    """The run's config with the model's image size, channels and classes filled from the data.
+
+    Returns a new (frozen) config; mismatches between a given value and the data name the key.
+    Everything after this point reads the config and never writes it.
+    """
     m = config.model
     num_classes = dataset.num_classes if config.data.class_conditional else 0
+    filled = {}
     for key, value in (("image_size", dataset.image_size), ("in_channels", dataset.channels), ("num_classes", num_classes)):
         current = getattr(m, key)
         if current is None:
-            setattr(m, key, value)
+            filled[key] = value
         elif current != value:
             raise ConfigError(f"model.{key}={current} but the data set {config.data.name!r} gives {value}")
-    if m.image_size % m.patch_size != 0:
-        raise ConfigError(f"model.patch_size={m.patch_size} does not divide the image size {m.image_size}")
+    model = dataclasses.replace(m, **filled)
+    if model.image_size % model.patch_size != 0:
+        raise ConfigError(f"model.patch_size={model.patch_size} does not divide the image size {model.image_size}")
+    return dataclasses.replace(config, model=model)
 
 
 def lr_at(step: int, config: RunConfig) -> float:
@@ -89,7 +95,6 @@ def lr_at(step: int, config: RunConfig) -> float:
 # --------------------------------------------------------------------------------------------
 class Trainer:
     def __init__(self, config: RunConfig, dataset=None):
-        self.config = config
         t = config.train
         self.device = resolve_device(t.device)
         self.dist: DistInfo = init_distributed(self.device.type)
@@ -110,7 +115,7 @@ class Trainer:
             log.warning("bf16 autocast on CPU is slow; use train.precision=fp32 there")
 
         self.dataset = dataset if dataset is not None else load_data(config)
-        complete_model_config(config, self.dataset)
+        self.config = config = resolve_config(config, self.dataset)
         torch.manual_seed(t.seed)
         self.model = DiT(config.model).to(self.device)
         self.model.activation_checkpointing = t.activation_checkpointing
@@ -125,7 +130,6 @@ class Trainer:
         from selfflow.data import IndexStream
 
         self.stream = IndexStream(len(self.dataset), t.batch_size, seed=t.seed, rank=self.dist.rank, world_size=self.dist.world_size)
-        self.step = 0
 
         forward_model = torch.compile(self.model) if t.compile else self.model
         self.objective = Objective(forward_model, self.method)
@@ -143,57 +147,27 @@ class Trainer:
             self.params, lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay,
             fused=self.device.type == "cuda" and not self.sharded,
         )
+        self.state = ckpt.TrainingState(model=self.model, ema_model=self.ema.model, method=self.method, optimizer=self.optimizer,
+                                        generators={"train": self.generator}, data=self.stream)
         self._saved_step = -1  # the step of the newest checkpoint on disk (not rewritten at the same step)
         self._stop_signal: int | None = None
         self._tb = None
+        self._tensorboard = t.tensorboard  # turned off here (never in the config) when tensorboard is missing
 
     # ---- checkpoints -----------------------------------------------------------------------
-    def _write_records(self, folder: Path, extra_state: dict) -> None:
-        """``rng.safetensors``, ``config.json`` and ``state.json`` of a checkpoint (main process)."""
-        ckpt.save_tensors(ckpt.rng_state({"train": self.generator}), folder / "rng.safetensors")
-        ckpt.write_json({"model": asdict(self.config.model), "run": self.config.to_dict()}, folder / "config.json")
-        state = {
-            "step": self.step,
-            "images_seen": self.step * self.config.train.batch_size,
-            "data": self.stream.state_dict(),
-            "world_size": self.dist.world_size,
-            "versions": {"torch": torch.__version__},
-            **extra_state,
-        }
-        ckpt.write_json(state, folder / "state.json")
+    @property
+    def step(self) -> int:
+        return self.state.step
 
-    def save_checkpoint(self) -> Path | None:
-        """Write ``checkpoints/step_N`` atomically and prune old ones.
+    @step.setter
+    def step(self, value: int) -> None:
+        self.state.step = value
 
-        Unsharded runs: the main process writes safetensors files. Sharded (FSDP) runs: every
-        process writes its shards (``selfflow.fsdp``). A write that fails (disk full, no
-        permission) raises ``CheckpointError`` on every process and leaves the previous
-        checkpoint as it was.
-        """
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoints/step_N`` atomically (``selfflow.checkpoint``) and prune old ones."""
         target = self.ckpt_dir / ckpt.step_dir_name(self.step)
-        if self.sharded:
-            from selfflow.fsdp import save_training_checkpoint
-
-            save_training_checkpoint(self, target, self._write_records)
-        else:
-            problem = None
-            if self.dist.is_main:
-                try:
-                    with ckpt.atomic_directory(target) as tmp:
-                        ckpt.save_tensors(self.model.state_dict(), tmp / "model.safetensors")
-                        ckpt.save_tensors(self.ema.model.state_dict(), tmp / "ema.safetensors")
-                        method_state = self.method.state_dict()
-                        if method_state:
-                            ckpt.save_tensors(method_state, tmp / "method.safetensors")
-                        opt_tensors, opt_rest = ckpt.split_optimizer_state(self.optimizer.state_dict())
-                        ckpt.save_tensors(opt_tensors, tmp / "optimizer.safetensors")
-                        self._write_records(tmp, {"optimizer": opt_rest})
-                except ckpt.CheckpointError as exc:
-                    problem = exc
-                except SafetensorError as exc:  # the writer's own I/O error (e.g. disk full)
-                    problem = ckpt.CheckpointError(f"could not write {target}: {exc}; the previous checkpoint is untouched")
-            if any_rank(problem is not None, self.dist, self.device):
-                raise problem or ckpt.CheckpointError(f"the main process could not write {target}; the previous checkpoint is untouched")
+        ckpt.save_training_checkpoint(self.state, target, run=self.config.to_dict(), dist=self.dist, device=self.device,
+                                      sharded=self.sharded)
         if self.dist.is_main:
             ckpt.prune_checkpoints(self.ckpt_dir, self.config.train.keep_last)
             log.info("checkpoint step=%d path=%s", self.step, target)
@@ -203,39 +177,7 @@ class Trainer:
         return target
 
     def load_checkpoint(self, directory: Path) -> None:
-        meta = ckpt.read_json(directory / "config.json")
-        saved = meta.get("run")
-        if not isinstance(saved, dict):
-            raise ckpt.CheckpointError(f"{directory / 'config.json'}: no 'run' section")
-        mine = self.config.to_dict()
-        for section in ("model", "method"):
-            if saved.get(section) != mine[section]:
-                diff = sorted(k for k in set(saved.get(section, {})) | set(mine[section]) if saved.get(section, {}).get(k) != mine[section].get(k))
-                raise ckpt.CheckpointError(
-                    f"{directory}: checkpoint was trained with a different {section} config (keys {diff}); "
-                    f"use a new train.out_dir or the same config"
-                )
-        state = ckpt.read_json(directory / "state.json")
-        if self.sharded or state.get("format") == "sharded":
-            from selfflow.fsdp import load_training_tensors
-
-            load_training_tensors(self, directory, state)  # any world size, sharded or not
-        else:
-            load_state_strict(self.model, ckpt.load_tensors(directory / "model.safetensors", self.device), directory / "model.safetensors")
-            load_state_strict(self.ema.model, ckpt.load_tensors(directory / "ema.safetensors", self.device), directory / "ema.safetensors")
-            if (directory / "method.safetensors").exists():
-                load_state_strict(self.method, ckpt.load_tensors(directory / "method.safetensors", self.device), directory / "method.safetensors")
-            opt = ckpt.join_optimizer_state(ckpt.load_tensors(directory / "optimizer.safetensors", self.device), state["optimizer"])
-            try:
-                self.optimizer.load_state_dict(opt)
-            except (ValueError, KeyError) as exc:
-                raise ckpt.CheckpointError(f"{directory / 'optimizer.safetensors'}: optimizer state does not fit ({exc})") from None
-        ckpt.set_rng_state(ckpt.load_tensors(directory / "rng.safetensors"), {"train": self.generator}, directory / "rng.safetensors")
-        try:
-            self.stream.load_state_dict(state["data"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ckpt.CheckpointError(f"{directory / 'state.json'}: the data position does not fit this run ({exc}); use a new train.out_dir") from None
-        self.step = int(state["step"])
+        ckpt.load_training_checkpoint(self.state, directory, run=self.config.to_dict(), device=self.device, sharded=self.sharded)
         self._saved_step = self.step
         log.info("resumed step=%d from=%s", self.step, directory)
 
@@ -304,7 +246,7 @@ class Trainer:
             return
         with open(self.out_dir / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
-        if self.config.train.tensorboard:
+        if self._tensorboard:
             if self._tb is None:
                 try:
                     from torch.utils.tensorboard import SummaryWriter
@@ -312,7 +254,7 @@ class Trainer:
                     self._tb = SummaryWriter(str(self.out_dir / "tensorboard"))
                 except ImportError:
                     log.warning("tensorboard is not installed; logging to metrics.jsonl only (pip install selfflow[tensorboard])")
-                    self.config.train.tensorboard = False
+                    self._tensorboard = False
             if self._tb is not None:
                 for key, value in record.items():
                     if key != "step" and isinstance(value, (int, float)):
@@ -337,12 +279,7 @@ class Trainer:
 
         s = self.config.sample
         n = self.config.train.num_sample_images
-        if getattr(self.dataset, "is_latent", False):  # latents are decoded (or stored) by the data set's autoencoder
-            from selfflow.latents import write_latent_samples
-
-            path = write_latent_samples(generator_model, self.dataset, n, s, self.device, self.out_dir / "samples" / ckpt.step_dir_name(self.step))
-            log.info("samples step=%d path=%s", self.step, path)
-            return path
+        latent = getattr(self.dataset, "is_latent", False)
         result = generate(
             generator_model,
             num_samples=n,
@@ -354,8 +291,25 @@ class Trainer:
             device=self.device,
             image_shape=(self.model.in_channels, self.model.image_size, self.model.image_size),
             progress=False,
+            clip=not latent,
         )
-        path = save_grid(result.images, self.out_dir / "samples" / f"{ckpt.step_dir_name(self.step)}.png", nrow=int(math.sqrt(n)) or None)
+        base = self.out_dir / "samples" / ckpt.step_dir_name(self.step)
+        images = result.images
+        if latent:  # latents are stored, and decoded when the data set's autoencoder is at hand
+            from selfflow.autoencoders import decode_latents, decoder_for
+            from selfflow.files import save_tensors
+
+            base.parent.mkdir(parents=True, exist_ok=True)
+            tensors = {"latents": images, "seeds": torch.tensor(result.seeds, dtype=torch.int64)}
+            if result.labels is not None:
+                tensors["labels"] = result.labels
+            save_tensors(tensors, base.with_suffix(".safetensors"))
+            decode = decoder_for(self.dataset.manifest, self.device)
+            if decode is None:
+                log.info("samples step=%d path=%s", self.step, base.with_suffix(".safetensors"))
+                return base.with_suffix(".safetensors")
+            images = decode_latents(decode, images, min(s.batch_size, n), self.device)
+        path = save_grid(images, base.with_suffix(".png"), nrow=int(math.sqrt(n)) or None)
         log.info("samples step=%d path=%s", self.step, path)
         return path
 
