@@ -41,7 +41,7 @@ from __future__ import annotations
 import shutil
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -51,9 +51,6 @@ from safetensors import SafetensorError
 from selfflow import files
 from selfflow.distributed import DistInfo, any_rank
 from selfflow.errors import CheckpointError, ConfigError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from selfflow.checkpoint import TrainingState
 
 SHARDED_DIR = "sharded"
 FORMAT_SHARDED = "sharded"
@@ -285,9 +282,9 @@ def load_full_tensors(template: dict[str, torch.Tensor], full: dict[str, torch.T
 # --------------------------------------------------------------------------------------------
 # training checkpoints of a sharded run
 # --------------------------------------------------------------------------------------------
-def save_sharded_checkpoint(state: "TrainingState", target: Path, write_records: Callable[[Path, dict], None],
+def save_sharded_checkpoint(state: Any, target: Path, write_records: Callable[[Path, dict], None],
                             info: DistInfo, device: torch.device) -> None:
-    """Write a sharded checkpoint folder (collective; every process calls it).
+    """Write a sharded checkpoint folder of ``state`` (a ``selfflow.checkpoint.TrainingState``); collective.
 
     ``write_records(folder, extra_state)`` writes ``rng.safetensors``, ``config.json`` and
     ``state.json`` (``selfflow.checkpoint.write_records``), run on rank 0 only.
@@ -331,7 +328,7 @@ def save_sharded_checkpoint(state: "TrainingState", target: Path, write_records:
     agree(problem)
 
 
-def load_sharded_checkpoint(live: "TrainingState", directory: Path, state: dict) -> None:
+def load_sharded_checkpoint(live: Any, directory: Path, state: dict) -> None:
     """Load weights, EMA, method and optimizer of any checkpoint into a training state that may be sharded.
 
     A sharded checkpoint loads through DCP (any number of processes, sharded or not); an
