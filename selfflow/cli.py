@@ -139,12 +139,13 @@ def cmd_train(args) -> int:
     return 0 if result["status"] in ("finished", "interrupted", "time_limit") else 1
 
 
-def resolved_sampling(args, folder):
-    """The checkpoint's ``sample`` settings with the command's flags on top (``args`` gains them)."""
+def resolved_sampling(args, folder, model=None):
+    """The checkpoint's ``sample`` settings with the command's flags on top (``args`` gains them);
+    ``model`` (when given) refuses guidance on an unconditional model."""
     from selfflow.config import sample_settings
 
     settings = sample_settings(folder, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
-                               batch_size=args.batch_size)
+                               batch_size=args.batch_size, num_classes=getattr(model, "num_classes", None))
     args.sampler, args.steps, args.cfg_scale, args.batch_size = settings.sampler, settings.steps, settings.cfg_scale, settings.batch_size
     return settings
 
@@ -163,7 +164,7 @@ def cmd_sample(args) -> int:
         raise ConfigError(f"--n must be positive, got {args.n}")
     device = resolve_device(args.device)
     model, folder = load_generator(args.ckpt, args.weights, device)
-    settings = resolved_sampling(args, folder)
+    settings = resolved_sampling(args, folder, model)
     values = parse_labels(args.labels, model.num_classes)
     labels = torch.tensor([values[k % len(values)] for k in range(args.n)], dtype=torch.long) if values else None
     seeds = list(range(args.seed, args.seed + args.n))
@@ -268,7 +269,7 @@ def cmd_generate_set(args) -> int:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     device = resolve_device(args.device)
     model, folder = load_generator(args.ckpt, args.weights, device)
-    resolved_sampling(args, folder)
+    resolved_sampling(args, folder, model)
     labels = parse_labels(args.labels, model.num_classes)
     source = {"checkpoint": str(folder.resolve()), "weights": args.weights}
     shards = generate_set(

@@ -508,11 +508,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def sample_settings(checkpoint: str | Path | None, *, sampler: Optional[str] = None, steps: Optional[int] = None,
-                    cfg_scale: Optional[float] = None, batch_size: Optional[int] = None) -> SampleConfig:
+                    cfg_scale: Optional[float] = None, batch_size: Optional[int] = None,
+                    num_classes: Optional[int] = None) -> SampleConfig:
     """The sampling settings for a checkpoint: its run's ``sample`` section, then the given overrides.
 
     ``checkpoint`` is a folder holding ``config.json``; an exported model folder (no run config) or
-    None starts from the defaults. Every value is validated, so a bad flag fails before any work.
+    None starts from the defaults. Every value is validated, so a bad flag fails before any work;
+    with ``num_classes=0`` (an unconditional model) a guidance scale other than 1 is refused.
     """
     base: dict = {}
     if checkpoint is not None:
@@ -527,10 +529,15 @@ def sample_settings(checkpoint: str | Path | None, *, sampler: Optional[str] = N
     base.update({k: v for k, v in given.items() if v is not None})
     flags = {k for k, v in given.items() if v is not None}
     try:
-        return from_dict(SampleConfig, base, "sample")
+        settings = from_dict(SampleConfig, base, "sample")
+        if num_classes == 0 and settings.cfg_scale != 1.0:
+            raise ConfigError(f"sample.cfg_scale={settings.cfg_scale}: classifier-free guidance needs a class-conditional "
+                              f"model and this one is unconditional; use 1")
+        return settings
     except ConfigError as exc:
         # name the flag when the bad value came from the command line
         for key in flags:
             if f"sample.{key}" in str(exc):
-                raise ConfigError(str(exc).replace(f"sample.{key}", f"--{key.replace('_', '-')}")) from None
+                raise ConfigError(str(exc).replace(f"sample.{key}=", f"--{key.replace('_', '-')} ")
+                                  .replace(f"sample.{key}", f"--{key.replace('_', '-')}")) from None
         raise

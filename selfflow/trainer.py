@@ -106,14 +106,9 @@ class Trainer:
             )
         self.out_dir = Path(t.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
-        try:
-            setup_logging(self.out_dir, self.dist.is_main)
-        except OSError as exc:  # a file in the way, a read-only or full disk
-            raise ConfigError(f"train.out_dir={str(self.out_dir)!r}: cannot create or write the run folder ({exc.strerror or exc})") from None
         self.amp_dtype = autocast_dtype(t.precision, self.device)
-        if self.amp_dtype is not None and self.device.type == "cpu":
-            log.warning("bf16 autocast on CPU is slow; use train.precision=fp32 there")
 
+        # Data, model and method first: a bad data path or encoder file fails before the run folder exists.
         self.dataset = dataset if dataset is not None else load_data(config)
         self.config = config = resolve_config(config, self.dataset)
         torch.manual_seed(t.seed)
@@ -123,6 +118,12 @@ class Trainer:
         decay = decay_from_half_life(t.batch_size, t.ema_half_life_images) if t.ema_half_life_images else t.ema_decay
         self.ema = EMA(self.model, decay, warmup=t.ema_warmup)
         self.method.bind_teacher(self.ema.model)
+        try:
+            setup_logging(self.out_dir, self.dist.is_main)
+        except OSError as exc:  # a file in the way, a read-only or full disk
+            raise ConfigError(f"train.out_dir={str(self.out_dir)!r}: cannot create or write the run folder ({exc.strerror or exc})") from None
+        if self.amp_dtype is not None and self.device.type == "cpu":
+            log.warning("bf16 autocast on CPU is slow; use train.precision=fp32 there")
 
         # One generator draws every training random number (times, noise, masks, label drop);
         # the same seed on every process — see BatchRandom.

@@ -117,6 +117,9 @@ def cmd_eval(args) -> int:
         from selfflow.model import load_generator
 
         model, folder = load_generator(args.ckpt, "ema", device)
+        if "acc" in metrics and not model.num_classes:
+            raise ConfigError(f"--metrics acc: {folder} is an unconditional model (no classes to check); "
+                              f"leave acc out of --metrics")
         run = read_json(folder / "config.json").get("run", {})
         data_name = data_name or run.get("data", {}).get("name")
         data_path = data_path or run.get("data", {}).get("path")

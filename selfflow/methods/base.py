@@ -1,5 +1,7 @@
 """What every method shares: the batch it receives and the randomness it draws.
 
+Label dropout and the time draws: docs/methods.md#labels-and-the-null-class, #training-times.
+
 A method is a small ``nn.Module`` with ``loss(model, batch) → (loss, logs)``. Its own parameters
 (Self-Flow's projection head, REPA's projector) are trained with the model and saved in
 ``method.safetensors``; they are never part of the exported generator.
@@ -64,8 +66,12 @@ class Method(nn.Module):
         raise NotImplementedError
 
     def drop_labels(self, y: torch.Tensor, probability: float, num_classes: int, random: BatchRandom) -> torch.Tensor:
-        """Label dropout for classifier-free guidance: each label → null with ``probability``."""
-        if probability <= 0 or num_classes == 0:
+        """Label dropout for classifier-free guidance: each label → null with ``probability``.
+
+        An unconditional model (``num_classes == 0``) sees only the null label, whatever the data's labels."""
+        if num_classes == 0:
+            return torch.zeros_like(y)
+        if probability <= 0:
             return y
         drop = random.rand().to(y.device) < probability
         return torch.where(drop, torch.full_like(y, num_classes), y)
