@@ -265,10 +265,15 @@ def main() -> None:
                 best.append({"size": size, "option": option, "method": args.method, "largest_batch": largest,
                              "limit": f"{args.memory_limit_gib} GiB" if args.memory_limit_gib else "device memory",
                              "probes": len(probes)})
+        if rank == 0:  # after every size, so that a run cut by a time limit keeps the sizes it measured
+            path = write(args, rows, best, world)
     if world > 1:
         torch.distributed.destroy_process_group()
-    if rank != 0:
-        return
+    if rank == 0:
+        print(f"wrote {path}")
+
+
+def write(args, rows: list[dict], best: list[dict], world: int) -> Path:
     tokens = (args.image_size // args.patch_size) ** 2
     setting = f"{args.channels}×{args.image_size}×{args.image_size} inputs, patch {args.patch_size} ({tokens} tokens), {args.num_classes} classes"
     notes = [f"Setting: {setting}; method {args.method}; peak = "
@@ -280,12 +285,10 @@ def main() -> None:
     if best:
         notes += ["", "## Largest batch per process", ""] + markdown_table(best, ["size", "option", "method", "largest_batch", "limit", "probes"])
     name = args.name or f"memory_{'cuda' if args.device.startswith('cuda') else 'cpu'}"
-    path = write_result(
+    return write_result(
         name, rows, ["size", "option", "method", "fsdp_world", "batch_per_process", "params_M", "tokens", "status", "peak_GiB", "reserved_GiB", "step_ms"],
         f"Training memory ({args.device})", notes="\n".join(notes), extra={"largest_batch": best, "setting": setting},
     )
-    print(f"wrote {path}")
-
 
 if __name__ == "__main__":
     main()

@@ -93,14 +93,20 @@ def main() -> None:
     device = torch.device(args.device)
     peak = peak_tflops(device, args.peak_tflops)
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    name = args.name or f"throughput_{device.type}"
     rows = []
-    for size in args.sizes:
-        for compiled in modes:
+    for compiled in modes:  # every uncompiled row first: compiling takes the longest, and a time limit may cut it
+        for size in args.sizes:
             row = measure(size, args.batch, args.image_size, args.channels, device, compiled, args.steps)
             if peak:
                 row["mfu"] = round(row["tflops_per_s"] / peak, 4)
             print(row, flush=True)
             rows.append(row)
+            path = write(name, rows, peak, device)  # after every row, so that a cut run keeps what it measured
+    print(path)
+
+
+def write(name: str, rows: list[dict], peak: float | None, device: torch.device):
     columns = ["size", "params_M", "tokens", "batch", "device", "precision", "compile", "step_ms", "steps_per_s", "images_per_s", "tflops_per_s"]
     columns += [c for c in ("peak_mem_GiB", "mfu") if any(c in r for r in rows)]
     notes = (
@@ -108,9 +114,7 @@ def main() -> None:
         f"achieved rate by the dense bf16 peak ({peak} TFLOP/s)." if peak else
         "No MFU: the device's bf16 peak is unknown here (CPU); pass --peak-tflops to compute it."
     )
-    name = args.name or f"throughput_{device.type}"
-    print(write_result(name, rows, columns, f"Training throughput ({device.type})", notes))
-
+    return write_result(name, rows, columns, f"Training throughput ({device.type})", notes)
 
 if __name__ == "__main__":
     main()
