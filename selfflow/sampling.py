@@ -471,7 +471,8 @@ def get_sampler(name: str) -> Callable:
 class SampleResult:
     """What :func:`generate` made, with what is needed to report it (SPEC evaluation protocol).
 
-    images: (N, C, H, W) float32 on the CPU, clipped to [-1, 1]; labels: (N,) int64 or None;
+    images: (N, C, H, W) float32 on the CPU, clipped to [-1, 1] unless ``clip=False`` (latents);
+    labels: (N,) int64 or None;
     nfe_per_sample: network evaluations per image (a guided step counts 2);
     wall_time_s: sampling wall time; seeds: seed of each image.
     """
@@ -502,6 +503,7 @@ def generate(
     sampler_options: Optional[dict] = None,
     autocast_dtype: Optional[torch.dtype] = None,
     progress: bool = True,
+    clip: bool = True,
 ) -> SampleResult:
     """Generate ``num_samples`` images; image k depends only on ``seeds[k]`` and ``labels[k]``.
 
@@ -523,6 +525,8 @@ def generate(
         sampler_options: extra keyword arguments for the sampler (e.g. ``{"rtol": 1e-4}``).
         autocast_dtype: e.g. ``torch.bfloat16`` to run the network under ``torch.autocast`` on
             ``device``'s type; the sampler state stays float32.
+        clip: clip the output to the pixel range [-1, 1]; ``False`` keeps the sampler's raw
+            output (latents, which exceed that range).
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -584,7 +588,8 @@ def generate(
                 x = _per_row_randn(generators, image_shape, device, torch.float32)  # (B,C,H,W)
                 y = None if labels is None else labels[lo : lo + batch_size].to(device)
                 x = sample_fn(velocity, x, times, y=y, generator=generators)
-                chunks.append(x.float().clamp(-1.0, 1.0).cpu())
+                x = x.float()
+                chunks.append((x.clamp(-1.0, 1.0) if clip else x).cpu())
                 if bar is not None:
                     bar.update(len(batch_seeds))
     finally:

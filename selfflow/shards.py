@@ -8,71 +8,60 @@ A set is a folder::
     shard_00001.safetensors    items [S, 2S)
     ...
 
-A shard is written as ``.shard_00000.safetensors.tmp-XXXXXXXX``, flushed to disk and renamed, so a
-crash (kill -9, power loss, a full disk) leaves complete shards and temporaries, never a half shard
-under a shard's name. Running the same command again removes the temporaries and writes only the
+A shard is serialised in memory, written as ``.shard_00000.safetensors.tmp-XXXXXXXX``
+(:func:`selfflow.files.atomic_file`), flushed to disk and renamed, so a crash (kill -9, power loss, a
+full disk) leaves complete shards and temporaries, never a half shard under a shard's name, and no
+file but ours (safetensors' own ``save_file`` would write through a ``.tmpXXXXXX`` of its own that a
+kill leaves behind). Running the same command again removes the temporaries and writes only the
 missing shards. Item k always comes from seed ``seed + k`` and shards are generated in batches that
 start at the shard's first item, so a resumed set is bit-identical to an uninterrupted one.
 
-Kinds written by :func:`generate_set` (StableRep and reflow build on them):
-
-``images``  ``images`` uint8 (n, C, H, W) in 0..255, ``labels`` int64 (n,), ``seeds`` int64 (n,)
-``pairs``   ``noise`` float32 (n, C, H, W) = ε of each seed, ``samples`` float32 (n, C, H, W) =
-            the sampler's x0 (clipped to [-1, 1]), ``labels``, ``seeds`` — the (ε, x0) pairs of reflow
+What goes into a set is decided by its writer: :func:`selfflow.sets.generate_set` (generated images
+or reflow pairs) and :func:`selfflow.latents.encode_dataset` (autoencoder latents).
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-import uuid
+import re
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Optional
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
-from selfflow.checkpoint import fsync_dir, read_json
-from selfflow.data import DataError
+from selfflow.errors import ShardError
+from selfflow.files import atomic_file, read_json
 
 MANIFEST = "set.json"
 SHARD_NAME = "shard_{:05d}.safetensors"
 FORMAT = "selfflow-set"
-KINDS = ("images", "pairs")
-
-
-from selfflow.errors import ShardError  # noqa: E402,F401  (re-exported)
+# Temporaries a crash can leave: ours (atomic_file), and safetensors' own from older versions.
+_STALE = re.compile(r"^\.(shard_\d+\.safetensors|set\.json)\.tmp-[0-9a-f]{8}$|^\.tmp[A-Za-z0-9]{6}$")
 
 
 def shard_name(index: int) -> str:
     return SHARD_NAME.format(index)
 
 
-@contextlib.contextmanager
-def atomic_file(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling path; on success it is fsynced and renamed to ``path``."""
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        yield tmp
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if isinstance(exc, (OSError, SafetensorError)):
-            reason = getattr(exc, "strerror", None) or str(exc)
-            raise ShardError(f"could not write {path}: {reason}; the shards already written are untouched") from None
-        raise
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` (a temporary name of :func:`atomic_file`)."""
+    with open(path, "wb") as handle:
+        handle.write(data)
 
 
 def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: Optional[dict[str, str]] = None) -> None:
-    """Write one shard atomically (safetensors, contiguous CPU copies)."""
+    """Write one shard atomically (safetensors, contiguous CPU copies); ShardError naming it on failure."""
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    with atomic_file(path) as tmp:
-        save_file(flat, str(tmp), metadata=metadata)
+    try:
+        data = save(flat, metadata=metadata)
+        with atomic_file(path) as tmp:
+            write_bytes(tmp, data)
+    except (OSError, SafetensorError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise ShardError(f"could not write {path}: {reason}; the shards already written are untouched") from None
 
 
 def read_shard(path: Path) -> dict[str, torch.Tensor]:
@@ -147,11 +136,15 @@ class ShardSet:
                     "use another output folder, or the same settings to finish it"
                 )
         else:
-            with atomic_file(file) as tmp:
-                tmp.write_text(json.dumps(manifest, indent=2))
-        for stale in folder.glob(".shard_*.tmp-*"):  # left by a crash mid-write
-            with contextlib.suppress(OSError):
-                stale.unlink()
+            try:
+                with atomic_file(file) as tmp:
+                    write_bytes(tmp, json.dumps(manifest, indent=2).encode())
+            except OSError as exc:
+                raise ShardError(f"could not write {file}: {exc.strerror or exc}") from None
+        for stale in folder.iterdir():  # left by a crash mid-write
+            if _STALE.match(stale.name):
+                with contextlib.suppress(OSError):
+                    stale.unlink()
         return shards
 
     def write(self, index: int, tensors: dict[str, torch.Tensor]) -> Path:
@@ -201,70 +194,3 @@ def _read_manifest(file: Path) -> dict:
     if data.get("format") != FORMAT:
         raise ShardError(f"{file}: not a {FORMAT} manifest")
     return data
-
-
-# --------------------------------------------------------------------------------------------
-# generating a set from a model
-# --------------------------------------------------------------------------------------------
-def generate_set(
-    model,
-    folder: str | os.PathLike,
-    *,
-    num: int,
-    shard_size: int = 1000,
-    kind: str = "images",
-    seed: int = 0,
-    labels: Optional[Sequence[int]] = None,
-    sampler: str = "euler",
-    steps: int = 50,
-    cfg_scale: float = 1.0,
-    batch_size: int = 256,
-    device: str | torch.device = "cpu",
-    autocast_dtype: Optional[torch.dtype] = None,
-    source: Optional[dict] = None,
-    on_shard: Optional[Callable[[int, Path], None]] = None,
-) -> ShardSet:
-    """Generate ``num`` items from ``model`` into ``folder``, skipping shards already there.
-
-    Item k uses seed ``seed + k`` and label ``labels[k % len(labels)]`` (default: ``(seed + k) mod
-    num_classes``, as :func:`selfflow.sampling.generate` does). ``source`` (e.g. the checkpoint
-    path and weights) is recorded in ``set.json``. ``on_shard(index, path)`` is called after
-    each shard is written.
-    """
-    from selfflow.sampling import generate, noise_for_seeds
-
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    for name, value in (("num", num), ("shard_size", shard_size), ("steps", steps), ("batch_size", batch_size)):
-        if value <= 0:
-            raise ValueError(f"{name} must be positive, got {value}")
-    image_shape = (model.in_channels, model.image_size, model.image_size)
-    num_classes = int(getattr(model, "num_classes", 0) or 0)
-    manifest = {
-        "kind": kind, "num": num, "shard_size": shard_size, "seed": seed, "sampler": sampler, "steps": steps,
-        "cfg_scale": cfg_scale, "batch_size": batch_size, "image_shape": list(image_shape), "num_classes": num_classes,
-        "labels": list(labels) if labels is not None else "seed mod num_classes", "source": source or {},
-    }
-    shards = ShardSet.create_or_resume(folder, manifest)
-    for index in shards.pending():
-        start, stop = shards.item_range(index)
-        seeds = list(range(seed + start, seed + stop))
-        shard_labels = None
-        if labels is not None:
-            shard_labels = torch.tensor([labels[k % len(labels)] for k in range(start, stop)], dtype=torch.int64)
-        result = generate(
-            model, num_samples=stop - start, seeds=seeds, labels=shard_labels, sampler=sampler, steps=steps,
-            cfg_scale=cfg_scale, batch_size=batch_size, device=device, image_shape=image_shape,
-            autocast_dtype=autocast_dtype, progress=False,
-        )
-        out_labels = result.labels if result.labels is not None else torch.full((stop - start,), -1, dtype=torch.int64)
-        tensors = {"labels": out_labels.to(torch.int64), "seeds": torch.tensor(seeds, dtype=torch.int64)}
-        if kind == "images":
-            tensors["images"] = ((result.images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-        else:
-            tensors["noise"] = noise_for_seeds(seeds, image_shape).float().cpu()
-            tensors["samples"] = result.images.float()
-        path = shards.write(index, tensors)
-        if on_shard is not None:
-            on_shard(index, path)
-    return shards

@@ -1,5 +1,5 @@
-"""Tests for selfflow.data and selfflow.data_fetch: loaders, validation errors, index stream,
-and a verified download from a local HTTP server."""
+"""Tests for selfflow.data: loaders (digits, IDX sets named and generic, folders, npz), validation
+errors, the index stream, and verified downloads from a local HTTP server."""
 
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
-from selfflow import data_fetch
-from selfflow.data import (MNIST_SHA256, DataError, ImageDataset, IndexStream, load_dataset,
+from selfflow.data import (MNIST_SHA256, NAMED_SETS, DataError, ImageDataset, IndexStream, load_dataset,
                            load_mnist, read_idx)
+from selfflow.data import fetch as data_fetch
+from selfflow.data.idx import NamedSet
 
 SHARED_MNIST = Path("/work/shared/data/mnist")
 needs_mnist = pytest.mark.skipif(
@@ -84,7 +85,7 @@ def test_digits_resize_and_channels():
 
 
 def test_unknown_name_split_and_arguments():
-    with pytest.raises(DataError, match="known: digits, mnist, folder, npz"):
+    with pytest.raises(DataError, match="known: digits, mnist, fashion-mnist, idx, folder, npz"):
         load_dataset("cifar")
     with pytest.raises(DataError, match="unknown split 'val'"):
         load_dataset("digits", split="val")
@@ -133,7 +134,7 @@ def test_mnist_format_without_shared_copy(tmp_path):
         load_dataset("mnist", tmp_path, split="test")
     # Label count must match image count.
     (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(np.zeros(3))))
-    with pytest.raises(DataError, match="4 images but t10k-labels-idx1-ubyte has 3 labels"):
+    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte\.gz: 3 labels for the 4 images of t10k-images"):
         load_mnist(tmp_path, "test", sha256=None)
 
 
@@ -199,6 +200,105 @@ def test_mnist_corrupt_copies_name_the_file(tmp_path):
     (tmp_path / labels).unlink()
     with pytest.raises(DataError, match=rf"missing {labels}\.gz"):
         load_dataset("mnist", tmp_path, split="test")
+
+
+# ------------------------------------------------------------------ any IDX pair; Fashion-MNIST
+
+def test_generic_idx_pair_loads_exact_pixels_and_labels(tmp_path):
+    rng = np.random.default_rng(3)
+    train_images = rng.integers(0, 256, (7, 5, 5)).astype(np.uint8)
+    train_labels = np.array([0, 4, 2, 4, 1, 3, 0], dtype=np.uint8)
+    test_images = rng.integers(0, 256, (2, 5, 5)).astype(np.uint8)
+    (tmp_path / "kmnist-train-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx_bytes(train_images)))
+    (tmp_path / "kmnist-train-labels-idx1-ubyte").write_bytes(idx_bytes(train_labels))  # raw beside gzip
+    (tmp_path / "kmnist-t10k-images-idx3-ubyte").write_bytes(idx_bytes(test_images))
+    (tmp_path / "kmnist-t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(np.array([6, 1]))))
+    train = load_dataset("idx", tmp_path)
+    assert train.shape == (1, 5, 5) and train.name == "idx" and len(train) == 7
+    assert torch.equal(train.images[:, 0], torch.from_numpy(train_images))
+    assert train.labels.tolist() == [0, 4, 2, 4, 1, 3, 0]
+    assert train.num_classes == 7  # label 6 of the test split counts: both splits agree
+    both = load_dataset("idx", tmp_path, split="all")
+    assert len(both) == 9 and both.labels.tolist()[-2:] == [6, 1] and both.num_classes == 7
+    assert torch.equal(both.images[7:, 0], torch.from_numpy(test_images))
+
+
+def test_generic_idx_errors_name_the_file(tmp_path, capsys):
+    from selfflow.cli import main
+
+    images = np.zeros((7, 5, 5), dtype=np.uint8)
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(idx_bytes(images)[:-3])  # truncated
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(idx_bytes(np.arange(7)))
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte: truncated: header says 7x5x5"):
+        load_dataset("idx", tmp_path)
+    out = tmp_path / "run"
+    code = main(["train", "--set", "data.name=idx", "--set", f"data.path={tmp_path}", "--set", f"train.out_dir={out}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "train-images-idx3-ubyte: truncated" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x07" + idx_bytes(images)[4:])
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte: IDX header says 7 dimensions, expected 3"):
+        load_dataset("idx", tmp_path)
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(idx_bytes(images))
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(idx_bytes(np.arange(6)))
+    with pytest.raises(DataError, match=r"train-labels-idx1-ubyte: 6 labels for the 7 images"):
+        load_dataset("idx", tmp_path)
+    (tmp_path / "train-labels-idx1-ubyte").unlink()
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte: no labels file beside it \(expected train-labels"):
+        load_dataset("idx", tmp_path)
+    with pytest.raises(DataError, match=r"no test IDX images"):
+        load_dataset("idx", tmp_path, split="test")
+
+
+def fashion_blobs() -> dict[str, bytes]:
+    """Fashion-MNIST-shaped .gz files; its published hashes are of the .gz files, so these are too."""
+    return {stem: gzip.compress(blob, mtime=0) for stem, blob in fake_mnist_blobs().items()}
+
+
+def test_fashion_mnist_is_checked_against_the_gzip_hashes(tmp_path, monkeypatch):
+    blobs = fashion_blobs()
+    for stem, blob in blobs.items():
+        (tmp_path / f"{stem}.gz").write_bytes(blob)
+    # The published hashes refuse these stand-ins, naming the file.
+    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte\.gz: sha256 of the file is [0-9a-f]{64}, "
+                                        r"expected 346e55b9.*fashion-mnist"):
+        load_dataset("fashion-mnist", tmp_path, split="test")
+    assert len(load_dataset("idx", tmp_path, split="test")) == 4  # as a plain IDX pair: unchecked
+
+    named = NAMED_SETS["fashion-mnist"]
+    monkeypatch.setitem(NAMED_SETS, "fashion-mnist", NamedSet(named.name, hashes_of(blobs), "gzip", named.class_names))
+    data = load_dataset("fashion-mnist", tmp_path, split="all")
+    assert len(data) == 10 and data.num_classes == 10 and data.class_names[9] == "Ankle boot"
+    # A raw copy cannot be checked against hashes of .gz files: refused with the way out.
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").rename(tmp_path / "t10k-labels-idx1-ubyte.gz.bak")
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(gzip.decompress(blobs["t10k-labels-idx1-ubyte"]))
+    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte: fashion-mnist's published sha256 values are of the \.gz"):
+        load_dataset("fashion-mnist", tmp_path, split="test")
+
+
+def test_fetch_fashion_mnist_from_a_local_server(http_folder, tmp_path, monkeypatch, capsys):
+    from selfflow.cli import main
+
+    served, url, requests = http_folder
+    blobs = fashion_blobs()
+    for stem, blob in blobs.items():
+        (served / f"{stem}.gz").write_bytes(blob)
+    dest = tmp_path / "fashion"
+    # The published hashes refuse the stand-ins: exit status 1, nothing under a real name.
+    assert main(["data", "fetch", "fashion-mnist", "--to", str(dest), "--base-url", url]) == 1
+    assert "sha256 mismatch: the file has" in capsys.readouterr().err
+    assert not [p for p in dest.iterdir()]
+    named = NAMED_SETS["fashion-mnist"]
+    monkeypatch.setitem(NAMED_SETS, "fashion-mnist", NamedSet(named.name, hashes_of(blobs), "gzip", named.class_names))
+    assert main(["data", "fetch", "fashion-mnist", "--to", str(dest), "--base-url", url]) == 0
+    assert "fashion-mnist ready" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in dest.iterdir()} == {f"{s}.gz": b for s, b in blobs.items()}
+    assert len(load_dataset("fashion-mnist", dest, split="train")) == 6
+    count = len(requests)
+    assert main(["data", "fetch", "fashion-mnist", "--to", str(dest), "--base-url", url]) == 0
+    assert len(requests) == count  # present and valid: nothing downloaded again
+    assert data_fetch.MIRRORS["fashion-mnist"][0].startswith("https://")
 
 
 # ------------------------------------------------------------------ folder
@@ -409,18 +509,18 @@ def test_fetch_downloads_verifies_and_skips(http_folder, tmp_path):
     dest = tmp_path / "dest"
     lines = []
     # The first mirror is missing every file (404); the second one serves them.
-    paths = data_fetch.fetch_mnist(dest, [url + "nowhere/", url], timeout=5,
-                                   sha256=hashes_of(blobs), log=lines.append)
+    paths = data_fetch.fetch_set("mnist", dest, [url + "nowhere/", url], timeout=5,
+                                 sha256=hashes_of(blobs), log=lines.append)
     assert sorted(p.name for p in paths) == sorted(f"{s}.gz" for s in blobs)
     assert sorted(p.name for p in dest.iterdir()) == sorted(f"{s}.gz" for s in blobs)
     assert len(requests) == 8 and all("downloaded" in line for line in lines)
     assert len(load_mnist(dest, "all", sha256=hashes_of(blobs))) == 10
 
-    data_fetch.fetch_mnist(dest, url, timeout=5, sha256=hashes_of(blobs))
+    data_fetch.fetch_set("mnist", dest, url, timeout=5, sha256=hashes_of(blobs))
     assert len(requests) == 8  # everything present and valid: nothing downloaded again
 
     (dest / "train-labels-idx1-ubyte.gz").write_bytes(b"broken")
-    data_fetch.fetch_mnist(dest, url, timeout=5, sha256=hashes_of(blobs))
+    data_fetch.fetch_set("mnist", dest, url, timeout=5, sha256=hashes_of(blobs))
     assert requests[8:] == ["/train-labels-idx1-ubyte.gz"]  # only the broken file again
     assert len(load_mnist(dest, "train", sha256=hashes_of(blobs))) == 6
 
@@ -434,7 +534,7 @@ def test_fetch_rejects_corrupt_file_and_leaves_nothing(http_folder, tmp_path, mo
         "t10k-images-idx3-ubyte"][:-1] + b"\x01"))  # one byte changed
     dest = tmp_path / "dest"
     with pytest.raises(data_fetch.FetchError, match="t10k-images-idx3-ubyte.gz.*sha256 mismatch"):
-        data_fetch.fetch_mnist(dest, url, timeout=5, sha256=hashes_of(blobs))
+        data_fetch.fetch_set("mnist", dest, url, timeout=5, sha256=hashes_of(blobs))
     left = sorted(p.name for p in dest.iterdir())
     assert "t10k-images-idx3-ubyte.gz" not in left
     assert not [name for name in left if name.endswith(".part")]
@@ -442,7 +542,7 @@ def test_fetch_rejects_corrupt_file_and_leaves_nothing(http_folder, tmp_path, mo
     # A truncated gzip is rejected too, and main_fetch reports it as exit status 1.
     (served / "t10k-images-idx3-ubyte.gz").write_bytes(
         gzip.compress(blobs["t10k-images-idx3-ubyte"])[:20])
-    monkeypatch.setattr(data_fetch, "MNIST_SHA256", hashes_of(blobs))
+    monkeypatch.setitem(NAMED_SETS, "mnist", NamedSet("mnist", hashes_of(blobs), "content", NAMED_SETS["mnist"].class_names))
     assert data_fetch.main_fetch("mnist", str(dest), base_url=url) == 1
     assert not [p for p in dest.iterdir() if p.name.startswith(".") or "t10k-images" in p.name]
     assert data_fetch.main_fetch("imagenet", str(dest)) == 2

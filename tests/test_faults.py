@@ -95,23 +95,25 @@ def _train_child(raw, kill, log_path):
 
 
 def _set_child(model_dir, out, kill_at_shard, log_path):
+    """Generate a set; ``kill_at_shard`` = k makes the process SIGKILL itself halfway through writing shard k."""
     _quiet(log_path)
-    from selfflow import shards
+    from selfflow import sets, shards
     from selfflow.model import DiT
 
     if kill_at_shard is not None:
-        original = shards.save_file
+        original = shards.write_bytes
 
-        def save_file(tensors, path, metadata=None):
-            original(tensors, path, metadata=metadata)
-            if metadata and json.loads(metadata["shard"])["index"] == kill_at_shard:
-                with open(path, "r+b") as handle:
-                    handle.truncate(os.path.getsize(path) // 2)
+        def write_bytes(path, data):
+            if Path(path).name.startswith(f".{shards.shard_name(kill_at_shard)}.tmp-"):
+                with open(path, "wb") as handle:  # half the shard on disk, then the kill
+                    handle.write(data[: len(data) // 2])
+                    handle.flush()
                 _die()
+            original(path, data)
 
-        shards.save_file = save_file
+        shards.write_bytes = write_bytes
     model = DiT.from_pretrained(model_dir, weights="ema.safetensors")
-    shards.generate_set(model, out, num=40, shard_size=8, seed=3, sampler="heun", steps=3, batch_size=5)
+    sets.generate_set(model, out, num=40, shard_size=8, seed=3, sampler="heun", steps=3, batch_size=5)
 
 
 _CONTEXT = None
@@ -123,7 +125,7 @@ def _context():
         _CONTEXT = multiprocessing.get_context("forkserver")
         # torch._dynamo: the optimizer imports it lazily, and it is most of a child's start-up.
         _CONTEXT.set_forkserver_preload(["torch", "torch._dynamo", "tqdm.auto", "selfflow.trainer", "selfflow.methods.flow_matching",
-                                         "selfflow.shards", "selfflow.sampling", "sklearn.datasets"])
+                                         "selfflow.shards", "selfflow.sets", "selfflow.sampling", "sklearn.datasets"])
     return _CONTEXT
 
 
@@ -392,7 +394,16 @@ def test_disk_full_during_set_generation_keeps_whole_shards(reference, tmp_path,
     model_dir = ckpt.latest_checkpoint(root / "reference" / "checkpoints")
     out = tmp_path / "set"
     args = ["generate-set", "--ckpt", str(model_dir), "--out", str(out), "--n", "12", "--shard-size", "4", "--steps", "2", "--device", "cpu"]
-    _full_disk(monkeypatch, shards, after_calls=1)
+    original, calls = shards.write_bytes, [0]
+
+    def full(path, data):  # the second shard finds the disk full halfway through
+        calls[0] += 1
+        if calls[0] <= 2:  # set.json, shard 0
+            return original(path, data)
+        original(path, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(shards, "write_bytes", full)
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "No space left on device" in err and "shard_00001.safetensors" in err and "Traceback" not in err

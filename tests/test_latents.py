@@ -15,10 +15,9 @@ import torch
 
 from selfflow.cli import main
 from selfflow.data import DataError, load_dataset
-from selfflow.latents import (
-    DiffusersAutoencoder, LatentDataset, SmallAutoencoderConfig, encode_dataset, load_autoencoder, load_latents, sample_latents,
-    train_small_autoencoder,
-)
+from selfflow.autoencoders import DiffusersAutoencoder, SmallAutoencoderConfig, load_autoencoder, train_small_autoencoder
+from selfflow.data import LatentDataset, load_latents
+from selfflow.latents import encode_dataset
 
 
 @pytest.fixture(scope="module")
@@ -97,12 +96,15 @@ def test_latent_samples_are_not_clipped():
     """A model that predicts v = 0 leaves each item at its seed's noise, values beyond ±1 included."""
     from selfflow.config import ModelConfig
     from selfflow.model import DiT
-    from selfflow.sampling import noise_for_seeds
+    from selfflow.sampling import generate, noise_for_seeds
 
     model = DiT(ModelConfig(size="tiny", depth=1, hidden_size=32, num_heads=2, image_size=4, in_channels=4, num_classes=3))
-    latents = sample_latents(model, [7, 8, 9], torch.tensor([0, 1, 2]), steps=3, batch_size=2)
-    assert torch.equal(latents, noise_for_seeds([7, 8, 9], (4, 4, 4)))
-    assert latents.abs().max() > 1
+    options = dict(num_samples=3, seeds=[7, 8, 9], labels=torch.tensor([0, 1, 2]), steps=3, batch_size=2, image_shape=(4, 4, 4),
+                   progress=False)
+    latents = generate(model, clip=False, **options).images
+    noise = noise_for_seeds([7, 8, 9], (4, 4, 4))
+    assert torch.equal(latents, noise) and latents.abs().max() > 1
+    assert torch.equal(generate(model, **options).images, noise.clamp(-1, 1))  # pixels are clipped
 
 
 def test_npy_latents_and_nan(tmp_path, capsys):

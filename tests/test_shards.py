@@ -1,4 +1,5 @@
-"""Generated sets: atomic shards, resumable generation, the same set whatever the interruptions."""
+"""Shard sets (selfflow.shards) and generated sets (selfflow.sets): atomic shards, resumable generation,
+the same set whatever the interruptions."""
 import errno
 import json
 import os
@@ -6,7 +7,7 @@ import os
 import pytest
 import torch
 
-from selfflow import shards
+from selfflow import sets, shards
 from selfflow.config import ModelConfig
 from selfflow.model import DiT
 
@@ -43,12 +44,12 @@ def test_a_different_set_in_the_same_folder_is_refused(tmp_path):
 def test_a_failed_write_leaves_no_shard_and_no_temporary(tmp_path, monkeypatch):
     layout = shards.ShardSet.create_or_resume(tmp_path, {"kind": "images", "num": 2, "shard_size": 2})
 
-    def full(tensors, path, metadata=None):
+    def full(path, data):
         with open(path, "wb") as handle:
-            handle.write(b"half")
+            handle.write(data[: len(data) // 2])
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(shards, "save_file", full)
+    monkeypatch.setattr(shards, "write_bytes", full)
     with pytest.raises(shards.ShardError, match="shard_00000.safetensors: No space left on device"):
         layout.write(0, {"x": torch.zeros(2)})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["set.json"]
@@ -56,13 +57,17 @@ def test_a_failed_write_leaves_no_shard_and_no_temporary(tmp_path, monkeypatch):
 
 def test_resumed_generation_equals_uninterrupted(model, tmp_path):
     options = dict(num=10, shard_size=4, seed=100, sampler="euler", steps=3, batch_size=3)
-    whole = shards.generate_set(model, tmp_path / "whole", **options)
-    part = shards.generate_set(model, tmp_path / "part", **options)
+    whole = sets.generate_set(model, tmp_path / "whole", **options)
+    part = sets.generate_set(model, tmp_path / "part", **options)
     (tmp_path / "part" / "shard_00001.safetensors").unlink()
-    (tmp_path / "part" / ".shard_00001.safetensors.tmp-deadbeef").write_bytes(b"left by a crash")
+    left = [".shard_00001.safetensors.tmp-deadbeef", ".set.json.tmp-0123abcd", ".tmpAb12Cd"]  # ours, and old safetensors'
+    for name in left:
+        (tmp_path / "part" / name).write_bytes(b"left by a crash")
+    (tmp_path / "part" / "notes.txt").write_text("a user's file stays")
     written = []
-    shards.generate_set(model, tmp_path / "part", **options, on_shard=lambda i, p: written.append(i))
+    sets.generate_set(model, tmp_path / "part", **options, on_shard=lambda i, p: written.append(i))
     assert written == [1]
+    assert sorted(p.name for p in (tmp_path / "part").iterdir()) == sorted([p.name for p in (tmp_path / "whole").iterdir()] + ["notes.txt"])
     for name in ("shard_00000.safetensors", "shard_00001.safetensors", "shard_00002.safetensors", "set.json"):
         assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "part" / name).read_bytes()
     data = whole.read_all()
@@ -74,7 +79,7 @@ def test_resumed_generation_equals_uninterrupted(model, tmp_path):
 def test_pairs_hold_each_seeds_noise_and_its_sample(model, tmp_path):
     from selfflow.sampling import generate, noise_for_seeds
 
-    pairs = shards.generate_set(model, tmp_path, num=5, shard_size=5, kind="pairs", seed=7, steps=2, labels=[3])
+    pairs = sets.generate_set(model, tmp_path, num=5, shard_size=5, kind="pairs", seed=7, steps=2, labels=[3])
     data = pairs.read_all()
     assert torch.equal(data["noise"], noise_for_seeds(range(7, 12), (1, 8, 8)))
     reference = generate(model, num_samples=5, seeds=range(7, 12), labels=torch.full((5,), 3), steps=2, image_shape=(1, 8, 8), progress=False)
@@ -94,3 +99,25 @@ def test_generate_set_command(model, tmp_path, capsys):
     assert data["labels"].tolist() == [1, 2, 1, 2, 1, 2]
     assert main(args) == 0 and "wrote" not in capsys.readouterr().out  # nothing left to do
     assert main([*args[:-4], "--labels", "12", "--device", "cpu"]) == 2
+
+
+def test_generated_images_are_the_samples_in_uint8(model, tmp_path, capsys):
+    from selfflow.imageio import to_uint8
+    from selfflow.sampling import generate
+
+    data = sets.generate_set(model, tmp_path, num=6, shard_size=4, seed=2, steps=2, progress=True).read_all()
+    reference = generate(model, num_samples=6, seeds=range(2, 8), steps=2, image_shape=(1, 8, 8), progress=False)
+    assert torch.equal(data["images"], to_uint8(reference.images))
+    assert torch.equal(data["images"], ((reference.images + 1) * 127.5).round().to(torch.uint8))
+    bar = capsys.readouterr().err
+    assert "generating images" in bar and "6/6" in bar and "img/s" in bar
+
+
+def test_to_uint8_and_back():
+    from selfflow.imageio import to_uint8, uint8_to_float
+
+    x = torch.tensor([-2.0, -1.0, -0.5, 0.0, 0.999, 1.0, 3.0])
+    assert to_uint8(x).tolist() == [0, 0, 64, 128, 255, 255, 255]  # 63.75 -> 64, 127.5 -> 128 (half to even)
+    pixels = torch.arange(256, dtype=torch.uint8)
+    assert torch.equal(to_uint8(uint8_to_float(pixels)), pixels)
+    assert uint8_to_float(pixels)[[0, 255]].tolist() == [-1.0, 1.0]
