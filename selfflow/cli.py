@@ -74,7 +74,7 @@ def _add_generate_set(sub) -> None:
 
 def _add_encode_latents(sub) -> None:
     p = sub.add_parser("encode-latents", help="encode a data set with a local autoencoder into latent shards (resumable)")
-    p.add_argument("--data", default="folder", help="digits | mnist | folder | npz")
+    p.add_argument("--data", default="folder", help="digits | mnist | fashion-mnist | idx | folder | npz")
     p.add_argument("--data-path", default=None)
     p.add_argument("--split", default="train")
     p.add_argument("--image-size", type=int, default=None, help="resize images to this size first (e.g. 256)")
@@ -100,9 +100,9 @@ def _add_data(sub) -> None:
     p = sub.add_parser("data", help="data set tools")
     dsub = p.add_subparsers(dest="data_command", required=True)
     f = dsub.add_parser("fetch", help="download a data set with hash checks")
-    f.add_argument("name", choices=["mnist"])
+    f.add_argument("name", choices=["mnist", "fashion-mnist"])
     f.add_argument("--to", required=True, help="destination folder")
-    f.add_argument("--base-url", default=None, help="mirror to download from (default: the usual MNIST mirrors)")
+    f.add_argument("--base-url", default=None, help="mirror to download from (default: the set's usual mirrors)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,7 +155,7 @@ def cmd_sample(args) -> int:
     import torch
 
     from selfflow.config import ConfigError
-    from selfflow.imageio import save_grid
+    from selfflow.imageio import save_grid, to_uint8
     from selfflow.model import load_generator
     from selfflow.sampling import generate, parse_labels
     from selfflow.trainer import resolve_device
@@ -179,7 +179,7 @@ def cmd_sample(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     save_grid(result.images, out / "grid.png")
-    pixels = ((result.images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    pixels = to_uint8(result.images).numpy()
     np.savez(out / "samples.npz", images=pixels, labels=(result.labels.numpy() if result.labels is not None else np.zeros(0)), seeds=np.array(seeds))
     info = {
         "checkpoint": str(folder), "weights": args.weights, "n": args.n, "sampler": args.sampler, "steps": args.steps,
@@ -215,14 +215,15 @@ def _sample_latent_model(args, model, folder, device, labels, seeds, autoencoder
     import numpy as np
     import torch
 
-    from selfflow.checkpoint import save_tensors
-    from selfflow.imageio import save_grid
-    from selfflow.latents import load_autoencoder, sample_latents
+    from selfflow.autoencoders import decode_latents, load_autoencoder
+    from selfflow.files import save_tensors
+    from selfflow.imageio import save_grid, to_uint8
+    from selfflow.sampling import generate
 
-    if labels is None and model.num_classes:
-        labels = torch.tensor(seeds, dtype=torch.long) % model.num_classes
-    latents = sample_latents(model, seeds, labels, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
-                             batch_size=args.batch_size, device=device)
+    result = generate(model, num_samples=len(seeds), seeds=seeds, labels=labels, sampler=args.sampler, steps=args.steps,
+                      cfg_scale=args.cfg_scale, batch_size=args.batch_size, device=device, clip=False,
+                      image_shape=(model.in_channels, model.image_size, model.image_size))
+    latents, labels = result.images, result.labels
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {"latents": latents, "seeds": torch.tensor(seeds, dtype=torch.int64)}
@@ -231,12 +232,9 @@ def _sample_latent_model(args, model, folder, device, labels, seeds, autoencoder
     save_tensors(tensors, out / "latents.safetensors")
     written = [out / "latents.safetensors"]
     if autoencoder:
-        decoder = load_autoencoder(autoencoder, device)
-        with torch.no_grad():
-            images = torch.cat([decoder.decode(latents[i:i + args.batch_size].to(device)).float().clamp(-1, 1).cpu()
-                                for i in range(0, len(latents), args.batch_size)])
+        images = decode_latents(load_autoencoder(autoencoder, device).decode, latents, args.batch_size, device)
         save_grid(images, out / "grid.png")
-        pixels = ((images + 1) * 127.5).round().to(torch.uint8).numpy()
+        pixels = to_uint8(images).numpy()
         np.savez(out / "samples.npz", images=pixels, labels=(labels.numpy() if labels is not None else np.zeros(0)), seeds=np.array(seeds))
         written += [out / "grid.png", out / "samples.npz"]
     info = {"checkpoint": str(folder), "weights": args.weights, "n": args.n, "sampler": args.sampler, "steps": args.steps,
@@ -261,7 +259,7 @@ def cmd_generate_set(args) -> int:
     from selfflow.config import ConfigError
     from selfflow.model import load_generator
     from selfflow.sampling import parse_labels
-    from selfflow.shards import generate_set
+    from selfflow.sets import generate_set
     from selfflow.trainer import resolve_device
 
     for name in ("n", "shard_size"):
@@ -275,7 +273,7 @@ def cmd_generate_set(args) -> int:
     shards = generate_set(
         model, args.out, num=args.n, shard_size=args.shard_size, kind=args.kind, seed=args.seed, labels=labels,
         sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale, batch_size=args.batch_size, device=device,
-        source=source, on_shard=lambda index, path: print(f"wrote {path}", flush=True),
+        source=source, on_shard=lambda index, path: print(f"wrote {path}", flush=True), progress=True,
     )
     print(f"set complete: {args.out} ({shards.num} items in {shards.num_shards} shards)")
     return 0
@@ -285,8 +283,9 @@ def cmd_encode_latents(args) -> int:
     import torch
 
     from selfflow.config import ConfigError
+    from selfflow.autoencoders import load_autoencoder
     from selfflow.data import load_dataset
-    from selfflow.latents import encode_dataset, load_autoencoder
+    from selfflow.latents import encode_dataset
     from selfflow.trainer import resolve_device
 
     for name in ("shard_size", "batch_size"):
@@ -299,7 +298,7 @@ def cmd_encode_latents(args) -> int:
     shards = encode_dataset(
         dataset, autoencoder, args.out, autoencoder_dir=args.autoencoder, shard_size=args.shard_size, batch_size=args.batch_size,
         posterior=args.posterior, seed=args.seed, dtype=getattr(torch, args.dtype), device=device,
-        on_shard=lambda index, path: print(f"wrote {path}", flush=True),
+        on_shard=lambda index, path: print(f"wrote {path}", flush=True), progress=True,
     )
     shape = "x".join(str(v) for v in shards.manifest["latent_shape"])
     print(f"latents complete: {args.out} ({shards.num} items of {shape}); train with data.name=latents data.path={args.out}")
@@ -315,7 +314,7 @@ def cmd_quickstart(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from selfflow.data_fetch import main_fetch
+    from selfflow.data.fetch import main_fetch
 
     return main_fetch(args.name, args.to, args.base_url)
 
