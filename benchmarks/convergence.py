@@ -84,7 +84,7 @@ def fd_network(args, train, test, work: Path, device: torch.device):
 
 
 def reference_stats(args, net, train, test, work: Path):
-    from selfflow.evaluation.fid import FeatureStats, compute_stats
+    from selfflow.evaluation import FeatureStats, compute_stats
 
     path = work / f"reference_{net.weights_sha256()[:16]}.npz"
     if path.is_file():
@@ -139,7 +139,7 @@ def build_config(args, method: str, seed: int, out_dir: Path, encoder_path: str 
 @torch.no_grad()
 def evaluate(args, model, net, reference, device) -> dict:
     from selfflow.evaluation.feature_net import conditional_accuracy
-    from selfflow.evaluation.fid import compute_stats
+    from selfflow.evaluation import compute_stats
     from selfflow.sampling import generate
 
     result = generate(

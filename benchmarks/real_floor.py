@@ -17,7 +17,7 @@ import torch
 
 from harness import env_threads, write_result
 from selfflow.data import load_dataset
-from selfflow.evaluation.cli import cache_root, feature_net_for
+from selfflow.evaluation import cache_root, feature_net_for
 from selfflow.evaluation.metrics import evaluate
 
 

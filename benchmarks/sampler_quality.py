@@ -17,7 +17,7 @@ from harness import DOCS, env_threads, write_result
 from selfflow.model import load_generator
 from selfflow.data import load_dataset
 from selfflow.evaluation.feature_net import train_feature_net
-from selfflow.evaluation.fid import FeatureStats, extract_features
+from selfflow.evaluation import FeatureStats, extract_features
 from selfflow.sampling import generate
 
 

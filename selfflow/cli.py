@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:
         pass
     else:
-        add_eval_parser(sub)
+        add_sampling_arguments(add_eval_parser(sub))
     return parser
 
 

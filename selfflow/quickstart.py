@@ -79,7 +79,7 @@ def _quality(images: torch.Tensor, labels: torch.Tensor | None, device, classifi
     """FD_dom against the digits test split and classifier accuracy of the samples."""
     try:
         from selfflow.evaluation.feature_net import conditional_accuracy, train_feature_net
-        from selfflow.evaluation.fid import FeatureStats, extract_features
+        from selfflow.evaluation import FeatureStats, extract_features
     except ImportError:
         return {}
     from selfflow.data import load_dataset

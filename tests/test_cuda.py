@@ -89,7 +89,7 @@ def _inception_file() -> Path | None:
 
 def test_inception_features_on_cuda_match_cpu():
     from selfflow.data import load_dataset
-    from selfflow.evaluation.fid import FeatureStats, load_inception
+    from selfflow.evaluation import FeatureStats, load_inception
 
     path = _inception_file()
     if path is None:

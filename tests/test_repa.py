@@ -113,7 +113,7 @@ def test_feature_net_encoder_gives_spatial_maps(digits_encoder):
     assert load_encoder("feature_net", str(digits_encoder)).feature_dim == 24  # default: last block
 
 
-@pytest.mark.skipif(not INCEPTION.is_file(), reason="needs ../shared/models/fid_inception_v3_fp16.pt")
+@pytest.mark.skipif(not INCEPTION.is_file(), reason="needs a local fid_inception_v3_fp16.pt")
 def test_inception_encoder_exposes_spatial_features():
     spatial = InceptionEncoder(INCEPTION, layer="mixed_7", input_size=75)
     assert spatial.feature_dim == 768
@@ -150,5 +150,5 @@ def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="encoder_input_size"):
         config_from_dict({"method": {"name": "repa", "encoder": "feature_net", "encoder_input_size": 128}})
     config = config_from_dict({"method": {"name": "repa", "encoder_path": str(tmp_path / "missing")}})
-    with pytest.raises(ConfigError, match="python -m selfflow.encoders train"):
+    with pytest.raises(ConfigError, match="selfflow eval train-feature-net"):
         Repa(config.method, tiny_model())

@@ -3,26 +3,35 @@
     selfflow eval --ckpt runs/x --metrics fid,fd_dom,pr,acc --n 10000 --out eval.json
     selfflow eval --samples samples/samples.npz --ckpt runs/x --metrics fd_dom,pr
     selfflow eval train-feature-net --data mnist --data-path data/mnist --out nets/mnist
+
+Sampler, steps, guidance and batch size default to the checkpoint run's own ``sample`` section
+(``selfflow.cli`` adds those flags to this parser); the report records the values used.
+This module imports nothing from ``selfflow.cli`` or ``selfflow.trainer``.
 """
 from __future__ import annotations
 
 import json
-import os
+import zlib
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from selfflow.errors import ConfigError, DataError
+from selfflow.evaluation.stats_cache import cache_root
 
-def cache_root() -> Path:
-    return Path(os.environ.get("SELFFLOW_CACHE", Path.home() / ".cache" / "selfflow"))
+__all__ = ["add_eval_parser", "cmd_eval", "load_samples", "cache_root"]
 
 
-def add_eval_parser(sub) -> None:
+def add_eval_parser(sub):
+    """Add the ``eval`` sub-command to ``sub`` and return its parser."""
     p = sub.add_parser("eval", help="evaluate a model: FID, FD_dom, precision/recall, class accuracy, speed")
     p.add_argument("action", nargs="?", default="run", choices=["run", "train-feature-net"],
-                   help="run (default): evaluate; train-feature-net: train the FD_dom classifier")
+                   help="run (default): evaluate; train-feature-net: train the FD_dom classifier "
+                        "(or, with other --widths/--seed, REPA's feature_net encoder)")
     p.add_argument("--ckpt", help="checkpoint, run or exported model folder")
-    p.add_argument("--samples", help="evaluate these samples (.npz from `selfflow sample`) instead of generating")
+    p.add_argument("--samples", help="evaluate these samples (.npz: 'images' (N,H,W), (N,H,W,C) or (N,C,H,W), "
+                                     "uint8 or float in [-1, 1]; optional 'labels' (N,)) instead of generating")
     p.add_argument("--metrics", default="fd_dom,pr,acc", help="comma-separated: fid, fd_dom, pr, acc")
     p.add_argument("--n", type=int, default=10000, help="generated images")
     p.add_argument("--data", default=None, help="reference data set (default: the checkpoint's)")
@@ -31,76 +40,107 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--num-reference", type=int, default=None, help="first K reference images (default: all)")
     p.add_argument("--feature-net", default=None, help="FD_dom classifier folder (default: trained once and cached)")
     p.add_argument("--inception", default=None, help="Inception FID weights (TorchScript .pt)")
-    p.add_argument("--sampler", default="euler")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--cfg-scale", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0,
+                   help="image k uses seed (seed + k); train-feature-net: the training seed")
     p.add_argument("--device", default="auto")
     p.add_argument("--cache-dir", default=None, help="reference statistics and feature nets (default ~/.cache/selfflow)")
-    p.add_argument("--out", default=None, help="report JSON (default: eval.json next to the checkpoint / feature net folder)")
-    p.add_argument("--train-steps", type=int, default=2000, help="optimisation steps of the FD_dom feature net when it is trained")
+    p.add_argument("--out", default=None, help="report JSON (default: eval.json next to the checkpoint); "
+                                               "train-feature-net: the network's folder")
+    p.add_argument("--train-steps", type=int, default=2000, help="optimisation steps of the feature net when it is trained")
+    p.add_argument("--widths", default=None,
+                   help="train-feature-net: comma-separated conv widths (default 32,64,128,128, the FD_dom network; "
+                        "REPA's encoder: 24,48,96)")
     p.set_defaults(handler=cmd_eval)
+    return p
 
 
-def _dataset(name: str, path: str | None, split: str):
-    from selfflow.data import load_dataset
+# --------------------------------------------------------------------------------------------
+# reading samples
+# --------------------------------------------------------------------------------------------
+def load_samples(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Images (N, C, H, W) float32 in [−1, 1] and labels (N,) int64 or None from an ``.npz``.
 
-    return load_dataset(name, path=path, split=split)
+    ``images`` takes every layout the npz data loader takes ((N, H, W), (N, H, W, C),
+    (N, C, H, W); uint8 0..255 or float in [−1, 1], quantised to uint8 as a saved image would be);
+    ``labels`` is optional (absent or empty: unconditional samples). Anything else is a
+    DataError naming the file, the key and the shape or dtype.
+    """
+    from selfflow.data.images import npz_images
+    from selfflow.imageio import uint8_to_float
+
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"{file}: samples file not found")
+    try:
+        with np.load(file, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+    except (OSError, ValueError, zlib.error, EOFError) as error:
+        raise DataError(f"{file}: cannot read as .npz (without pickle): {str(error).splitlines()[0]}") from None
+    if "images" not in arrays:
+        raise DataError(f"{file}: no 'images' key (keys: {', '.join(sorted(arrays)) or 'none'})")
+    images = uint8_to_float(npz_images(arrays["images"], f"{file}['images']"))
+    raw = arrays.get("labels")
+    if raw is None or raw.size == 0:
+        return images, None
+    where = f"{file}['labels']"
+    if raw.dtype.kind not in "iu":
+        raise DataError(f"{where}: labels must be integers, got dtype {raw.dtype}")
+    if raw.shape != (images.shape[0],):
+        raise DataError(f"{where}: shape {raw.shape}, expected ({images.shape[0]},) to match the images")
+    if int(raw.min()) < 0:
+        raise DataError(f"{where}: negative label {int(raw.min())}")
+    return images, torch.from_numpy(raw.astype(np.int64))
 
 
-def feature_net_for(name: str, path: str | None, device, cache_dir: Path, steps: int = 2000, out: Path | None = None):
-    """Load the data set's FD_dom classifier from the cache, training it once if needed."""
-    from selfflow.evaluation.feature_net import load_feature_net, save_feature_net, train_feature_net
-
-    from selfflow.evaluation.feature_net import FeatureNetConfig
-
-    train = _dataset(name, path, "train")
-    # The cache name carries everything that shapes the network: data, size, steps, architecture.
-    widths = "-".join(str(w) for w in FeatureNetConfig(in_channels=train.channels, num_classes=train.num_classes, image_size=train.image_size).widths)
-    folder = out or cache_dir / "feature_nets" / f"{name}_{len(train)}_{train.shape[0]}x{train.shape[1]}x{train.shape[2]}_s{steps}_w{widths}"
-    if (folder / "model.safetensors").exists() and out is None:
-        return load_feature_net(folder, device), folder
-    x, y = train.get_batch(torch.arange(len(train)))
-    print(f"training the FD_dom feature net on {name} train ({len(train)} images, {steps} steps) → {folder}")
-    net = train_feature_net(x, y, train.num_classes, steps=steps, seed=0, device=device)
-    test = _dataset(name, path, "test") if name in ("digits", "mnist") else None
-    meta = {"data": name, "train_count": len(train)}
-    if test is not None:
-        xt, yt = test.get_batch(torch.arange(len(test)))
-        meta["test_accuracy"] = float((net.predict(xt) == yt).float().mean())
-        print(f"feature net test accuracy: {meta['test_accuracy']:.4f}")
-    save_feature_net(net, folder, metadata=meta)
-    return net, folder
-
-
+# --------------------------------------------------------------------------------------------
+# the command
+# --------------------------------------------------------------------------------------------
 def _print_table(report: dict) -> None:
     rows = [(k, report[k]) for k in ("fid", "fd_dom", "precision", "recall", "accuracy") if report.get(k) is not None]
     sampling = report.get("sampling", {})
     print(f"{'metric':<12} value")
     for key, value in rows:
         print(f"{key:<12} {value:.4f}")
-    if sampling:
+    if sampling.get("sampler"):
         print(f"sampler={sampling.get('sampler')} steps={sampling.get('steps')} cfg={sampling.get('cfg_scale')} "
               f"nfe/image={sampling.get('nfe_per_sample')} "
               f"ms/image={1e3 * sampling.get('speed', {}).get('seconds_per_image', float('nan')):.3f}")
 
 
-def cmd_eval(args) -> int:
-    import numpy as np
+def _widths(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        widths = tuple(int(w) for w in text.split(","))
+    except ValueError:
+        widths = ()
+    if not widths or min(widths) <= 0:
+        raise ConfigError(f"--widths: expected comma-separated positive integers, got {text!r}")
+    return widths
 
-    from selfflow.config import ConfigError
+
+def _train_feature_net(args, device, cache_dir: Path) -> int:
+    from selfflow.evaluation.feature_net import FD_DOM_WIDTHS, feature_net_for
+
+    if not args.data or not args.out:
+        raise ConfigError("eval train-feature-net needs --data and --out")
+    if args.train_steps <= 0:
+        raise ConfigError(f"--train-steps must be positive, got {args.train_steps}")
+    widths = _widths(args.widths) or FD_DOM_WIDTHS
+    _net, folder = feature_net_for(args.data, args.data_path, device, cache_dir, args.train_steps, Path(args.out),
+                                   seed=args.seed, widths=widths)
+    print(f"wrote {folder}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from selfflow.device import resolve_device
     from selfflow.evaluation.metrics import METRICS, evaluate
-    from selfflow.trainer import resolve_device
 
     device = resolve_device(args.device)
     cache_dir = Path(args.cache_dir) if args.cache_dir else cache_root()
     if args.action == "train-feature-net":
-        if not args.data or not args.out:
-            raise ConfigError("eval train-feature-net needs --data and --out")
-        _net, folder = feature_net_for(args.data, args.data_path, device, cache_dir, args.train_steps, Path(args.out))
-        print(f"wrote {folder}")
-        return 0
+        return _train_feature_net(args, device, cache_dir)
 
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     unknown = sorted(set(metrics) - set(METRICS))
@@ -110,60 +150,88 @@ def cmd_eval(args) -> int:
         raise ConfigError(f"--n must be positive, got {args.n}")
     if not args.ckpt and not (args.samples and args.data):
         raise ConfigError("give --ckpt (to generate) or --samples with --data")
+    inception = None
+    if "fid" in metrics:  # before any work: a missing weight file should not cost a generation
+        from selfflow.evaluation.inception import resolve_inception_path
 
-    data_name, data_path, model, folder = args.data, args.data_path, None, None
+        try:
+            inception = resolve_inception_path(args.inception)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"--inception: {exc}") from None
+
+    images = labels = None
+    if args.samples:  # read (and check) the file before loading a model or training anything
+        images, labels = load_samples(args.samples)
+
+    data_name, data_path, model, folder, settings = args.data, args.data_path, None, None, None
     if args.ckpt:
-        from selfflow.checkpoint import read_json
+        from selfflow.config import sample_settings
+        from selfflow.files import read_json
         from selfflow.model import load_generator
 
         model, folder = load_generator(args.ckpt, "ema", device)
         if "acc" in metrics and not model.num_classes:
             raise ConfigError(f"--metrics acc: {folder} is an unconditional model (no classes to check); "
                               f"leave acc out of --metrics")
-        run = read_json(folder / "config.json").get("run", {})
-        data_name = data_name or run.get("data", {}).get("name")
-        data_path = data_path or run.get("data", {}).get("path")
+        run = read_json(folder / "config.json").get("run") or {}
+        data_name = data_name or (run.get("data") or {}).get("name")
+        data_path = data_path or (run.get("data") or {}).get("path")
+        if images is None:
+            settings = sample_settings(folder, sampler=getattr(args, "sampler", None), steps=getattr(args, "steps", None),
+                                       cfg_scale=getattr(args, "cfg_scale", None),
+                                       batch_size=getattr(args, "batch_size", None), num_classes=model.num_classes)
     if not data_name:
         raise ConfigError("the reference data set is unknown: pass --data")
 
-    sampling: dict = {}
-    if args.samples:
-        archive = np.load(args.samples, allow_pickle=False)
-        images = torch.from_numpy(archive["images"]).float() / 127.5 - 1
-        labels = torch.from_numpy(archive["labels"]).long() if archive["labels"].size else None
-        sampling = {"source": str(args.samples)}
+    from selfflow.data import load_dataset
+
+    reference = load_dataset(data_name, path=data_path, split=args.split)
+    if args.num_reference is not None and not 2 <= args.num_reference <= len(reference):
+        raise ConfigError(f"--num-reference: {args.num_reference}, the {data_name} {args.split} split has "
+                          f"{len(reference)} images (need 2..{len(reference)})")
+    if images is not None and tuple(images.shape[1:]) != tuple(reference.shape):
+        raise DataError(f"{args.samples}['images']: images of shape {tuple(images.shape[1:])} (C, H, W), "
+                        f"but the reference set {data_name} has {tuple(reference.shape)}")
+
+    if images is not None:
+        sampling: dict = {"source": str(args.samples)}
     else:
-        from selfflow.evaluation.metrics import measure_sampler_speed
-        from selfflow.sampling import generate
+        images, labels, sampling = _generate(model, folder, settings, args, device)
 
-        shape = (model.in_channels, model.image_size, model.image_size)
-        seeds = list(range(args.seed, args.seed + args.n))
-        result = generate(model, num_samples=args.n, seeds=seeds, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
-                          batch_size=args.batch_size, device=device, image_shape=shape)
-        images, labels = result.images, result.labels
-        speed_n = min(args.batch_size, args.n)
-        speed = measure_sampler_speed(
-            lambda k: generate(model, num_samples=k, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
-                               batch_size=args.batch_size, device=device, image_shape=shape, progress=False),
-            speed_n, warmup=1, device=device,
-        )
-        sampling = {"checkpoint": str(folder), "weights": "ema", "sampler": args.sampler, "steps": args.steps,
-                    "cfg_scale": args.cfg_scale, "seeds": [seeds[0], seeds[-1]], "nfe_per_sample": result.nfe_per_sample,
-                    "generation_wall_time_s": result.wall_time_s, "speed": speed}
-
-    reference = _dataset(data_name, data_path, args.split)
     net = None
     if {"fd_dom", "pr", "acc"} & set(metrics):
         if args.feature_net:
             net = args.feature_net
         else:
+            from selfflow.evaluation.feature_net import feature_net_for
+
             net = feature_net_for(data_name, data_path, device, cache_dir, args.train_steps)[1]
     report = evaluate(images, labels, metrics=metrics, reference=reference, num_reference=args.num_reference,
-                      feature_net_dir=net, inception_path=args.inception, device=device,
+                      feature_net_dir=net, inception_path=inception, device=device,
                       cache_dir=cache_dir / "reference_stats", sampling=sampling)
     out = Path(args.out) if args.out else (folder / "eval.json" if folder else Path("eval.json"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, default=str))
+    from selfflow.files import atomic_file
+
+    with atomic_file(out) as tmp:
+        tmp.write_text(json.dumps(report, indent=2, default=str))
     _print_table(report)
     print(f"wrote {out}")
     return 0
+
+
+def _generate(model, folder: Path, settings, args, device) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    """Generate ``args.n`` images with the resolved sampling settings; time the sampler too."""
+    from selfflow.evaluation.metrics import measure_sampler_speed
+    from selfflow.sampling import generate
+
+    shape = (model.in_channels, model.image_size, model.image_size)
+    seeds = list(range(args.seed, args.seed + args.n))
+    common = dict(sampler=settings.sampler, steps=settings.steps, cfg_scale=settings.cfg_scale,
+                  batch_size=settings.batch_size, device=device, image_shape=shape)
+    result = generate(model, num_samples=args.n, seeds=seeds, **common)  # its bar: a total and images/s
+    speed = measure_sampler_speed(lambda k: generate(model, num_samples=k, progress=False, **common),
+                                  min(settings.batch_size, args.n), warmup=1, device=device)
+    sampling = {"checkpoint": str(folder), "weights": "ema", "sampler": settings.sampler, "steps": settings.steps,
+                "cfg_scale": settings.cfg_scale, "batch_size": settings.batch_size, "seeds": [seeds[0], seeds[-1]],
+                "nfe_per_sample": result.nfe_per_sample, "generation_wall_time_s": result.wall_time_s, "speed": speed}
+    return result.images, result.labels, sampling

@@ -1,6 +1,6 @@
 """The FD_dom feature network: a small CNN classifier trained on the data set itself.
 
-FD_dom (SPEC.md, "Evaluation protocol") is the Fréchet distance between the penultimate features
+FD_dom (docs/methods.md#evaluation) is the Fréchet distance between the penultimate features
 (B, 128) of this classifier on generated and on real images. It is cheap on a CPU and, unlike the
 Inception network, it has seen the domain (digits look nothing like ImageNet). The same network
 also measures class-conditional accuracy: how often a sample generated for label y is classified
@@ -10,6 +10,10 @@ Architecture (for 1- or 3-channel images of 8..64 pixels a side)::
 
     3 × [conv3×3 → GroupNorm → SiLU → conv3×3 → GroupNorm → SiLU], 2×2 average pool between
     blocks → global average pool → features (B, 128) → Linear → logits (B, num_classes)
+
+``train_on_dataset`` trains one on an image data set and saves it; ``feature_net_for`` is the
+cached FD_dom network of a named data set (trained once). ``selfflow eval train-feature-net``
+is the command for both the FD_dom network and REPA's small CNN encoder.
 
 Saved as a folder, like every selfflow checkpoint: ``model.safetensors`` + ``config.json``,
 written to a temporary folder and renamed into place; nothing is pickled.
@@ -31,7 +35,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save
 
-from selfflow.checkpoint import atomic_directory, read_json, write_json
+from selfflow.files import atomic_directory, read_json, sha256_file, write_json
+
+from .features import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -170,12 +176,12 @@ def train_feature_net(images: torch.Tensor, labels: torch.Tensor, num_classes: i
                       steps: int | None = None, epochs: float | None = None, batch_size: int = 128,
                       lr: float = 3e-3, weight_decay: float = 1e-4, augment: bool = True,
                       widths: tuple[int, ...] = (32, 64, 128, 128), seed: int = 0,
-                      device: str | torch.device = "cpu", log_every: int = 0) -> FeatureNet:
+                      device: str | torch.device = "cpu", log_every: int = 0, progress: bool = False) -> FeatureNet:
     """Train the classifier with AdamW and a warm-up + cosine schedule; return it in eval mode.
 
     images: (N, C, H, W) in [−1, 1]; labels: (N,) int64. Give ``steps`` or ``epochs`` (default
     1000 steps). Augmentation: random integer translations of up to H/8 pixels. The same seed
-    and data give the same network on the same device.
+    and data give the same network on the same device. ``progress``: a bar over the steps.
     """
     if steps is not None and epochs is not None:
         raise ValueError("give steps or epochs, not both")
@@ -216,7 +222,7 @@ def train_feature_net(images: torch.Tensor, labels: torch.Tensor, num_classes: i
     max_shift = config.image_size // 8 if augment else 0
     order, position = torch.randperm(n, generator=generator), 0
     start = time.perf_counter()
-    with _flush_denormals(device):
+    with _flush_denormals(device), progress_bar(total, "feature net", "step", progress) as bar:
         for step in range(total):
             if position + batch_size > n:
                 order, position = torch.randperm(n, generator=generator), 0
@@ -228,6 +234,7 @@ def train_feature_net(images: torch.Tensor, labels: torch.Tensor, num_classes: i
             loss.backward()
             optimizer.step()
             scheduler.step()
+            bar.update(1)
             if log_every and (step + 1) % log_every == 0:
                 logger.info("feature net step %d/%d loss %.4f (%.1f s)", step + 1, total, loss.item(),
                             time.perf_counter() - start)
@@ -302,7 +309,7 @@ def load_feature_net(directory: str | Path, device: str | torch.device = "cpu") 
     meta = read_json(config_path, ValueError)
     if meta.get("format") != FORMAT:
         raise ValueError(f"{config_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
-    sha = hashlib.sha256(weights_path.read_bytes()).hexdigest()
+    sha = sha256_file(weights_path)
     if meta.get("weights_sha256") not in (None, sha):
         raise ValueError(f"{weights_path}: sha256 {sha} differs from the {meta['weights_sha256']} in {config_path}")
     model = FeatureNet(FeatureNetConfig.from_dict(meta["config"]))
@@ -312,3 +319,52 @@ def load_feature_net(directory: str | Path, device: str | torch.device = "cpu") 
         raise ValueError(f"{weights_path}: missing tensors {missing}, unexpected tensors {unexpected}")
     model.training_info = meta.get("metadata", {})
     return model.to(device).eval()
+
+
+# --------------------------------------------------------------------------------------------
+# training on a data set, and the cached FD_dom network of a data set
+# --------------------------------------------------------------------------------------------
+FD_DOM_WIDTHS = FeatureNetConfig.__dataclass_fields__["widths"].default
+
+
+def train_on_dataset(dataset, out: str | Path, *, steps: int = 2000, seed: int = 0,
+                     widths: tuple[int, ...] = FD_DOM_WIDTHS, device: str | torch.device = "cpu",
+                     test=None, metadata: dict | None = None, progress: bool = True) -> tuple[FeatureNet, Path]:
+    """Train the classifier on every image of ``dataset`` (an ImageDataset) and save it to ``out``.
+
+    ``test``: a held-out ImageDataset whose accuracy is recorded in the folder's metadata. The
+    defaults are the FD_dom network's; REPA's encoder uses other widths and another seed
+    (``selfflow.encoders.train_encoder``) so that it is not aligned to the features FD_dom measures.
+    """
+    images, labels = dataset.get_batch(torch.arange(len(dataset)))
+    net = train_feature_net(images, labels, dataset.num_classes, steps=steps, seed=seed, widths=tuple(widths),
+                            device=device, progress=progress)
+    info = {"data": getattr(dataset, "name", None), "split": getattr(dataset, "split", None),
+            "train_count": len(dataset), **(metadata or {})}
+    if test is not None:
+        xt, yt = test.get_batch(torch.arange(len(test)))
+        info["test_accuracy"] = float((net.predict(xt) == yt).float().mean())
+        print(f"feature net accuracy on {getattr(test, 'name', 'the')} test split: {info['test_accuracy']:.4f}")
+    return net, save_feature_net(net, out, metadata=info)
+
+
+def feature_net_for(name: str, path: str | None, device: str | torch.device, cache_dir: str | Path,
+                    steps: int = 2000, out: str | Path | None = None, *, seed: int = 0,
+                    widths: tuple[int, ...] = FD_DOM_WIDTHS, progress: bool = True) -> tuple[FeatureNet, Path]:
+    """The FD_dom classifier of data set ``name``: loaded from ``cache_dir`` when it was trained
+    before, else trained on the train split and saved there (or to ``out``, always trained)."""
+    from selfflow.data import load_dataset
+
+    train = load_dataset(name, path=path, split="train")
+    widths = tuple(int(w) for w in widths)
+    # The cache name carries everything that shapes the network: data, size, steps, architecture, seed.
+    c, h, w = train.shape
+    folder = Path(out) if out is not None else (
+        Path(cache_dir) / "feature_nets"
+        / f"{name}_{len(train)}_{c}x{h}x{w}_s{steps}_w{'-'.join(map(str, widths))}{f'_seed{seed}' if seed else ''}")
+    if out is None and (folder / WEIGHTS_FILE).exists():
+        return load_feature_net(folder, device), folder
+    print(f"training the feature net on {name} train ({len(train)} images, {steps} steps) → {folder}")
+    test = load_dataset(name, path=path, split="test") if name in ("digits", "mnist") else None
+    return train_on_dataset(train, folder, steps=steps, seed=seed, widths=widths, device=device, test=test,
+                            progress=progress)

@@ -2,7 +2,7 @@
 
 ``evaluate(images, labels, reference=..., feature_net_dir=..., inception_path=...)`` returns a
 JSON-ready dict with FD_dom, k-NN precision/recall, class-conditional accuracy and FID, plus what
-SPEC.md's evaluation protocol asks to record with every figure: generated and reference counts,
+the project records with every figure (docs/methods.md#evaluation): generated and reference counts,
 the reference set's identity (name, split, selection, content hash), the Inception weight hash,
 resize filter and quantisation, the feature net's hash, library versions and the device.
 The sampler's own fields (solver, evaluations per image, guidance scale, seeds) come from the
@@ -24,7 +24,9 @@ import scipy
 import torch
 
 from .feature_net import FeatureNet, conditional_accuracy, load_feature_net
-from .fid import INCEPTION_SIZE, compute_stats, extract_features, load_inception, reference_stats
+from .features import compute_stats, extract_features
+from .inception import INCEPTION_SIZE, load_inception
+from .stats_cache import reference_stats
 from .precision_recall import precision_recall
 
 logger = logging.getLogger(__name__)
@@ -206,8 +208,8 @@ def evaluate(images: torch.Tensor, labels: torch.Tensor | None = None, *,
     if "fd_dom" in metrics:
         t0 = time.perf_counter()
         ref_stats = reference_stats(ref.key, lambda: ref.batches(fn_batch), net, cache_dir,
-                                    batch_size=fn_batch, progress=False)
-        gen_stats = compute_stats(net, images, batch_size=fn_batch)
+                                    batch_size=fn_batch, progress=progress, total=ref.count)
+        gen_stats = compute_stats(net, images, batch_size=fn_batch, progress=progress, desc="generated (feature net)")
         report["fd_dom"] = gen_stats.frechet_distance(ref_stats)
         report["timings_s"]["fd_dom"] = time.perf_counter() - t0
 
@@ -215,9 +217,11 @@ def evaluate(images: torch.Tensor, labels: torch.Tensor | None = None, *,
         t0 = time.perf_counter()
         count = min(images.shape[0], ref.count, pr_max_count)
         with torch.inference_mode():
-            real = extract_features(net, ref.tensor(count), batch_size=fn_batch)
-            fake = extract_features(net, images[:count], batch_size=fn_batch)
-        pr = precision_recall(real, fake, k=pr_k, device=device)
+            real = extract_features(net, ref.tensor(count), batch_size=fn_batch, progress=progress,
+                                    desc="reference (precision/recall)")
+            fake = extract_features(net, images[:count], batch_size=fn_batch, progress=progress,
+                                    desc="generated (precision/recall)")
+        pr = precision_recall(real, fake, k=pr_k, device=device, progress=progress)
         report.update({"precision": pr.precision, "recall": pr.recall, "pr_k": pr_k, "pr_count": int(count),
                        "pr_feature_space": "feature_net"})
         report["timings_s"]["pr"] = time.perf_counter() - t0
@@ -236,8 +240,8 @@ def evaluate(images: torch.Tensor, labels: torch.Tensor | None = None, *,
         inception = load_inception(inception_path, device)
         inc_batch = batch_size or (200 if device.type == "cuda" else 50)
         ref_stats = reference_stats(ref.key, lambda: ref.batches(inc_batch), inception, cache_dir,
-                                    batch_size=inc_batch, progress=progress)
-        gen_stats = compute_stats(inception, images, batch_size=inc_batch, progress=progress, desc="generated")
+                                    batch_size=inc_batch, progress=progress, total=ref.count)
+        gen_stats = compute_stats(inception, images, batch_size=inc_batch, progress=progress, desc="generated (inception)")
         report["fid"] = gen_stats.frechet_distance(ref_stats)
         report["inception"] = {"path": str(inception.path), "weights_name": inception.weights_name, **inception.key}
         report["resize_filter"] = inception.key["resize_filter"]

@@ -14,6 +14,8 @@ from typing import NamedTuple
 
 import torch
 
+from .features import progress_bar
+
 
 class PrecisionRecall(NamedTuple):
     precision: float
@@ -27,7 +29,7 @@ def _as_features(x: torch.Tensor, name: str, device: torch.device | None) -> tor
     return x.to(device or x.device, torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype)
 
 
-def knn_radii(features: torch.Tensor, k: int = 3, batch: int = 1000) -> torch.Tensor:
+def knn_radii(features: torch.Tensor, k: int = 3, batch: int = 1000, bar=None) -> torch.Tensor:
     """Distance from each point (N, D) to its k-th nearest neighbour in the same set, itself excluded → (N,)."""
     n = features.shape[0]
     if n <= k:
@@ -37,28 +39,36 @@ def knn_radii(features: torch.Tensor, k: int = 3, batch: int = 1000) -> torch.Te
         d = torch.cdist(features[start:start + batch], features)            # (b, N)
         # the point itself is at distance 0 and is the smallest; the k-th neighbour is index k
         radii.append(d.topk(k + 1, dim=1, largest=False).values[:, k])
+        if bar is not None:
+            bar.update(d.shape[0])
     return torch.cat(radii)
 
 
-def _coverage(queries: torch.Tensor, support: torch.Tensor, radii: torch.Tensor, batch: int) -> float:
+def _coverage(queries: torch.Tensor, support: torch.Tensor, radii: torch.Tensor, batch: int, bar=None) -> float:
     """Fraction of query points within radii[j] of at least one support point j."""
     inside = 0
     for start in range(0, queries.shape[0], batch):
         d = torch.cdist(queries[start:start + batch], support)               # (b, M)
         inside += int((d <= radii[None, :]).any(dim=1).sum())
+        if bar is not None:
+            bar.update(d.shape[0])
     return inside / queries.shape[0]
 
 
 @torch.inference_mode()
 def precision_recall(real_features: torch.Tensor, fake_features: torch.Tensor, k: int = 3,
-                     batch: int = 1000, device: str | torch.device | None = None) -> PrecisionRecall:
-    """k-NN precision and recall of fake (M, D) against real (N, D) features; both in [0, 1]."""
+                     batch: int = 1000, device: str | torch.device | None = None,
+                     progress: bool = False) -> PrecisionRecall:
+    """k-NN precision and recall of fake (M, D) against real (N, D) features; both in [0, 1].
+
+    ``progress``: one bar over the four passes (radii of each set, coverage of each), 2·(N + M) rows."""
     real = _as_features(real_features, "real_features", torch.device(device) if device else None)
     fake = _as_features(fake_features, "fake_features", real.device)
     if real.shape[1] != fake.shape[1]:
         raise ValueError(f"feature dimensions differ: {real.shape[1]} vs {fake.shape[1]}")
     fake = fake.to(real.dtype)
-    real_radii = knn_radii(real, k, batch)
-    fake_radii = knn_radii(fake, k, batch)
-    return PrecisionRecall(precision=_coverage(fake, real, real_radii, batch),
-                           recall=_coverage(real, fake, fake_radii, batch))
+    with progress_bar(2 * (real.shape[0] + fake.shape[0]), "precision/recall", "row", progress) as bar:
+        real_radii = knn_radii(real, k, batch, bar)
+        fake_radii = knn_radii(fake, k, batch, bar)
+        return PrecisionRecall(precision=_coverage(fake, real, real_radii, batch, bar),
+                               recall=_coverage(real, fake, fake_radii, batch, bar))
