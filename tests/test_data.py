@@ -95,6 +95,13 @@ def test_unknown_name_split_and_arguments():
         load_dataset("mnist")
 
 
+def test_config_knows_every_data_set_name():
+    from selfflow.config import DATA_NAMES
+    from selfflow.data import DATASET_NAMES
+
+    assert set(DATA_NAMES) == set(DATASET_NAMES)
+
+
 def test_image_dataset_validates_and_subsets():
     with pytest.raises(DataError, match="uint8"):
         ImageDataset(torch.zeros(2, 1, 4, 4), torch.zeros(2, dtype=torch.int64), 1, "t", "x")

@@ -67,10 +67,12 @@ def test_encoding_resumes_to_identical_shards(latent_set, autoencoder_dir, tmp_p
     assert main([*args[:-4], "--shard-size", "300", "--device", "cpu"]) == 2  # another layout: refused
 
 
-def test_posterior_samples_do_not_depend_on_the_batch(autoencoder_dir, tmp_path):
+def test_posterior_samples_do_not_depend_on_the_batch(autoencoder_dir, tmp_path, capsys):
     digits = load_dataset("digits", split="train").subset(range(20))
     autoencoder = load_autoencoder(autoencoder_dir)
-    a = encode_dataset(digits, autoencoder, tmp_path / "a", shard_size=20, batch_size=7, posterior="sample", seed=5)
+    a = encode_dataset(digits, autoencoder, tmp_path / "a", shard_size=20, batch_size=7, posterior="sample", seed=5, progress=True)
+    bar = capsys.readouterr().err
+    assert "encoding latents" in bar and "20/20" in bar and "img/s" in bar
     b = encode_dataset(digits, autoencoder, tmp_path / "b", shard_size=20, batch_size=20, posterior="sample", seed=5)
     mean = encode_dataset(digits, autoencoder, tmp_path / "m", shard_size=20, posterior="mean")
     first, second, means = (s.read_all()["latents"] for s in (a, b, mean))
