@@ -18,8 +18,7 @@ from pathlib import Path
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse's own errors: one line, exit 2
-        self.print_usage(sys.stderr)
-        self.exit(2, f"selfflow: error: {message}\n")
+        self.exit(2, f"selfflow: error: {message} (see {self.prog} --help)\n")
 
 
 def _add_train(sub) -> None:
@@ -193,13 +192,19 @@ def cmd_sample(args) -> int:
 
 def _latent_autoencoder(folder: Path, given: str | None) -> str | None:
     """None for a pixel model; for a latent model the autoencoder folder, or "" when none is at hand."""
-    if given:
-        return given
+    from selfflow.errors import ConfigError
+
     try:
         run = json.loads((folder / "config.json").read_text()).get("run") or {}
-    except (OSError, json.JSONDecodeError):
-        return None
+    except (OSError, json.JSONDecodeError, AttributeError):
+        run = {}
     data = run.get("data") or {}
+    if given:  # checked before any sampling
+        if run and data.get("name") != "latents":
+            raise ConfigError(f"--autoencoder {given}: {folder} generates pixels, not latents; leave --autoencoder out")
+        if not Path(given).is_dir():
+            raise ConfigError(f"--autoencoder {given}: no such folder")
+        return given
     if data.get("name") != "latents":
         return None
     try:
@@ -291,6 +296,7 @@ def cmd_encode_latents(args) -> int:
     for name in ("shard_size", "batch_size"):
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    _check_data_flags(args)
     device = resolve_device(args.device)
     autoencoder = load_autoencoder(args.autoencoder, device)
     dataset = load_dataset(args.data, path=args.data_path, split=args.split, image_size=args.image_size,
@@ -305,9 +311,30 @@ def cmd_encode_latents(args) -> int:
     return 0
 
 
+def _check_data_flags(args) -> None:
+    """--data, --data-path, --split, --image-size, --channels: checked as the config's data section is."""
+    from selfflow.config import DataConfig, from_dict
+    from selfflow.errors import ConfigError
+
+    flags = {"name": "--data", "path": "--data-path", "split": "--split", "image_size": "--image-size", "channels": "--channels"}
+    values = {"name": args.data, "path": args.data_path, "split": args.split, "image_size": args.image_size, "channels": args.channels}
+    try:
+        from_dict(DataConfig, values, "data")
+    except ConfigError as exc:
+        message = str(exc)
+        for key, flag in flags.items():
+            message = message.replace(f"data.{key}=", f"{flag} ").replace(f"data.{key}", flag)
+        raise ConfigError(message) from None
+    if args.data_path and not Path(args.data_path).exists():
+        raise ConfigError(f"--data-path {args.data_path}: no such file or folder")
+
+
 def cmd_quickstart(args) -> int:
+    from selfflow.errors import ConfigError
     from selfflow.quickstart import run_quickstart
 
+    if args.steps is not None and args.steps <= 0:
+        raise ConfigError(f"--steps must be positive, got {args.steps}")
     report = run_quickstart(out_dir=args.out, steps=args.steps, device=args.device)
     print(f"report: {report}")
     return 0
@@ -329,13 +356,33 @@ def _one_line(message: str) -> str:
     return " | ".join(parts)
 
 
+# Flags that name an output folder: a file already there is refused before any work.
+OUTPUT_FOLDERS = {"sample": "out", "export": "out", "generate-set": "out", "encode-latents": "out", "quickstart": "out",
+                  "data": "to"}
+
+
+def _check_output_folder(args) -> None:
+    from selfflow.errors import ConfigError
+
+    flag = OUTPUT_FOLDERS.get(args.command)
+    if args.command == "eval" and getattr(args, "action", None) == "train-feature-net":
+        flag = "out"
+    value = getattr(args, flag, None) if flag else None
+    if value and Path(value).exists() and not Path(value).is_dir():
+        raise ConfigError(f"--{flag} {value}: a file is in the way (a folder is written there)")
+
+
 def main(argv: list[str] | None = None) -> int:
     from selfflow.errors import USER_ERRORS
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or argparse's one-line error: the exit status, also in-process
+        return exc.code if isinstance(exc.code, int) else 2
     handler = COMMANDS.get(args.command) or getattr(args, "handler", None)
     try:
+        _check_output_folder(args)
         return handler(args)
     except USER_ERRORS as exc:
         print(f"selfflow: error: {_one_line(str(exc))}", file=sys.stderr)

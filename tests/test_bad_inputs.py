@@ -134,9 +134,10 @@ CHOICE_FIELDS = [
     ("method.encoder", "dinov2", ["method.name=repa"]),
     ("method.encoder_layer", "mixed_99", ["method.name=repa", "method.encoder=inception"]),
     ("method.encoder_layer", "layer2", ["method.name=repa", "method.encoder=feature_net"]),
+    ("method.loss", "l3", ["method.name=distill"]),
 ]
 # str fields whose value is not a choice: paths and the like.
-FREE_TEXT_FIELDS = {"data.path", "train.out_dir", "method.encoder_path"}
+FREE_TEXT_FIELDS = {"data.path", "train.out_dir", "train.init_from", "method.encoder_path", "method.feature_net", "method.teacher"}
 
 
 def _str_fields():

@@ -106,3 +106,139 @@ def test_eval_reports_every_protocol_field(trained_run, tmp_path, capsys):
 def test_eval_rejects_unknown_metric(trained_run, capsys):
     assert main(["eval", "--ckpt", str(trained_run), "--metrics", "fid,is"]) == 2
     assert "unknown ['is']" in capsys.readouterr().err
+
+
+# ---- every command, fed bad paths, bad files and bad values -----------------------------------
+# Each case: (command line with placeholders, words the one error line must hold). Placeholders:
+# {run} a trained run, {missing} a path that does not exist, {text} a text file, {garbage} a
+# checkpoint folder whose config.json is not JSON, {truncated} a checkpoint whose safetensors files
+# are cut short, {file} an existing regular file (where a folder is wanted), {tmp} a scratch folder.
+# Every one must exit 2 with exactly one line on stderr, no traceback, and write nothing new.
+SAMPLING_COMMANDS = {
+    "sample": ["sample", "--n", "2", "--out", "{tmp}/out", "--device", "cpu"],
+    "generate-set": ["generate-set", "--n", "2", "--out", "{tmp}/out", "--device", "cpu"],
+    "eval": ["eval", "--n", "4", "--out", "{tmp}/out/eval.json", "--device", "cpu", "--cache-dir", "{tmp}/cache",
+             "--train-steps", "2"],
+}
+CHECKPOINT_CASES = [("{missing}", ["missing"]), ("{text}", ["notes.txt"]), ("{garbage}", ["config.json"]),
+                    ("{truncated}", ["safetensors", "truncated or corrupt"])]
+VALUE_CASES = [(["--steps", "0"], ["--steps", "0"]), (["--sampler", "eulr"], ["--sampler", "eulr"]),
+               (["--cfg-scale", "-1"], ["--cfg-scale", "-1"]), (["--batch-size", "0"], ["--batch-size", "0"]),
+               (["--device", "gpu"], ["gpu"]), (["--device", "cuda:x"], ["cuda:x"])]
+BAD_CALLS = []
+for _name, _base in SAMPLING_COMMANDS.items():
+    BAD_CALLS += [(f"{_name} --ckpt {c}", [*_base, "--ckpt", c], words) for c, words in CHECKPOINT_CASES]
+    BAD_CALLS += [(f"{_name} {' '.join(v)}", [*_base, "--ckpt", "{run}", *v], words) for v, words in VALUE_CASES]
+    _n = _base.index("--n")
+    BAD_CALLS += [(f"{_name} --n -3", [*_base[:_n], "--n", "-3", *_base[_n + 2:], "--ckpt", "{run}"], ["--n", "-3"])]
+for _name in ("sample", "generate-set"):
+    _base = SAMPLING_COMMANDS[_name]
+    BAD_CALLS += [
+        (f"{_name} --labels a,b", [*_base, "--ckpt", "{run}", "--labels", "a,b"], ["--labels", "a,b"]),
+        (f"{_name} --labels 12", [*_base, "--ckpt", "{run}", "--labels", "12"], ["--labels", "12"]),
+        (f"{_name} --labels ''", [*_base, "--ckpt", "{run}", "--labels", ","], ["--labels"]),
+        (f"{_name} --out a file", [_name, "--n", "2", "--out", "{file}", "--device", "cpu", "--ckpt", "{run}"], ["{file}"]),
+    ]
+BAD_CALLS += [
+    ("sample --autoencoder on a pixel model", [*SAMPLING_COMMANDS["sample"], "--ckpt", "{run}", "--autoencoder", "{missing}"], ["--autoencoder"]),
+    ("generate-set --shard-size 0", [*SAMPLING_COMMANDS["generate-set"], "--ckpt", "{run}", "--shard-size", "0"], ["--shard-size"]),
+    ("train --config missing", ["train", "--config", "{missing}", "--set", "train.out_dir={tmp}/out"], ["missing"]),
+    ("train --config a binary file", ["train", "--config", "{binary}", "--set", "train.out_dir={tmp}/out"], ["blob.bin"]),
+    ("train --config a folder", ["train", "--config", "{tmp}", "--set", "train.out_dir={tmp}/out"], ["config file not found"]),
+    ("train --set without =", ["train", "--set", "train.steps", "--set", "train.out_dir={tmp}/out"], ["train.steps"]),
+    ("train --set data.path missing", ["train", "--set", "data.name=npz", "--set", "data.path={missing}",
+                                       "--set", "train.out_dir={tmp}/out"], ["missing"]),
+    ("train out_dir is a file", ["train", "--set", "train.out_dir={file}", "--set", "model.depth=2",
+                                 "--set", "train.device=cpu"], ["train.out_dir"]),
+    ("export --ckpt missing", ["export", "--ckpt", "{missing}", "--out", "{tmp}/out"], ["missing"]),
+    ("export --ckpt text", ["export", "--ckpt", "{text}", "--out", "{tmp}/out"], ["notes.txt"]),
+    ("export --ckpt garbage", ["export", "--ckpt", "{garbage}", "--out", "{tmp}/out"], ["config.json"]),
+    ("export --ckpt truncated", ["export", "--ckpt", "{truncated}", "--out", "{tmp}/out"], ["truncated or corrupt"]),
+    ("export --out a file", ["export", "--ckpt", "{run}", "--out", "{file}"], ["{file}"]),
+    ("encode-latents --autoencoder missing", ["encode-latents", "--data", "digits", "--autoencoder", "{missing}",
+                                              "--out", "{tmp}/out"], ["missing"]),
+    ("encode-latents --autoencoder text", ["encode-latents", "--data", "digits", "--autoencoder", "{text}",
+                                           "--out", "{tmp}/out"], ["notes.txt"]),
+    ("encode-latents --autoencoder garbage", ["encode-latents", "--data", "digits", "--autoencoder", "{garbage}",
+                                              "--out", "{tmp}/out"], ["config.json"]),
+    ("encode-latents --data bogus", ["encode-latents", "--data", "bogus", "--autoencoder", "{garbage}", "--out", "{tmp}/out"], ["bogus"]),
+    ("encode-latents --data-path missing", ["encode-latents", "--data", "npz", "--data-path", "{missing}",
+                                            "--autoencoder", "{garbage}", "--out", "{tmp}/out"], ["missing"]),
+    ("encode-latents --split bogus", ["encode-latents", "--data", "digits", "--split", "bogus", "--autoencoder", "{garbage}",
+                                      "--out", "{tmp}/out"], ["bogus"]),
+    ("encode-latents --shard-size 0", ["encode-latents", "--data", "digits", "--shard-size", "0", "--autoencoder", "{garbage}",
+                                       "--out", "{tmp}/out"], ["--shard-size"]),
+    ("encode-latents --batch-size -1", ["encode-latents", "--data", "digits", "--batch-size", "-1", "--autoencoder", "{garbage}",
+                                        "--out", "{tmp}/out"], ["--batch-size"]),
+    ("encode-latents --image-size 0", ["encode-latents", "--data", "digits", "--image-size", "0", "--autoencoder", "{garbage}",
+                                       "--out", "{tmp}/out"], ["--image-size"]),
+    ("encode-latents --channels 2", ["encode-latents", "--data", "digits", "--channels", "2", "--autoencoder", "{garbage}",
+                                     "--out", "{tmp}/out"], ["--channels"]),
+    ("quickstart --steps 0", ["quickstart", "--steps", "0", "--out", "{tmp}/out", "--device", "cpu"], ["--steps"]),
+    ("quickstart --steps -2", ["quickstart", "--steps", "-2", "--out", "{tmp}/out", "--device", "cpu"], ["--steps"]),
+    ("quickstart --device gpu", ["quickstart", "--device", "gpu", "--out", "{tmp}/out"], ["gpu"]),
+    ("quickstart --out a file", ["quickstart", "--steps", "1", "--out", "{file}", "--device", "cpu"], ["{file}"]),
+    ("data fetch unknown", ["data", "fetch", "cifar", "--to", "{tmp}/out"], ["cifar"]),
+    ("data fetch --to a file", ["data", "fetch", "mnist", "--to", "{file}", "--base-url", "http://127.0.0.1:9/"], ["{file}"]),
+    ("eval --metrics bogus", ["eval", "--ckpt", "{run}", "--metrics", "fid,bogus", "--out", "{tmp}/out/e.json"], ["bogus"]),
+    ("eval --samples missing", ["eval", "--samples", "{missing}", "--data", "digits", "--out", "{tmp}/out/e.json"], ["missing"]),
+    ("eval --samples text", ["eval", "--samples", "{text}", "--data", "digits", "--out", "{tmp}/out/e.json"], ["notes.txt"]),
+    ("eval --data bogus", ["eval", "--samples", "{samples}", "--data", "bogus", "--out", "{tmp}/out/e.json"], ["bogus"]),
+    ("eval --split bogus", ["eval", "--samples", "{samples}", "--data", "digits", "--split", "bogus",
+                            "--out", "{tmp}/out/e.json"], ["bogus"]),
+    ("eval --feature-net missing", ["eval", "--samples", "{samples}", "--data", "digits", "--metrics", "fd_dom",
+                                    "--feature-net", "{missing}", "--out", "{tmp}/out/e.json"], ["missing"]),
+    ("eval --inception missing", ["eval", "--samples", "{samples}", "--data", "digits", "--metrics", "fid",
+                                  "--inception", "{missing}", "--out", "{tmp}/out/e.json"], ["missing"]),
+    ("eval train-feature-net no --data", ["eval", "train-feature-net", "--out", "{tmp}/out"], ["--data"]),
+    ("eval train-feature-net --data bogus", ["eval", "train-feature-net", "--data", "bogus", "--out", "{tmp}/out"], ["bogus"]),
+    ("eval train-feature-net --data-path missing", ["eval", "train-feature-net", "--data", "npz", "--data-path", "{missing}",
+                                                    "--out", "{tmp}/out"], ["missing"]),
+    ("eval train-feature-net --train-steps 0", ["eval", "train-feature-net", "--data", "digits", "--train-steps", "0",
+                                                "--out", "{tmp}/out"], ["--train-steps"]),
+    ("eval train-feature-net --out a file", ["eval", "train-feature-net", "--data", "digits", "--train-steps", "1",
+                                             "--out", "{file}"], ["{file}"]),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(trained_run, tmp_path_factory):
+    import shutil
+
+    root = tmp_path_factory.mktemp("bad_inputs")
+    checkpoint = trained_run / "checkpoints" / "step_0000003"
+    (root / "notes.txt").write_text("not a checkpoint\n")
+    (root / "blob.bin").write_bytes(bytes(range(256)) * 4)
+    (root / "a_file").write_text("in the way\n")
+    garbage = root / "garbage"
+    shutil.copytree(checkpoint, garbage)
+    (garbage / "config.json").write_text("{not json")
+    truncated = root / "truncated"
+    shutil.copytree(checkpoint, truncated)
+    for file in truncated.glob("*.safetensors"):
+        file.write_bytes(file.read_bytes()[:100])
+    np.savez(root / "samples.npz", images=np.zeros((4, 1, 8, 8), dtype=np.uint8), labels=np.zeros(4, dtype=np.int64))
+    return {"run": str(trained_run), "missing": str(root / "missing"), "text": str(root / "notes.txt"),
+            "binary": str(root / "blob.bin"), "garbage": str(garbage), "truncated": str(truncated),
+            "file": str(root / "a_file"), "samples": str(root / "samples.npz")}
+
+
+def _tree(folder):
+    from pathlib import Path
+
+    return {str(p): p.stat().st_mtime_ns for p in sorted(Path(folder).rglob("*"))}
+
+
+@pytest.mark.parametrize("name, argv, words", BAD_CALLS, ids=[case[0] for case in BAD_CALLS])
+def test_every_command_refuses_bad_input_in_one_line(bad_inputs, trained_run, tmp_path, capsys, name, argv, words):
+    places = {**bad_inputs, "tmp": str(tmp_path)}
+    before = {**_tree(trained_run), **_tree(tmp_path), **_tree(places["file"].rsplit("/", 1)[0])}
+    code = main([part.format(**places) for part in argv])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("selfflow: error:"), (code, err)
+    for word in words:
+        assert word.format(**places) in lines[0], (word, lines[0])
+    after = {**_tree(trained_run), **_tree(tmp_path), **_tree(places["file"].rsplit("/", 1)[0])}
+    assert after == before, sorted(set(after.items()) ^ set(before.items()))
