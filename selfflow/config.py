@@ -33,7 +33,7 @@ def check_choice(value: Any, choices: tuple, where: str) -> None:
 # --------------------------------------------------------------------------------------------
 # sections
 # --------------------------------------------------------------------------------------------
-DATA_NAMES = ("digits", "mnist", "fashion-mnist", "idx", "folder", "npz", "latents")  # selfflow.data.load_dataset
+DATA_NAMES = ("digits", "mnist", "fashion-mnist", "idx", "folder", "npz", "latents", "pairs")  # selfflow.data.load_dataset
 DATA_SPLITS = ("train", "test", "all")
 
 
@@ -53,8 +53,8 @@ class DataConfig:
             raise ConfigError(f"{where}.path: the digits set is bundled with scikit-learn and takes no path, got {self.path!r}")
         if self.name != "digits" and not self.path:
             raise ConfigError(f"{where}.path: data.name={self.name} needs a path")
-        if self.name == "latents" and (self.image_size is not None or self.channels is not None):
-            raise ConfigError(f"{where}: latents are used as stored; leave {where}.image_size and {where}.channels unset")
+        if self.name in ("latents", "pairs") and (self.image_size is not None or self.channels is not None):
+            raise ConfigError(f"{where}: {self.name} are used as stored; leave {where}.image_size and {where}.channels unset")
         if self.image_size is not None and self.image_size <= 0:
             raise ConfigError(f"{where}.image_size must be positive, got {self.image_size}")
         if self.channels is not None and self.channels not in (1, 3):
@@ -146,6 +146,7 @@ class TrainConfig:
     ckpt_every: int = 500  # 0: only at the end
     keep_last: int = 2
     time_limit_minutes: Optional[float] = None  # stop (with a checkpoint) after this much training time
+    init_from: Optional[str] = None  # start model and EMA from this checkpoint/run/exported folder's EMA weights (resume wins)
     num_sample_images: int = 64
     tensorboard: bool = True
     progress: bool = True
@@ -280,7 +281,96 @@ class RepaConfig(MethodConfig):
             raise ConfigError(f"{where}.encoder_input_size applies to encoder: inception only")
 
 
-METHOD_CONFIGS: dict[str, type] = {"flow_matching": FlowMatchingConfig, "self_flow": SelfFlowConfig, "repa": RepaConfig}
+# ---- one-step generation (selfflow.methods.reflow / distill / dmd; docs/methods.md#one-step-generation) ----
+DISTILL_LOSSES = ("l2", "pseudo_huber", "feature")
+FEW_STEPS = (1, 2, 4)
+
+
+@dataclass(frozen=True)
+class ReflowConfig(MethodConfig):
+    """Flow matching on stored (ε, x0) pairs (data.name: pairs); start from the teacher with train.init_from."""
+
+    class_dropout_prob: float = 0.0  # the pairs already carry the teacher's guidance
+
+
+@dataclass(frozen=True)
+class DistillConfig(MethodConfig):
+    """The student's k-step Euler output from the pair's noise, regressed onto the pair's image."""
+
+    class_dropout_prob: float = 0.0
+    steps: int = 1  # k: 1 | 2 | 4 Euler steps, back-propagated through
+    loss: str = "l2"  # l2 | pseudo_huber | feature
+    huber_c: Optional[float] = None  # pseudo-Huber c; None: 0.00054·sqrt(C·H·W) (improved consistency models)
+    feature_net: Optional[str] = None  # loss: feature — a feature-net folder (selfflow.evaluation.feature_net)
+
+    def validate(self, where: str) -> None:
+        super().validate(where)
+        check_choice(self.steps, FEW_STEPS, f"{where}.steps")
+        check_choice(self.loss, DISTILL_LOSSES, f"{where}.loss")
+        if self.huber_c is not None and self.huber_c <= 0:
+            raise ConfigError(f"{where}.huber_c must be positive, got {self.huber_c}")
+        if self.loss == "feature" and not self.feature_net:
+            raise ConfigError(f"{where}.feature_net: loss=feature needs a feature-net folder")
+        if self.loss != "feature" and self.feature_net:
+            raise ConfigError(f"{where}.feature_net applies to loss: feature only")
+
+
+@dataclass(frozen=True)
+class DmdConfig(MethodConfig):
+    """Distribution matching distillation (DMD; DMD2 options below, all off here)."""
+
+    class_dropout_prob: float = 0.0
+    teacher: str = ""  # the real score: a checkpoint, run or exported-model folder (EMA weights), frozen
+    real_cfg: float = 1.0  # classifier-free guidance of the real score
+    generator_steps: int = 1  # 1 | 2 | 4: a few-step generator (Euler on G's own velocity)
+    backward_simulation: bool = False  # k > 1: train G's step from a state of its own k-step path
+    t_min: float = 0.02  # the DMD gradient's times t ~ U[t_min, t_max]
+    t_max: float = 0.98
+    fake_weight: float = 1.0  # weight of the fake score's flow-matching loss
+    regression_weight: float = 0.0  # DMD v1: L2 of G(ε_pair) to the pair's image (needs data.name: pairs)
+    fake_updates_per_generator: int = 1  # DMD2: 5 — the generator trains on one step in this many
+    gan_generator_weight: float = 0.0  # DMD2: 3e-3 (non-saturating GAN on the fake score's middle features)
+    gan_discriminator_weight: float = 0.0  # DMD2: 1e-2
+    gan_layer: Optional[int] = None  # block of the fake score the GAN head reads, from 1; None: depth // 2
+
+    def validate(self, where: str) -> None:
+        super().validate(where)
+        if not self.teacher:
+            raise ConfigError(f"{where}.teacher: DMD needs the teacher's folder (a checkpoint, run or exported model)")
+        if self.real_cfg < 0:
+            raise ConfigError(f"{where}.real_cfg must be >= 0, got {self.real_cfg}")
+        check_choice(self.generator_steps, FEW_STEPS, f"{where}.generator_steps")
+        if not 0.0 <= self.t_min < self.t_max <= 1.0:
+            raise ConfigError(f"{where}.t_min, t_max must satisfy 0 <= t_min < t_max <= 1, got {self.t_min}, {self.t_max}")
+        for key in ("fake_weight", "regression_weight", "gan_generator_weight", "gan_discriminator_weight"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{where}.{key} must be >= 0, got {getattr(self, key)}")
+        if self.fake_updates_per_generator < 1:
+            raise ConfigError(f"{where}.fake_updates_per_generator must be >= 1, got {self.fake_updates_per_generator}")
+        if self.gan_layer is not None and self.gan_layer < 1:
+            raise ConfigError(f"{where}.gan_layer counts blocks from 1, got {self.gan_layer}")
+        if self.backward_simulation and self.generator_steps == 1:
+            raise ConfigError(f"{where}.backward_simulation needs generator_steps 2 or 4")
+
+
+@dataclass(frozen=True)
+class Dmd2Config(DmdConfig):
+    """DMD with the DMD2 defaults: no regression, 5 fake updates per generator update, the GAN head."""
+
+    fake_updates_per_generator: int = 5
+    gan_generator_weight: float = 3e-3
+    gan_discriminator_weight: float = 1e-2
+
+    def validate(self, where: str) -> None:
+        super().validate(where)
+        if self.regression_weight > 0:
+            raise ConfigError(f"{where}.regression_weight: DMD2 drops the regression loss; use method.name=dmd for it")
+
+
+PAIR_METHODS = ("reflow", "distill")  # methods that train on stored pairs only
+
+METHOD_CONFIGS: dict[str, type] = {"flow_matching": FlowMatchingConfig, "self_flow": SelfFlowConfig, "repa": RepaConfig,
+                                   "reflow": ReflowConfig, "distill": DistillConfig, "dmd": DmdConfig, "dmd2": Dmd2Config}
 
 
 def method_name_of(config: Any) -> str:
@@ -321,8 +411,14 @@ class RunConfig:
         if method == "repa" and data.name == "latents":
             raise ConfigError("method.name=repa with data.name=latents: REPA's encoder needs pixels, not autoencoder "
                               "latents; train REPA on images")
+        needs_pairs = method in PAIR_METHODS or getattr(self.method, "regression_weight", 0) > 0
+        if needs_pairs and data.name != "pairs":
+            raise ConfigError(f"method.name={method} trains on stored (noise, image) pairs but data.name={data.name}; use "
+                              f"data: {{name: pairs, path: SET}} (selfflow generate-set --kind pairs)")
+        if method in ("distill", "dmd", "dmd2") and not self.train.init_from:
+            raise ConfigError(f"train.init_from: method.name={method} starts the student from the teacher; give its folder")
         depth = model.resolved_dims()[0]
-        for key in ("student_layer", "teacher_layer"):
+        for key in ("student_layer", "teacher_layer", "gan_layer"):
             value = getattr(self.method, key, None)
             if value is not None and value > depth:
                 raise ConfigError(f"method.{key}={value} but the model has only {depth} blocks (model.depth)")

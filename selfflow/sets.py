@@ -63,6 +63,13 @@ def generate_set(
         "cfg_scale": cfg_scale, "batch_size": batch_size, "image_shape": list(image_shape), "num_classes": num_classes,
         "labels": list(labels) if labels is not None else "seed mod num_classes", "source": source or {},
     }
+    if sampler == "dopri5":  # what reflow needs to know of an adaptive solve: its tolerances (the defaults generate uses)
+        import inspect
+
+        from selfflow.sampling import dopri5
+
+        defaults = inspect.signature(dopri5).parameters
+        manifest["sampler_options"] = {"rtol": defaults["rtol"].default, "atol": defaults["atol"].default}
     shards = ShardSet.create_or_resume(folder, manifest)
     pending = shards.pending()
     bar = None

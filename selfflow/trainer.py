@@ -113,6 +113,10 @@ class Trainer:
         self.config = config = resolve_config(config, self.dataset)
         torch.manual_seed(t.seed)
         self.model = DiT(config.model).to(self.device)
+        if t.init_from:  # the teacher's EMA weights; a checkpoint of this run (maybe_resume) still wins
+            from selfflow.methods.one_step import load_init_weights
+
+            load_init_weights(self.model, t.init_from)
         self.model.activation_checkpointing = t.activation_checkpointing
         self.method = build_method(config.method, self.model).to(self.device)
         decay = decay_from_half_life(t.batch_size, t.ema_half_life_images) if t.ema_half_life_images else t.ema_decay
@@ -197,8 +201,10 @@ class Trainer:
         for m in range(t.grad_accum):
             chunk = indices[m * local : (m + 1) * local]
             x0, y = self.dataset.get_batch(chunk)
+            noise = self.dataset.get_noise(chunk).to(self.device) if hasattr(self.dataset, "get_noise") else None  # reflow pairs
             rows = slice(self.dist.rank * local, (self.dist.rank + 1) * local)
-            yield m, Batch(x0=x0.to(self.device, non_blocking=True), y=y.to(self.device), random=BatchRandom(self.generator, local * self.dist.world_size, rows))
+            yield m, Batch(x0=x0.to(self.device, non_blocking=True), y=y.to(self.device), random=BatchRandom(self.generator, local * self.dist.world_size, rows),
+                           noise=noise, step=self.step)
 
     def train_step(self) -> dict[str, float]:
         t = self.config.train
@@ -234,7 +240,8 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, t.grad_clip if t.grad_clip > 0 else float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.ema.update(self.model, self.step)
+        if self.method.updates_generator(self.step):  # DMD2's fake-score-only steps leave the model and its EMA as they are
+            self.ema.update(self.model, self.step)
         self.step += 1
         out = {k: v.item() for k, v in stats.items()}
         out["grad_norm"] = float(grad_norm.full_tensor()) if hasattr(grad_norm, "full_tensor") else float(grad_norm)

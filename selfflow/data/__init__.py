@@ -14,6 +14,7 @@ One module per job:
 ``fetch``              downloads of the named IDX sets with their hash checks
 ``stream``             :class:`IndexStream`
 ``latents``            :class:`LatentDataset`: encoded shard sets and ``.npy`` latent folders
+``pairs``              :class:`PairDataset`: reflow pairs (``generate-set --kind pairs``), with their noise
 =====================  =====================================================================
 """
 
@@ -34,7 +35,7 @@ __all__ = [
     "load_npz", "load_latents", "read_idx", "uint8_to_float",
 ]
 
-DATASET_NAMES = ("digits", "mnist", "fashion-mnist", "idx", "folder", "npz", "latents")
+DATASET_NAMES = ("digits", "mnist", "fashion-mnist", "idx", "folder", "npz", "latents", "pairs")
 
 
 def load_dataset(name: str, path: str | os.PathLike | None = None, split: str = "train",
@@ -71,6 +72,12 @@ def load_dataset(name: str, path: str | os.PathLike | None = None, split: str = 
     if path is None:
         hint = f" (download it with: selfflow data fetch {name} --to DIR)" if name in NAMED_SETS else ""
         raise DataError(f"data set {name!r} needs a path{hint}")
+    if name == "pairs":  # reflow pairs (selfflow.data.pairs)
+        if image_size is not None or channels is not None:
+            raise DataError("pairs are used as stored: leave data.image_size and data.channels unset")
+        from selfflow.data.pairs import load_pairs
+
+        return load_pairs(path, split)
     if name == "latents":
         if image_size is not None or channels is not None:
             raise DataError("latents are used as stored: leave data.image_size and data.channels unset")

@@ -1,5 +1,7 @@
 """Training methods: siblings with one interface, ``loss(model, batch) → (loss, logs)``.
 
+Their equations, each with the function that implements it: docs/methods.md.
+
 Add a method by writing its config dataclass in ``selfflow.config`` (listed in ``METHOD_CONFIGS``)
 and a module here with a ``Method`` subclass that registers itself.
 """
@@ -23,7 +25,7 @@ def _load_optional_methods() -> None:
     # Methods in their own modules register themselves on import.
     import importlib
 
-    for module in ("self_flow", "repa"):
+    for module in ("self_flow", "repa", "reflow", "distill", "dmd"):
         try:
             importlib.import_module(f"selfflow.methods.{module}")
         except ModuleNotFoundError as exc:

@@ -9,7 +9,7 @@ A method is a small ``nn.Module`` with ``loss(model, batch) → (loss, logs)``. 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import torch
 from torch import nn
@@ -47,6 +47,8 @@ class Batch:
     x0: torch.Tensor  # (B, C, H, W) clean images in [-1, 1]
     y: torch.Tensor  # (B,) int64 labels; num_classes is the null label
     random: BatchRandom
+    noise: Optional[torch.Tensor] = None  # (B, C, H, W) the stored ε of each pair (data.name: pairs), else None
+    step: int = 0  # the optimizer step this batch trains (methods that alternate updates read it)
 
 
 class Method(nn.Module):
@@ -64,6 +66,10 @@ class Method(nn.Module):
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
+
+    def updates_generator(self, step: int) -> bool:
+        """Whether step ``step`` trains the model (the generator); when not, the trainer leaves its EMA alone."""
+        return True
 
     def drop_labels(self, y: torch.Tensor, probability: float, num_classes: int, random: BatchRandom) -> torch.Tensor:
         """Label dropout for classifier-free guidance: each label → null with ``probability``.
