@@ -28,6 +28,17 @@ def _add_train(sub) -> None:
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
+DISTILL_KINDS = {"reflow": "reflow", "one-step": "distill", "dmd": "dmd", "dmd2": "dmd2"}  # subcommand → method.name
+
+
+def _add_distill(sub) -> None:
+    p = sub.add_parser("distill", help="one-step generation: selfflow train with the method checked (reflow, one-step, dmd, dmd2)")
+    p.add_argument("kind", choices=list(DISTILL_KINDS), help="reflow | one-step (method distill) | dmd | dmd2")
+    p.add_argument("--config", required=True, help="YAML file (see configs/digits_reflow.yaml, ...)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
 def add_sampling_arguments(p) -> None:
     """--sampler, --steps, --cfg-scale, --batch-size: default to the checkpoint's own ``sample`` section."""
     p.add_argument("--sampler", default=None, help="euler | heun | sde | dopri5 (default: the run's sample.sampler)")
@@ -108,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="selfflow", description="Self-Flow and friends: flow-matching transformers that learn their own representations.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_train(sub)
+    _add_distill(sub)
     _add_sample(sub)
     _add_export(sub)
     _add_generate_set(sub)
@@ -136,6 +148,17 @@ def cmd_train(args) -> int:
         return 0
     result = train(config)
     return 0 if result["status"] in ("finished", "interrupted", "time_limit") else 1
+
+
+def cmd_distill(args) -> int:
+    """``selfflow train`` whose config must name the subcommand's method."""
+    from selfflow.config import ConfigError, load_config
+
+    wanted = DISTILL_KINDS[args.kind]
+    name = load_config(args.config, args.overrides).method_name()
+    if name != wanted:
+        raise ConfigError(f"{args.config}: method.name={name} but `selfflow distill {args.kind}` trains method.name={wanted}")
+    return cmd_train(args)
 
 
 def resolved_sampling(args, folder, model=None):
@@ -346,7 +369,7 @@ def cmd_data(args) -> int:
     return main_fetch(args.name, args.to, args.base_url)
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "export": cmd_export, "quickstart": cmd_quickstart, "data": cmd_data,
+COMMANDS = {"train": cmd_train, "distill": cmd_distill, "sample": cmd_sample, "export": cmd_export, "quickstart": cmd_quickstart, "data": cmd_data,
             "generate-set": cmd_generate_set, "encode-latents": cmd_encode_latents}
 
 

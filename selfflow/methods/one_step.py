@@ -113,7 +113,7 @@ def huber_constant(dim: int) -> float:
 def pseudo_huber(pred: Tensor, target: Tensor, c: float) -> Tensor:
     """Per-sample sqrt(‖d‖² + c²) − c, d = pred − target over C, H, W; shape (B,)."""
     d2 = (pred.float() - target.float()).pow(2).flatten(1).sum(1)
-    return torch.sqrt(d2 + c * c) - c
+    return d2 / (torch.sqrt(d2 + c * c) + c)  # = sqrt(d² + c²) − c without float32's cancellation near d = 0
 
 
 # --------------------------------------------------------------------------------------------
