@@ -115,6 +115,9 @@ def test_generate_set_and_eval_without_classes(unconditional_run, tmp_path, caps
     assert main([*common, "--metrics", "fd_dom,pr", "--out", str(tmp_path / "eval.json")]) == 0, capsys.readouterr().err
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["fd_dom"] >= 0 and 0 <= report["precision"] <= 1 and report.get("accuracy") is None
+    assert main([*common, "--out", str(tmp_path / "default.json")]) == 0, capsys.readouterr().err  # default metrics: no acc
+    report = json.loads((tmp_path / "default.json").read_text())
+    assert report["fd_dom"] >= 0 and report.get("accuracy") is None
 
 
 @pytest.mark.parametrize("method", ["flow_matching", "self_flow"])

@@ -32,7 +32,8 @@ def add_eval_parser(sub):
     p.add_argument("--ckpt", help="checkpoint, run or exported model folder")
     p.add_argument("--samples", help="evaluate these samples (.npz: 'images' (N,H,W), (N,H,W,C) or (N,C,H,W), "
                                      "uint8 or float in [-1, 1]; optional 'labels' (N,)) instead of generating")
-    p.add_argument("--metrics", default="fd_dom,pr,acc", help="comma-separated: fid, fd_dom, pr, acc")
+    p.add_argument("--metrics", default=None, help="comma-separated: fid, fd_dom, pr, acc (default: fd_dom,pr,acc; "
+                                                   "an unconditional model: fd_dom,pr)")
     p.add_argument("--n", type=int, default=10000, help="generated images")
     p.add_argument("--data", default=None, help="reference data set (default: the checkpoint's)")
     p.add_argument("--data-path", default=None)
@@ -137,12 +138,12 @@ def cmd_eval(args) -> int:
     from selfflow.device import resolve_device
     from selfflow.evaluation.metrics import METRICS, evaluate
 
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "--device")
     cache_dir = Path(args.cache_dir) if args.cache_dir else cache_root()
     if args.action == "train-feature-net":
         return _train_feature_net(args, device, cache_dir)
 
-    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    metrics = [m.strip() for m in (args.metrics or "fd_dom,pr,acc").split(",") if m.strip()]
     unknown = sorted(set(metrics) - set(METRICS))
     if unknown:
         raise ConfigError(f"--metrics: unknown {unknown}; known: {', '.join(METRICS)}")
@@ -170,7 +171,9 @@ def cmd_eval(args) -> int:
         from selfflow.model import load_generator
 
         model, folder = load_generator(args.ckpt, "ema", device)
-        if "acc" in metrics and not model.num_classes:
+        if "acc" in metrics and not model.num_classes and args.metrics is None:
+            metrics.remove("acc")  # the default set, less what needs classes
+        elif "acc" in metrics and not model.num_classes:
             raise ConfigError(f"--metrics acc: {folder} is an unconditional model (no classes to check); "
                               f"leave acc out of --metrics")
         run = read_json(folder / "config.json").get("run") or {}
