@@ -6,16 +6,17 @@ import torch
 from selfflow.errors import ConfigError
 
 
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` → CUDA when available, else the CPU; a CUDA device on a machine without one is a ConfigError."""
+def resolve_device(name: str, where: str = "train.device") -> torch.device:
+    """``"auto"`` → CUDA when available, else the CPU; a CUDA device on a machine without one, or
+    a name torch does not know, is a ConfigError naming ``where`` (the key or flag it came from)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name!r} but CUDA is not available on this machine")
+        raise ConfigError(f"{where}={name!r} but CUDA is not available on this machine")
     try:
         return torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"device {name!r} is not a device name (auto, cpu, cuda, cuda:N)") from None
+        raise ConfigError(f"{where}={name!r} is not a device name (auto, cpu, cuda, cuda:N)") from None
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

@@ -152,3 +152,20 @@ def test_config_errors_name_the_key(tmp_path):
     config = config_from_dict({"method": {"name": "repa", "encoder_path": str(tmp_path / "missing")}})
     with pytest.raises(ConfigError, match="selfflow eval train-feature-net"):
         Repa(config.method, tiny_model())
+
+
+def test_the_feature_net_command_trains_repas_encoder(tmp_path, capsys):
+    from selfflow.cli import main
+    from selfflow.data import load_dataset
+
+    folder = tmp_path / "enc"
+    code = main(["eval", "train-feature-net", "--data", "digits", "--out", str(folder), "--train-steps", "3",
+                 "--seed", "7", "--widths", "8,16,24", "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    encoder = load_encoder("feature_net", str(folder))
+    assert encoder.feature_dim == 24 and encoder(torch.zeros(2, 1, 8, 8)).shape == (2, 24, 2, 2)
+    # the same seed and widths through the library call give the very same weights
+    train_encoder(load_dataset("digits", split="train"), tmp_path / "lib", steps=3, seed=7, widths=(8, 16, 24))
+    assert load_encoder("feature_net", str(tmp_path / "lib")).key["sha256"] == encoder.key["sha256"]
+    assert main(["eval", "train-feature-net", "--data", "digits", "--out", str(tmp_path / "bad"), "--widths", "8,x"]) == 2
+    assert "--widths" in capsys.readouterr().err and not (tmp_path / "bad").exists()
