@@ -316,3 +316,19 @@ def test_changed_batch_size_on_resume(run_copy, capsys):
     assert _train(run_copy, "train.steps=2", "train.batch_size=32") == 2
     _one_line_error(capsys, "state.json", "data position", "batch_size")
     assert _snapshot(run_copy) == before
+
+
+def test_garbage_checkpoint_config_on_resume(run_copy, capsys):
+    (run_copy / "checkpoints" / "step_0000001" / "config.json").write_bytes(b"\x00\xffnot json")
+    before = _snapshot(run_copy)
+    assert _train(run_copy, "train.steps=2") == 2
+    _one_line_error(capsys, "config.json")
+    assert _snapshot(run_copy) == before
+
+
+@pytest.mark.parametrize("name", ["npz", "folder", "mnist", "idx", "latents"])
+def test_data_path_that_is_a_text_file(tmp_path, capsys, name):
+    (tmp_path / "notes.txt").write_text("not data\n")
+    assert _train(tmp_path / "run", f"data.name={name}", f"data.path={tmp_path / 'notes.txt'}") == 2
+    _one_line_error(capsys, "notes.txt")
+    assert not (tmp_path / "run").exists()  # the data is read before the run folder is made
