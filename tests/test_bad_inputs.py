@@ -332,3 +332,14 @@ def test_data_path_that_is_a_text_file(tmp_path, capsys, name):
     assert _train(tmp_path / "run", f"data.name={name}", f"data.path={tmp_path / 'notes.txt'}") == 2
     _one_line_error(capsys, "notes.txt")
     assert not (tmp_path / "run").exists()  # the data is read before the run folder is made
+
+
+def test_batch_that_does_not_split_over_the_processes(tmp_path, capsys, monkeypatch):
+    """Under torchrun with 3 processes a batch of 16 cannot be split: refused before any file is written."""
+    from selfflow import trainer
+    from selfflow.distributed import DistInfo
+
+    monkeypatch.setattr(trainer, "init_distributed", lambda device_type: DistInfo(rank=0, world_size=3))
+    assert _train(tmp_path / "run") == 2
+    _one_line_error(capsys, "train.batch_size=16", "world size (3)")
+    assert not (tmp_path / "run").exists()
