@@ -58,7 +58,7 @@ def _die():
 def _train_child(raw, kill, log_path):
     """Train; ``kill`` = ("step", k) or ("write", k) makes the process SIGKILL itself at that point."""
     _quiet(log_path)
-    from selfflow import checkpoint as ckpt
+    from selfflow import files
     from selfflow import trainer as trainer_module
     from selfflow.config import config_from_dict
 
@@ -76,7 +76,7 @@ def _train_child(raw, kill, log_path):
 
             trainer_module.EMA.update = update
         else:
-            original_save = ckpt.save_file
+            original_save = files.save_file  # every checkpoint file goes through selfflow.files.save_tensors
 
             def save_file(tensors, path, metadata=None):
                 calls[0] += 1
@@ -86,7 +86,7 @@ def _train_child(raw, kill, log_path):
                         handle.truncate(os.path.getsize(path) // 2)
                     _die()
 
-            ckpt.save_file = save_file
+            files.save_file = save_file
     trainer = trainer_module.Trainer(config_from_dict(raw))
     try:
         trainer.fit()
@@ -339,13 +339,14 @@ def _full_disk(monkeypatch, module, after_calls=0):
 
 def test_disk_full_during_a_checkpoint_keeps_the_old_one(tmp_path, monkeypatch, capsys):
     from selfflow import checkpoint as ckpt
+    from selfflow import files
 
     out = tmp_path / "run"
     assert _cli_train(out, "train.steps=2") == 0
     good = ckpt.latest_checkpoint(out / "checkpoints")
     before = {p.name: p.read_bytes() for p in good.iterdir()}
     capsys.readouterr()
-    _full_disk(monkeypatch, ckpt, after_calls=2)  # fail on the third file of the next checkpoint
+    _full_disk(monkeypatch, files, after_calls=2)  # fail on the third file of the next checkpoint
     assert _cli_train(out, "train.steps=4") == 2
     err = capsys.readouterr().err
     assert "No space left on device" in err and "previous checkpoint is untouched" in err and "Traceback" not in err
