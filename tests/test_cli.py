@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -150,6 +151,16 @@ BAD_CALLS += [
                                        "--set", "train.out_dir={tmp}/out"], ["missing"]),
     ("train out_dir is a file", ["train", "--set", "train.out_dir={file}", "--set", "model.depth=2",
                                  "--set", "train.device=cpu"], ["train.out_dir"]),
+    ("distill --config missing", ["distill", "reflow", "--config", "{missing}", "--set", "train.out_dir={tmp}/out"], ["missing"]),
+    ("distill unknown kind", ["distill", "consistency", "--config", "{configs}/digits_distill.yaml"], ["consistency"]),
+    ("distill of another method", ["distill", "reflow", "--config", "{configs}/digits_flow_matching.yaml",
+                                   "--set", "train.out_dir={tmp}/out"], ["method.name=flow_matching", "reflow"]),
+    ("distill --set method.loss bogus", ["distill", "one-step", "--config", "{configs}/digits_distill.yaml",
+                                         "--set", "method.loss=l3", "--set", "train.out_dir={tmp}/out"], ["method.loss", "l3"]),
+    ("distill pairs missing", ["distill", "one-step", "--config", "{configs}/digits_distill.yaml", "--set", "data.path={missing}",
+                               "--set", "train.out_dir={tmp}/out"], ["missing"]),
+    ("distill pairs a text file", ["distill", "one-step", "--config", "{configs}/digits_distill.yaml", "--set", "data.path={text}",
+                                   "--set", "train.out_dir={tmp}/out"], ["notes.txt"]),
     ("export --ckpt missing", ["export", "--ckpt", "{missing}", "--out", "{tmp}/out"], ["missing"]),
     ("export --ckpt text", ["export", "--ckpt", "{text}", "--out", "{tmp}/out"], ["notes.txt"]),
     ("export --ckpt garbage", ["export", "--ckpt", "{garbage}", "--out", "{tmp}/out"], ["config.json"]),
@@ -220,12 +231,11 @@ def bad_inputs(trained_run, tmp_path_factory):
     np.savez(root / "samples.npz", images=np.zeros((4, 1, 8, 8), dtype=np.uint8), labels=np.zeros(4, dtype=np.int64))
     return {"run": str(trained_run), "missing": str(root / "missing"), "text": str(root / "notes.txt"),
             "binary": str(root / "blob.bin"), "garbage": str(garbage), "truncated": str(truncated),
-            "file": str(root / "a_file"), "samples": str(root / "samples.npz")}
+            "file": str(root / "a_file"), "samples": str(root / "samples.npz"),
+            "configs": str(Path(__file__).resolve().parents[1] / "configs")}
 
 
 def _tree(folder):
-    from pathlib import Path
-
     return {str(p): p.stat().st_mtime_ns for p in sorted(Path(folder).rglob("*"))}
 
 
