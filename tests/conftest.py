@@ -7,8 +7,6 @@ import torch
 # process oversubscribe it badly: one thread per test process (SELFFLOW_TEST_THREADS to change).
 torch.set_num_threads(int(os.environ.get("SELFFLOW_TEST_THREADS", "1")))
 
-SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
-
 
 @pytest.fixture
 def tiny_config():

@@ -80,8 +80,7 @@ def test_generate_on_cuda_does_not_depend_on_the_batch():
 
 def _inception_file() -> Path | None:
     here = Path(__file__).resolve().parent.parent
-    for candidate in (os.environ.get("SELFFLOW_INCEPTION"), here / ".carry" / "fid_inception_v3_fp16.pt",
-                      here.parent / "shared" / "models" / "fid_inception_v3_fp16.pt"):
+    for candidate in (os.environ.get("SELFFLOW_INCEPTION"), here / ".carry" / "fid_inception_v3_fp16.pt"):
         if candidate and Path(candidate).is_file():
             return Path(candidate)
     return None

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support import LOCAL_MNIST
 import torch
 from PIL import Image
 
@@ -22,10 +23,10 @@ from selfflow.data import (MNIST_SHA256, NAMED_SETS, DataError, ImageDataset, In
 from selfflow.data import fetch as data_fetch
 from selfflow.data.idx import NamedSet
 
-SHARED_MNIST = Path("/work/shared/data/mnist")
+SHARED_MNIST = LOCAL_MNIST  # .carry/mnist or $SELFFLOW_MNIST (tests/support.py)
 needs_mnist = pytest.mark.skipif(
     not (SHARED_MNIST / "t10k-images-idx3-ubyte.gz").is_file(),
-    reason="MNIST copy not present on this machine")
+    reason="no local MNIST copy (.carry/mnist or $SELFFLOW_MNIST)")
 
 
 # ------------------------------------------------------------------ helpers

@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+from support import LOCAL_INCEPTION
 import torch
 
 from selfflow.evaluation import (FeatureNet, FeatureNetConfig, FeatureStats, cache_key, cached_stats,
@@ -17,8 +18,7 @@ from selfflow.evaluation import (FeatureNet, FeatureNetConfig, FeatureStats, cac
 from selfflow.errors import DataError
 from selfflow.evaluation import inception as inception_module
 
-SHARED_MODELS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "models")
-FP16_INCEPTION = os.path.join(SHARED_MODELS, "fid_inception_v3_fp16.pt")
+FP16_INCEPTION = str(LOCAL_INCEPTION)  # .carry/ or $SELFFLOW_INCEPTION (tests/support.py)
 FP16_SHA256 = "116cb99af047ec899ffaf7e8fd767d56d2768512ad4defe5d87eb658ade02e57"
 needs_inception = pytest.mark.skipif(not os.path.isfile(FP16_INCEPTION), reason="no local fp16 FID Inception copy")
 

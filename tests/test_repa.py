@@ -1,8 +1,7 @@
 """REPA: the alignment loss, the frozen encoders and their token targets, the training-only projector."""
-import os
-from pathlib import Path
 
 import pytest
+from support import LOCAL_INCEPTION
 import torch
 from torch import nn
 
@@ -13,7 +12,7 @@ from selfflow.methods.flow_matching import FlowMatching, FlowMatchingConfig
 from selfflow.methods.repa import Repa, RepaConfig
 from selfflow.model import DiT
 
-INCEPTION = Path(os.path.dirname(__file__)) / ".." / ".." / "shared" / "models" / "fid_inception_v3_fp16.pt"
+INCEPTION = LOCAL_INCEPTION  # .carry/ or $SELFFLOW_INCEPTION (tests/support.py)
 
 
 def tiny_model():
