@@ -64,6 +64,9 @@ def build_trainer(args, variant: str, dataset, encoder_dir: str | None, out_dir:
     ]
     if args.size:
         overrides += [f"model.size={args.size}", "model.depth=null", "model.hidden_size=null", "model.num_heads=null"]
+    for key in ("depth", "hidden_size", "num_heads"):  # explicit dimensions override the size's
+        if getattr(args, key, None):
+            overrides += [f"model.{key}={getattr(args, key)}"]
     if stem == "repa":
         overrides += [f"method.encoder={args.repa_encoder}", f"method.encoder_path={encoder_dir or 'null'}"]
         if args.repa_encoder == "feature_net":
@@ -154,6 +157,9 @@ def main(argv=None) -> int:
     parser.add_argument("--data", choices=["digits", "mnist"], default="digits")
     parser.add_argument("--data-path", default=None)
     parser.add_argument("--size", default=None, help="model size (tiny, mini, S, ...); default: the config's")
+    parser.add_argument("--depth", type=int, default=None, help="override the size's depth")
+    parser.add_argument("--hidden-size", type=int, default=None, help="override the size's width")
+    parser.add_argument("--num-heads", type=int, default=None, help="override the size's head count")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant per round")
     parser.add_argument("--rounds", type=int, default=3)
@@ -268,7 +274,8 @@ def main(argv=None) -> int:
 def argv_for_child(args) -> list[str]:
     out = ["--data", args.data, "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--device", args.device,
            "--threads", str(args.threads), "--seed", str(args.seed), "--repa-encoder", args.repa_encoder, "--out", "unused"]
-    for flag, value in (("--data-path", args.data_path), ("--size", args.size), ("--projector-dim", args.projector_dim)):
+    for flag, value in (("--data-path", args.data_path), ("--size", args.size), ("--projector-dim", args.projector_dim),
+                        ("--depth", args.depth), ("--hidden-size", args.hidden_size), ("--num-heads", args.num_heads)):
         if value is not None:
             out += [flag, str(value)]
     return out

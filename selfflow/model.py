@@ -57,6 +57,39 @@ class TimeEmbedding(nn.Module):
         return self.mlp(features.to(self.mlp[0].weight.dtype))
 
 
+def distinct_times(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The distinct ``(sample, time)`` pairs of per-token times t (B, N), ordered by sample, then time.
+
+    Returns ``times`` (R,), ``sample`` (R,) and ``inverse`` (B, N) with ``times[inverse[b, i]] == t[b, i]``
+    and ``sample[inverse[b, i]] == b`` — what ``torch.unique`` of the (sample, time) pairs along dim 0
+    returns, from one sort along the token axis instead of a row-wise sort of B·N pairs.
+    """
+    B, N = t.shape
+    values, order = t.sort(dim=1)
+    new = torch.ones_like(values, dtype=torch.bool)
+    new[:, 1:] = values[:, 1:] != values[:, :-1]  # first token of each distinct time in a sample
+    rank = new.cumsum(dim=1) - 1  # (B, N): which distinct time of its sample, in sorted order
+    counts = rank[:, -1] + 1  # distinct times per sample
+    row_sorted = rank + (counts.cumsum(0) - counts)[:, None]
+    inverse = torch.empty_like(row_sorted).scatter_(1, order, row_sorted)
+    sample = torch.repeat_interleave(torch.arange(B, device=t.device), counts)
+    return values[new], sample, inverse
+
+
+def rows_to_tokens(mod: torch.Tensor, index: torch.Tensor | None, parts: int) -> list[torch.Tensor]:
+    """Split modulation rows (R, parts·D) into ``parts`` tensors and give every token its row.
+
+    index None (one row per sample): (B, 1, D) parts that broadcast over the tokens, DiT's own path.
+    index (B, N): (B, N, D) parts with ``part[b, i] = rows[index[b, i]]`` — the same values as
+    ``mod[index].chunk(parts, -1)``; gathering each part with ``F.embedding`` after the split
+    keeps the backward a row-wise accumulation into (R, D) per part, instead of materialising a
+    (B, N, parts·D) gradient for the split and scattering it back with ``index_put``.
+    """
+    if index is None:
+        return list(mod[:, None].chunk(parts, dim=-1))
+    return [F.embedding(index, part) for part in mod.chunk(parts, dim=-1)]
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale) + shift
 
@@ -91,9 +124,8 @@ class Block(nn.Module):
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
-        mod = self.adaLN(cond)  # (R, 6D): one row per distinct (sample, time)
-        mod = mod[index] if index is not None else mod[:, None]  # (B, N, 6D) or (B, 1, 6D)
-        shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
+        # (R, 6D): one row per distinct (sample, time) → six (B, N, D) or (B, 1, D) parts
+        shift1, scale1, gate1, shift2, scale2, gate2 = rows_to_tokens(self.adaLN(cond), index, 6)
         x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1))
         x = x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
         return x
@@ -107,9 +139,7 @@ class FinalLayer(nn.Module):
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
-        mod = self.adaLN(cond)
-        mod = mod[index] if index is not None else mod[:, None]
-        shift, scale = mod.chunk(2, dim=-1)
+        shift, scale = rows_to_tokens(self.adaLN(cond), index, 2)
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
@@ -203,11 +233,11 @@ class DiT(nn.Module):
         if not self.dedupe_times:
             rows = self.time_embed(t.reshape(-1)) + label.repeat_interleave(self.num_tokens, dim=0)
             return rows, torch.arange(batch * self.num_tokens, device=t.device).view(batch, self.num_tokens)
-        sample = torch.arange(batch, device=t.device)[:, None].expand_as(t)
-        pairs = torch.stack([sample.reshape(-1).to(t.dtype), t.reshape(-1)], dim=1)
-        unique, inverse = torch.unique(pairs, dim=0, return_inverse=True)
-        rows = self.time_embed(unique[:, 1]) + label[unique[:, 0].long()]
-        return rows, inverse.view(batch, self.num_tokens)
+        times, sample, inverse = distinct_times(t)
+        if times.shape[0] == batch:  # one time per sample (inference, mask ratio 0): exactly the (B,) path
+            return self.time_embed(times) + label, None
+        rows = self.time_embed(times) + label[sample]
+        return rows, inverse
 
     # ---- forward -------------------------------------------------------------------------
     def forward(

@@ -115,3 +115,67 @@ def test_activation_checkpointing_gives_the_same_gradients():
     model(x, t, y).pow(2).sum().backward()
     for a, p in zip(plain, model.parameters()):
         torch.testing.assert_close(p.grad, a)
+
+
+# ---- the fast per-token paths equal the reference computations ---------------------------------
+def _two_times_per_sample(batch=5, tokens=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.rand(batch, 1, generator=g).expand(batch, tokens).clone()
+    t[:, torch.randperm(tokens, generator=g)[: tokens // 4]] = torch.rand(batch, 1, generator=g)
+    t[1] = 0.25  # a sample with a single time
+    t[2, :3] = torch.tensor([0.9, 0.1, 0.9])  # three distinct times, unsorted, repeated
+    return t
+
+
+def test_distinct_times_equals_torch_unique_of_sample_time_pairs():
+    from selfflow.model import distinct_times
+
+    t = _two_times_per_sample()
+    B, N = t.shape
+    pairs = torch.stack([torch.arange(B)[:, None].expand(B, N).reshape(-1).float(), t.reshape(-1)], dim=1)
+    unique, inverse = torch.unique(pairs, dim=0, return_inverse=True)
+    times, sample, index = distinct_times(t)
+    assert torch.equal(times, unique[:, 1]) and torch.equal(sample, unique[:, 0].long())
+    assert torch.equal(index, inverse.view(B, N))
+    assert torch.equal(times[index], t) and torch.equal(sample[index], torch.arange(B)[:, None].expand(B, N))
+
+
+def test_rows_to_tokens_equals_index_then_chunk_values_and_gradients():
+    from selfflow.model import rows_to_tokens
+
+    torch.manual_seed(0)
+    rows = torch.randn(7, 6 * 8, dtype=torch.float64, requires_grad=True)
+    index = torch.randint(0, 7, (3, 10))
+    weights = [torch.randn(3, 10, 8, dtype=torch.float64) for _ in range(6)]
+    fast = rows_to_tokens(rows, index, 6)
+    reference = rows[index].chunk(6, dim=-1)
+    for a, b in zip(fast, reference):
+        assert torch.equal(a, b)
+    grad_fast, = torch.autograd.grad(sum((w * p).sum() for w, p in zip(weights, fast)), rows)
+    grad_ref, = torch.autograd.grad(sum((w * p).sum() for w, p in zip(weights, reference)), rows)
+    torch.testing.assert_close(grad_fast, grad_ref, rtol=1e-12, atol=1e-12)
+    broadcast = rows_to_tokens(rows, None, 6)
+    assert all(p.shape == (7, 1, 8) for p in broadcast)
+
+
+def test_one_time_per_sample_takes_the_broadcast_path_exactly():
+    model = perturbed_dit()
+    x, t, y = torch.randn(4, 1, 8, 8), torch.rand(4), torch.tensor([0, 3, 10, 7])
+    per_token = t[:, None].expand(4, model.num_tokens).contiguous()
+    cond, index = model._conditioning(per_token, y, 4)
+    assert index is None and torch.equal(cond, model._conditioning(t, y, 4)[0])
+    assert torch.equal(model(x, per_token, y), model(x, t, y))
+
+
+def test_deduplicated_gradients_equal_the_full_per_token_computation():
+    model = perturbed_dit()
+    x, y = torch.randn(5, 1, 8, 8), torch.tensor([1, 2, 3, 10, 4])
+    t = _two_times_per_sample()
+    grads = {}
+    for dedupe in (True, False):
+        model.zero_grad(set_to_none=True)
+        model.dedupe_times = dedupe
+        model(x, t, y).pow(2).mean().backward()
+        grads[dedupe] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for name, g in grads[True].items():
+        torch.testing.assert_close(g, grads[False][name], rtol=1e-4, atol=1e-6, msg=name)
