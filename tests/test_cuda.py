@@ -1,6 +1,6 @@
 """The CUDA path: the same code as on the CPU, checked against the CPU where it must agree.
 
-Skipped without a GPU (CI has none); `benchmarks/gpu_suite.sh` runs this file first on a lent GPU.
+Skipped without a GPU (CI has none); `bash benchmarks/gpu_suite.sh extra` runs this file on a lent GPU.
 Tolerances follow the arithmetic: float32 on the GPU (cuDNN may use TF32 for the patch
 convolution) within 1e-2 relative of the CPU; bf16 autocast within a few per cent of float32.
 """
