@@ -315,8 +315,8 @@ def test_a_dmd_step_moves_the_generator_from_fake_towards_real():
         for p in generator.parameters():
             p.sub_(1e-3 * p.grad)
         moved = euler_steps(generator, noise, y, 1) - x
-    cosine = torch.nn.functional.cosine_similarity(moved.flatten(1), towards_real.flatten(1)).mean()
-    assert cosine > 0.1, cosine
+    cosine = torch.nn.functional.cosine_similarity(moved.flatten(1), towards_real.flatten(1))
+    assert (cosine > 0.5).all(), cosine  # measured 0.78 … 0.93 per sample; an uphill step gives the opposite sign
 
 
 # ---- DMD2: fake-only steps --------------------------------------------------------------------------
