@@ -146,7 +146,8 @@ class Trainer:
             shard_for_training(self.objective, self.model, self.ema.model, self.device, self.dist.world_size, self.amp_dtype)
         elif self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.objective = DistributedDataParallel(self.objective, device_ids=ids)
+            self.objective = DistributedDataParallel(self.objective, device_ids=ids,
+                                                     find_unused_parameters=self.method.leaves_parameters_unused)
         self.params = [p for p in list(self.model.parameters()) + list(self.method.parameters()) if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             self.params, lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay,

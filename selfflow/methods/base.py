@@ -71,6 +71,12 @@ class Method(nn.Module):
         """Whether step ``step`` trains the model (the generator); when not, the trainer leaves its EMA alone."""
         return True
 
+    @property
+    def leaves_parameters_unused(self) -> bool:
+        """True when some steps train only part of the parameters (DMD2's fake-score-only steps):
+        DDP must then look for parameters without a gradient (``find_unused_parameters``)."""
+        return False
+
     def drop_labels(self, y: torch.Tensor, probability: float, num_classes: int, random: BatchRandom) -> torch.Tensor:
         """Label dropout for classifier-free guidance: each label → null with ``probability``.
 

@@ -88,6 +88,10 @@ class Dmd(Method):
     def updates_generator(self, step: int) -> bool:
         return step % self.config.fake_updates_per_generator == 0
 
+    @property
+    def leaves_parameters_unused(self) -> bool:
+        return self.config.fake_updates_per_generator > 1
+
     # ---- the generator --------------------------------------------------------------------
     def generate(self, model, noise: torch.Tensor, y: torch.Tensor, batch: Batch) -> torch.Tensor:
         """G's sample, differentiable in G: the k-step Euler map, or (backward simulation) G's x̂0
