@@ -28,6 +28,17 @@ TINY_RUN = {
 }
 
 
+def one_line_error(capsys, *needles) -> str:
+    """The CLI's stderr is exactly one ``selfflow: error:`` line (no traceback) holding every needle."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("selfflow: error:"), err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
 def tiny_run(out_dir, **sections) -> dict:
     """The raw (YAML-shaped) config of :data:`TINY_RUN` writing to ``out_dir``; each keyword is a
     section whose keys replace the defaults, e.g. ``tiny_run(out, train={"steps": 2})``."""

@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 
 from selfflow.cli import main
+from support import one_line_error
 
 BASE = ["--set", "model.depth=2", "--set", "model.hidden_size=64", "--set", "train.batch_size=16", "--set", "train.progress=false",
         "--set", "train.tensorboard=false", "--set", "train.num_sample_images=0", "--set", "train.device=cpu"]
@@ -46,14 +47,6 @@ def _snapshot(folder):
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()} if folder.exists() else {}
 
 
-def _one_line_error(capsys, *needles):
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("selfflow: error:"), err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +68,7 @@ def test_malformed_yaml(tmp_path, capsys):
     config = tmp_path / "bad.yaml"
     config.write_text("train:\n  steps: [1, 2\n  lr: 0.1\n")
     assert _train(tmp_path / "run", config=config) == 2
-    _one_line_error(capsys, "bad.yaml", "malformed YAML", "line 2")
+    one_line_error(capsys, "bad.yaml", "malformed YAML", "line 2")
     assert not (tmp_path / "run").exists()
 
 
@@ -83,7 +76,7 @@ def test_unknown_key_in_a_file(tmp_path, capsys):
     config = tmp_path / "typo.yaml"
     config.write_text("train:\n  stpes: 10\n")
     assert _train(tmp_path / "run", config=config) == 2
-    _one_line_error(capsys, "typo.yaml", "train.stpes")
+    one_line_error(capsys, "typo.yaml", "train.stpes")
     assert not (tmp_path / "run").exists()
 
 
@@ -95,7 +88,7 @@ def test_unknown_key_in_a_file(tmp_path, capsys):
 ])
 def test_wrong_type_or_value(tmp_path, capsys, item, needle):
     assert _train(tmp_path / "run", item) == 2
-    _one_line_error(capsys, needle)
+    one_line_error(capsys, needle)
     assert not (tmp_path / "run").exists()
 
 
@@ -104,15 +97,15 @@ def test_wrong_type_or_value(tmp_path, capsys, item, needle):
 def test_zero_or_negative_sizes(tmp_path, capsys, item):
     assert _train(tmp_path / "run", item) == 2
     key, value = item.split("=")
-    _one_line_error(capsys, key, value)
+    one_line_error(capsys, key, value)
     assert not (tmp_path / "run").exists()
 
 
 def test_zero_or_negative_counts_on_the_command_line(trained, tmp_path, capsys):
     assert main(["sample", "--ckpt", str(trained), "--n", "0", "--out", str(tmp_path / "s")]) == 2
-    _one_line_error(capsys, "--n")
+    one_line_error(capsys, "--n")
     assert main(["generate-set", "--ckpt", str(trained), "--n", "4", "--shard-size", "-1", "--out", str(tmp_path / "g")]) == 2
-    _one_line_error(capsys, "--shard-size")
+    one_line_error(capsys, "--shard-size")
     assert not (tmp_path / "s").exists() and not (tmp_path / "g").exists()
 
 
@@ -182,7 +175,7 @@ def test_every_choice_field_is_checked_before_work(tiny_digits_config, tmp_path,
     for item in [*needs, f"{key}={bad}"]:
         args += ["--set", item]
     assert main(args) == 2
-    _one_line_error(capsys, key, bad)
+    one_line_error(capsys, key, bad)
     assert not out.exists()
 
 
@@ -205,7 +198,7 @@ def test_contradicting_fields_fail_before_work(tiny_digits_config, tmp_path, cap
     for item in items:
         args += ["--set", item]
     assert main(args) == 2
-    _one_line_error(capsys, *needles)
+    one_line_error(capsys, *needles)
     assert not out.exists()
 
 
@@ -225,14 +218,14 @@ def test_data_folder_with_a_corrupt_image(tmp_path, capsys):
     broken.write_bytes(broken.read_bytes()[:20])
     before = _snapshot(tmp_path / "data")
     assert _train(tmp_path / "run", "data.name=folder", f"data.path={tmp_path / 'data'}") == 2
-    _one_line_error(capsys, "b.png", "cannot read image")
+    one_line_error(capsys, "b.png", "cannot read image")
     assert _snapshot(tmp_path / "data") == before
 
 
 def test_data_folder_with_mismatched_image_sizes(tmp_path, capsys):
     _image_folder(tmp_path / "data", [8, 12])
     assert _train(tmp_path / "run", "data.name=folder", f"data.path={tmp_path / 'data'}") == 2
-    _one_line_error(capsys, "12x12", "8x8", "differs")
+    one_line_error(capsys, "12x12", "8x8", "differs")
 
 
 def test_nan_in_data(tmp_path, capsys):
@@ -240,21 +233,21 @@ def test_nan_in_data(tmp_path, capsys):
     images[3, 2, 2] = np.nan
     np.savez(tmp_path / "data.npz", images=images, labels=np.zeros(20, dtype=np.int64))
     assert _train(tmp_path / "run", "data.name=npz", f"data.path={tmp_path / 'data.npz'}") == 2
-    _one_line_error(capsys, "data.npz", "NaN")
+    one_line_error(capsys, "data.npz", "NaN")
 
 
 # ---- checkpoints ------------------------------------------------------------------------------
 def test_checkpoint_of_another_model_size(run_copy, capsys):
     before = _snapshot(run_copy)
     assert _train(run_copy, "train.steps=2", "model.hidden_size=128") == 2
-    _one_line_error(capsys, "different model config", "hidden_size")
+    one_line_error(capsys, "different model config", "hidden_size")
     assert _snapshot(run_copy) == before
 
 
 def test_checkpoint_of_another_method(run_copy, capsys):
     before = _snapshot(run_copy)
     assert _train(run_copy, "train.steps=2", "method.name=self_flow") == 2
-    _one_line_error(capsys, "different method config")
+    one_line_error(capsys, "different method config")
     assert _snapshot(run_copy) == before
 
 
@@ -267,7 +260,7 @@ def test_weights_that_do_not_fit_their_config(run_copy, capsys, tmp_path):
     (folder / "config.json").write_text(json.dumps(meta))
     before = _snapshot(run_copy)
     assert main(["sample", "--ckpt", str(folder), "--n", "2", "--out", str(tmp_path / "s"), "--device", "cpu"]) == 2
-    _one_line_error(capsys, "ema.safetensors", "has shape", "the model expects")
+    one_line_error(capsys, "ema.safetensors", "has shape", "the model expects")
     assert _snapshot(run_copy) == before and not (tmp_path / "s").exists()
 
 
@@ -276,7 +269,7 @@ def test_truncated_safetensors_on_resume(run_copy, capsys):
     file.write_bytes(file.read_bytes()[:1000])
     before = _snapshot(run_copy)
     assert _train(run_copy, "train.steps=2") == 2
-    _one_line_error(capsys, "model.safetensors", "truncated or corrupt")
+    one_line_error(capsys, "model.safetensors", "truncated or corrupt")
     assert _snapshot(run_copy) == before
 
 
@@ -294,11 +287,11 @@ def test_pickle_checkpoint_is_refused_and_never_runs(run_copy, capsys, tmp_path)
     (folder / "model.pt").write_bytes(payload)  # the usual torch.save name: never looked at
     before = _snapshot(run_copy)
     assert main(["sample", "--ckpt", str(folder), "--n", "2", "--out", str(tmp_path / "s"), "--device", "cpu"]) == 2
-    _one_line_error(capsys, "ema.safetensors", "truncated or corrupt")
+    one_line_error(capsys, "ema.safetensors", "truncated or corrupt")
     assert _train(run_copy, "train.steps=2") == 2
-    _one_line_error(capsys, "model.safetensors")
+    one_line_error(capsys, "model.safetensors")
     assert main(["sample", "--ckpt", str(folder / "model.pt"), "--n", "2", "--out", str(tmp_path / "s"), "--device", "cpu"]) == 2
-    _one_line_error(capsys, "no checkpoint found")
+    one_line_error(capsys, "no checkpoint found")
     assert not marker.exists()
     assert _snapshot(run_copy) == before
 
@@ -307,14 +300,14 @@ def test_corrupt_state_json(run_copy, capsys):
     (run_copy / "checkpoints" / "step_0000001" / "state.json").write_text('{"step": 1, "data": ')
     before = _snapshot(run_copy)
     assert _train(run_copy, "train.steps=2") == 2
-    _one_line_error(capsys, "state.json", "not valid JSON")
+    one_line_error(capsys, "state.json", "not valid JSON")
     assert _snapshot(run_copy) == before
 
 
 def test_changed_batch_size_on_resume(run_copy, capsys):
     before = _snapshot(run_copy)
     assert _train(run_copy, "train.steps=2", "train.batch_size=32") == 2
-    _one_line_error(capsys, "state.json", "data position", "batch_size")
+    one_line_error(capsys, "state.json", "data position", "batch_size")
     assert _snapshot(run_copy) == before
 
 
@@ -322,7 +315,7 @@ def test_garbage_checkpoint_config_on_resume(run_copy, capsys):
     (run_copy / "checkpoints" / "step_0000001" / "config.json").write_bytes(b"\x00\xffnot json")
     before = _snapshot(run_copy)
     assert _train(run_copy, "train.steps=2") == 2
-    _one_line_error(capsys, "config.json")
+    one_line_error(capsys, "config.json")
     assert _snapshot(run_copy) == before
 
 
@@ -330,7 +323,7 @@ def test_garbage_checkpoint_config_on_resume(run_copy, capsys):
 def test_data_path_that_is_a_text_file(tmp_path, capsys, name):
     (tmp_path / "notes.txt").write_text("not data\n")
     assert _train(tmp_path / "run", f"data.name={name}", f"data.path={tmp_path / 'notes.txt'}") == 2
-    _one_line_error(capsys, "notes.txt")
+    one_line_error(capsys, "notes.txt")
     assert not (tmp_path / "run").exists()  # the data is read before the run folder is made
 
 
@@ -341,5 +334,5 @@ def test_batch_that_does_not_split_over_the_processes(tmp_path, capsys, monkeypa
 
     monkeypatch.setattr(trainer, "init_distributed", lambda device_type: DistInfo(rank=0, world_size=3))
     assert _train(tmp_path / "run") == 2
-    _one_line_error(capsys, "train.batch_size=16", "world size (3)")
+    one_line_error(capsys, "train.batch_size=16", "world size (3)")
     assert not (tmp_path / "run").exists()

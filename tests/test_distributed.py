@@ -12,13 +12,17 @@ def _worker(rank, world, port, raw):
     fit(raw)
 
 
-def _run(world, out_dir, steps=4):
-    raw = tiny_run(out_dir, train={"steps": steps, "warmup_steps": 1})
+def _train(world, raw):
+    """Train ``raw`` in this process (world 1) or in ``world`` spawned gloo processes."""
     if world == 1:
         _worker(0, 1, free_port(), raw)
         leave_process_group_env()
     else:
         mp.start_processes(_worker, args=(world, free_port(), raw), nprocs=world, join=True, start_method="spawn")
+
+
+def _run(world, out_dir, steps=4):
+    _train(world, tiny_run(out_dir, train={"steps": steps, "warmup_steps": 1}))
     latest = ckpt.latest_checkpoint(out_dir / "checkpoints")
     return ckpt.load_tensors(latest / "model.safetensors"), logged_losses(out_dir)
 
@@ -37,12 +41,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
 
 def _dmd2_run(world, out_dir, teacher):
     method = {"name": "dmd2", "teacher": str(teacher), "fake_updates_per_generator": 2}
-    raw = tiny_run(out_dir, method=method, train={"steps": 4, "warmup_steps": 1, "init_from": str(teacher)})
-    if world == 1:
-        _worker(0, 1, free_port(), raw)
-        leave_process_group_env()
-    else:
-        mp.start_processes(_worker, args=(world, free_port(), raw), nprocs=world, join=True, start_method="spawn")
+    _train(world, tiny_run(out_dir, method=method, train={"steps": 4, "warmup_steps": 1, "init_from": str(teacher)}))
     latest = ckpt.latest_checkpoint(out_dir / "checkpoints")
     tensors = {f"model.{k}": v for k, v in ckpt.load_tensors(latest / "model.safetensors").items()}
     tensors.update({f"method.{k}": v for k, v in ckpt.load_tensors(latest / "method.safetensors").items()})

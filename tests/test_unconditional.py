@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from selfflow.cli import main
+from support import one_line_error
 
 
 def _config(tmp_path, method="flow_matching", extra=""):
@@ -37,13 +38,6 @@ def _latest(out):
     return sorted((out / "checkpoints").glob("step_*"))[-1]
 
 
-def _one_line_error(capsys, *needles):
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("selfflow: error:"), err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
 
 
 @pytest.fixture(scope="module", params=["flow_matching", "self_flow"])
@@ -82,22 +76,22 @@ def test_sampling_gives_finite_images_and_no_labels(unconditional_run, tmp_path)
 def test_labels_and_guidance_are_refused_in_one_line(unconditional_run, tmp_path, capsys):
     out = tmp_path / "s"
     assert main(["sample", "--ckpt", str(unconditional_run), "--n", "2", "--out", str(out), "--labels", "1", "--device", "cpu"]) == 2
-    _one_line_error(capsys, "--labels", "unconditional")
+    one_line_error(capsys, "--labels", "unconditional")
     assert main(["sample", "--ckpt", str(unconditional_run), "--n", "2", "--out", str(out), "--cfg-scale", "2", "--device", "cpu"]) == 2
-    _one_line_error(capsys, "--cfg-scale", "guidance", "unconditional")
+    one_line_error(capsys, "--cfg-scale", "guidance", "unconditional")
     assert main(["generate-set", "--ckpt", str(unconditional_run), "--n", "2", "--out", str(out), "--cfg-scale", "1.5",
                  "--device", "cpu"]) == 2
-    _one_line_error(capsys, "--cfg-scale", "unconditional")
+    one_line_error(capsys, "--cfg-scale", "unconditional")
     assert main(["generate-set", "--ckpt", str(unconditional_run), "--n", "2", "--out", str(out), "--labels", "0",
                  "--device", "cpu"]) == 2
-    _one_line_error(capsys, "--labels", "unconditional")
+    one_line_error(capsys, "--labels", "unconditional")
     assert not out.exists()
 
 
 def test_guidance_in_the_run_config_is_refused_before_training(tmp_path, capsys):
     out = tmp_path / "run"
     assert _train(_config(tmp_path), out, "sample.cfg_scale=1.5") == 2
-    _one_line_error(capsys, "sample.cfg_scale", "class_conditional")
+    one_line_error(capsys, "sample.cfg_scale", "class_conditional")
     assert not out.exists()
 
 
@@ -110,7 +104,7 @@ def test_generate_set_and_eval_without_classes(unconditional_run, tmp_path, caps
     common = ["eval", "--ckpt", str(unconditional_run), "--n", "20", "--train-steps", "5", "--device", "cpu",
               "--cache-dir", str(tmp_path / "cache")]
     assert main([*common, "--metrics", "fd_dom,acc", "--out", str(tmp_path / "acc.json")]) == 2
-    _one_line_error(capsys, "acc", "unconditional")
+    one_line_error(capsys, "acc", "unconditional")
     assert not (tmp_path / "acc.json").exists()
     assert main([*common, "--metrics", "fd_dom,pr", "--out", str(tmp_path / "eval.json")]) == 0, capsys.readouterr().err
     report = json.loads((tmp_path / "eval.json").read_text())

@@ -324,6 +324,17 @@ def _to_mode(picture, mode: str):
 # .npz arrays
 # --------------------------------------------------------------------------------------------
 
+def read_npz(file: Path, what: str = "npz file") -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` file, read without pickle; a missing or unreadable file is a DataError."""
+    if not file.is_file():
+        raise DataError(f"{file}: {what} not found")
+    try:
+        with np.load(file, allow_pickle=False) as archive:
+            return {key: archive[key] for key in archive.files}
+    except (OSError, ValueError, zlib.error, EOFError) as error:
+        raise DataError(f"{file}: cannot read as .npz (without pickle): {str(error).splitlines()[0]}") from None
+
+
 def load_npz(path: str | os.PathLike, split: str = "train", image_size: int | None = None,
              channels: int | None = None) -> ImageDataset:
     """Images (and labels) from a ``.npz`` file, loaded without pickle.
@@ -341,13 +352,7 @@ def load_npz(path: str | os.PathLike, split: str = "train", image_size: int | No
     """
     check_split(split)
     file = Path(path)
-    if not file.is_file():
-        raise DataError(f"{file}: npz file not found")
-    try:
-        with np.load(file, allow_pickle=False) as archive:
-            arrays = {key: archive[key] for key in archive.files}
-    except (OSError, ValueError, zlib.error, EOFError) as error:
-        raise DataError(f"{file}: cannot read as .npz (without pickle): {error}") from error
+    arrays = read_npz(file, "npz file")
     known = {"images", "labels", "num_classes", "class_names"}
     unknown = sorted(set(arrays) - known)
     if unknown:

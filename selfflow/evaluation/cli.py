@@ -11,7 +11,6 @@ This module imports nothing from ``selfflow.cli`` or ``selfflow.trainer``.
 from __future__ import annotations
 
 import json
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -66,17 +65,11 @@ def load_samples(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     ``labels`` is optional (absent or empty: unconditional samples). Anything else is a
     DataError naming the file, the key and the shape or dtype.
     """
-    from selfflow.data.images import npz_images
+    from selfflow.data.images import npz_images, read_npz
     from selfflow.imageio import uint8_to_float
 
     file = Path(path)
-    if not file.is_file():
-        raise DataError(f"{file}: samples file not found")
-    try:
-        with np.load(file, allow_pickle=False) as archive:
-            arrays = {key: archive[key] for key in archive.files}
-    except (OSError, ValueError, zlib.error, EOFError) as error:
-        raise DataError(f"{file}: cannot read as .npz (without pickle): {str(error).splitlines()[0]}") from None
+    arrays = read_npz(file, "samples file")
     if "images" not in arrays:
         raise DataError(f"{file}: no 'images' key (keys: {', '.join(sorted(arrays)) or 'none'})")
     images = uint8_to_float(npz_images(arrays["images"], f"{file}['images']"))
