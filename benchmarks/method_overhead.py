@@ -208,6 +208,7 @@ def main(argv=None) -> int:
     sync(device)
 
     block_times: dict[str, list[float]] = {v: [] for v in variants}
+    block_cpu: dict[str, list[float]] = {v: [] for v in variants}  # process CPU time: immune to other processes' slices
     step_peak: dict[str, int] = {v: 0 for v in variants}
     for _round in range(args.rounds):
         for v in variants:
@@ -217,11 +218,12 @@ def main(argv=None) -> int:
                 torch.cuda.reset_peak_memory_stats(device)
                 base = torch.cuda.memory_allocated(device)
             sync(device)
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             for _ in range(args.steps):
                 tr.train_step()
             sync(device)
             block_times[v].append((time.perf_counter() - start) / args.steps)
+            block_cpu[v].append((time.process_time() - start_cpu) / args.steps)
             if device.type == "cuda":
                 step_peak[v] = max(step_peak[v], torch.cuda.max_memory_allocated(device) - base)
 
@@ -240,6 +242,11 @@ def main(argv=None) -> int:
             ratios = [a / b for a, b in zip(block_times[v], block_times["flow_matching"])]
             row["ratio_to_flow_matching"] = statistics.median(ratios)
             row["ratio_blocks"] = ratios
+            if device.type == "cpu":
+                cpu_ratios = [a / b for a, b in zip(block_cpu[v], block_cpu["flow_matching"])]
+                row["step_cpu_ms_median"] = 1000 * statistics.median(block_cpu[v])
+                row["cpu_ratio_to_flow_matching"] = statistics.median(cpu_ratios)
+                row["cpu_ratio_blocks"] = cpu_ratios
         if device.type == "cuda":
             row["cuda_step_peak_MiB"] = step_peak[v] / 2**20
         row["saved_activations_MiB"] = saved_activation_bytes(tr) / 2**20
@@ -298,7 +305,10 @@ def markdown(report: dict) -> str:
     ]
     cuda = report["device"].startswith("cuda")
     rss = any("rss_step_peak_mib" in r for r in report["results"].values())
-    head = ["variant", "dedupe", "step (ms, median)", "× flow matching (median of rounds)", "round ratios", "resident MiB"]
+    cpu_time = any("cpu_ratio_to_flow_matching" in r for r in report["results"].values())
+    head = ["variant", "dedupe", "step (ms, median)", "× flow matching (median of rounds)", "round ratios"]
+    head += ["CPU step (ms)", "× flow matching (CPU time)", "round ratios (CPU time)"] if cpu_time else []
+    head += ["resident MiB"]
     head += ["step peak MiB (CUDA)"] if cuda else ["saved activations MiB"]
     if rss:
         head += ["peak RSS MiB", "RSS step peak MiB"]
@@ -306,12 +316,20 @@ def markdown(report: dict) -> str:
     for name, r in report["results"].items():
         dedupe = "n/a" if r["dedupe"] is None else ("on" if r["dedupe"] else "off")
         cells = [name, dedupe, f"{r['step_ms_median']:.1f}", f"{r.get('ratio_to_flow_matching', float('nan')):.2f}",
-                 " ".join(f"{x:.2f}" for x in r.get("ratio_blocks", [])), f"{r['resident_MiB']:.1f}"]
+                 " ".join(f"{x:.2f}" for x in r.get("ratio_blocks", []))]
+        if cpu_time:
+            cells += [f"{r.get('step_cpu_ms_median', float('nan')):.1f}", f"{r.get('cpu_ratio_to_flow_matching', float('nan')):.2f}",
+                      " ".join(f"{x:.2f}" for x in r.get("cpu_ratio_blocks", []))]
+        cells += [f"{r['resident_MiB']:.1f}"]
         cells += [f"{r['cuda_step_peak_MiB']:.0f}"] if cuda else [f"{r['saved_activations_MiB']:.1f}"]
         if rss:
             cells += [f"{r.get('rss_peak_mib', float('nan')):.0f}", f"{r.get('rss_step_peak_mib', float('nan')):.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", report["memory_note"], ""]
+    lines += [""]
+    if cpu_time:
+        lines += ["CPU time: `time.process_time()` of the benchmark process over the same steps (one torch thread), "
+                  "so other processes' time slices on a shared machine do not enter the ratio; wall-clock ratios beside it.", ""]
+    lines += [report["memory_note"], ""]
     return "\n".join(lines)
 
 

@@ -221,15 +221,17 @@ def run(args) -> dict:
             torch.cuda.synchronize(device)
 
     plain = {v: [] for v in VARIANTS}
+    plain_cpu = {v: [] for v in VARIANTS}
     profiled_events = {v: [] for v in VARIANTS}
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     for _round in range(args.rounds):
         for v in VARIANTS:
             sync()
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             trainers[v].train_step()
             sync()
             plain[v].append(time.perf_counter() - start)
+            plain_cpu[v].append(time.process_time() - start_cpu)
         for v in VARIANTS:
             labels = Labels()
             label_step(trainers[v], labels)
@@ -250,9 +252,13 @@ def run(args) -> dict:
             for name, ms in ops:
                 top[name] += ms / len(per_round)
         ratios = [a / b for a, b in zip(plain[v], plain["flow_matching"])]
+        cpu_ratios = [a / b for a, b in zip(plain_cpu[v], plain_cpu["flow_matching"])]
         results[v] = {
             "step_ms_median": 1000 * statistics.median(plain[v]), "step_ms": [1000 * t for t in plain[v]],
             "ratio_to_flow_matching": statistics.median(ratios), "round_ratios": ratios,
+            "step_cpu_ms_median": 1000 * statistics.median(plain_cpu[v]),
+            "cpu_ratio_to_flow_matching": statistics.median(cpu_ratios), "round_cpu_ratios": cpu_ratios,
+            "profiled_share": {c: statistics.median(r[0][c] / sum(r[0].values()) for r in per_round) for c in CATEGORIES},
             "profiled_ms": categories, "profiled_total_ms": sum(categories.values()),
             "top_ops_ms": sorted(top.items(), key=lambda kv: -kv[1])[:12],
         }
@@ -266,7 +272,6 @@ def run(args) -> dict:
 # --------------------------------------------------------------------------------------------
 def section(report: dict) -> list[str]:
     s, m, res = report["setup"], report["machine"], report["results"]
-    fm_total = res["flow_matching"]["profiled_total_ms"]
     lines = [
         f"### {report['label']}: depth {s['depth']}, width {s['hidden_size']}, {s['num_heads']} heads "
         f"({s['params_M']:.1f}M), {s['tokens']} tokens, batch {s['batch_size']}, {s['precision']}",
@@ -277,21 +282,26 @@ def section(report: dict) -> list[str]:
         f"{report['rounds']} interleaved rounds after {report['warmup_steps']} warm-up steps; Self-Flow layers "
         f"{s['student_layer']} → {s['teacher_layer']}.",
         "",
-        "Unprofiled step time (median of rounds) and its ratio to flow matching (median of per-round ratios):",
+        "Unprofiled steps: wall time and process CPU time (median of rounds), and their ratios to flow matching "
+        "(median of per-round ratios). CPU time is what this process ran, so other processes' time slices on a "
+        "shared machine do not enter it; it is the primary figure on a CPU.",
         "",
-        "| variant | step ms | × flow matching | round ratios |",
-        "|---|---|---|---|",
+        "| variant | step ms (wall) | × FM (wall) | step ms (CPU) | × FM (CPU) | round ratios (CPU) |",
+        "|---|---|---|---|---|---|",
     ]
     for v, r in res.items():
-        lines.append(f"| {v} | {r['step_ms_median']:.0f} | {r['ratio_to_flow_matching']:.3f} | "
-                     + " ".join(f"{x:.2f}" for x in r["round_ratios"]) + " |")
-    lines += ["", "Profiled step, ms (and as a fraction of the profiled flow-matching step):", "",
+        lines.append(f"| {v} | {r['step_ms_median']:.0f} | {r['ratio_to_flow_matching']:.3f} | {r['step_cpu_ms_median']:.0f} | "
+                     f"{r['cpu_ratio_to_flow_matching']:.3f} | " + " ".join(f"{x:.2f}" for x in r["round_cpu_ratios"]) + " |")
+    lines += ["", "Profiled steps: each part's share of its own step (median over rounds) times the variant's CPU-time "
+              "ratio, i.e. in units of one flow-matching step (profiled ms per step in brackets):", "",
               "| part | " + " | ".join(res) + " |", "|---|" + "---|" * len(res)]
     for c in CATEGORIES + ["total"]:
         cells = []
         for v in res:
-            ms = res[v]["profiled_total_ms"] if c == "total" else res[v]["profiled_ms"][c]
-            cells.append(f"{ms:.0f} ({ms / fm_total:.3f})")
+            r = res[v]
+            share = 1.0 if c == "total" else r["profiled_share"][c]
+            ms = r["profiled_total_ms"] if c == "total" else r["profiled_ms"][c]
+            cells.append(f"{share * r['cpu_ratio_to_flow_matching']:.3f} ({ms:.0f})")
         lines.append(f"| {c} | " + " | ".join(cells) + " |")
     sf = res["self_flow"]
     lines += ["", "Self-Flow's top ops by self time (ms per step): "
