@@ -30,9 +30,9 @@
 # The step-time ratios measured on the CPU (docs/benchmarks/method_overhead_mnist28_cpu.md: dual timestep
 # 1.2×, Self-Flow 1.6×) make one step of all three ~3.8 × 40 ms ≈ 150 ms, and an FD_dom evaluation
 # (2000 images × 16 Euler steps, bf16) ~1.5 s. Within --max-minutes 4 (240 s), after ~30 s of start-up,
-# FD-network training and reference statistics, that is ~1250 steps; 1500 fits if a step is ≤ 125 ms.
+# FD-network training and reference statistics, that is ~1250 steps; 1500 fit if a step of all three is ≤ 120 ms.
 # The methods train in turns (--interleave), so when the time runs out all three stop at the same
-# evaluation, with checkpoints. The report's last line gives each method's measured ms per step:
+# evaluation, with checkpoints. The report's "Training time per step" line gives each method's ms:
 # choose STEPS from it for the next session.
 #
 # Before the first call, here: copy the MNIST IDX files and fid_inception_v3_fp16.pt into .carry/
