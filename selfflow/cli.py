@@ -45,6 +45,8 @@ def add_sampling_arguments(p) -> None:
     p.add_argument("--steps", type=int, default=None, help="solver steps (default: the run's sample.steps)")
     p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale, 1 = off (default: the run's)")
     p.add_argument("--batch-size", type=int, default=None, help="images per network batch (default: the run's sample.batch_size)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="network precision: auto = bf16 autocast on CUDA, fp32 on the CPU (as in training)")
 
 
 def _add_sample(sub) -> None:
@@ -180,7 +182,7 @@ def cmd_sample(args) -> int:
     from selfflow.imageio import save_grid, to_uint8
     from selfflow.model import load_generator
     from selfflow.sampling import generate, parse_labels
-    from selfflow.trainer import resolve_device
+    from selfflow.device import autocast_dtype, resolve_device
 
     if args.n <= 0:
         raise ConfigError(f"--n must be positive, got {args.n}")
@@ -196,7 +198,7 @@ def cmd_sample(args) -> int:
     result = generate(
         model, num_samples=args.n, seeds=seeds, labels=labels, sampler=settings.sampler, steps=settings.steps,
         cfg_scale=settings.cfg_scale, batch_size=settings.batch_size, device=device,
-        image_shape=(model.in_channels, model.image_size, model.image_size),
+        image_shape=(model.in_channels, model.image_size, model.image_size), autocast_dtype=autocast_dtype(args.precision, device),
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -205,7 +207,7 @@ def cmd_sample(args) -> int:
     np.savez(out / "samples.npz", images=pixels, labels=(result.labels.numpy() if result.labels is not None else np.zeros(0)), seeds=np.array(seeds))
     info = {
         "checkpoint": str(folder), "weights": args.weights, "n": args.n, "sampler": args.sampler, "steps": args.steps,
-        "cfg_scale": args.cfg_scale, "seeds": [seeds[0], seeds[-1]], "nfe_per_sample": result.nfe_per_sample,
+        "cfg_scale": args.cfg_scale, "precision": args.precision, "seeds": [seeds[0], seeds[-1]], "nfe_per_sample": result.nfe_per_sample,
         "wall_time_s": result.wall_time_s, "device": str(device),
     }
     (out / "samples.json").write_text(json.dumps(info, indent=2))
@@ -244,13 +246,15 @@ def _sample_latent_model(args, model, folder, device, labels, seeds, autoencoder
     import torch
 
     from selfflow.autoencoders import decode_latents, load_autoencoder
+    from selfflow.device import autocast_dtype
     from selfflow.files import save_tensors
     from selfflow.imageio import save_grid, to_uint8
     from selfflow.sampling import generate
 
     result = generate(model, num_samples=len(seeds), seeds=seeds, labels=labels, sampler=args.sampler, steps=args.steps,
                       cfg_scale=args.cfg_scale, batch_size=args.batch_size, device=device, clip=False,
-                      image_shape=(model.in_channels, model.image_size, model.image_size))
+                      image_shape=(model.in_channels, model.image_size, model.image_size),
+                      autocast_dtype=autocast_dtype(args.precision, device))
     latents, labels = result.images, result.labels
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -266,7 +270,7 @@ def _sample_latent_model(args, model, folder, device, labels, seeds, autoencoder
         np.savez(out / "samples.npz", images=pixels, labels=(labels.numpy() if labels is not None else np.zeros(0)), seeds=np.array(seeds))
         written += [out / "grid.png", out / "samples.npz"]
     info = {"checkpoint": str(folder), "weights": args.weights, "n": args.n, "sampler": args.sampler, "steps": args.steps,
-            "cfg_scale": args.cfg_scale, "seeds": [seeds[0], seeds[-1]], "latent": True, "autoencoder": autoencoder or None,
+            "cfg_scale": args.cfg_scale, "precision": args.precision, "seeds": [seeds[0], seeds[-1]], "latent": True, "autoencoder": autoencoder or None,
             "device": str(device)}
     (out / "samples.json").write_text(json.dumps(info, indent=2))
     hint = "" if autoencoder else " (no autoencoder at hand: pass --autoencoder DIR to decode)"
@@ -288,7 +292,7 @@ def cmd_generate_set(args) -> int:
     from selfflow.model import load_generator
     from selfflow.sampling import parse_labels
     from selfflow.sets import generate_set
-    from selfflow.trainer import resolve_device
+    from selfflow.device import autocast_dtype, resolve_device
 
     for name in ("n", "shard_size"):
         if getattr(args, name) <= 0:
@@ -301,7 +305,7 @@ def cmd_generate_set(args) -> int:
     shards = generate_set(
         model, args.out, num=args.n, shard_size=args.shard_size, kind=args.kind, seed=args.seed, labels=labels,
         sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale, batch_size=args.batch_size, device=device,
-        source=source, on_shard=lambda index, path: print(f"wrote {path}", flush=True), progress=True,
+        autocast_dtype=autocast_dtype(args.precision, device), source=source, on_shard=lambda index, path: print(f"wrote {path}", flush=True), progress=True,
     )
     print(f"set complete: {args.out} ({shards.num} items in {shards.num_shards} shards)")
     return 0
@@ -314,7 +318,7 @@ def cmd_encode_latents(args) -> int:
     from selfflow.autoencoders import load_autoencoder
     from selfflow.data import load_dataset
     from selfflow.latents import encode_dataset
-    from selfflow.trainer import resolve_device
+    from selfflow.device import resolve_device
 
     for name in ("shard_size", "batch_size"):
         if getattr(args, name) <= 0:

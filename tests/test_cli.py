@@ -57,6 +57,21 @@ def test_sample_writes_grid_npz_and_record(trained_run, tmp_path):
     assert record["nfe_per_sample"] == 6 and record["sampler"] == "heun"
 
 
+def test_sample_takes_the_run_settings_and_a_precision(trained_run, tmp_path):
+    """No sampling flag: the run's own sample section (steps 2, euler); --precision bf16 runs the
+    network under bf16 autocast (tests/test_sampling.py checks that it does), is recorded, and stays
+    within bf16 rounding of the fp32 pixels."""
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / precision
+        assert main(["sample", "--ckpt", str(trained_run), "--n", "4", "--out", str(out), "--device", "cpu",
+                     "--precision", precision]) == 0
+        record = json.loads((out / "samples.json").read_text())
+        assert (record["sampler"], record["steps"], record["precision"]) == ("euler", 2, precision)
+        runs[precision] = np.load(out / "samples.npz")["images"].astype(int)
+    assert np.abs(runs["fp32"] - runs["bf16"]).max() <= 16
+
+
 def test_sample_rejects_bad_labels(trained_run, tmp_path, capsys):
     code = main(["sample", "--ckpt", str(trained_run), "--n", "2", "--out", str(tmp_path), "--labels", "12", "--device", "cpu"])
     assert code == 2 and "outside 0..9" in capsys.readouterr().err

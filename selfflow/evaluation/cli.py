@@ -222,12 +222,16 @@ def _generate(model, folder: Path, settings, args, device) -> tuple[torch.Tensor
 
     shape = (model.in_channels, model.image_size, model.image_size)
     seeds = list(range(args.seed, args.seed + args.n))
+    from selfflow.device import autocast_dtype
+
     common = dict(sampler=settings.sampler, steps=settings.steps, cfg_scale=settings.cfg_scale,
-                  batch_size=settings.batch_size, device=device, image_shape=shape)
+                  batch_size=settings.batch_size, device=device, image_shape=shape,
+                  autocast_dtype=autocast_dtype(args.precision, device))
     result = generate(model, num_samples=args.n, seeds=seeds, **common)  # its bar: a total and images/s
     speed = measure_sampler_speed(lambda k: generate(model, num_samples=k, progress=False, **common),
                                   min(settings.batch_size, args.n), warmup=1, device=device)
     sampling = {"checkpoint": str(folder), "weights": "ema", "sampler": settings.sampler, "steps": settings.steps,
-                "cfg_scale": settings.cfg_scale, "batch_size": settings.batch_size, "seeds": [seeds[0], seeds[-1]],
+                "cfg_scale": settings.cfg_scale, "batch_size": settings.batch_size, "precision": args.precision,
+                "seeds": [seeds[0], seeds[-1]],
                 "nfe_per_sample": result.nfe_per_sample, "generation_wall_time_s": result.wall_time_s, "speed": speed}
     return result.images, result.labels, sampling
