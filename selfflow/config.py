@@ -33,7 +33,7 @@ def check_choice(value: Any, choices: tuple, where: str) -> None:
 # --------------------------------------------------------------------------------------------
 # sections
 # --------------------------------------------------------------------------------------------
-DATA_NAMES = ("digits", "mnist", "fashion-mnist", "idx", "folder", "npz", "latents", "pairs")  # selfflow.data.load_dataset
+DATA_NAMES = ("digits", "mnist", "fashion-mnist", "idx", "folder", "npz", "latents", "pairs", "synth")  # selfflow.data.load_dataset
 DATA_SPLITS = ("train", "test", "all")
 
 
@@ -53,7 +53,7 @@ class DataConfig:
             raise ConfigError(f"{where}.path: the digits set is bundled with scikit-learn and takes no path, got {self.path!r}")
         if self.name != "digits" and not self.path:
             raise ConfigError(f"{where}.path: data.name={self.name} needs a path")
-        if self.name in ("latents", "pairs") and (self.image_size is not None or self.channels is not None):
+        if self.name in ("latents", "pairs", "synth") and (self.image_size is not None or self.channels is not None):
             raise ConfigError(f"{where}: {self.name} are used as stored; leave {where}.image_size and {where}.channels unset")
         if self.image_size is not None and self.image_size <= 0:
             raise ConfigError(f"{where}.image_size must be positive, got {self.image_size}")
@@ -80,6 +80,10 @@ class ModelConfig:
     num_heads: Optional[int] = None
     patch_size: int = 2
     mlp_ratio: float = 4.0
+    # Imported checkpoints (selfflow.interop); the defaults are the native model, unchanged.
+    time_scale: float = 1000.0  # the time embedding sees time_shift + time_scale·t (SiT/REPA: 1·t; the release: 1 − t)
+    time_shift: float = 0.0
+    pos_embed: str = "sincos"  # sincos: computed at build | stored: a (N, D) table saved with the weights
     # Filled from the data set when left at None.
     image_size: Optional[int] = None
     in_channels: Optional[int] = None
@@ -95,6 +99,12 @@ class ModelConfig:
             raise ConfigError(f"{where}.num_classes must be >= 0, got {self.num_classes}")
         if self.mlp_ratio <= 0:
             raise ConfigError(f"{where}.mlp_ratio must be positive, got {self.mlp_ratio}")
+        for key in ("time_scale", "time_shift"):
+            if not math.isfinite(getattr(self, key)):
+                raise ConfigError(f"{where}.{key} must be a finite number, got {getattr(self, key)}")
+        if self.time_scale == 0:
+            raise ConfigError(f"{where}.time_scale must not be 0 (the model could not tell times apart)")
+        check_choice(self.pos_embed, POS_EMBEDS, f"{where}.pos_embed")
         depth, width, heads = self.resolved_dims()
         if width % heads != 0:
             raise ConfigError(f"{where}: hidden_size {width} is not divisible by num_heads {heads}")
@@ -367,10 +377,91 @@ class Dmd2Config(DmdConfig):
             raise ConfigError(f"{where}.regression_weight: DMD2 drops the regression loss; use method.name=dmd for it")
 
 
+# ---- representation learning (selfflow.methods.represent; docs/methods.md#stablerep) ----
+REPRESENT_ENCODERS = ("vit", "resnet")
+
+
+@dataclass(frozen=True)
+class RepresentConfig:
+    """What StableRep, SimCLR and supervised training share: the encoder, its head, the augmentations.
+
+    The trained network is the encoder: ``vit`` is made of the DiT's blocks with the ``model``
+    section's depth, width, heads and patch size; ``resnet`` is a small ResNet-style CNN of ``width``
+    channels (doubled at each of its three stages)."""
+
+    encoder: str = "vit"  # vit | resnet
+    width: int = 32  # resnet only: channels of the first stage
+    head_hidden: int = 256  # the MLP head's hidden width (StableRep, SimCLR)
+    embed_dim: int = 64  # the head's output: the embedding the contrastive loss compares
+    temperature: float = 0.1  # τ of the contrastive losses
+    augment_strength: float = 1.0  # 0: no augmentation (selfflow.represent.augment)
+
+    def validate(self, where: str) -> None:
+        check_choice(self.encoder, REPRESENT_ENCODERS, f"{where}.encoder")
+        for key in ("width", "head_hidden", "embed_dim", "temperature"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{where}.{key} must be positive, got {getattr(self, key)}")
+        if self.augment_strength < 0:
+            raise ConfigError(f"{where}.augment_strength must be >= 0, got {self.augment_strength}")
+
+
+@dataclass(frozen=True)
+class StableRepConfig(RepresentConfig):
+    """Multi-positive contrastive loss over caption ids (data: a synth set, or labelled images = class captions)."""
+
+
+@dataclass(frozen=True)
+class SimClrConfig(RepresentConfig):
+    """Two augmented views per image, InfoNCE."""
+
+
+@dataclass(frozen=True)
+class SupervisedConfig(RepresentConfig):
+    """Cross-entropy on the class labels through a linear classifier on the encoder's features."""
+
+
+REPRESENT_METHODS = ("stablerep", "simclr", "supervised")
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """Probes of a frozen encoder on real labelled images (selfflow.represent.probes)."""
+
+    data: str = "digits"  # a data.name with train and test splits
+    path: Optional[str] = None
+    weights: str = "model"  # model | ema
+    epochs: int = 100  # linear probe: full-batch AdamW epochs on the frozen features
+    lr: float = 0.01
+    weight_decay: float = 1e-4
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    few_shot: tuple[int, ...] = (1, 5, 10)  # labelled images per class
+    few_shot_trials: int = 5  # random draws of the few labelled images, averaged
+    seed: int = 0
+    device: str = "auto"
+
+    def validate(self, where: str) -> None:
+        check_choice(self.data, ("digits", "mnist", "fashion-mnist", "idx", "folder", "npz"), f"{where}.data")
+        if self.data == "digits" and self.path is not None:
+            raise ConfigError(f"{where}.path: the digits set takes no path, got {self.path!r}")
+        if self.data != "digits" and not self.path:
+            raise ConfigError(f"{where}.path: {where}.data={self.data} needs a path")
+        check_choice(self.weights, ("model", "ema"), f"{where}.weights")
+        for key in ("epochs", "lr", "knn_k", "knn_temperature", "few_shot_trials"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{where}.{key} must be positive, got {getattr(self, key)}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"{where}.weight_decay must be >= 0, got {self.weight_decay}")
+        if any(k <= 0 for k in self.few_shot):
+            raise ConfigError(f"{where}.few_shot: labels per class must be positive, got {list(self.few_shot)}")
+        check_device(self.device, f"{where}.device")
+
+
 PAIR_METHODS = ("reflow", "distill")  # methods that train on stored pairs only
 
 METHOD_CONFIGS: dict[str, type] = {"flow_matching": FlowMatchingConfig, "self_flow": SelfFlowConfig, "repa": RepaConfig,
-                                   "reflow": ReflowConfig, "distill": DistillConfig, "dmd": DmdConfig, "dmd2": Dmd2Config}
+                                   "reflow": ReflowConfig, "distill": DistillConfig, "dmd": DmdConfig, "dmd2": Dmd2Config,
+                                   "stablerep": StableRepConfig, "simclr": SimClrConfig, "supervised": SupervisedConfig}
 
 
 def method_name_of(config: Any) -> str:
@@ -415,6 +506,13 @@ class RunConfig:
         if needs_pairs and data.name != "pairs":
             raise ConfigError(f"method.name={method} trains on stored (noise, image) pairs but data.name={data.name}; use "
                               f"data: {{name: pairs, path: SET}} (selfflow generate-set --kind pairs)")
+        if method in REPRESENT_METHODS and data.name in ("latents", "pairs"):
+            raise ConfigError(f"method.name={method} trains an encoder on images; data.name={data.name} is not an image set")
+        if method == "supervised" and data.name == "synth":
+            raise ConfigError("method.name=supervised trains on class labels of real images; a synth set's captions are not "
+                              "labels (use method.name=stablerep on it)")
+        if method in REPRESENT_METHODS and self.train.init_from:
+            raise ConfigError(f"train.init_from: method.name={method} trains an encoder from scratch; leave it unset")
         if method in ("distill", "dmd", "dmd2") and not self.train.init_from:
             raise ConfigError(f"train.init_from: method.name={method} starts the student from the teacher; give its folder")
         depth = model.resolved_dims()[0]

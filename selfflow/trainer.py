@@ -24,7 +24,7 @@ from selfflow import checkpoint as ckpt
 from selfflow.config import ConfigError, RunConfig
 from selfflow.distributed import DistInfo, all_reduce_mean, any_rank, cleanup, init_distributed
 from selfflow.ema import EMA, decay_from_half_life
-from selfflow.methods import Batch, BatchRandom, Objective, build_method
+from selfflow.methods import Batch, BatchRandom, Objective, build_method, build_network
 from selfflow.model import DiT
 
 log = logging.getLogger("selfflow")
@@ -112,7 +112,7 @@ class Trainer:
         self.dataset = dataset if dataset is not None else load_data(config)
         self.config = config = resolve_config(config, self.dataset)
         torch.manual_seed(t.seed)
-        self.model = DiT(config.model).to(self.device)
+        self.model = build_network(config).to(self.device)  # the DiT; an encoder for representation methods
         if t.init_from:  # the teacher's EMA weights; a checkpoint of this run (maybe_resume) still wins
             from selfflow.methods.one_step import load_init_weights
 
@@ -271,7 +271,7 @@ class Trainer:
         log.info("step=%d %s", record["step"], " ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "step"))
 
     def write_samples(self) -> Path | None:
-        if self.config.train.num_sample_images == 0:
+        if self.config.train.num_sample_images == 0 or not isinstance(self.model, DiT):  # an encoder draws nothing
             return None
         generator_model = self.ema.model
         if self.sharded:  # gather the EMA weights on rank 0 (every process takes part)

@@ -102,17 +102,17 @@ def test_errors_is_a_leaf():
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("selfflow", "selfflow.errors", "selfflow.files", "selfflow.config", "selfflow.distributed",
                     "selfflow.device", "selfflow.path", "selfflow.imageio", "selfflow.ema", "selfflow.shards",
-                    "selfflow.fsdp", "selfflow.checkpoint")),
+                    "selfflow.fsdp", "selfflow.checkpoint", "selfflow.represent")),  # represent: losses, augment
     ("data", ("selfflow.data",)),
-    ("model", ("selfflow.model",)),
-    ("sampling", ("selfflow.sampling", "selfflow.sets")),  # the trainer draws its sample grids with it
+    ("model", ("selfflow.model", "selfflow.represent.encoders")),
+    ("sampling", ("selfflow.sampling", "selfflow.sets", "selfflow.represent.synth")),  # the trainer draws its sample grids with it
     ("autoencoders", ("selfflow.autoencoders", "selfflow.latents")),
     ("networks", ("selfflow.evaluation.frechet", "selfflow.evaluation.feature_net", "selfflow.evaluation.inception",
                   "selfflow.evaluation.features", "selfflow.encoders")),  # frozen networks REPA and evaluation share
     ("methods", ("selfflow.methods",)),
     ("trainer", ("selfflow.trainer",)),
-    ("evaluation", ("selfflow.evaluation",)),
-    ("cli", ("selfflow.quickstart", "selfflow.evaluation.cli", "selfflow.cli", "selfflow.__main__")),
+    ("evaluation", ("selfflow.evaluation", "selfflow.represent.probes")),
+    ("cli", ("selfflow.quickstart", "selfflow.evaluation.cli", "selfflow.represent.cli", "selfflow.cli", "selfflow.__main__")),
 ]
 
 

@@ -35,7 +35,7 @@ __all__ = [
     "load_npz", "load_latents", "read_idx", "uint8_to_float",
 ]
 
-DATASET_NAMES = ("digits", "mnist", "fashion-mnist", "idx", "folder", "npz", "latents", "pairs")
+DATASET_NAMES = ("digits", "mnist", "fashion-mnist", "idx", "folder", "npz", "latents", "pairs", "synth")
 
 
 def load_dataset(name: str, path: str | os.PathLike | None = None, split: str = "train",
@@ -78,6 +78,12 @@ def load_dataset(name: str, path: str | os.PathLike | None = None, split: str = 
         from selfflow.data.pairs import load_pairs
 
         return load_pairs(path, split)
+    if name == "synth":  # captioned synthetic images (selfflow.data.synth)
+        if image_size is not None or channels is not None:
+            raise DataError("synthetic sets are used as stored: leave data.image_size and data.channels unset")
+        from selfflow.data.synth import load_synth
+
+        return load_synth(path, split)
     if name == "latents":
         if image_size is not None or channels is not None:
             raise DataError("latents are used as stored: leave data.image_size and data.channels unset")

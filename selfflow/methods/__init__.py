@@ -25,7 +25,7 @@ def _load_optional_methods() -> None:
     # Methods in their own modules register themselves on import.
     import importlib
 
-    for module in ("self_flow", "repa", "reflow", "distill", "dmd"):
+    for module in ("self_flow", "repa", "reflow", "distill", "dmd", "represent"):
         try:
             importlib.import_module(f"selfflow.methods.{module}")
         except ModuleNotFoundError as exc:
@@ -33,9 +33,15 @@ def _load_optional_methods() -> None:
                 raise
 
 
+def build_network(run) -> Any:
+    """The network a run trains: the DiT, or the encoder of a representation method."""
+    _load_optional_methods()
+    return METHODS[method_name_of(run.method)].build_network(run)
+
+
 def build_method(config: Any, model) -> Method:
     _load_optional_methods()
     return METHODS[method_name_of(config)](config, model)
 
 
-__all__ = ["Batch", "BatchRandom", "Method", "Objective", "METHODS", "build_method", "method_config_from_dict", "register"]
+__all__ = ["Batch", "BatchRandom", "Method", "Objective", "METHODS", "build_method", "build_network", "method_config_from_dict", "register"]

@@ -61,6 +61,14 @@ class Method(nn.Module):
         super().__init__()
         self.config = config
 
+    @classmethod
+    def build_network(cls, run) -> nn.Module:
+        """The network the trainer trains and keeps an EMA of, from the resolved run config: the DiT
+        (representation methods train an encoder instead)."""
+        from selfflow.model import DiT
+
+        return DiT(run.model)
+
     def bind_teacher(self, teacher: nn.Module) -> None:
         """Called by the trainer with its EMA model; methods that need a teacher keep it."""
 
