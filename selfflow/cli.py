@@ -41,7 +41,7 @@ def _add_distill(sub) -> None:
 
 def add_sampling_arguments(p) -> None:
     """--sampler, --steps, --cfg-scale, --batch-size: default to the checkpoint's own ``sample`` section."""
-    p.add_argument("--sampler", default=None, help="euler | heun | sde | dopri5 (default: the run's sample.sampler)")
+    p.add_argument("--sampler", default=None, help="euler | heun | sde | dopri5 | sit_sde (default: the run's sample.sampler)")
     p.add_argument("--steps", type=int, default=None, help="solver steps (default: the run's sample.steps)")
     p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale, 1 = off (default: the run's)")
     p.add_argument("--batch-size", type=int, default=None, help="images per network batch (default: the run's sample.batch_size)")
@@ -117,6 +117,19 @@ def _add_data(sub) -> None:
     f.add_argument("--base-url", default=None, help="mirror to download from (default: the set's usual mirrors)")
 
 
+def _add_import(sub) -> None:
+    p = sub.add_parser("import", help="import a SiT, REPA or official Self-Flow checkpoint as a model folder (reads .pt safely)")
+    p.add_argument("file", help="the checkpoint: .pt/.pth (read without running code) or .safetensors")
+    p.add_argument("--from", dest="source", required=True, choices=["selfflow-official", "sit", "repa"], help="the file's layout")
+    p.add_argument("--out", required=True, help="model folder to write (model.safetensors + config.json)")
+    p.add_argument("--weights", default="ema", choices=["ema", "model"], help="a training dict's EMA or raw weights")
+    p.add_argument("--num-heads", type=int, default=None, help="attention heads (default: from the file's args, else width/64; XL: 16)")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="classes, when the label table has no null row (default: the table's last row is the null label)")
+    p.add_argument("--patch-size", type=int, default=None, help="only for a Linear patch embedding without pos_embed")
+    p.add_argument("--pixels", action="store_true", help="the model generates pixels (default: autoencoder latents, as published)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="selfflow", description="Self-Flow and friends: flow-matching transformers that learn their own representations.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -128,12 +141,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_encode_latents(sub)
     _add_quickstart(sub)
     _add_data(sub)
+    _add_import(sub)
     try:
         from selfflow.evaluation.cli import add_eval_parser
     except ImportError:
         pass
     else:
         add_sampling_arguments(add_eval_parser(sub))
+    from selfflow.represent.cli import add_parsers as add_represent_parsers
+
+    add_represent_parsers(sub, add_sampling_arguments)  # synth, represent train|probe
     return parser
 
 
@@ -373,8 +390,24 @@ def cmd_data(args) -> int:
     return main_fetch(args.name, args.to, args.base_url)
 
 
+def cmd_import(args) -> int:
+    from selfflow.errors import ConfigError
+    from selfflow.interop import import_checkpoint, model_overrides
+
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ConfigError(f"--out {args.out}: a file is in the way (a folder is written there)")
+    result = import_checkpoint(args.file, args.source, args.out, weights=args.weights, num_heads=args.num_heads,
+                               num_classes=args.num_classes, patch_size=args.patch_size, latent=not args.pixels)
+    for note in result["notes"]:
+        print(f"  {note}")
+    print(f"wrote {Path(args.out) / 'model.safetensors'} and config.json; sample with: selfflow sample --ckpt {args.out} "
+          f"--sampler sit_sde --steps 250 (the authors' sampler) or --sampler heun --steps 50")
+    print("fine-tune with train.init_from=" + str(args.out) + " and " + " ".join(model_overrides(result["config"])))
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "distill": cmd_distill, "sample": cmd_sample, "export": cmd_export, "quickstart": cmd_quickstart, "data": cmd_data,
-            "generate-set": cmd_generate_set, "encode-latents": cmd_encode_latents}
+            "generate-set": cmd_generate_set, "encode-latents": cmd_encode_latents, "import": cmd_import}
 
 
 def _one_line(message: str) -> str:
@@ -385,7 +418,7 @@ def _one_line(message: str) -> str:
 
 # Flags that name an output folder: a file already there is refused before any work.
 OUTPUT_FOLDERS = {"sample": "out", "export": "out", "generate-set": "out", "encode-latents": "out", "quickstart": "out",
-                  "data": "to"}
+                  "data": "to", "synth": "out"}
 
 
 def _check_output_folder(args) -> None:

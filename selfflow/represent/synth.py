@@ -1,0 +1,158 @@
+"""Synthetic sets with caption ids for StableRep (``selfflow synth``; docs/methods.md#stablerep).
+
+Image k belongs to group g = k // m (m = ``per_caption``); a group's m images share a caption:
+
+``classes``    caption = the class label, g mod num_classes. Image k starts from the noise of seed
+               ``seed + k`` and runs the chosen sampler (any: an ODE sampler, the SDE, or a one-step
+               student's single step) — the images of one caption are independent draws of the class.
+``instances``  caption = the group: its m images share the class (g mod num_classes, or none for an
+               unconditional generator) **and** the initial noise (seed ``seed + g``) and differ only
+               by the SDE's noise. The churn: the ``sde`` sampler (Euler–Maruyama, diffusion
+               w(t) = t) injects noise only while t ≤ ``churn`` (w(t) = 0 above it, plain Euler), the
+               noise of image k drawn from its own generator seeded ``seed + CHURN_SEED_OFFSET + k``.
+               ``churn = 1`` lets the noise act from the start; a smaller churn keeps the coarse
+               layout the shared noise decides and varies the details. Needs ``--sampler sde`` and at
+               least 2 steps (the SDE's last step is deterministic).
+``text``       a caption file (one UTF-8 caption per line; caption id = line number from 0) is read
+               and recorded as ``captions.table`` in set.json — and refused until a text-conditioned
+               generator exists (the class-conditional DiT has no text input).
+
+Shards (:class:`selfflow.shards.ShardSet`, resumable, bit-identical after any interruption) hold
+``images`` uint8, ``labels`` (−1: none), ``captions``, ``seeds`` (initial noise) and, for instances,
+``churn_seeds``; the reader is :mod:`selfflow.data.synth`.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from selfflow.data.synth import KIND
+from selfflow.errors import ConfigError
+from selfflow.imageio import to_uint8
+from selfflow.sampling import GuidedVelocity, generate, get_sampler, noise_for_seeds, time_grid
+from selfflow.shards import ShardSet
+
+CHURN_SEED_OFFSET = 1_000_000_007  # instance images' SDE noise: seeds far from every initial-noise seed
+
+
+def read_caption_file(path: str | os.PathLike) -> list[str]:
+    """The captions of a text file, one per non-empty line (stripped); ConfigError naming the file."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"--captions {file}: not classes, instances or a caption file")
+    try:
+        lines = [line.strip() for line in file.read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError:
+        raise ConfigError(f"--captions {file}: not a UTF-8 text file (one caption per line)") from None
+    captions = [line for line in lines if line]
+    if not captions:
+        raise ConfigError(f"--captions {file}: no captions (one per line)")
+    return captions
+
+
+def plan(captions: str, per_caption: int, num: int, num_classes: int, sampler: str, steps: int) -> dict:
+    """Check the settings against the generator before any work; returns the ``captions`` record of set.json."""
+    if per_caption < 1:
+        raise ConfigError(f"--per-caption must be positive, got {per_caption}")
+    if num < 1 or num % per_caption:
+        raise ConfigError(f"--n {num} must be a positive multiple of --per-caption {per_caption}")
+    if captions == "classes":
+        if num_classes < 1:
+            raise ConfigError("--captions classes: the generator is unconditional (no class labels); use --captions instances")
+        return {"kind": "classes", "per_caption": per_caption}
+    if captions == "instances":
+        if sampler != "sde" or steps < 2:
+            raise ConfigError(f"--captions instances: the images of an instance differ only by SDE noise; use --sampler sde "
+                              f"with --steps >= 2 (got --sampler {sampler} --steps {steps})")
+        return {"kind": "instances", "per_caption": per_caption}
+    table = read_caption_file(captions)
+    raise ConfigError(f"--captions {captions}: {len(table)} text captions, but the generator is conditioned on "
+                      f"{num_classes} class labels and selfflow has no text-conditioned generator yet; use classes or instances")
+
+
+def item_plan(k: torch.Tensor, kind: str, per_caption: int, num_classes: int, seed: int) -> dict[str, torch.Tensor]:
+    """Labels, caption ids and seeds of items ``k`` (int64)."""
+    group = k // per_caption
+    labels = group % num_classes if num_classes else torch.full_like(k, -1)
+    if kind == "classes":
+        return {"labels": labels, "captions": labels.clone(), "seeds": seed + k}
+    return {"labels": labels, "captions": group, "seeds": seed + group, "churn_seeds": seed + CHURN_SEED_OFFSET + k}
+
+
+def _instances(model, items: dict, *, steps: int, cfg_scale: float, churn: float, batch_size: int, device,
+               autocast_dtype) -> torch.Tensor:
+    """Images of instance items: shared initial noise, per-image SDE noise while t ≤ churn."""
+    num_classes = int(getattr(model, "num_classes", 0) or 0)
+    shape = (model.in_channels, model.image_size, model.image_size)
+    velocity = GuidedVelocity(model, cfg_scale, null_label=num_classes) if num_classes else model
+    times = time_grid(steps)
+    sde = get_sampler("sde")
+    out = []
+    was_training = model.training
+    model.eval()
+    try:
+        for lo in range(0, len(items["seeds"]), batch_size):
+            rows = slice(lo, lo + batch_size)
+            x = noise_for_seeds(items["seeds"][rows].tolist(), shape, device)
+            generators = [torch.Generator().manual_seed(int(s)) for s in items["churn_seeds"][rows]]
+            y = items["labels"][rows].to(device) if num_classes else None
+            autocast = torch.autocast(torch.device(device).type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+            with torch.no_grad(), autocast:
+                x = sde(velocity, x, times, y=y, generator=generators, diffusion=lambda t: t if t <= churn else 0.0)
+            out.append(x.float().clamp(-1, 1).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
+
+
+def make_synth_set(model, folder: str | os.PathLike, *, captions: str, per_caption: int, num: int, shard_size: int = 1000,
+                   seed: int = 0, sampler: str = "euler", steps: int = 50, cfg_scale: float = 1.0, churn: float = 0.6,
+                   batch_size: int = 256, device="cpu", autocast_dtype=None, source: Optional[dict] = None,
+                   on_shard: Optional[Callable[[int, Path], None]] = None, progress: bool = False) -> ShardSet:
+    """Generate (or finish) a captioned set of ``num`` images in ``folder``; see the module doc."""
+    num_classes = int(getattr(model, "num_classes", 0) or 0)
+    record = plan(captions, per_caption, num, num_classes, sampler, steps)
+    if shard_size < 1:
+        raise ConfigError(f"--shard-size must be positive, got {shard_size}")
+    if not 0.0 < churn <= 1.0:
+        raise ConfigError(f"--churn must be in (0, 1], got {churn}")
+    if record["kind"] == "instances":
+        record["churn"] = churn
+    manifest = {
+        "kind": KIND, "num": num, "shard_size": shard_size, "seed": seed, "sampler": sampler, "steps": steps,
+        "cfg_scale": cfg_scale, "batch_size": batch_size, "num_classes": num_classes, "captions": record,
+        "image_shape": [model.in_channels, model.image_size, model.image_size], "source": source or {},
+    }
+    shards = ShardSet.create_or_resume(folder, manifest)
+    pending = shards.pending()
+    bar = None
+    if progress and pending:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=sum(b - a for a, b in map(shards.item_range, pending)), unit="img", desc=f"synth ({record['kind']})",
+                   dynamic_ncols=True)
+    try:
+        for index in pending:
+            start, stop = shards.item_range(index)
+            items = item_plan(torch.arange(start, stop), record["kind"], per_caption, num_classes, seed)
+            if record["kind"] == "classes":
+                images = generate(model, num_samples=stop - start, seeds=items["seeds"].tolist(), labels=items["labels"],
+                                  sampler=sampler, steps=steps, cfg_scale=cfg_scale, batch_size=batch_size, device=device,
+                                  image_shape=(model.in_channels, model.image_size, model.image_size),
+                                  autocast_dtype=autocast_dtype, progress=False).images
+            else:
+                images = _instances(model, items, steps=steps, cfg_scale=cfg_scale, churn=churn, batch_size=batch_size,
+                                    device=device, autocast_dtype=autocast_dtype)
+            path = shards.write(index, {"images": to_uint8(images), **items})
+            if bar is not None:
+                bar.update(stop - start)
+            if on_shard is not None:
+                on_shard(index, path)
+    finally:
+        if bar is not None:
+            bar.close()
+    return shards
