@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -70,6 +71,9 @@ MODEL_SIZES: dict[str, tuple[int, int, int]] = {
     "L": (24, 1024, 16),
     "XL": (28, 1152, 16),
 }
+
+
+POS_EMBEDS = ("sincos", "stored")
 
 
 @dataclass(frozen=True)
@@ -187,7 +191,7 @@ class TrainConfig:
             raise ConfigError(f"{where}.out_dir must name a folder, got {self.out_dir!r}")
 
 
-SAMPLER_NAMES = ("euler", "heun", "sde", "dopri5")  # selfflow.sampling.SAMPLERS holds these
+SAMPLER_NAMES = ("euler", "heun", "sde", "dopri5", "sit_sde")  # selfflow.sampling.SAMPLERS holds these
 
 
 @dataclass(frozen=True)

@@ -42,17 +42,23 @@ def sincos_2d(embed_dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
 
 
 class TimeEmbedding(nn.Module):
-    """t ∈ [0, 1] → sinusoidal features of 1000·t → MLP → (R, D)."""
+    """t ∈ [0, 1] → sinusoidal features of τ = shift + scale·t (native: 1000·t) → MLP → (R, D).
 
-    def __init__(self, hidden_size: int, freq_dim: int = 256):
+    Imported SiT/REPA weights embed τ = t, the Self-Flow release τ = 1 − t (selfflow.interop)."""
+
+    def __init__(self, hidden_size: int, freq_dim: int = 256, scale: float = 1000.0, shift: float = 0.0):
         super().__init__()
         self.freq_dim = freq_dim
+        self.scale, self.shift = float(scale), float(shift)
         self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:  # (R,) -> (R, D)
         half = self.freq_dim // 2
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-        args = (1000.0 * t.float())[:, None] * freqs[None]
+        tau = self.scale * t.float()
+        if self.shift != 0.0:
+            tau = self.shift + tau
+        args = tau[:, None] * freqs[None]
         features = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         return self.mlp(features.to(self.mlp[0].weight.dtype))
 
@@ -172,8 +178,9 @@ class DiT(nn.Module):
         self.dedupe_times = True  # compute the conditioning once per distinct (sample, time)
 
         self.patch_embed = nn.Conv2d(config.in_channels, dim, kernel_size=config.patch_size, stride=config.patch_size)
-        self.register_buffer("pos_embed", sincos_2d(dim, self.grid, self.grid)[None], persistent=False)
-        self.time_embed = TimeEmbedding(dim)
+        # pos_embed "stored" (imported weights): the table is saved and loaded with the weights
+        self.register_buffer("pos_embed", sincos_2d(dim, self.grid, self.grid)[None], persistent=config.pos_embed == "stored")
+        self.time_embed = TimeEmbedding(dim, scale=config.time_scale, shift=config.time_shift)
         self.label_embed = nn.Embedding(config.num_classes + 1, dim)  # last row: the null label
         self.blocks = nn.ModuleList([Block(dim, heads, config.mlp_ratio) for _ in range(depth)])
         self.final = FinalLayer(dim, config.patch_size, config.in_channels)

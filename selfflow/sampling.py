@@ -60,6 +60,7 @@ __all__ = [
     "heun",
     "euler_maruyama",
     "dopri5",
+    "sit_sde",
     "SAMPLERS",
     "get_sampler",
     "SampleResult",
@@ -428,11 +429,89 @@ def dopri5(
     return states[-1]
 
 
+SIT_LAST_STEPS = ("mean", "euler")
+
+
+def sit_sde(
+    fn: VelocityFn,
+    x: Tensor,
+    times,
+    *,
+    y: Optional[Tensor] = None,
+    generator: GeneratorArg = None,
+    callback: Callback = None,
+    last_step_size: float = 0.04,
+    last_step: str = "mean",
+    diffusion_norm: float = 1.0,
+    guidance_interval: tuple = (0.0, 1.0),
+) -> Tensor:
+    """The SDE sampler behind the published SiT, REPA and Self-Flow FIDs, in our time (docs/methods.md#sit_sde).
+
+    With n = len(times) − 1 evaluations (the authors': 250): Euler–Maruyama with diffusion
+    w(t) = diffusion_norm·t (SiT's "sigma") over n grid points g_0 = times[0] … g_{n−1} = L
+    (``last_step_size``), i.e. n − 1 stochastic steps of size h_i = g_i − g_{i+1}::
+
+        x ← x − h_i·(v + (w/t)·ε̂) + sqrt(2·w·h_i)·z,      ε̂ = x + (1 − t)·v,  t = g_i
+
+    then one deterministic step of size L from t = L to 0: ``"mean"`` (the authors') keeps the
+    score term, x ← x − L·(v + (w/L)·ε̂); ``"euler"`` drops it, x ← x − L·v. The grid is
+    ``times[:-1]`` mapped affinely onto [L, times[0]]: a uniform grid gives linspace(1, L, n), the
+    published one (SiT's linspace(0, 1 − L, n) in its time s = 1 − t); times[-1] must be 0.
+
+    guidance_interval (lo, hi): when ``fn`` is a :class:`GuidedVelocity`, guidance is applied only
+    at lo ≤ t ≤ hi (our t; the release: (0, 0.7), i.e. not at the noisiest 30 %), elsewhere the
+    conditional velocity alone (one evaluation per image instead of two).
+    """
+    ts = _as_time_list(times, x)
+    n = len(ts) - 1
+    L = float(last_step_size)
+    if n < 2:
+        raise ValueError(f"sit_sde needs at least 2 steps (n − 1 stochastic + 1 last), got {n}")
+    if ts[-1] != 0.0:
+        raise ValueError(f"sit_sde ends at t = 0; the grid ends at {ts[-1]}")
+    if not 0.0 < L < ts[0]:
+        raise ValueError(f"last_step_size must lie in (0, {ts[0]}), got {last_step_size!r}")
+    if last_step not in SIT_LAST_STEPS:
+        raise ValueError(f"unknown last_step {last_step!r}; known: {', '.join(SIT_LAST_STEPS)}")
+    if not diffusion_norm >= 0:
+        raise ValueError(f"diffusion_norm must be >= 0, got {diffusion_norm!r}")
+    lo, hi = (float(v) for v in guidance_interval)
+    if not lo <= hi:
+        raise ValueError(f"guidance_interval must be (lo, hi) with lo <= hi, got {guidance_interval!r}")
+    top, bottom = ts[0], ts[n - 1]
+    grid = [L + (t - bottom) * (top - L) / (top - bottom) for t in ts[:n]]
+    grid[0], grid[-1] = top, L
+
+    def velocity(state: Tensor, t: float) -> Tensor:
+        if isinstance(fn, GuidedVelocity) and fn.scale != 1.0 and not lo <= t <= hi:
+            return fn.model(state, _t_batch(t, state), y)
+        return fn(state, _t_batch(t, state), y)
+
+    for i in range(n):
+        t = grid[i]
+        v = velocity(x, t)
+        x0_hat = x - t * v
+        w = float(diffusion_norm) * t
+        eps_hat = x + (1.0 - t) * v
+        drift = v + (w / t) * eps_hat
+        if i < n - 1:
+            h = t - grid[i + 1]
+            t_next = grid[i + 1]
+            x = x - h * drift + math.sqrt(2.0 * w * h) * randn_like(x, generator)
+        else:
+            t_next = 0.0
+            x = x - L * (drift if last_step == "mean" else v)
+        if callback is not None:
+            callback({"step": i, "t": t, "t_next": t_next, "x": x, "x0_hat": x0_hat})
+    return x
+
+
 SAMPLERS = {
     "euler": euler,
     "heun": heun,
     "sde": euler_maruyama,
     "dopri5": dopri5,
+    "sit_sde": sit_sde,
 }
 
 

@@ -102,9 +102,9 @@ def test_errors_is_a_leaf():
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("selfflow", "selfflow.errors", "selfflow.files", "selfflow.config", "selfflow.distributed",
                     "selfflow.device", "selfflow.path", "selfflow.imageio", "selfflow.ema", "selfflow.shards",
-                    "selfflow.fsdp", "selfflow.checkpoint", "selfflow.represent")),  # represent: losses, augment
+                    "selfflow.fsdp", "selfflow.checkpoint", "selfflow.represent", "selfflow.torch_pickle")),  # represent: losses, augment
     ("data", ("selfflow.data",)),
-    ("model", ("selfflow.model", "selfflow.represent.encoders")),
+    ("model", ("selfflow.model", "selfflow.represent.encoders", "selfflow.interop")),  # interop: imported checkpoints
     ("sampling", ("selfflow.sampling", "selfflow.sets", "selfflow.represent.synth")),  # the trainer draws its sample grids with it
     ("autoencoders", ("selfflow.autoencoders", "selfflow.latents")),
     ("networks", ("selfflow.evaluation.frechet", "selfflow.evaluation.feature_net", "selfflow.evaluation.inception",
