@@ -241,3 +241,16 @@ def test_synth_then_represent_train_and_probe(tmp_path, capsys, generator_dir):
     capsys.readouterr()
     assert main(["represent", "train", "--config", str(tmp_path / "bad.yaml")]) == 2
     one_line_error(capsys, "supervised", "synth")
+
+
+@pytest.mark.parametrize("key,value,needle", [("method.encoder", "cnn", "method.encoder"), ("method.temperature", "0", "method.temperature"),
+                                              ("train.init_from", "runs/x", "train.init_from"), ("data.name", "pairs", "data.name=pairs")])
+def test_represent_config_errors_name_the_key(key, value, needle):
+    from selfflow.config import ConfigError, config_from_dict
+    from selfflow.config import apply_overrides
+
+    raw = apply_overrides({"method": {"name": "stablerep"}}, [f"{key}={value}"])
+    if key == "data.name":
+        raw["data"]["path"] = "somewhere"
+    with pytest.raises(ConfigError, match=needle):
+        config_from_dict(raw)
