@@ -116,6 +116,7 @@ CHOICE_FIELDS = [
     ("data.name", "imagenet", []),
     ("data.split", "validation", []),
     ("model.size", "huge", []),
+    ("model.pos_embed", "learned", []),
     ("train.device", "gpu", []),
     ("train.device", "cuda:x", []),
     ("train.precision", "fp16", []),
