@@ -197,7 +197,8 @@ def main(argv=None) -> int:
     trainers = {v: build_trainer(args, v, dataset, encoder_dir, str(workdir / f"run{i}")) for i, v in enumerate(variants)}
     first = trainers[variants[0]]
     info = {
-        "model": {"size": first.config.model.size, "depth": first.model.depth, "hidden_size": first.model.hidden_size,
+        "model": {"size": first.config.model.size if not (args.depth or args.hidden_size or args.num_heads) else "custom",
+                  "depth": first.model.depth, "hidden_size": first.model.hidden_size,
                   "tokens": first.model.num_tokens, "image_size": first.model.image_size,
                   "params_M": sum(p.numel() for p in first.model.parameters()) / 1e6},
         "batch_size": args.batch_size, "precision": "bf16" if device.type == "cuda" else "fp32",
