@@ -1,6 +1,6 @@
 """Exponential moving average of the weights (the model `selfflow sample` uses by default).
 
-The decay may be given directly or as a half-life in images seen (STYLE.md): with global batch B
+The decay may be given directly or as a half-life in images seen (docs/methods.md#the-ema): with global batch B
 and half-life H images, decay = 0.5^(B/H), so changing the batch size does not change the
 averaging horizon. Warm-up: decay_k = min(decay, (1 + k)/(10 + k)) so that early weights, which
 are far from the final ones, are forgotten quickly.

@@ -1,4 +1,4 @@
-"""The probability path, in the project's one time convention (SPEC.md, "Conventions").
+"""The probability path, in the project's one time convention (docs/methods.md#the-probability-path).
 
     x_t = (1 − t)·x0 + t·ε,   t ∈ [0, 1],  t = 0 clean data, t = 1 pure noise
     v   = dx_t/dt = ε − x0    (the network's target)

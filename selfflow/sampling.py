@@ -1,6 +1,6 @@
 """Sampling from a flow-matching model: velocity wrappers, ODE/SDE solvers, seeded generation.
 
-Conventions (SPEC.md): ``x_t = (1 - t) * x0 + t * eps`` with t = 0 clean and t = 1 pure noise.
+Conventions (docs/methods.md#sampling has every update): ``x_t = (1 - t) * x0 + t * eps``, t = 0 clean, t = 1 noise.
 The network predicts the velocity ``v = eps - x0``; sampling integrates ``dx/dt = v`` from
 t = 1 down to t = 0. From one velocity evaluation at (x_t, t)::
 
@@ -548,7 +548,7 @@ def get_sampler(name: str) -> Callable:
 
 @dataclass
 class SampleResult:
-    """What :func:`generate` made, with what is needed to report it (SPEC evaluation protocol).
+    """What :func:`generate` made, with what is needed to report it (docs/methods.md#evaluation).
 
     images: (N, C, H, W) float32 on the CPU, clipped to [-1, 1] unless ``clip=False`` (latents);
     labels: (N,) int64 or None;

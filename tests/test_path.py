@@ -1,4 +1,4 @@
-"""The probability path against its closed forms (SPEC.md conventions)."""
+"""The probability path against its closed forms (docs/methods.md#the-probability-path)."""
 import torch
 
 from selfflow import path

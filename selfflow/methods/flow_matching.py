@@ -1,6 +1,8 @@
 """Flow matching (SiT): one time per sample, velocity MSE. The baseline every method is measured against.
 
     t ~ p(t),  ε ~ N(0, I),  x_t = (1 − t)·x0 + t·ε,  L = E ||v_θ(x_t, t, y) − (ε − x0)||²
+
+Equations, with the other methods': docs/methods.md#flow-matching.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""REPA (SPEC.md §2): flow matching plus alignment of an early layer to a frozen encoder's features.
+"""REPA (docs/methods.md#repa): flow matching plus alignment of an early layer to a frozen encoder's features.
 
     L = L_FM + λ · mean over (b, i) of (1 − cos(proj(h_l[b, i]), f[b, i]))
 

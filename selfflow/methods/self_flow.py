@@ -1,4 +1,4 @@
-"""Self-Flow (SPEC.md §1): flow matching on mixed noise levels plus self-distilled representations.
+"""Self-Flow (docs/methods.md#self-flow): flow matching on mixed noise levels plus self-distilled representations.
 
 One step, per sample b (all draws through ``batch.random``, so runs are split-independent):
 
@@ -14,7 +14,7 @@ One step, per sample b (all draws through ``batch.random``, so runs are split-in
 
 h_S is the student's hidden state after block l_s; head is Linear(D, 2D) → SiLU → Linear(2D, D).
 
-Ablations (SPEC.md §1, configs/*_self_flow_*.yaml): ``rep_weight: 0`` is dual-timestep only (no
+Ablations (docs/methods.md#self-flow, configs/*_self_flow_*.yaml): ``rep_weight: 0`` is dual-timestep only (no
 head, no teacher pass); ``mask_ratio: 0`` is the single-timestep variant (the teacher then sees the
 student's own t, because τ* is the cleanest time *present* in the sample).
 
