@@ -9,7 +9,7 @@ and we measure
 
 * **FD_dom**: Fréchet distance between the penultimate features of a small CNN classifier trained
   on the training split (``selfflow.evaluation.feature_net``) for the generated images and for the
-  whole training split (SPEC.md, Evaluation protocol). In-domain, not FID: figures compare only
+  whole training split (docs/methods.md#evaluation). In-domain, not FID: figures compare only
   within this benchmark's feature network (its weight hash is recorded);
 * the class accuracy of the samples under the same classifier.
 
@@ -439,7 +439,7 @@ def plot(summary, extra, path: Path) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", choices=["digits", "mnist"], default="digits")
-    parser.add_argument("--data-path", default=None, help="MNIST folder (default: data/mnist, ../shared/data/mnist, .carry/mnist)")
+    parser.add_argument("--data-path", default=None, help="MNIST folder (default: data/mnist, else .carry/mnist)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=1000)
