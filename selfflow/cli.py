@@ -102,10 +102,11 @@ def _add_encode_latents(sub) -> None:
 
 
 def _add_quickstart(sub) -> None:
-    p = sub.add_parser("quickstart", help="train a small model on the bundled digits (CPU, a few minutes)")
+    p = sub.add_parser("quickstart", help="the pipeline on the bundled digits: teacher, one-step student, StableRep, probes, report (CPU, ~4 min)")
     p.add_argument("--out", default="runs/quickstart")
-    p.add_argument("--steps", type=int, default=None, help="override the number of training steps")
+    p.add_argument("--steps", type=int, default=None, help="override the teacher's training steps")
     p.add_argument("--device", default="auto")
+    p.add_argument("--tiny", action="store_true", help="every stage a few steps: checks an installation in seconds (numbers meaningless)")
 
 
 def _add_data(sub) -> None:
@@ -151,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     from selfflow.represent.cli import add_parsers as add_represent_parsers
 
     add_represent_parsers(sub, add_sampling_arguments)  # synth, represent train|probe
+    from selfflow.quickstart import add_pipeline_parser
+
+    add_pipeline_parser(sub)
     return parser
 
 
@@ -379,7 +383,7 @@ def cmd_quickstart(args) -> int:
 
     if args.steps is not None and args.steps <= 0:
         raise ConfigError(f"--steps must be positive, got {args.steps}")
-    report = run_quickstart(out_dir=args.out, steps=args.steps, device=args.device)
+    report = run_quickstart(out_dir=args.out, steps=args.steps, device=args.device, tiny=args.tiny)
     print(f"report: {report}")
     return 0
 

@@ -102,7 +102,8 @@ def test_errors_is_a_leaf():
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("selfflow", "selfflow.errors", "selfflow.files", "selfflow.config", "selfflow.distributed",
                     "selfflow.device", "selfflow.path", "selfflow.imageio", "selfflow.ema", "selfflow.shards",
-                    "selfflow.fsdp", "selfflow.checkpoint", "selfflow.represent", "selfflow.torch_pickle")),  # represent: losses, augment
+                    "selfflow.fsdp", "selfflow.checkpoint", "selfflow.represent", "selfflow.torch_pickle",
+                    "selfflow.report")),  # represent: losses, augment
     ("data", ("selfflow.data",)),
     ("model", ("selfflow.model", "selfflow.represent.encoders", "selfflow.interop")),  # interop: imported checkpoints
     ("sampling", ("selfflow.sampling", "selfflow.sets", "selfflow.represent.synth")),  # the trainer draws its sample grids with it
@@ -112,6 +113,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("methods", ("selfflow.methods",)),
     ("trainer", ("selfflow.trainer",)),
     ("evaluation", ("selfflow.evaluation", "selfflow.represent.probes")),
+    ("pipeline", ("selfflow.pipeline", "selfflow.pipeline_report")),  # every stage above, run in order; its report
     ("cli", ("selfflow.quickstart", "selfflow.evaluation.cli", "selfflow.represent.cli", "selfflow.cli", "selfflow.__main__")),
 ]
 

@@ -95,14 +95,17 @@ def test_truncated_checkpoint_is_a_clear_error(trained_run, tmp_path, capsys):
     assert code == 2 and "ema.safetensors" in err and "truncated or corrupt" in err
 
 
-def test_quickstart_writes_grid_and_report(tmp_path):
-    from selfflow.quickstart import run_quickstart
-
-    report = run_quickstart(out_dir=str(tmp_path / "qs"), steps=4, device="cpu", classifier_steps=20)
+def test_quickstart_writes_grid_and_report(tmp_path, capsys):
+    # --tiny: every pipeline stage a few steps (the full quickstart: docs/benchmarks/quickstart.md)
+    assert main(["quickstart", "--tiny", "--steps", "3", "--out", str(tmp_path / "qs"), "--device", "cpu"]) == 0
+    assert f"report: {tmp_path / 'qs' / 'report.html'}" in capsys.readouterr().out
     record = json.loads((tmp_path / "qs" / "report.json").read_text())
-    assert report.is_file() and (tmp_path / "qs" / "samples.png").is_file()
-    assert record["steps"] == 4 and record["status"] == "finished"
-    assert record["fd_dom_train_vs_test_floor"] >= 0 and 0 <= record["classifier_accuracy_on_samples"] <= 1
+    assert (tmp_path / "qs" / "samples.png").is_file() and (tmp_path / "qs" / "report.md").is_file()
+    teacher = record["stages"]["teacher"]["result"]
+    assert teacher["steps"] == 3 and teacher["status"] == "finished" and teacher["method"] == "self_flow"
+    evaluation = record["stages"]["evaluate"]["result"]
+    assert evaluation["fd_dom_floor"] >= 0 and 0 <= evaluation["generators"][0]["class_accuracy"] <= 1
+    assert 0 <= record["stages"]["probes"]["result"]["encoder"]["linear"] <= 1
 
 
 def test_eval_reports_every_protocol_field(trained_run, tmp_path, capsys):
