@@ -223,8 +223,8 @@ def check_same_run(directory: Path, run: dict) -> None:
     saved = meta.get("run")
     if not isinstance(saved, dict):
         raise CheckpointError(f"{directory / 'config.json'}: no 'run' section")
-    for section in ("model", "method"):
-        mine, theirs = run[section], saved.get(section) or {}
+    for section in ("model", "method", "text"):  # text: only caption-conditioned runs have it
+        mine, theirs = run.get(section) or {}, saved.get(section) or {}
         if theirs != mine:
             diff = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))
             raise CheckpointError(

@@ -60,6 +60,10 @@ def load_data(config: RunConfig):
     from selfflow.data import load_dataset
 
     d = config.data
+    if config.text is not None:  # (image, caption) pairs instead of labels (selfflow.text)
+        from selfflow.text.data import load_captioned
+
+        return load_captioned(config.text, d.name, d.path, d.split, d.image_size, d.channels)
     return load_dataset(d.name, path=d.path, split=d.split, image_size=d.image_size, channels=d.channels)
 
 
@@ -117,6 +121,10 @@ class Trainer:
             from selfflow.methods.one_step import load_init_weights
 
             load_init_weights(self.model, t.init_from)
+        if config.text is not None:  # encode the captions once (disk cache) into the model's caption bank
+            from selfflow.text.data import make_encoder
+
+            self.dataset.attach(self.model, make_encoder(config.text))
         self.model.activation_checkpointing = t.activation_checkpointing
         self.method = build_method(config.method, self.model).to(self.device)
         decay = decay_from_half_life(t.batch_size, t.ema_half_life_images) if t.ema_half_life_images else t.ema_decay

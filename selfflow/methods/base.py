@@ -67,6 +67,10 @@ class Method(nn.Module):
         (representation methods train an encoder instead)."""
         from selfflow.model import DiT
 
+        if getattr(run, "text", None) is not None:  # captions: the DiT with cross-attention (selfflow.text.model)
+            from selfflow.text.model import build_text_model
+
+            return build_text_model(run.model, run.text)
         return DiT(run.model)
 
     def bind_teacher(self, teacher: nn.Module) -> None:

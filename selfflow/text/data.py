@@ -1,0 +1,114 @@
+"""(image, caption) pairs for training on text, and the caption bank the text model reads.
+
+:class:`CaptionedDataset` wraps an image set: item k is one (image, caption) pair, all captions of
+all images in order, so the index stream, resume and the batch split work exactly as for labels.
+``get_batch`` returns (images, caption ids): indices into the set's unique captions, which
+:meth:`CaptionedDataset.attach` encodes once (through the disk cache) and installs as the model's
+caption bank.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from selfflow.config import TextConfig
+from selfflow.data.images import _image_files
+from selfflow.errors import DataError
+from selfflow.text.captions import AttributeBins, Caption, caption_images, captions_for_ids, read_caption_file
+
+
+def folder_image_ids(root: str | Path) -> list[str]:
+    """The ids of a ``data.name: folder`` set in its load order: each image's path relative to the folder."""
+    root = Path(root)
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    dirs = class_dirs or [root]
+    return [p.relative_to(root).as_posix() for d in dirs for p in _image_files(d)]
+
+
+def generated_captions(images: torch.Tensor, labels: torch.Tensor, num_classes: int, *, per_image: int, seed: int,
+                       bins: Optional[AttributeBins] = None) -> tuple[list[list[Caption]], AttributeBins]:
+    """Training captions for labelled images, attributes measured on each image; bins fitted here unless given."""
+    if bins is None:
+        bins = AttributeBins.fit(images, labels, num_classes)
+    thickness, slant = bins.thickness_bin(images, labels), bins.slant_bin(images)
+    return caption_images(labels.tolist(), thickness, slant, per_image=per_image, seed=seed), bins
+
+
+@dataclass
+class CaptionedDataset:
+    base: object  # an ImageDataset
+    captions: list[list[str]]  # per image
+    pairs: torch.Tensor = field(init=False)  # (P, 2) int64: (image index, caption id)
+    texts: list[str] = field(init=False)  # the unique captions; caption id = position
+    bins: Optional[AttributeBins] = None
+
+    def __post_init__(self) -> None:
+        if len(self.captions) != len(self.base):
+            raise DataError(f"{len(self.captions)} caption lists for {len(self.base)} images")
+        ids: dict[str, int] = {}
+        rows = []
+        for i, caps in enumerate(self.captions):
+            for c in caps:
+                rows.append((i, ids.setdefault(c, len(ids))))
+        self.texts = list(ids)
+        self.pairs = torch.tensor(rows, dtype=torch.int64).reshape(-1, 2)
+
+    # what the trainer reads of a data set
+    num_classes = 0  # the model's classes: none (captions are the condition)
+    is_latent = False
+
+    @property
+    def image_size(self) -> int:
+        return self.base.image_size
+
+    @property
+    def channels(self) -> int:
+        return self.base.channels
+
+    def __len__(self) -> int:
+        return int(self.pairs.shape[0])
+
+    def get_batch(self, indices):
+        index = torch.as_tensor(indices, dtype=torch.int64)
+        rows = self.pairs[index]
+        x0, _ = self.base.get_batch(rows[:, 0])
+        return x0, rows[:, 1].clone()
+
+    def attach(self, model, encoder) -> None:
+        """Encode every unique caption (disk cache) and install them as ``model``'s caption bank."""
+        model.set_bank(encoder.encode(self.texts))
+
+
+def make_encoder(text: TextConfig, device="cpu"):
+    from selfflow.text.encoders import build_encoder
+
+    return build_encoder(text.encoder, hashed_dim=text.hashed_dim, max_tokens=text.max_tokens, cache_dir=text.cache_dir, device=device)
+
+
+def captioned_dataset(base, text: TextConfig, data_name: str, data_path: Optional[str]) -> CaptionedDataset:
+    """Wrap an image set with the captions a ``text`` section names (generated, or a JSONL file)."""
+    if text.captions == "generated":
+        captions, bins = generated_captions(base.images, base.labels, base.num_classes, per_image=text.captions_per_image,
+                                            seed=text.caption_seed)
+        return CaptionedDataset(base, [[c.text for c in caps] for caps in captions], bins=bins)
+    table = read_caption_file(text.captions)
+    if data_name == "folder":
+        ids = folder_image_ids(data_path)
+        if len(ids) != len(base):
+            raise DataError(f"{data_path}: found {len(ids)} image files but loaded {len(base)} images")
+    else:
+        ids = [str(i) for i in range(len(base))]
+    return CaptionedDataset(base, captions_for_ids(table, ids, text.captions))
+
+
+def load_captioned(text: TextConfig, data_name: str, path, split: str, image_size=None, channels=None) -> CaptionedDataset:
+    from selfflow.data import load_dataset
+
+    base = load_dataset(data_name, path=path, split=split, image_size=image_size, channels=channels)
+    return captioned_dataset(base, text, data_name, path)
+
+
+__all__ = ["CaptionedDataset", "captioned_dataset", "folder_image_ids", "generated_captions", "load_captioned", "make_encoder"]

@@ -1,0 +1,234 @@
+"""The text-conditioned DiT (docs/methods.md#text-to-image): the class-label DiT plus cross-attention to caption tokens.
+
+Per block, between self-attention and the MLP (PixArt-α's place):
+
+    h ← h + gate1 · SelfAttn(modulate(LN(h)))
+    h ← h + CrossAttn(LN(h), [r; W_k·LN(e_1..e_L)])        queries: image tokens; keys/values: text tokens
+    h ← h + gate2 · MLP(modulate(LN(h)))
+
+r is a learned register token every sample attends to, so the null caption (no text tokens) is a
+well-defined softmax over r alone; CrossAttn's output projection starts at zero, so a fresh text
+model is exactly the DiT it extends. The pooled embedding replaces the label embedding in the
+adaLN conditioning: ``c = time_embed(t) + MLP(pooled)``; the null caption uses a learned ``c_∅``.
+
+The condition ``y`` is either a :class:`TextEmbedding` (+ optional null flags) or int64 indices into
+the model's **caption bank** (``set_bank``; row K = ``num_classes`` is the null caption). The bank
+makes a caption behave like a class label for everything built on labels: label dropout, classifier-
+free guidance (``GuidedVelocity`` with null label K), per-sample labels in ``generate``. The bank
+is a non-persistent buffer: it is data, not weights, and never enters a checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
+
+from selfflow.config import ModelConfig, TextConfig, from_dict
+from selfflow.model import Block, DiT, distinct_times, modulate, rows_to_tokens
+from selfflow.text.encoders import TextEmbedding, encoder_dim
+
+
+class CrossAttention(nn.Module):
+    """Image tokens (B, N, D) attend to context tokens (B, L, D) where ``mask`` (B, L) is True."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        L = context.shape[1]
+        H = self.num_heads
+        q = self.q(x).reshape(B, N, H, D // H).transpose(1, 2)
+        k, v = self.kv(context).reshape(B, L, 2, H, D // H).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+        return self.proj(out.transpose(1, 2).reshape(B, N, D))
+
+
+class TextBlock(Block):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+        super().__init__(dim, num_heads, mlp_ratio)
+        self.norm_cross = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.cross = CrossAttention(dim, num_heads)
+
+    def forward(self, x, cond, index, context=None, context_mask=None):
+        shift1, scale1, gate1, shift2, scale2, gate2 = rows_to_tokens(self.adaLN(cond), index, 6)
+        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1))
+        x = x + self.cross(self.norm_cross(x), context, context_mask)
+        x = x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        return x
+
+
+class TextDiT(DiT):
+    """``forward(x, t, y)`` with y: (B,) int64 bank indices (K = null), a :class:`TextEmbedding`, or None (null)."""
+
+    conditions_on_text = True
+
+    def __init__(self, config: ModelConfig, text_dim: int):
+        super().__init__(dataclasses.replace(config, num_classes=0))
+        dim = self.hidden_size
+        del self.label_embed  # the caption's pooled embedding takes its place
+        self.text_dim = int(text_dim)
+        self.blocks = nn.ModuleList([TextBlock(dim, self.num_heads, config.mlp_ratio) for _ in range(self.depth)])
+        self.text_pool = nn.Sequential(nn.Linear(text_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.text_norm = nn.LayerNorm(text_dim, eps=1e-6)
+        self.text_proj = nn.Linear(text_dim, dim)
+        self.null_cond = nn.Parameter(torch.zeros(dim))
+        self.register = nn.Parameter(torch.zeros(1, dim))
+        self.bank: Optional[TextEmbedding] = None  # plain tensors: not weights, not buffers (the EMA copy never re-copies them)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if not hasattr(self, "text_pool"):  # DiT.__init__ calls this before the text parts exist
+            return
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        w = self.patch_embed.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.bias)
+        for layer in self.time_embed.mlp:
+            if isinstance(layer, nn.Linear):
+                nn.init.normal_(layer.weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN[-1].weight)
+            nn.init.zeros_(block.adaLN[-1].bias)
+            nn.init.zeros_(block.cross.proj.weight)  # a fresh text block is the DiT block
+            nn.init.zeros_(block.cross.proj.bias)
+        for p in (self.final.adaLN[-1].weight, self.final.adaLN[-1].bias, self.final.linear.weight, self.final.linear.bias):
+            nn.init.zeros_(p)
+        nn.init.normal_(self.null_cond, std=0.02)
+        nn.init.normal_(self.register, std=0.02)
+
+    # ---- the caption bank ----------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        """The bank's size K: bank index K is the null caption (what label dropout and guidance use)."""
+        bank = self.__dict__.get("bank")
+        return 0 if bank is None else len(bank)
+
+    @num_classes.setter
+    def num_classes(self, value) -> None:  # DiT.__init__ stores the config's (zero) classes
+        pass
+
+    def set_bank(self, embedding: TextEmbedding) -> None:
+        """Install the captions that indices 0..K-1 stand for (K = ``len(embedding)``)."""
+        if embedding.pooled.shape[-1] != self.text_dim:
+            raise ValueError(f"text embeddings have width {embedding.pooled.shape[-1]}, the model expects {self.text_dim}")
+        device = self.patch_embed.weight.device
+        self.bank = TextEmbedding(embedding.pooled.float().to(device), embedding.tokens.float().to(device), embedding.mask.bool().to(device))
+
+    def condition_from(self, y, batch: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(pooled (B, Dt), tokens (B, L, Dt), mask (B, L), is_null (B,)) for the forms y may take."""
+        if y is None:
+            return (torch.zeros(batch, self.text_dim, device=device), torch.zeros(batch, 0, self.text_dim, device=device),
+                    torch.zeros(batch, 0, dtype=torch.bool, device=device), torch.ones(batch, dtype=torch.bool, device=device))
+        if isinstance(y, TextEmbedding):
+            return y.pooled.to(device), y.tokens.to(device), y.mask.to(device), torch.zeros(batch, dtype=torch.bool, device=device)
+        K, bank = self.num_classes, self.bank
+        if K == 0:
+            if bool((y != 0).any()):
+                raise ValueError("caption indices given but the model has no caption bank (set_bank)")
+            return self.condition_from(None, batch, device)
+        is_null = (y >= K).to(device)
+        rows = y.clamp(max=K - 1).to(bank.pooled.device)
+        mask = bank.mask[rows].to(device) & ~is_null[:, None]
+        return bank.pooled[rows].to(device), bank.tokens[rows].to(device), mask, is_null
+
+    # ---- conditioning ----------------------------------------------------------------------
+    def _conditioning(self, t, y, batch):  # y here: the (B, D) text vector that replaces the label embedding
+        label = y
+        if t.dim() == 0:
+            t = t.expand(batch)
+        if t.dim() == 1:
+            return self.time_embed(t) + label, None
+        if t.shape != (batch, self.num_tokens):
+            raise ValueError(f"per-token times must have shape (B, N) = ({batch}, {self.num_tokens}), got {tuple(t.shape)}")
+        if not self.dedupe_times:
+            rows = self.time_embed(t.reshape(-1)) + label.repeat_interleave(self.num_tokens, dim=0)
+            return rows, torch.arange(batch * self.num_tokens, device=t.device).view(batch, self.num_tokens)
+        times, sample, inverse = distinct_times(t)
+        if times.shape[0] == batch:
+            return self.time_embed(times) + label, None
+        return self.time_embed(times) + label[sample], inverse
+
+    def forward(self, x, t, y=None, return_layers: Sequence[int] = (), stop_after: Optional[int] = None):
+        B = x.shape[0]
+        h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed
+        pooled, tokens, mask, is_null = self.condition_from(y, B, x.device)
+        dtype = self.text_proj.weight.dtype
+        vector = torch.where(is_null[:, None], self.null_cond[None].to(dtype), self.text_pool(pooled.to(dtype)))
+        context = torch.cat([self.register[None].expand(B, 1, -1), self.text_proj(self.text_norm(tokens.to(dtype)))], dim=1)
+        context_mask = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=x.device), mask], dim=1)
+        cond, index = self._conditioning(t, vector, B)
+        wanted = set(return_layers)
+        if stop_after is not None:
+            wanted.add(stop_after)
+        for layer in wanted:
+            if not 1 <= layer <= self.depth:
+                raise ValueError(f"layer {layer} is outside 1..{self.depth}")
+        hiddens: dict[int, torch.Tensor] = {}
+        for number, block in enumerate(self.blocks, start=1):
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                h = activation_checkpoint(block, h, cond, index, context, context_mask, use_reentrant=False)
+            else:
+                h = block(h, cond, index, context, context_mask)
+            if number in wanted:
+                hiddens[number] = h
+            if stop_after is not None and number == stop_after:
+                return None, hiddens
+        out = self.unpatchify(self.final(h, cond, index))
+        return (out, hiddens) if return_layers else out
+
+    # ---- files -----------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path, text: Optional[TextConfig] = None) -> Path:
+        from selfflow.checkpoint import atomic_directory, save_tensors
+
+        with atomic_directory(directory) as tmp:
+            save_tensors(self.state_dict(), tmp / "model.safetensors")
+            meta = {"model": dataclasses.asdict(self.config), "text_dim": self.text_dim}
+            if text is not None:
+                meta["text"] = dataclasses.asdict(text)
+            (tmp / "config.json").write_text(json.dumps(meta, indent=2))
+        return Path(directory)
+
+
+def text_config_of(folder: Path) -> Optional[TextConfig]:
+    """The ``text`` section of a training checkpoint's or an exported text model's config.json (None: a label model)."""
+    from selfflow.checkpoint import read_json
+
+    meta = read_json(folder / "config.json")
+    raw = meta.get("text") or (meta.get("run") or {}).get("text")
+    return None if raw is None else from_dict(TextConfig, raw, f"{folder / 'config.json'}:text")
+
+
+def build_text_model(config: ModelConfig, text: TextConfig) -> TextDiT:
+    return TextDiT(config, encoder_dim(text.encoder, text.hashed_dim))
+
+
+def load_text_generator(path: str | Path, weights: str = "ema", device: str | torch.device = "cpu") -> tuple[TextDiT, Path, TextConfig]:
+    """(TextDiT, folder, text config) from a checkpoint, run or exported folder of a caption-conditioned model."""
+    from selfflow.checkpoint import CheckpointError, load_state_strict, load_tensors, read_json, resolve_checkpoint
+
+    folder = resolve_checkpoint(path)
+    text = text_config_of(folder)
+    if text is None:
+        raise CheckpointError(f"{folder}: a class-label model, not a caption-conditioned one (no text section in config.json)")
+    file = f"{weights}.safetensors"
+    if not (folder / file).exists() and (folder / "model.safetensors").exists():
+        file = "model.safetensors"
+    meta = read_json(folder / "config.json")
+    config = from_dict(ModelConfig, meta["model"], f"{folder / 'config.json'}:model")
+    model = build_text_model(config, text)
+    load_state_strict(model, load_tensors(folder / file), folder / file)
+    return model.to(device), folder, text
