@@ -57,6 +57,9 @@ def _add_sample(sub) -> None:
     add_sampling_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="image k uses seed (seed + k)")
     p.add_argument("--labels", default=None, help="comma-separated class labels (cycled); default: k mod classes")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="caption-conditioned models: a prompt (repeatable); --n images in all, one grid row per prompt")
+    p.add_argument("--prompts", default=None, help="caption-conditioned models: a text file, one prompt per line")
     p.add_argument("--device", default="auto")
     p.add_argument("--weights", default="ema", choices=["ema", "model"], help="which weights of a training checkpoint")
     p.add_argument("--autoencoder", default=None,
@@ -205,6 +208,10 @@ def cmd_sample(args) -> int:
     from selfflow.sampling import generate, parse_labels
     from selfflow.device import autocast_dtype, resolve_device
 
+    from selfflow.text.cli import is_text_checkpoint, sample_prompts
+
+    if args.prompt or args.prompts or is_text_checkpoint(args.ckpt):  # captions (selfflow.text)
+        return sample_prompts(args, resolved_sampling)
     if args.n <= 0:
         raise ConfigError(f"--n must be positive, got {args.n}")
     device = resolve_device(args.device)
