@@ -318,3 +318,43 @@ def test_sample_from_prompts_cli(tmp_path, capsys, monkeypatch):
     prompts.write_text("# nothing\n")
     assert main(["sample", "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "s3"), "--prompts", str(prompts)]) == 2
     one_line_error(capsys, str(prompts), "no prompts")
+
+
+# ---- evaluation ------------------------------------------------------------------------------------------
+def test_evaluation_prompts_are_heldout_and_cover_every_combination():
+    from selfflow.text.evaluation import evaluation_prompts
+
+    prompts = evaluation_prompts()
+    assert all(is_heldout(p) for p in prompts)
+    specs = {(s.label, s.thickness, s.slant) for s in map(parse_prompt, prompts)}
+    assert len(prompts) == len(specs) == 90 and None not in {x for spec in specs for x in spec}
+
+
+class _Oracle:
+    def __init__(self, labels):
+        self.labels = labels
+
+    def predict(self, images):
+        return self.labels[: images.shape[0]]
+
+
+def test_prompt_scores_agree_with_the_measured_attributes():
+    from selfflow.data import load_dataset
+    from selfflow.text.captions import HELDOUT_TEMPLATES
+    from selfflow.text.evaluation import prompt_scores
+    import random
+
+    data = load_dataset("digits", split="test")
+    images, labels = data.get_batch(torch.arange(60))[0], data.labels[:60]
+    bins = AttributeBins.fit(data.images, data.labels, 10)
+    th, sl = bins.thickness_bin(images, labels), bins.slant_bin(images)
+    from selfflow.text.captions import fill
+
+    own = [fill(HELDOUT_TEMPLATES[0], int(labels[k]), th[k], sl[k], random.Random(k)).text for k in range(60)]
+    flip = {"thin": "thick", "thick": "thin", "regular": "thin", "left": "right", "right": "left", "upright": "left"}
+    wrong = [fill(HELDOUT_TEMPLATES[0], (int(labels[k]) + 1) % 10, flip[th[k]], flip[sl[k]], random.Random(k)).text
+             for k in range(60)]
+    good = prompt_scores(images, own, classifier=_Oracle(labels), bins=bins)
+    assert good["prompt_accuracy"] == 1.0 and good["thickness_agreement"] == 1.0 and good["slant_agreement"] == 1.0
+    bad = prompt_scores(images, wrong, classifier=_Oracle(labels), bins=bins)
+    assert bad["prompt_accuracy"] == 0.0 and bad["slant_agreement"] == 0.0 and bad["thickness_agreement"] < 0.5
