@@ -308,9 +308,16 @@ def _sample_latent_model(args, model, folder, device, labels, seeds, autoencoder
 
 def cmd_export(args) -> int:
     from selfflow.model import load_generator
+    from selfflow.text.cli import is_text_checkpoint
 
-    model, folder = load_generator(args.ckpt, args.weights)
-    model.save_pretrained(args.out)
+    if is_text_checkpoint(args.ckpt):  # a caption-conditioned model keeps its text section (the encoder it reads)
+        from selfflow.text.model import load_text_generator
+
+        model, folder, text = load_text_generator(args.ckpt, args.weights)
+        model.save_pretrained(args.out, text)
+    else:
+        model, folder = load_generator(args.ckpt, args.weights)
+        model.save_pretrained(args.out)
     print(f"exported {args.weights} weights of {folder} to {args.out}")
     return 0
 

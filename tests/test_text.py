@@ -312,6 +312,11 @@ def test_sample_from_prompts_cli(tmp_path, capsys, monkeypatch):
     a = np.load(out / "samples.npz")["images"][2:]
     b = np.load(tmp_path / "s2" / "samples.npz")["images"]
     assert a.shape == b.shape and np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    # an exported text model samples the same images
+    assert main(["export", "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "exported")]) == 0
+    assert main(["sample", "--ckpt", str(tmp_path / "exported"), "--out", str(tmp_path / "s4"), "--prompts", str(prompts),
+                 "--n", "2", "--steps", "2", "--cfg-scale", "2", "--seed", "2", "--device", "cpu"]) == 0
+    assert np.array_equal(np.load(tmp_path / "s4" / "samples.npz")["images"], b)
     capsys.readouterr()
     assert main(["sample", "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "s3"), "--n", "2"]) == 2
     one_line_error(capsys, "--prompt")
