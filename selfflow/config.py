@@ -798,11 +798,14 @@ class PipelineSettings:
     out_dir: str = "runs/pipeline"
     device: str = "auto"  # every stage's device
     progress: bool = True  # progress bars of the training stages
+    threads: int = 0  # CPU threads of torch's operators while the pipeline runs; 0: torch's default
 
     def validate(self, where: str) -> None:
         if not self.out_dir.strip():
             raise ConfigError(f"{where}.out_dir must name a folder, got {self.out_dir!r}")
         check_device(self.device, f"{where}.device")
+        if self.threads < 0:
+            raise ConfigError(f"{where}.threads must be >= 0 (0: torch's default), got {self.threads}")
 
 
 @dataclass(frozen=True)

@@ -99,6 +99,16 @@ def run_pipeline(config: PipelineConfig, say: Callable[[str], None] = print) -> 
         raise ConfigError(f"pipeline.out_dir={str(out)!r}: a file is in the way (a folder is written there)")
     device = resolve_device(config.pipeline.device)
     out.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
+    if config.pipeline.threads:
+        torch.set_num_threads(config.pipeline.threads)
+    try:
+        return _run(config, out, device, say)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(config: PipelineConfig, out: Path, device, say) -> Path:
     write_json(config.to_dict(), out / "pipeline.json")
     markers: dict[str, dict] = {}
     ran: dict[str, bool] = {}

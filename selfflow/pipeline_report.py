@@ -68,7 +68,7 @@ def write_report(config: PipelineConfig, markers: dict[str, dict], ran: dict[str
         f"Written {time.strftime('%Y-%m-%d %H:%M:%S')}; this run took {seconds:.0f} s "
         f"({sum(ran.values())} of {len(STAGES)} stages ran, the rest were reused).")
     report.paragraph(f"Command: {' '.join(['selfflow', *sys.argv[1:]]) if sys.argv else 'selfflow'} · Machine: {info['cpu']}, "
-                     f"{info['cores']} cores, torch {info['torch']} with {info['torch_threads']} threads, device {device}"
+                     f"{info['cores']} cores, torch {info['torch']} with {info['torch_threads']} thread{'s' if info['torch_threads'] != 1 else ''}, device {device}"
                      + (f", load average {info['load_average'][0]:.2f}" if "load_average" in info else "") + ".")
     cut = [f"{stage}: {markers[stage]['result']['cut']}" for stage in STAGES if markers[stage]["result"].get("cut")]
     if cut:

@@ -35,7 +35,7 @@ def _ticks(lo: float, hi: float, count: int = 5) -> list[float]:
 
 
 def _fmt(value: float) -> str:
-    return f"{value:.3g}" if value != 0 else "0"
+    return f"{value:.6g}" if value != 0 else "0"
 
 
 def svg_line_plot(series: dict[str, tuple[Sequence[float], Sequence[float]]], *, title: str, xlabel: str, ylabel: str,
@@ -170,7 +170,7 @@ class Report:
                 out += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in block[2]]
                 out.append("")
             elif kind == "image":
-                out += [f"![{block[2]}]({block[1]})", "", f"*{block[2]}*", ""]
+                out += [f"![{Path(block[1]).stem}]({block[1]})", "", f"*{block[2]}*", ""]
         return "\n".join(out)
 
     def write(self, folder: str | Path, name: str = "report") -> tuple[Path, Path]:
