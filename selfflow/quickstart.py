@@ -1,7 +1,7 @@
 """`selfflow quickstart` and `selfflow pipeline`: the README's main job.
 
 The quickstart is the pipeline (:mod:`selfflow.pipeline`) on scikit-learn's bundled 8×8 digits (no
-download), sized for 2 CPU cores and about 4 minutes: a Self-Flow teacher, a one-step student
+download), sized for 2 CPU cores and under 4 minutes: a Self-Flow teacher, a one-step student
 distilled from the teacher's pairs, a synthetic set from the student, a StableRep encoder trained
 on it, and probes on the real digits — one HTML report (and ``report.md``) at the end. Every
 training stage has a time limit (``train.time_limit_minutes``), so a slow machine still finishes,
@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-# The measured budget on the 2-core development CPU (docs/benchmarks/quickstart.md): teacher ~100 s,
-# pairs + student ~25 s, evaluation ~15 s, synthetic set ~2 s, encoder ~50 s, probes ~10 s.
+# Measured on the busy 2-core development CPU (docs/benchmarks/quickstart.md; 201 s in all): teacher
+# 104 s, pairs + student 41 s, evaluation 14 s, synthetic set 0.4 s, encoder 35 s, probes 2.5 s.
 _DIGITS_MODEL = {"size": "tiny", "depth": 4, "hidden_size": 64, "num_heads": 4, "patch_size": 2}
 QUICKSTART_PIPELINE = {
     # One thread: this small a model gains little from a second, and loses several-fold when other
