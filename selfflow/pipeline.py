@@ -57,8 +57,9 @@ def _without_progress(run: dict | None) -> dict | None:
 
 
 def stage_settings(config: PipelineConfig, stage: str) -> dict:
-    """What a stage's result depends on, besides its inputs."""
-    d = config.to_dict()
+    """What a stage's result depends on, besides its inputs. Paths inside the pipeline's folder are
+    written relative to it (``<out_dir>/teacher``), so a moved or copied pipeline folder stays valid."""
+    d = json.loads(json.dumps(config.to_dict()).replace(json.dumps(str(Path(config.pipeline.out_dir)))[1:-1], "<out_dir>"))
     if stage == "teacher":
         return _without_progress(d["teacher"])
     if stage == "student":

@@ -41,6 +41,14 @@ def _loss_plot(run_dir: str | Path, title: str, path: Path) -> Path | None:
     return path
 
 
+def _command() -> str:
+    """The command line that ran the pipeline (``selfflow ...``), or a note when Python called it."""
+    argv = list(sys.argv) or [""]
+    if Path(argv[0]).name in ("selfflow", "__main__.py"):
+        return " ".join(["selfflow", *argv[1:]])
+    return f"run_pipeline() called from {Path(argv[0]).name or 'Python'}"
+
+
 def _pct(value) -> str:
     return "" if value is None else f"{100 * value:.1f} %"
 
@@ -67,7 +75,7 @@ def write_report(config: PipelineConfig, markers: dict[str, dict], ran: dict[str
         f"synthetic set ({config.synth.num} images) → StableRep encoder → probes on the real {config.probes.data}. "
         f"Written {time.strftime('%Y-%m-%d %H:%M:%S')}; this run took {seconds:.0f} s "
         f"({sum(ran.values())} of {len(STAGES)} stages ran, the rest were reused).")
-    report.paragraph(f"Command: {' '.join(['selfflow', *sys.argv[1:]]) if sys.argv else 'selfflow'} · Machine: {info['cpu']}, "
+    report.paragraph(f"Command: {_command()} · Machine: {info['cpu']}, "
                      f"{info['cores']} cores, torch {info['torch']} with {info['torch_threads']} thread{'s' if info['torch_threads'] != 1 else ''}, device {device}"
                      + (f", load average {info['load_average'][0]:.2f}" if "load_average" in info else "") + ".")
     cut = [f"{stage}: {markers[stage]['result']['cut']}" for stage in STAGES if markers[stage]["result"].get("cut")]
@@ -192,7 +200,7 @@ def write_report(config: PipelineConfig, markers: dict[str, dict], ran: dict[str
 
     record = {"stages": {s: {"seconds": markers[s]["seconds"], "ran": ran[s], "hash": markers[s]["hash"], "result": markers[s]["result"]}
                          for s in STAGES},
-              "seconds": round(seconds, 1), "machine": info, "device": str(device), "command": sys.argv}
+              "seconds": round(seconds, 1), "machine": info, "device": str(device), "command": _command()}
     write_json(record, out / "report.json")
     html, _ = report.write(out)
     return html

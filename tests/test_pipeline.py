@@ -117,6 +117,17 @@ def test_finished_stages_are_skipped_and_a_change_reruns_what_follows(tmp_path, 
     assert fake_stages == list(pipeline.STAGES)  # the teacher changed: everything after it
 
 
+def test_a_copied_pipeline_folder_keeps_its_finished_stages(tmp_path, fake_stages):
+    import shutil
+
+    pipeline.run_pipeline(_config(tmp_path), say=lambda m: None)
+    shutil.copytree(tmp_path / "p", tmp_path / "q")
+    fake_stages.clear()
+    config = quickstart_config(str(tmp_path / "q"), device="cpu", tiny=True)
+    pipeline.run_pipeline(config, say=lambda m: None)
+    assert fake_stages == [] and config.student.run.train.init_from == str(tmp_path / "q" / "teacher")
+
+
 def test_a_changed_stage_starts_from_an_empty_folder(tmp_path, fake_stages):
     pipeline.run_pipeline(_config(tmp_path), say=lambda m: None)
     (tmp_path / "p" / "synth" / "left_over").write_text("old settings")
