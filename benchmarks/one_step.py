@@ -736,7 +736,10 @@ def main(argv=None) -> int:
     else:
         dmd = evaluator.dmd_diagnostics([f"dmd_s{seed0}", f"dmd2_s{seed0}", f"dmd2_4step_s{seed0}"], out.with_name(out.name + "_dmd.png"))
 
-    teacher_config = json.loads((chain.runs / "teacher" / "config.json").read_text()) if (chain.runs / "teacher" / "config.json").is_file() else {}
+    import yaml
+
+    teacher_yaml = chain.runs / "teacher" / "config.yaml"  # the resolved config the trainer wrote
+    teacher_config = yaml.safe_load(teacher_yaml.read_text()) if teacher_yaml.is_file() else {}
     from convergence import describe_model
 
     all_stages = {**stages}
