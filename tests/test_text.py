@@ -363,3 +363,32 @@ def test_prompt_scores_agree_with_the_measured_attributes():
     assert good["prompt_accuracy"] == 1.0 and good["thickness_agreement"] == 1.0 and good["slant_agreement"] == 1.0
     bad = prompt_scores(images, wrong, classifier=_Oracle(labels), bins=bins)
     assert bad["prompt_accuracy"] == 0.0 and bad["slant_agreement"] == 0.0 and bad["thickness_agreement"] < 0.5
+
+
+def test_a_hand_written_caption_file_for_an_image_folder(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from selfflow.text.data import folder_image_ids, load_captioned
+
+    root = tmp_path / "images"
+    for cls, count in (("cats", 2), ("dogs", 3)):
+        (root / cls).mkdir(parents=True)
+        for k in range(count):
+            Image.fromarray(np.full((8, 8), 40 * k + (100 if cls == "dogs" else 0), dtype=np.uint8)).save(root / cls / f"{k}.png")
+    ids = folder_image_ids(root)
+    assert ids == ["cats/0.png", "cats/1.png", "dogs/0.png", "dogs/1.png", "dogs/2.png"]
+    table = {i: [f"picture {n}"] for n, i in enumerate(ids)}
+    table["dogs/2.png"] = ["picture 4", "picture 0"]  # a caption two images share is one bank entry
+    file = write_caption_file(tmp_path / "captions.jsonl", table)
+    data = load_captioned(TextConfig(captions=str(file), encoder="hashed"), "folder", str(root), "train")
+    assert len(data) == 6 and data.texts == [f"picture {n}" for n in range(5)]
+    x0, ids_out = data.get_batch(torch.arange(6))
+    assert ids_out.tolist() == [0, 1, 2, 3, 4, 0]
+    assert torch.equal(x0[4], x0[5]) and float(x0[3].mean()) > float(x0[0].mean())  # both captions of dogs/2.png
+    del table["cats/1.png"]
+    write_caption_file(file, table)
+    with pytest.raises(DataError, match="no captions for 1 image.*cats/1.png"):
+        load_captioned(TextConfig(captions=str(file), encoder="hashed"), "folder", str(root), "train")
+    with pytest.raises(DataError, match="text.captions="):
+        load_captioned(TextConfig(captions=str(tmp_path / "none.jsonl"), encoder="hashed"), "folder", str(root), "train")

@@ -94,6 +94,8 @@ def captioned_dataset(base, text: TextConfig, data_name: str, data_path: Optiona
         captions, bins = generated_captions(base.images, base.labels, base.num_classes, per_image=text.captions_per_image,
                                             seed=text.caption_seed)
         return CaptionedDataset(base, [[c.text for c in caps] for caps in captions], bins=bins)
+    if not Path(text.captions).is_file():
+        raise DataError(f"text.captions={text.captions!r}: no such caption file (JSONL); or use 'generated'")
     table = read_caption_file(text.captions)
     if data_name == "folder":
         ids = folder_image_ids(data_path)
