@@ -306,6 +306,9 @@ class DiT(nn.Module):
         meta = read_json(directory / "config.json")
         if "model" not in meta:
             raise CheckpointError(f"{directory / 'config.json'}: no 'model' section")
+        if meta.get("text") or (meta.get("run") or {}).get("text"):  # selfflow.text.model.load_text_generator reads these
+            raise CheckpointError(f"{directory}: a caption-conditioned model (text section in config.json); sample it with "
+                                  f"selfflow sample --prompt (this command takes class-label models)")
         fields = meta["model"]
         if isinstance(fields, dict):  # label dropout moved to the method config: older files still load
             fields = {k: v for k, v in fields.items() if k != "class_dropout_prob"}

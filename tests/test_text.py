@@ -392,3 +392,12 @@ def test_a_hand_written_caption_file_for_an_image_folder(tmp_path):
         load_captioned(TextConfig(captions=str(file), encoder="hashed"), "folder", str(root), "train")
     with pytest.raises(DataError, match="text.captions="):
         load_captioned(TextConfig(captions=str(tmp_path / "none.jsonl"), encoder="hashed"), "folder", str(root), "train")
+
+
+def test_class_label_commands_refuse_a_text_checkpoint_in_one_line(tmp_path, capsys):
+    from selfflow.cli import main
+
+    _train(text_run(tmp_path, tmp_path / "run", "flow_matching", steps=1))
+    capsys.readouterr()
+    assert main(["generate-set", "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "set"), "--n", "4"]) == 2
+    one_line_error(capsys, "caption-conditioned", "--prompt")
