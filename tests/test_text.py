@@ -401,3 +401,14 @@ def test_class_label_commands_refuse_a_text_checkpoint_in_one_line(tmp_path, cap
     capsys.readouterr()
     assert main(["generate-set", "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "set"), "--n", "4"]) == 2
     one_line_error(capsys, "caption-conditioned", "--prompt")
+
+
+def test_resume_refuses_another_text_encoder(tmp_path):
+    from selfflow import checkpoint as ckpt
+
+    _train(text_run(tmp_path, tmp_path / "run", "flow_matching", steps=1))
+    changed = config_from_dict({**text_run(tmp_path, tmp_path / "run", "flow_matching", steps=2).to_dict(),
+                                "text": {"encoder": "hashed", "hashed_dim": 32, "captions_per_image": 3,
+                                         "cache_dir": str(tmp_path / "cache")}})
+    with pytest.raises(ckpt.CheckpointError, match="different text config .*captions_per_image"):
+        _train(changed)
