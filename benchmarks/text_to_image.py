@@ -14,7 +14,10 @@ weights, for each guidance scale: ``per_prompt`` images for each of the 90 evalu
 
 Resumable: a finished run (its checkpoint at ``--steps``) is not trained again.
 
-    python benchmarks/text_to_image.py --steps 1500 --seeds 0 1 --encoder minilm
+    python benchmarks/text_to_image.py --steps 2000 --seeds 0 1 --encoder minilm --work runs/t2i
+
+On a busy machine, train the methods in parallel first (one thread each, same --work, --name of
+your choice), then run the command above: it skips finished runs and writes the combined report.
 """
 from __future__ import annotations
 
@@ -83,7 +86,7 @@ def train(config) -> tuple[float, object]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--encoder", default="minilm", choices=["minilm", "hashed"])

@@ -7,5 +7,6 @@
 ``model``              :class:`TextDiT`: the DiT plus cross-attention to caption tokens
 ``generate``           sampling from prompts, with guidance on text
 ``evaluation``         prompt accuracy, attribute agreement, the image–text alignment score
+``cli``                ``selfflow sample --prompt`` / ``--prompts`` for caption-conditioned checkpoints
 =====================  =====================================================================
 """
