@@ -115,6 +115,9 @@ class Trainer:
         # Data, model and method first: a bad data path or encoder file fails before the run folder exists.
         self.dataset = dataset if dataset is not None else load_data(config)
         self.config = config = resolve_config(config, self.dataset)
+        if t.batch_size > len(self.dataset):
+            raise ConfigError(f"train.batch_size={t.batch_size} is larger than the data set ({len(self.dataset)} items of "
+                              f"data.name={config.data.name!r}); lower train.batch_size or use more data")
         torch.manual_seed(t.seed)
         self.model = build_network(config).to(self.device)  # the DiT; an encoder for representation methods
         if t.init_from:  # the teacher's EMA weights; a checkpoint of this run (maybe_resume) still wins

@@ -337,3 +337,17 @@ def test_batch_that_does_not_split_over_the_processes(tmp_path, capsys, monkeypa
     assert _train(tmp_path / "run") == 2
     one_line_error(capsys, "train.batch_size=16", "world size (3)")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_batch_larger_than_the_data_set_is_one_line_and_writes_nothing(tmp_path, capsys):
+    from selfflow.cli import main
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "small.npz", images=rng.integers(0, 256, size=(5, 8, 8), dtype=np.uint8), labels=np.arange(5) % 2)
+    out = tmp_path / "run"
+    code = main(["train", "--set", "data.name=npz", "--set", f"data.path={tmp_path / 'small.npz'}", "--set", "model.depth=2",
+                 "--set", "model.hidden_size=64", "--set", "train.batch_size=8", "--set", f"train.out_dir={out}",
+                 "--set", "train.device=cpu", "--set", "train.steps=1"])
+    assert code == 2
+    one_line_error(capsys, "train.batch_size=8", "5 items")
+    assert not out.exists()
