@@ -1,5 +1,5 @@
-"""StableRep on the digits (docs/methods.md#stablerep): can a generator's images teach an encoder as
-well as real images do?
+"""StableRep on the digits or MNIST (docs/methods.md#stablerep): can a generator's images teach an encoder
+as well as real images do?
 
 Encoders (one architecture, augmentations, steps, optimiser and encoder passes per step for all) trained on
 
@@ -7,10 +7,16 @@ Encoders (one architecture, augmentations, steps, optimiser and encoder passes p
   (b) N real images, SimCLR              (c) N synthetic images, SimCLR      (d) N real images, supervised
 
 then probed, frozen, on the real train split (linear probe, k-NN, 10-shot) and scored on the real test
-split. Two seeds per cell; accuracy vs N. The generator is a Self-Flow digits teacher
-(configs/digits_self_flow.yaml), trained here unless --teacher names one.
+split. Two seeds per cell; accuracy vs N. The generator is a Self-Flow teacher of the same data
+(configs/digits_self_flow.yaml or configs/mnist_self_flow.yaml), trained here unless --teacher names one.
 
     python benchmarks/stablerep.py --sizes 300 1500 --seeds 0 1 --steps 200
+    python benchmarks/stablerep.py --data mnist --teacher RUN --sizes 1000 --seeds 0 1 --steps 150 \
+        --probe-train 5000 --probe-test 2000 --out stablerep_mnist_cpu
+
+On MNIST (28×28) the encoder is the same ViT (4 DiT blocks, width 64) with patch 4 (49 tokens) instead of
+patch 2, or the ResNet (--encoder resnet); the probes use a fixed real subset (the first --probe-train
+train and --probe-test test images) to stay cheap.
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import ROOT, env_threads, write_result  # noqa: E402
+from harness import RESULTS, ROOT, env_threads, write_result  # noqa: E402
 
 from selfflow.config import ProbeConfig, load_config  # noqa: E402
 from selfflow.data import ImageDataset, load_dataset  # noqa: E402
@@ -52,10 +58,16 @@ def subset(data: ImageDataset, n: int) -> ImageDataset:
                         data.class_names, data.split)
 
 
+def data_overrides(data: str, data_path: str | None, patch: int | None) -> list[str]:
+    """Config overrides that turn a configs/digits_*.yaml encoder run into one on ``data``."""
+    out = [] if data == "digits" else [f"data.name={data}", f"data.path={data_path}"]
+    return out + ([f"model.patch_size={patch}"] if patch else [])
+
+
 def train_encoder(method: str, data_kind: str, set_path: str | None, real: ImageDataset, n: int, seed: int, steps: int,
-                  encoder: str, out: Path) -> Path:
+                  encoder: str, out: Path, extra: list[str] = ()) -> Path:
     overrides = [f"train.steps={steps}", f"train.seed={seed}", f"train.out_dir={out}", "train.progress=false",
-                 "train.tensorboard=false", f"train.log_every={steps}", f"method.encoder={encoder}"]
+                 "train.tensorboard=false", f"train.log_every={steps}", f"method.encoder={encoder}", *extra]
     if data_kind != "real":
         overrides += ["data.name=synth", f"data.path={set_path}"]
     if method == "simclr" and data_kind == "single":
@@ -75,27 +87,44 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--encoder", default="vit", choices=["vit", "resnet"])
-    p.add_argument("--teacher", default=None, help="a Self-Flow digits run (default: train one into --work)")
+    p.add_argument("--data", default="digits", choices=["digits", "mnist"])
+    p.add_argument("--data-path", default=".carry/mnist", help="MNIST's IDX folder (--data mnist)")
+    p.add_argument("--patch", type=int, default=None, help="ViT patch size (default: 2 on digits, 4 on MNIST)")
+    p.add_argument("--probe-train", type=int, default=None, help="real train images for the probes (default: all "
+                   "on digits, 5000 on MNIST)")
+    p.add_argument("--probe-test", type=int, default=None, help="real test images (default: all on digits, 2000 on MNIST)")
+    p.add_argument("--teacher", default=None, help="a Self-Flow run of the same data (default: train one into --work)")
     p.add_argument("--teacher-steps", type=int, default=1500)
-    p.add_argument("--work", default="runs/stablerep_bench")
-    p.add_argument("--out", default="stablerep_digits")
+    p.add_argument("--synth-steps", type=int, default=20, help="sampler steps for the synthetic sets")
+    p.add_argument("--work", default=None, help="default: runs/stablerep_bench (digits), runs/stablerep_bench_mnist")
+    p.add_argument("--out", default=None, help="result name (default: stablerep_<data>)")
     args = p.parse_args()
     env_threads()
-    work = Path(args.work)
+    mnist = args.data == "mnist"
+    work = Path(args.work or ("runs/stablerep_bench_mnist" if mnist else "runs/stablerep_bench"))
+    out_name = args.out or f"stablerep_{args.data}"
+    data_path = str(Path(args.data_path) if Path(args.data_path).is_dir() else ROOT / args.data_path) if mnist else None
+    patch = args.patch or (4 if mnist else None)
+    extra = data_overrides(args.data, data_path, patch)
     started = time.perf_counter()
 
     teacher = args.teacher
     if teacher is None:
         teacher = str(work / "teacher")
         if not (Path(teacher) / "checkpoints").is_dir():
-            subprocess.run([sys.executable, "-m", "selfflow", "train", "--config", str(ROOT / "configs/digits_self_flow.yaml"),
+            subprocess.run([sys.executable, "-m", "selfflow", "train", "--config", str(ROOT / f"configs/{args.data}_self_flow.yaml"),
                             "--set", f"train.steps={args.teacher_steps}", "--set", f"train.out_dir={teacher}",
-                            "--set", "train.progress=false"], check=True)
+                            "--set", "train.progress=false", *(["--set", f"data.path={data_path}"] if mnist else []),
+                            *(["--set", "train.device=cpu"] if mnist and not torch.cuda.is_available() else [])],
+                           check=True)
     model, folder = load_generator(teacher, "ema", "cpu")
-    real = load_dataset("digits", split="train")
-    test = load_dataset("digits", split="test")
-    sampling = {"classes": dict(sampler="heun", steps=20), "single": dict(sampler="heun", steps=20),
-                "instances": dict(sampler="sde", steps=20)}
+    real = load_dataset(args.data, data_path, split="train")
+    test = load_dataset(args.data, data_path, split="test")
+    probe_train = subset(real, args.probe_train or (5000 if mnist else len(real)))
+    probe_test = subset(test, args.probe_test or (2000 if mnist else len(test)))
+    k = args.synth_steps
+    sampling = {"classes": dict(sampler="heun", steps=k), "single": dict(sampler="heun", steps=k),
+                "instances": dict(sampler="sde", steps=k)}
     sets: dict[tuple[str, int], str] = {}
     for n in args.sizes:
         for kind in ("classes", "instances", "single"):
@@ -108,18 +137,19 @@ def main() -> None:
 
     probe = ProbeConfig(few_shot=(10,), few_shot_trials=3)
     rows, raw = [], []
-    pixels = linear_probe(real.images.flatten(1).float(), real.labels, test.images.flatten(1).float(), test.labels, 10)
+    pixels = linear_probe(probe_train.images.flatten(1).float(), probe_train.labels, probe_test.images.flatten(1).float(),
+                          probe_test.labels, 10)
     for label, method, kind in VARIANTS:
         for n in args.sizes:
             scores = []
             for seed in args.seeds:
                 t0 = time.perf_counter()
                 out = work / "runs" / f"{method}_{kind}_{n}_s{seed}"
-                train_encoder(method, kind, sets.get((kind, n)), real, n, seed, args.steps, args.encoder, out)
+                train_encoder(method, kind, sets.get((kind, n)), real, n, seed, args.steps, args.encoder, out, extra)
                 from selfflow.represent.probes import load_encoder
 
                 encoder, _, _ = load_encoder(out, "model")
-                result = run_probes(encoder, real, test, probe)
+                result = run_probes(encoder, probe_train, probe_test, probe)
                 result.update(variant=label, n=n, seed=seed, seconds=time.perf_counter() - t0)
                 raw.append(result)
                 scores.append(result)
@@ -134,13 +164,13 @@ def main() -> None:
             })
     # an untrained encoder, for scale
     config = load_config(ROOT / "configs" / "digits_stablerep.yaml", [f"method.encoder={args.encoder}", "data.name=digits",
-                                                                         "data.path=null"])
+                                                                         "data.path=null", *extra])
     from selfflow.trainer import resolve_config
     from selfflow.represent.encoders import build_encoder
 
     torch.manual_seed(0)
     untrained = build_encoder(resolve_config(config, real)).eval()
-    base = run_probes(untrained, real, test, probe)
+    base = run_probes(untrained, probe_train, probe_test, probe)
     rows.append({"variant": "untrained encoder (reference)", "N": 0, "linear probe": base["linear"], "k-NN": base["knn"],
                  "10-shot": base["few_shot"]["10"]["mean"]})
     rows.append({"variant": "raw pixels (reference)", "N": 0, "linear probe": pixels})
@@ -153,7 +183,7 @@ def main() -> None:
         a = max(best(VARIANTS[0][0], n), best(VARIANTS[1][0], n))
         b = best("SimCLR, real", n)
         verdict.append(f"N={n}: best StableRep {a:.3f} vs SimCLR on real {b:.3f} → (a) {'≥' if a >= b else '<'} (b)")
-    notes = "\n".join([
+    notes = "\n".join(mnist_notes(args, folder, verdict, started, patch, len(probe_train), len(probe_test)) if mnist else [
         f"Encoder: {args.encoder} (configs/digits_*.yaml: ViT of 4 DiT blocks, width 64, patch 2, mean-pooled), "
         f"{args.steps} steps, AdamW lr 2e-3, 128 encoder passes per step for every variant (StableRep: 32 captions × 4 "
         f"images; SimCLR: 64 images × 2 views; supervised: 128 images), the same augmentations.",
@@ -168,14 +198,34 @@ def main() -> None:
         "beat it.",
         "", f"Total wall time {time.perf_counter() - started:.0f} s. Plot: stablerep_digits.png.",
     ])
-    path = write_result(args.out, rows, ["variant", "N", "linear probe", "linear (per seed)", "k-NN", "10-shot"],
-                        "StableRep vs SimCLR vs supervised on the digits (linear probe on the real test split)", notes,
-                        extra={"runs": [{k: v for k, v in r.items()} for r in raw]})
-    plot(rows, args.sizes, path.with_suffix(".png"))
+    title_data = "MNIST 28×28" if mnist else "the digits"
+    path = write_result(out_name, rows, ["variant", "N", "linear probe", "linear (per seed)", "k-NN", "10-shot"],
+                        f"StableRep vs SimCLR vs supervised on {title_data} (linear probe on the real test split)", notes,
+                        extra={"runs": [{k: v for k, v in r.items()} for r in raw], "data": args.data,
+                               "teacher": str(folder), "steps": args.steps, "sizes": args.sizes, "seeds": args.seeds})
+    if mnist:  # the MNIST record sits next to its Markdown (docs/benchmarks/<name>.json)
+        (RESULTS / f"{out_name}.json").replace(path.with_suffix(".json"))
+    plot(rows, args.sizes, path.with_suffix(".png"), "MNIST" if mnist else "digits")
     log(f"wrote {path}")
 
 
-def plot(rows, sizes, path: Path) -> None:
+def mnist_notes(args, folder, verdict, started, patch, n_train, n_test) -> list[str]:
+    enc = (f"ViT of 4 DiT blocks, width 64, patch {patch} (49 tokens), mean-pooled" if args.encoder == "vit"
+           else "ResNet (method.width 32)")
+    return [
+        f"Encoder: {args.encoder} ({enc}; configs/digits_*.yaml with data.name=mnist), {args.steps} steps, AdamW lr "
+        "2e-3, 128 encoder passes per step for every variant (StableRep: 32 captions × 4 images; SimCLR: 64 images × 2 "
+        "views; supervised: 128 images), the same augmentations.",
+        f"Generator: Self-Flow MNIST teacher {folder} (EMA); class-caption and single sets with Heun {args.synth_steps} "
+        f"steps, instance sets with the SDE ({args.synth_steps} steps, churn: noise while t ≤ 0.6), 4 images per caption.",
+        f"Probes on a fixed real MNIST subset (the first {n_train} train / first {n_test} test images), encoder frozen: "
+        "linear (full-batch AdamW, 100 epochs, standardised features), k-NN (k = 20, cosine, τ = 0.07), 10-shot linear "
+        f"(3 draws). Means over seeds {args.seeds}.", "", "Target (a) ≥ (b):", *[f"- {v}" for v in verdict],
+        "", f"Total wall time {time.perf_counter() - started:.0f} s. Plot: {args.out or 'stablerep_mnist'}.png.",
+    ]
+
+
+def plot(rows, sizes, path: Path, data: str = "digits") -> None:
     try:
         import matplotlib
 
@@ -193,7 +243,7 @@ def plot(rows, sizes, path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("training images N")
     ax.set_ylabel("linear-probe accuracy, real test split")
-    ax.set_title("digits: encoders from synthetic vs real images")
+    ax.set_title(f"{data}: encoders from synthetic vs real images")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
