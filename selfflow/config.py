@@ -722,23 +722,28 @@ def config_from_dict(raw: Any, where: str = "config") -> RunConfig:
     return config
 
 
+def read_yaml_mapping(path: Path) -> dict:
+    """The mapping of sections in a YAML file; a missing, malformed or non-text file is a one-line ConfigError."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: malformed YAML: {_one_line_yaml(exc)}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text (UTF-8) YAML file") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return raw
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML config (or the defaults when ``path`` is None) and apply overrides."""
     raw: Any = {}
     where = "config"
     if path is not None:
         path = Path(path)
-        where = str(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: malformed YAML: {exc}") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"{path}: not a text (UTF-8) YAML file") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        where, raw = str(path), read_yaml_mapping(path)
     raw = apply_overrides(raw, list(overrides or []))
     try:
         return config_from_dict(raw, where)
@@ -1028,17 +1033,7 @@ def load_pipeline_config(path: str | Path | None = None, overrides: list[str] | 
     where = "pipeline config"
     if path is not None:
         path = Path(path)
-        where = str(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: malformed YAML: {_one_line_yaml(exc)}") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"{path}: not a text (UTF-8) YAML file") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        where, raw = str(path), read_yaml_mapping(path)
     raw = apply_pipeline_overrides(json.loads(json.dumps(raw or {})), list(overrides or []))
     try:
         return pipeline_config_from_dict(raw, where)
