@@ -263,6 +263,16 @@ class DiT(nn.Module):
         B = x.shape[0]
         h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, N, D)
         cond, index = self._conditioning(t, y, B)
+        h, hiddens = self.run_blocks(h, (cond, index), return_layers, stop_after)
+        if h is None:
+            return None, hiddens
+        out = self.unpatchify(self.final(h, cond, index))
+        return (out, hiddens) if return_layers else out
+
+    def run_blocks(self, h: torch.Tensor, block_args: tuple, return_layers: Sequence[int] = (),
+                   stop_after: int | None = None) -> tuple[torch.Tensor | None, dict[int, torch.Tensor]]:
+        """Tokens through the blocks (each called as ``block(h, *block_args)``), keeping the hidden
+        states of ``return_layers``; with ``stop_after=l`` returns ``(None, hiddens)`` after block l."""
         wanted = set(return_layers)
         if stop_after is not None:
             wanted.add(stop_after)
@@ -272,17 +282,14 @@ class DiT(nn.Module):
         hiddens: dict[int, torch.Tensor] = {}
         for number, block in enumerate(self.blocks, start=1):
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                h = activation_checkpoint(block, h, cond, index, use_reentrant=False)
+                h = activation_checkpoint(block, h, *block_args, use_reentrant=False)
             else:
-                h = block(h, cond, index)
+                h = block(h, *block_args)
             if number in wanted:
                 hiddens[number] = h
             if stop_after is not None and number == stop_after:
                 return None, hiddens
-        out = self.unpatchify(self.final(h, cond, index))
-        if return_layers:
-            return out, hiddens
-        return out
+        return h, hiddens
 
     # ---- files ---------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> Path:

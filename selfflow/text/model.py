@@ -27,7 +27,6 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from selfflow.config import ModelConfig, TextConfig, from_dict
 from selfflow.model import Block, DiT, distinct_times, modulate, rows_to_tokens
@@ -171,22 +170,9 @@ class TextDiT(DiT):
         context = torch.cat([self.register[None].expand(B, 1, -1), self.text_proj(self.text_norm(tokens.to(dtype)))], dim=1)
         context_mask = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=x.device), mask], dim=1)
         cond, index = self._conditioning(t, vector, B)
-        wanted = set(return_layers)
-        if stop_after is not None:
-            wanted.add(stop_after)
-        for layer in wanted:
-            if not 1 <= layer <= self.depth:
-                raise ValueError(f"layer {layer} is outside 1..{self.depth}")
-        hiddens: dict[int, torch.Tensor] = {}
-        for number, block in enumerate(self.blocks, start=1):
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                h = activation_checkpoint(block, h, cond, index, context, context_mask, use_reentrant=False)
-            else:
-                h = block(h, cond, index, context, context_mask)
-            if number in wanted:
-                hiddens[number] = h
-            if stop_after is not None and number == stop_after:
-                return None, hiddens
+        h, hiddens = self.run_blocks(h, (cond, index, context, context_mask), return_layers, stop_after)
+        if h is None:
+            return None, hiddens
         out = self.unpatchify(self.final(h, cond, index))
         return (out, hiddens) if return_layers else out
 
