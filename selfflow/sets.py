@@ -71,38 +71,25 @@ def generate_set(
         defaults = inspect.signature(dopri5).parameters
         manifest["sampler_options"] = {"rtol": defaults["rtol"].default, "atol": defaults["atol"].default}
     shards = ShardSet.create_or_resume(folder, manifest)
-    pending = shards.pending()
-    bar = None
-    if progress and pending:
-        from tqdm.auto import tqdm
 
-        todo = sum(stop - start for start, stop in map(shards.item_range, pending))
-        bar = tqdm(total=todo, unit="img", desc=f"generating {kind}", dynamic_ncols=True)
-    try:
-        for index in pending:
-            start, stop = shards.item_range(index)
-            seeds = list(range(seed + start, seed + stop))
-            shard_labels = None
-            if labels is not None:
-                shard_labels = torch.tensor([labels[k % len(labels)] for k in range(start, stop)], dtype=torch.int64)
-            result = generate(
-                model, num_samples=stop - start, seeds=seeds, labels=shard_labels, sampler=sampler, steps=steps,
-                cfg_scale=cfg_scale, batch_size=batch_size, device=device, image_shape=image_shape,
-                autocast_dtype=autocast_dtype, progress=False,
-            )
-            out_labels = result.labels if result.labels is not None else torch.full((stop - start,), -1, dtype=torch.int64)
-            tensors = {"labels": out_labels.to(torch.int64), "seeds": torch.tensor(seeds, dtype=torch.int64)}
-            if kind == "images":
-                tensors["images"] = to_uint8(result.images)
-            else:
-                tensors["noise"] = noise_for_seeds(seeds, image_shape).float().cpu()
-                tensors["samples"] = result.images.float()
-            path = shards.write(index, tensors)
-            if bar is not None:
-                bar.update(stop - start)
-            if on_shard is not None:
-                on_shard(index, path)
-    finally:
-        if bar is not None:
-            bar.close()
-    return shards
+    def make(start: int, stop: int) -> dict[str, torch.Tensor]:
+        seeds = list(range(seed + start, seed + stop))
+        shard_labels = None
+        if labels is not None:
+            shard_labels = torch.tensor([labels[k % len(labels)] for k in range(start, stop)], dtype=torch.int64)
+        result = generate(
+            model, num_samples=stop - start, seeds=seeds, labels=shard_labels, sampler=sampler, steps=steps,
+            cfg_scale=cfg_scale, batch_size=batch_size, device=device, image_shape=image_shape,
+            autocast_dtype=autocast_dtype, progress=False,
+        )
+        out_labels = result.labels if result.labels is not None else torch.full((stop - start,), -1, dtype=torch.int64)
+        tensors = {"labels": out_labels.to(torch.int64), "seeds": torch.tensor(seeds, dtype=torch.int64)}
+        if kind == "images":
+            tensors["images"] = to_uint8(result.images)
+        else:
+            tensors["noise"] = noise_for_seeds(seeds, image_shape).float().cpu()
+            tensors["samples"] = result.images.float()
+        return tensors
+
+    return shards.fill(make, desc=f"generating {kind}", progress=progress, on_shard=on_shard)
+

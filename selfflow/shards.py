@@ -147,6 +147,30 @@ class ShardSet:
                     stale.unlink()
         return shards
 
+    def fill(self, make, *, desc: str, progress: bool = True, on_shard=None) -> "ShardSet":
+        """Write every pending shard from ``make(start, stop) -> tensors``, in order; a bar counts items.
+
+        ``on_shard(index, path)`` is called after each shard is on disk.
+        """
+        pending = self.pending()
+        bar = None
+        if progress and pending:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=sum(b - a for a, b in map(self.item_range, pending)), unit="img", desc=desc, dynamic_ncols=True)
+        try:
+            for index in pending:
+                start, stop = self.item_range(index)
+                path = self.write(index, make(start, stop))
+                if bar is not None:
+                    bar.update(stop - start)
+                if on_shard is not None:
+                    on_shard(index, path)
+        finally:
+            if bar is not None:
+                bar.close()
+        return self
+
     def write(self, index: int, tensors: dict[str, torch.Tensor]) -> Path:
         start, stop = self.item_range(index)
         for key, value in tensors.items():

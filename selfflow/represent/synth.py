@@ -128,31 +128,18 @@ def make_synth_set(model, folder: str | os.PathLike, *, captions: str, per_capti
         "image_shape": [model.in_channels, model.image_size, model.image_size], "source": source or {},
     }
     shards = ShardSet.create_or_resume(folder, manifest)
-    pending = shards.pending()
-    bar = None
-    if progress and pending:
-        from tqdm.auto import tqdm
 
-        bar = tqdm(total=sum(b - a for a, b in map(shards.item_range, pending)), unit="img", desc=f"synth ({record['kind']})",
-                   dynamic_ncols=True)
-    try:
-        for index in pending:
-            start, stop = shards.item_range(index)
-            items = item_plan(torch.arange(start, stop), record["kind"], per_caption, num_classes, seed)
-            if record["kind"] == "classes":
-                images = generate(model, num_samples=stop - start, seeds=items["seeds"].tolist(), labels=items["labels"],
-                                  sampler=sampler, steps=steps, cfg_scale=cfg_scale, batch_size=batch_size, device=device,
-                                  image_shape=(model.in_channels, model.image_size, model.image_size),
-                                  autocast_dtype=autocast_dtype, progress=False).images
-            else:
-                images = _instances(model, items, steps=steps, cfg_scale=cfg_scale, churn=churn, batch_size=batch_size,
-                                    device=device, autocast_dtype=autocast_dtype)
-            path = shards.write(index, {"images": to_uint8(images), **items})
-            if bar is not None:
-                bar.update(stop - start)
-            if on_shard is not None:
-                on_shard(index, path)
-    finally:
-        if bar is not None:
-            bar.close()
-    return shards
+    def make(start: int, stop: int) -> dict[str, torch.Tensor]:
+        items = item_plan(torch.arange(start, stop), record["kind"], per_caption, num_classes, seed)
+        if record["kind"] == "classes":
+            images = generate(model, num_samples=stop - start, seeds=items["seeds"].tolist(), labels=items["labels"],
+                              sampler=sampler, steps=steps, cfg_scale=cfg_scale, batch_size=batch_size, device=device,
+                              image_shape=(model.in_channels, model.image_size, model.image_size),
+                              autocast_dtype=autocast_dtype, progress=False).images
+        else:
+            images = _instances(model, items, steps=steps, cfg_scale=cfg_scale, churn=churn, batch_size=batch_size,
+                                device=device, autocast_dtype=autocast_dtype)
+        return {"images": to_uint8(images), **items}
+
+    return shards.fill(make, desc=f"synth ({record['kind']})", progress=progress, on_shard=on_shard)
+
