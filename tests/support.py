@@ -49,17 +49,23 @@ def tiny_run(out_dir, **sections) -> dict:
     return raw
 
 
-def fit(raw):
-    """Build a Trainer from a raw config, train it to the end, close it; returns the trainer."""
-    from selfflow.config import config_from_dict
+def train_config(config):
+    """Build a Trainer from a RunConfig, train it to the end, close it; returns (trainer, fit's result)."""
     from selfflow.trainer import Trainer
 
-    trainer = Trainer(config_from_dict(raw))
+    trainer = Trainer(config)
     try:
-        trainer.fit()
+        result = trainer.fit()
     finally:
         trainer.close()
-    return trainer
+    return trainer, result
+
+
+def fit(raw):
+    """:func:`train_config` of a raw (YAML-shaped) config; returns the trainer."""
+    from selfflow.config import config_from_dict
+
+    return train_config(config_from_dict(raw))[0]
 
 
 def logged_losses(out_dir) -> list[float]:

@@ -14,9 +14,9 @@ from selfflow.errors import ConfigError, DataError
 from selfflow.sampling import GuidedVelocity
 from selfflow.text.captions import (HELDOUT_TEMPLATES, TRAIN_TEMPLATES, AttributeBins, caption_images, is_heldout, parse_prompt,
                                     read_caption_file, slant_angle, stroke_thickness, write_caption_file)
-from selfflow.text.encoders import CachedEncoder, HashedTextEncoder, TextEmbedding
+from selfflow.text.encoders import CachedEncoder, HashedTextEncoder
 from selfflow.text.model import TextDiT
-from support import TINY_RUN, one_line_error
+from support import TINY_RUN, one_line_error, train_config
 
 
 # ---- attributes on synthetic strokes -----------------------------------------------------------
@@ -244,15 +244,7 @@ def text_run(tmp_path, out, method="self_flow", steps=6, **train):
     return config_from_dict(raw)
 
 
-def _train(config):
-    from selfflow.trainer import Trainer
-
-    trainer = Trainer(config)
-    try:
-        result = trainer.fit()
-    finally:
-        trainer.close()
-    return trainer, result
+_train = train_config  # (trainer, result) of a config trained to the end
 
 
 @pytest.mark.parametrize("method", ["flow_matching", "self_flow"])

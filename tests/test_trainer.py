@@ -11,15 +11,10 @@ import torch
 
 from selfflow import checkpoint as ckpt
 from selfflow.trainer import Trainer, TrainingDiverged
+from support import train_config
 
 
-def run(config):
-    trainer = Trainer(config)
-    try:
-        result = trainer.fit()
-    finally:
-        trainer.close()
-    return trainer, result
+run = train_config  # (trainer, result) of a config trained to the end
 
 
 def weights(trainer):
