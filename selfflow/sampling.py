@@ -335,6 +335,12 @@ def _diffusion_fn(diffusion, norm: float) -> Callable[[float], float]:
     )
 
 
+def reverse_sde_drift(x: Tensor, v: Tensor, t: float, w: float) -> Tensor:
+    """Drift of the reverse-time SDE with diffusion w(t) on the linear path: v + (w / t)·ε̂, where
+    ε̂ = x + (1 − t)·v is the noise the velocity implies (score = −ε̂ / t)."""
+    return v + (w / t) * (x + (1.0 - t) * v)
+
+
 def euler_maruyama(
     fn: VelocityFn,
     x: Tensor,
@@ -378,9 +384,7 @@ def euler_maruyama(
             w = w_of_t(t)
             if w < 0:
                 raise ValueError(f"diffusion w(t) must be >= 0, got {w} at t={t}")
-            eps_hat = x + (1.0 - t) * v
-            drift = v + (w / t) * eps_hat
-            x = x - h * drift + math.sqrt(2.0 * w * h) * randn_like(x, generator)
+            x = x - h * reverse_sde_drift(x, v, t, w) + math.sqrt(2.0 * w * h) * randn_like(x, generator)
         if callback is not None:
             callback({"step": i, "t": t, "t_next": t_next, "x": x, "x0_hat": x0_hat})
     return x
@@ -492,8 +496,7 @@ def sit_sde(
         v = velocity(x, t)
         x0_hat = x - t * v
         w = float(diffusion_norm) * t
-        eps_hat = x + (1.0 - t) * v
-        drift = v + (w / t) * eps_hat
+        drift = reverse_sde_drift(x, v, t, w)
         if i < n - 1:
             h = t - grid[i + 1]
             t_next = grid[i + 1]
