@@ -89,9 +89,10 @@ def leave_process_group_env() -> None:
         os.environ.pop(key, None)
 
 
-def perturbed_dit(**overrides):
+def perturbed_dit(scale: float = 0.05, **overrides):
     """A small DiT (8×8×1 digits-shaped by default) whose weights are all nudged off their
-    initialisation: adaLN-Zero starts with zero output, which would make comparisons vacuous."""
+    initialisation by ``scale``·N(0, 1) (seed 0): adaLN-Zero starts with zero output, which would
+    make comparisons vacuous."""
     from selfflow.config import ModelConfig
     from selfflow.model import DiT
 
@@ -101,5 +102,5 @@ def perturbed_dit(**overrides):
     model = DiT(ModelConfig(**cfg)).eval()
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+            p.add_(scale * torch.randn_like(p))
     return model

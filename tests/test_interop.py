@@ -284,14 +284,9 @@ def test_a_label_table_without_null_row(tmp_path):
 
 
 def test_export_then_import_is_the_identity(tmp_path):
-    from selfflow.config import ModelConfig
+    from support import perturbed_dit
 
-    torch.manual_seed(0)
-    ours = DiT(ModelConfig(size="tiny", depth=2, hidden_size=64, num_heads=4, image_size=8, in_channels=4, num_classes=10,
-                           time_scale=-1.0, time_shift=1.0))
-    with torch.no_grad():
-        for p in ours.parameters():
-            p.add_(0.2 * torch.randn_like(p))
+    ours = perturbed_dit(0.2, depth=2, in_channels=4, time_scale=-1.0, time_shift=1.0)
     state = export_state(ours, "selfflow-official", learned_sigma=True, linear_patch=True)
     config, back, _ = convert_state(state, "selfflow-official", "memory", num_heads=4)
     assert config == ours.config
@@ -340,15 +335,9 @@ def test_read_checkpoint_file_reads_both_kinds(tmp_path):
 def test_self_flow_fine_tunes_an_imported_sit(tmp_path):
     """2 Self-Flow steps on the digits from an imported 1-channel SiT: the weights start as the import,
     the projection head (absent from the file) is freshly initialised, training moves the model."""
-    from selfflow.config import ModelConfig
-    from support import fit, tiny_run
+    from support import fit, perturbed_dit, tiny_run
 
-    torch.manual_seed(0)
-    ours = DiT(ModelConfig(size="tiny", depth=2, hidden_size=64, num_heads=4, image_size=8, in_channels=1, num_classes=10,
-                           time_scale=-1.0, time_shift=1.0))
-    with torch.no_grad():
-        for p in ours.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    ours = perturbed_dit(depth=2, time_scale=-1.0, time_shift=1.0)
     torch.save({"ema": export_state(ours, "sit", learned_sigma=True), "args": argparse.Namespace(model="tiny")}, tmp_path / "s.pt")
     import_checkpoint(tmp_path / "s.pt", "sit", tmp_path / "imported", num_heads=4)
     model_section = {"size": "tiny", "depth": 2, "hidden_size": 64, "num_heads": 4, "time_scale": -1.0, "time_shift": 1.0}
