@@ -230,9 +230,13 @@ class DiT(nn.Module):
         """Return (cond rows (R, D), index (B, N) into the rows, or None when t is per sample)."""
         if y is None:
             y = torch.full((batch,), self.num_classes, dtype=torch.long, device=t.device)
+        return self.time_conditioning(t, self.label_embed(y), batch)
+
+    def time_conditioning(self, t: torch.Tensor, label: torch.Tensor, batch: int):
+        """:meth:`_conditioning` for a given per-sample condition vector ``label`` (B, D) (a label's
+        embedding, or a caption's in the TextDiT): time embedding plus it, once per distinct time."""
         if t.dim() == 0:
             t = t.expand(batch)
-        label = self.label_embed(y)  # (B, D)
         if t.dim() == 1:
             return self.time_embed(t) + label, None
         if t.shape != (batch, self.num_tokens):

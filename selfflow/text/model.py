@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from selfflow.config import ModelConfig, TextConfig, from_dict
-from selfflow.model import Block, DiT, distinct_times, modulate, rows_to_tokens
+from selfflow.model import Block, DiT, modulate, rows_to_tokens
 from selfflow.text.encoders import TextEmbedding, encoder_dim
 
 
@@ -144,23 +144,6 @@ class TextDiT(DiT):
         mask = bank.mask[rows].to(device) & ~is_null[:, None]
         return bank.pooled[rows].to(device), bank.tokens[rows].to(device), mask, is_null
 
-    # ---- conditioning ----------------------------------------------------------------------
-    def _conditioning(self, t, y, batch):  # y here: the (B, D) text vector that replaces the label embedding
-        label = y
-        if t.dim() == 0:
-            t = t.expand(batch)
-        if t.dim() == 1:
-            return self.time_embed(t) + label, None
-        if t.shape != (batch, self.num_tokens):
-            raise ValueError(f"per-token times must have shape (B, N) = ({batch}, {self.num_tokens}), got {tuple(t.shape)}")
-        if not self.dedupe_times:
-            rows = self.time_embed(t.reshape(-1)) + label.repeat_interleave(self.num_tokens, dim=0)
-            return rows, torch.arange(batch * self.num_tokens, device=t.device).view(batch, self.num_tokens)
-        times, sample, inverse = distinct_times(t)
-        if times.shape[0] == batch:
-            return self.time_embed(times) + label, None
-        return self.time_embed(times) + label[sample], inverse
-
     def forward(self, x, t, y=None, return_layers: Sequence[int] = (), stop_after: Optional[int] = None):
         B = x.shape[0]
         h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed
@@ -169,7 +152,7 @@ class TextDiT(DiT):
         vector = torch.where(is_null[:, None], self.null_cond[None].to(dtype), self.text_pool(pooled.to(dtype)))
         context = torch.cat([self.register[None].expand(B, 1, -1), self.text_proj(self.text_norm(tokens.to(dtype)))], dim=1)
         context_mask = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=x.device), mask], dim=1)
-        cond, index = self._conditioning(t, vector, B)
+        cond, index = self.time_conditioning(t, vector, B)  # the caption vector replaces the label embedding
         h, hiddens = self.run_blocks(h, (cond, index, context, context_mask), return_layers, stop_after)
         if h is None:
             return None, hiddens
