@@ -104,17 +104,20 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                     "selfflow.device", "selfflow.path", "selfflow.imageio", "selfflow.ema", "selfflow.shards",
                     "selfflow.fsdp", "selfflow.checkpoint", "selfflow.represent", "selfflow.torch_pickle",
                     "selfflow.report")),  # represent: losses, augment
-    ("data", ("selfflow.data", "selfflow.text")),  # text: captions, text encoders, captioned sets
-    ("model", ("selfflow.model", "selfflow.represent.encoders", "selfflow.interop", "selfflow.text.model")),  # interop: imported checkpoints
-    ("sampling", ("selfflow.sampling", "selfflow.sets", "selfflow.represent.synth", "selfflow.text.generate")),  # the trainer draws its sample grids with it
+    ("data", ("selfflow.data", "selfflow.text", "selfflow.modalities")),  # text: captions, text encoders, captioned sets
+    ("model", ("selfflow.model", "selfflow.represent.encoders", "selfflow.interop", "selfflow.text.model",
+               "selfflow.modalities.model")),  # interop: imported checkpoints
+    ("sampling", ("selfflow.sampling", "selfflow.sets", "selfflow.represent.synth", "selfflow.text.generate",
+                  "selfflow.modalities.sampling")),  # the trainer draws its sample grids with it
     ("autoencoders", ("selfflow.autoencoders", "selfflow.latents")),
     ("networks", ("selfflow.evaluation.frechet", "selfflow.evaluation.feature_net", "selfflow.evaluation.inception",
                   "selfflow.evaluation.features", "selfflow.encoders")),  # frozen networks REPA and evaluation share
     ("methods", ("selfflow.methods",)),
     ("trainer", ("selfflow.trainer",)),
-    ("evaluation", ("selfflow.evaluation", "selfflow.represent.probes", "selfflow.text.evaluation")),
+    ("evaluation", ("selfflow.evaluation", "selfflow.represent.probes", "selfflow.text.evaluation",
+                    "selfflow.modalities.evaluation")),
     ("pipeline", ("selfflow.pipeline", "selfflow.pipeline_report")),  # every stage above, run in order; its report
-    ("cli", ("selfflow.quickstart", "selfflow.evaluation.cli", "selfflow.represent.cli", "selfflow.text.cli", "selfflow.cli", "selfflow.__main__")),
+    ("cli", ("selfflow.quickstart", "selfflow.evaluation.cli", "selfflow.represent.cli", "selfflow.text.cli", "selfflow.modalities.cli", "selfflow.cli", "selfflow.__main__")),
 ]
 
 
