@@ -7,6 +7,7 @@ CUDA and gloo on CPU. Multi-node: see README ("Many GPUs, many nodes").
 """
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -67,5 +68,11 @@ def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
 
 
 def cleanup(info: DistInfo) -> None:
+    """Leave the process group: every process first finishes its last collective (barrier), then the
+    group is destroyed and its objects collected while the interpreter is fully alive. A gloo group
+    freed only at interpreter exit (FSDP's device mesh keeps a reference) can abort the process
+    after all its work is done."""
     if info.enabled and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
+        gc.collect()

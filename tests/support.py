@@ -3,6 +3,7 @@ worker processes that the multi-process tests spawn (one torch thread each: two 
 import copy
 import json
 import os
+import sys
 import socket
 from pathlib import Path
 
@@ -82,6 +83,23 @@ def join_as_rank(rank: int, world: int, port: int) -> None:
     """What torchrun would set for this process; plus one torch thread (two processes, two cores)."""
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+
+
+def _rank_main(rank: int, worker, world: int, args: tuple) -> None:
+    worker(rank, *args)
+    # Leave without interpreter finalisation: gloo's worker threads can still hold tensors of a
+    # group that is only freed then, and freeing them during finalisation aborts the process
+    # (SIGABRT) after all its work is done. A failure above still raises as usual.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def spawn_ranks(worker, world: int, *args) -> None:
+    """Run ``worker(rank, *args)`` in ``world`` spawned processes and wait for all of them."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_rank_main, args=(worker, world, args), nprocs=world, join=True, start_method="spawn")
 
 
 def leave_process_group_env() -> None:

@@ -1,10 +1,9 @@
 """A 2-process gloo DDP run equals a 1-process run at the same global batch (float tolerance)."""
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from selfflow import checkpoint as ckpt
-from support import fit, free_port, join_as_rank, leave_process_group_env, logged_losses, tiny_run
+from support import fit, free_port, join_as_rank, leave_process_group_env, logged_losses, spawn_ranks, tiny_run
 
 
 def _worker(rank, world, port, raw):
@@ -18,7 +17,7 @@ def _train(world, raw):
         _worker(0, 1, free_port(), raw)
         leave_process_group_env()
     else:
-        mp.start_processes(_worker, args=(world, free_port(), raw), nprocs=world, join=True, start_method="spawn")
+        spawn_ranks(_worker, world, world, free_port(), raw)
 
 
 def _run(world, out_dir, steps=4):

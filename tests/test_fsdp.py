@@ -17,10 +17,9 @@ import shutil
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from selfflow import checkpoint as ckpt
-from support import fit, free_port, join_as_rank, leave_process_group_env, logged_losses, tiny_run
+from support import fit, free_port, join_as_rank, leave_process_group_env, logged_losses, spawn_ranks, tiny_run
 
 
 def _raw(out_dir, steps, **train):
@@ -56,7 +55,7 @@ def runs(tmp_path_factory):
         (free_port(), _raw(root / "fsdp", 4)),
         (free_port(), _raw(root / "from_full", 4, activation_checkpointing=True, num_sample_images=4)),
     ]
-    mp.start_processes(_worker, args=(2, phases), nprocs=2, join=True, start_method="spawn")
+    spawn_ranks(_worker, 2, 2, phases)
     return root
 
 

@@ -4,12 +4,11 @@ import math
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from selfflow import checkpoint as ckpt
 from selfflow.represent.losses import info_nce, multi_positive_loss, stablerep_loss
 from selfflow.represent.probes import knn_probe, linear_probe
-from support import fit, free_port, join_as_rank, leave_process_group_env, one_line_error, perturbed_dit, tiny_run
+from support import fit, free_port, join_as_rank, leave_process_group_env, one_line_error, perturbed_dit, spawn_ranks, tiny_run
 
 
 def _loss(z, ids, tau=0.1):
@@ -75,7 +74,7 @@ def test_all_gather_keeps_gradients_across_two_processes(tmp_path):
     full = z.clone().requires_grad_(True)
     loss, _ = stablerep_loss(full, ids)
     loss.backward()
-    mp.start_processes(_gather_worker, args=(2, free_port(), z, ids, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    spawn_ranks(_gather_worker, 2, 2, free_port(), z, ids, str(tmp_path))
     parts = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert (parts[0]["loss"] + parts[1]["loss"]).item() / 2 == pytest.approx(loss.item(), rel=1e-6)
     torch.testing.assert_close(parts[0]["grad"] / 2, full.grad[:4])
@@ -187,8 +186,7 @@ def test_two_process_stablerep_matches_one_process(tmp_path):
         leave_process_group_env()
     finally:
         torch.set_num_threads(threads)
-    mp.start_processes(_ddp_worker, args=(2, free_port(), _encoder_run(tmp_path / "two", "stablerep", data, steps=3)), nprocs=2,
-                       join=True, start_method="spawn")
+    spawn_ranks(_ddp_worker, 2, 2, free_port(), _encoder_run(tmp_path / "two", "stablerep", data, steps=3))
     a = ckpt.load_tensors(ckpt.latest_checkpoint(tmp_path / "one" / "checkpoints") / "model.safetensors")
     b = ckpt.load_tensors(ckpt.latest_checkpoint(tmp_path / "two" / "checkpoints") / "model.safetensors")
     for key in a:
