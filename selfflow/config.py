@@ -220,6 +220,53 @@ class TextConfig:
             raise ConfigError(f"{where}.hashed_dim must be even, got {self.hashed_dim}")
 
 
+MODALITY_KINDS = ("video", "audio", "audio_video", "actions")  # selfflow.modalities.data
+AUDIO_SOURCES = ("auto", "espeak", "procedural")  # selfflow.modalities.audio
+DIGIT_SOURCES = ("digits", "mnist", "fashion-mnist", "idx")  # where the video's digits come from (data.name)
+
+
+@dataclass(frozen=True)
+class ModalityConfig:
+    """The optional ``modality`` section: train on the tokens of another modality (selfflow.modalities,
+    docs/modalities.md). Its data is made here, deterministically from ``seed``; a video's digits come
+    from ``data`` (digits or an IDX set such as MNIST)."""
+
+    kind: str = "video"  # video | audio | audio_video | actions
+    num_samples: int = 2048  # clips, utterances or expert episodes made for training
+    seed: int = 0
+    # video, and the picture of audio_video: digits bouncing in a frame
+    frames: int = 8
+    frame_size: int = 32
+    digits_per_clip: int = 1
+    video_patch_frames: int = 2  # a space-time patch: frames × pixels × pixels
+    video_patch: int = 4
+    # audio, and the sound of audio_video: spoken digits as log-mel spectrograms
+    audio_source: str = "auto"  # auto: espeak-ng when installed, else the procedural stand-in
+    n_mels: int = 32
+    audio_frames: int = 32
+    audio_patch_mels: int = 4  # a time-frequency patch: mel bins × frames
+    audio_patch_frames: int = 4
+    # actions: a flow policy over action chunks, conditioned on the observation
+    horizon: int = 8  # actions per chunk
+    action_patch: int = 2  # actions per token
+    execute: int = 4  # actions executed before replanning (evaluation)
+    cache_dir: Optional[str] = None  # synthesised audio; None: $SELFFLOW_CACHE or ~/.cache/selfflow
+
+    def validate(self, where: str) -> None:
+        check_choice(self.kind, MODALITY_KINDS, f"{where}.kind")
+        check_choice(self.audio_source, AUDIO_SOURCES, f"{where}.audio_source")
+        for key in ("num_samples", "frames", "frame_size", "digits_per_clip", "video_patch_frames", "video_patch",
+                    "n_mels", "audio_frames", "audio_patch_mels", "audio_patch_frames", "horizon", "action_patch", "execute"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{where}.{key} must be positive, got {getattr(self, key)}")
+        for size, patch in (("frames", "video_patch_frames"), ("frame_size", "video_patch"), ("n_mels", "audio_patch_mels"),
+                            ("audio_frames", "audio_patch_frames"), ("horizon", "action_patch")):
+            if getattr(self, size) % getattr(self, patch):
+                raise ConfigError(f"{where}.{patch}={getattr(self, patch)} does not divide {where}.{size}={getattr(self, size)}")
+        if self.execute > self.horizon:
+            raise ConfigError(f"{where}.execute={self.execute} is longer than the chunk ({where}.horizon={self.horizon})")
+
+
 @dataclass(frozen=True)
 class SampleConfig:
     sampler: str = "euler"  # euler | heun | sde | dopri5
@@ -273,8 +320,18 @@ class FlowMatchingConfig(MethodConfig):
 
 
 @dataclass(frozen=True)
+class RegressionConfig(MethodConfig):
+    """The action-policy baseline: one network call regresses the chunk (MSE), no noise, no time."""
+
+    class_dropout_prob: float = 0.0
+
+
+@dataclass(frozen=True)
 class SelfFlowConfig(MethodConfig):
-    mask_ratio: float = 0.25  # r: fraction of tokens noised to s (0.25 images; 0.10 video, 0.50 audio)
+    mask_ratio: float = 0.25  # r: fraction of image tokens noised to s
+    video_mask_ratio: float = 0.10  # r for video tokens (selfflow.modalities)
+    audio_mask_ratio: float = 0.50  # r for spectrogram tokens
+    action_mask_ratio: float = 0.25  # r for action-chunk tokens
     mask_mode: str = "exact"  # exact: round(r·N) tokens per sample | bernoulli: a coin per token
     rep_weight: float = 0.8  # γ; 0 turns off the head and the teacher pass (dual-timestep only)
     student_layer: Optional[int] = None  # l_s, counted from 1; None: round(0.3·depth)
@@ -282,8 +339,9 @@ class SelfFlowConfig(MethodConfig):
 
     def validate(self, where: str) -> None:
         super().validate(where)
-        if not 0.0 <= self.mask_ratio <= 1.0:
-            raise ConfigError(f"{where}.mask_ratio must be in [0, 1], got {self.mask_ratio}")
+        for key in ("mask_ratio", "video_mask_ratio", "audio_mask_ratio", "action_mask_ratio"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ConfigError(f"{where}.{key} must be in [0, 1], got {getattr(self, key)}")
         check_choice(self.mask_mode, MASK_MODES, f"{where}.mask_mode")
         if self.rep_weight < 0:
             raise ConfigError(f"{where}.rep_weight must be >= 0, got {self.rep_weight}")
@@ -490,6 +548,7 @@ class ProbeConfig:
 PAIR_METHODS = ("reflow", "distill")  # methods that train on stored pairs only
 
 METHOD_CONFIGS: dict[str, type] = {"flow_matching": FlowMatchingConfig, "self_flow": SelfFlowConfig, "repa": RepaConfig,
+                                   "regression": RegressionConfig,
                                    "reflow": ReflowConfig, "distill": DistillConfig, "dmd": DmdConfig, "dmd2": Dmd2Config,
                                    "stablerep": StableRepConfig, "simclr": SimClrConfig, "supervised": SupervisedConfig}
 
@@ -518,12 +577,14 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     text: Optional[TextConfig] = None  # captions instead of class labels (selfflow.text)
+    modality: Optional[ModalityConfig] = None  # video, audio, audio-video or actions instead of images (selfflow.modalities)
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out["method"] = {"name": self.method_name(), **dataclasses.asdict(self.method)}
-        if self.text is None:  # a class-label run's dictionary is what it always was
-            out.pop("text")
+        for section in ("text", "modality"):  # an image run's dictionary is what it always was
+            if out[section] is None:
+                out.pop(section)
         return out
 
     def method_name(self) -> str:
@@ -560,6 +621,9 @@ class RunConfig:
             if self.sample.cfg_scale != 1.0:
                 raise ConfigError(f"sample.cfg_scale={self.sample.cfg_scale}: guidance needs a class-conditional model "
                                   f"and data.class_conditional is false; use 1")
+        if self.modality is not None:
+            self._validate_modality()
+            return
         size = model.image_size or data.image_size
         if size is not None and size % model.patch_size != 0:
             raise ConfigError(f"model.patch_size={model.patch_size} does not divide the image size {size}")
@@ -572,6 +636,32 @@ class RunConfig:
                 raise ConfigError("text: a caption-conditioned run needs data.class_conditional true (the captions are its condition)")
             if model.num_classes:
                 raise ConfigError(f"model.num_classes={model.num_classes}: a caption-conditioned model has no classes; leave it unset")
+
+    def _validate_modality(self) -> None:
+        kind, method, data, model = self.modality.kind, self.method_name(), self.data, self.model
+        if method not in ("flow_matching", "self_flow", "regression"):
+            raise ConfigError(f"modality.kind={kind} trains flow_matching, self_flow or regression; not method.name={method}")
+        if self.text is not None:
+            raise ConfigError("modality and text sections together: text conditions images only (drop one section)")
+        if kind in ("video", "audio_video") and data.name not in DIGIT_SOURCES:
+            raise ConfigError(f"data.name={data.name}: the video's digits come from one of {', '.join(DIGIT_SOURCES)}")
+        if kind in ("audio", "actions") and (data.name != "digits" or data.path is not None):
+            raise ConfigError(f"modality.kind={kind} makes all of its data; leave the data section at its defaults "
+                              f"(got data.name={data.name})")
+        if data.image_size is not None or data.channels is not None:
+            raise ConfigError("data.image_size / data.channels: a modality run sizes its data with the modality section "
+                              "(frame_size, n_mels, ...); leave them unset")
+        if model.image_size is not None or model.in_channels is not None:
+            raise ConfigError("model.image_size / model.in_channels: a modality run's token layout comes from the modality "
+                              "section; leave them unset")
+        if kind == "actions":
+            if model.num_classes:
+                raise ConfigError(f"model.num_classes={model.num_classes}: a policy is conditioned on observations, not classes")
+            if self.sample.cfg_scale != 1.0:
+                raise ConfigError(f"sample.cfg_scale={self.sample.cfg_scale}: a policy samples without guidance; use 1")
+        elif method == "regression":
+            raise ConfigError(f"method.name=regression is the action-policy baseline; modality.kind={kind} is generated "
+                              f"with flow_matching or self_flow")
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False)
@@ -676,10 +766,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         if len(parts) != 2 or not all(parts):
             raise ConfigError(f"override key {key!r} must be section.key (e.g. train.lr)")
         section, name = parts
-        if section not in SECTION_TYPES and section not in ("method", "text"):
-            raise ConfigError(f"override {key!r}: unknown section {section!r}; known: {sorted([*SECTION_TYPES, 'method', 'text'])}")
+        if section not in SECTION_TYPES and section not in OPTIONAL_SECTIONS:
+            raise ConfigError(f"override {key!r}: unknown section {section!r}; known: {sorted([*SECTION_TYPES, *OPTIONAL_SECTIONS])}")
         node = raw.setdefault(section, {})
-        if node is None and section == "text":
+        if node is None and section in OPTIONAL_SECTIONS:
             node = raw[section] = {}
         if not isinstance(node, dict):
             raise ConfigError(f"override {key!r}: section {section!r} is not a mapping")
@@ -688,6 +778,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 SECTION_TYPES = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "sample": SampleConfig}
+OPTIONAL_SECTIONS = ("method", "text", "modality")  # method: its own parser; text, modality: absent unless given
 
 
 def move_legacy_keys(raw: dict) -> dict:
@@ -710,14 +801,15 @@ def config_from_dict(raw: Any, where: str = "config") -> RunConfig:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: the top level must be a mapping of sections, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - set(SECTION_TYPES) - {"method", "text"})
+    unknown = sorted(set(raw) - set(SECTION_TYPES) - set(OPTIONAL_SECTIONS))
     if unknown:
-        raise ConfigError(f"{where}: unknown section(s) {unknown}; known: {sorted([*SECTION_TYPES, 'method', 'text'])}")
+        raise ConfigError(f"{where}: unknown section(s) {unknown}; known: {sorted([*SECTION_TYPES, *OPTIONAL_SECTIONS])}")
     raw = move_legacy_keys(raw)
     sections = {name: from_dict(cls, raw.get(name), name) for name, cls in SECTION_TYPES.items()}
     method = method_config_from_dict(raw.get("method"))
     text = None if raw.get("text") is None else from_dict(TextConfig, raw["text"], "text")
-    config = RunConfig(method=method, text=text, **sections)
+    modality = None if raw.get("modality") is None else from_dict(ModalityConfig, raw["modality"], "modality")
+    config = RunConfig(method=method, text=text, modality=modality, **sections)
     config.validate()
     return config
 

@@ -23,22 +23,18 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from selfflow.checkpoint import load_state_strict  # noqa: F401  (re-exported)
 from selfflow.config import ModelConfig, from_dict
+from selfflow.modalities.tokens import sincos_nd
 
 
 # --------------------------------------------------------------------------------------------
 # embeddings
 # --------------------------------------------------------------------------------------------
 def sincos_2d(embed_dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
-    """Fixed 2-D sine-cosine position table, (grid_h·grid_w, embed_dim), row-major tokens."""
+    """Fixed 2-D sine-cosine position table, (grid_h·grid_w, embed_dim), row-major tokens:
+    [sin x | cos x | sin y | cos y] (the n-D table of selfflow.modalities.tokens for two axes)."""
     if embed_dim % 4 != 0:
         raise ValueError(f"2-D sin-cos positions need a width divisible by 4, got {embed_dim}")
-    quarter = embed_dim // 4
-    omega = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter))
-    ys, xs = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64), torch.arange(grid_w, dtype=torch.float64), indexing="ij")
-    out_y = ys.reshape(-1, 1) * omega  # (N, D/4)
-    out_x = xs.reshape(-1, 1) * omega
-    table = torch.cat([out_x.sin(), out_x.cos(), out_y.sin(), out_y.cos()], dim=1)
-    return table.float()
+    return sincos_nd(embed_dim, (grid_h, grid_w))
 
 
 class TimeEmbedding(nn.Module):
@@ -221,6 +217,16 @@ class DiT(nn.Module):
         x = tokens.reshape(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(B, C, g * p, g * p)
 
+    def token_groups(self) -> list[tuple[str, slice]]:
+        """(modality, token range) of each part of the sequence: here one image (selfflow.modalities
+        models have several parts)."""
+        return [("image", slice(0, self.num_tokens))]
+
+    def expand_token_values(self, values: torch.Tensor) -> torch.Tensor:
+        """(B, N) one value per token (a time) → (B, C, H, W), constant on each token's patch."""
+        B, N = values.shape
+        return self.unpatchify(values[..., None].expand(B, N, self.patch_size * self.patch_size * self.in_channels))
+
     def token_times(self, t_image: torch.Tensor) -> torch.Tensor:
         """A per-pixel time map (B, 1, H, W) constant on patches → per-token times (B, N)."""
         return self.patchify(t_image)[..., 0]
@@ -320,6 +326,9 @@ class DiT(nn.Module):
         if meta.get("text") or (meta.get("run") or {}).get("text"):  # selfflow.text.model.load_text_generator reads these
             raise CheckpointError(f"{directory}: a caption-conditioned model (text section in config.json); sample it with "
                                   f"selfflow sample --prompt (this command takes class-label models)")
+        if meta.get("modality") or (meta.get("run") or {}).get("modality"):  # selfflow.modalities.model reads these
+            raise CheckpointError(f"{directory}: a video/audio/action model (modality section in config.json); sample it "
+                                  f"with selfflow modality sample")
         fields = meta["model"]
         if isinstance(fields, dict):  # label dropout moved to the method config: older files still load
             fields = {k: v for k, v in fields.items() if k != "class_dropout_prob"}

@@ -60,6 +60,10 @@ def load_data(config: RunConfig):
     from selfflow.data import load_dataset
 
     d = config.data
+    if config.modality is not None:  # video, audio, audio-video or actions, made from a seed (selfflow.modalities)
+        from selfflow.modalities.data import load_modality_dataset
+
+        return load_modality_dataset(config)
     if config.text is not None:  # (image, caption) pairs instead of labels (selfflow.text)
         from selfflow.text.data import load_captioned
 
@@ -75,6 +79,10 @@ def resolve_config(config: RunConfig, dataset) -> RunConfig:
     """
     m = config.model
     num_classes = dataset.num_classes if config.data.class_conditional else 0
+    if config.modality is not None:  # the token layout comes from the modality section, not from image sizes
+        if m.num_classes is not None and m.num_classes != num_classes:
+            raise ConfigError(f"model.num_classes={m.num_classes} but the modality data gives {num_classes}")
+        return dataclasses.replace(config, model=dataclasses.replace(m, num_classes=num_classes))
     filled = {}
     for key, value in (("image_size", dataset.image_size), ("in_channels", dataset.channels), ("num_classes", num_classes)):
         current = getattr(m, key)
@@ -290,10 +298,17 @@ class Trainer:
 
             state = full_state_dict(self.ema.model)
             if self.dist.is_main:
-                generator_model = DiT(self.config.model).to(self.device).eval().requires_grad_(False)
+                generator_model = build_network(self.config).to(self.device).eval().requires_grad_(False)
                 generator_model.load_state_dict(state)
         if not self.dist.is_main:
             return None
+        if self.config.modality is not None:  # GIFs, spectrograms and WAVs instead of an image grid
+            from selfflow.modalities.sampling import write_preview
+
+            path = write_preview(generator_model, self.config, self.out_dir / "samples" / ckpt.step_dir_name(self.step), self.device)
+            if path is not None:
+                log.info("samples step=%d path=%s", self.step, path)
+            return path
         from selfflow.imageio import save_grid
         from selfflow.sampling import generate
 

@@ -129,18 +129,23 @@ CHOICE_FIELDS = [
     ("method.encoder_layer", "mixed_99", ["method.name=repa", "method.encoder=inception"]),
     ("method.encoder_layer", "layer2", ["method.name=repa", "method.encoder=feature_net"]),
     ("method.loss", "l3", ["method.name=distill"]),
+    ("modality.kind", "smell", []),
+    ("modality.audio_source", "tape", ["modality.kind=audio"]),
+    ("text.encoder", "bert", []),
 ]
 # str fields whose value is not a choice: paths and the like.
-FREE_TEXT_FIELDS = {"data.path", "train.out_dir", "train.init_from", "method.encoder_path", "method.feature_net", "method.teacher"}
+FREE_TEXT_FIELDS = {"data.path", "train.out_dir", "train.init_from", "method.encoder_path", "method.feature_net", "method.teacher",
+                    "modality.cache_dir", "text.captions", "text.cache_dir"}
 
 
 def _str_fields():
     import dataclasses
     import typing
 
-    from selfflow.config import METHOD_CONFIGS, SECTION_TYPES
+    from selfflow.config import METHOD_CONFIGS, SECTION_TYPES, ModalityConfig, TextConfig
 
-    classes = [(name, cls) for name, cls in SECTION_TYPES.items()] + [("method", cls) for cls in METHOD_CONFIGS.values()]
+    classes = [(name, cls) for name, cls in SECTION_TYPES.items()] + [("method", cls) for cls in METHOD_CONFIGS.values()] \
+        + [("modality", ModalityConfig), ("text", TextConfig)]
     found = {"method.name"}
     for section, cls in classes:
         for f in dataclasses.fields(cls):
@@ -192,6 +197,14 @@ def test_every_choice_field_is_checked_before_work(tiny_digits_config, tmp_path,
     (["data.name=mnist"], ["data.path", "mnist"]),
     (["data.name=latents", "data.path=latents/x", "data.image_size=16"], ["data.image_size", "latents"]),
     (["train.batch_size=10", "train.grad_accum=4"], ["train.batch_size", "grad_accum"]),
+    (["modality.kind=video", "method.name=repa"], ["modality.kind=video", "method.name=repa"]),
+    (["modality.kind=video", "data.image_size=16"], ["data.image_size", "modality"]),
+    (["modality.kind=video", "modality.frame_size=30"], ["modality.video_patch=4", "frame_size=30"]),
+    (["modality.kind=audio", "data.name=mnist", "data.path=x"], ["modality.kind=audio", "data.name=mnist"]),
+    (["modality.kind=actions", "sample.cfg_scale=2"], ["sample.cfg_scale", "policy"]),
+    (["modality.kind=actions", "modality.execute=9"], ["modality.execute=9", "horizon=8"]),
+    (["modality.kind=video", "method.name=regression"], ["method.name=regression", "modality.kind=video"]),
+    (["modality.kind=audio", "text.encoder=hashed"], ["modality", "text"]),
 ])
 def test_contradicting_fields_fail_before_work(tiny_digits_config, tmp_path, capsys, items, needles):
     out = tmp_path / "run"

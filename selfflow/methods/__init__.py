@@ -25,7 +25,7 @@ def _load_optional_methods() -> None:
     # Methods in their own modules register themselves on import.
     import importlib
 
-    for module in ("self_flow", "repa", "reflow", "distill", "dmd", "represent"):
+    for module in ("self_flow", "repa", "reflow", "distill", "dmd", "represent", "regression"):
         try:
             importlib.import_module(f"selfflow.methods.{module}")
         except ModuleNotFoundError as exc:

@@ -67,6 +67,10 @@ class Method(nn.Module):
         (representation methods train an encoder instead)."""
         from selfflow.model import DiT
 
+        if getattr(run, "modality", None) is not None:  # tokens of video, audio or actions (selfflow.modalities.model)
+            from selfflow.modalities.model import build_token_model
+
+            return build_token_model(run.model, run.modality)
         if getattr(run, "text", None) is not None:  # captions: the DiT with cross-attention (selfflow.text.model)
             from selfflow.text.model import build_text_model
 
@@ -92,7 +96,10 @@ class Method(nn.Module):
     def drop_labels(self, y: torch.Tensor, probability: float, num_classes: int, random: BatchRandom) -> torch.Tensor:
         """Label dropout for classifier-free guidance: each label → null with ``probability``.
 
-        An unconditional model (``num_classes == 0``) sees only the null label, whatever the data's labels."""
+        An unconditional model (``num_classes == 0``) sees only the null label, whatever the data's labels.
+        A vector condition (floating point: a policy's observation) is never dropped."""
+        if y.is_floating_point():
+            return y
         if num_classes == 0:
             return torch.zeros_like(y)
         if probability <= 0:

@@ -50,29 +50,42 @@ class DualTimesteps:
     s: torch.Tensor  # (B,) time of the masked tokens
     mask: torch.Tensor  # (B, N) bool, True where the token gets s
     token_times: torch.Tensor  # (B, N) what the student receives
-    pixel_times: torch.Tensor  # (B, C, H, W) token_times painted onto each token's patch
+    pixel_times: torch.Tensor  # (B, C, H, W) token_times painted onto each token's patch (any sample shape)
     noise: torch.Tensor  # (B, C, H, W) ε, one independent value per pixel
     teacher_times: torch.Tensor  # (B,) min over the sample's tokens = min(t, s) when both occur
 
 
-def draw_mask(batch: Batch, num_tokens: int, ratio: float, mode: str) -> torch.Tensor:
-    """(B, N) bool mask of the tokens that get s; uniformly random positions per sample."""
+MASK_RATIO_KEYS = {"image": "mask_ratio", "video": "video_mask_ratio", "audio": "audio_mask_ratio", "actions": "action_mask_ratio"}
+
+
+def mask_ratio(config: SelfFlowConfig, modality: str) -> float:
+    """r of a modality's tokens: ``mask_ratio`` for images, ``video_mask_ratio``, … for the others."""
+    return getattr(config, MASK_RATIO_KEYS[modality])
+
+
+def draw_mask(batch: Batch, num_tokens: int, ratio: float, mode: str,
+              groups: list[tuple[slice, float]] | None = None) -> torch.Tensor:
+    """(B, N) bool mask of the tokens that get s; uniformly random positions per sample.
+
+    ``groups``: (token range, ratio) per modality of a mixed sequence, each masked on its own with its
+    own ratio (``ratio`` is then unused); the draws are the same one score per token either way."""
     scores = batch.random.rand(num_tokens).to(batch.x0.device)  # (B, N), one draw per token
-    if mode == "bernoulli":
-        return scores < ratio
-    count = round(ratio * num_tokens)
     mask = torch.zeros_like(scores, dtype=torch.bool)
-    if count > 0:
-        # the `count` smallest scores: a uniformly random subset of exactly `count` tokens
-        mask.scatter_(1, scores.argsort(dim=1)[:, :count], True)
+    for where, r in groups or [(slice(0, num_tokens), ratio)]:
+        part = scores[:, where]
+        if mode == "bernoulli":
+            mask[:, where] = part < r
+            continue
+        count = round(r * part.shape[1])
+        if count > 0:
+            # the `count` smallest scores: a uniformly random subset of exactly `count` tokens
+            mask[:, where] = torch.zeros_like(part, dtype=torch.bool).scatter_(1, part.argsort(dim=1)[:, :count], True)
     return mask
 
 
 def token_times_to_pixels(model, token_times: torch.Tensor) -> torch.Tensor:
-    """(B, N) per-token times → (B, C, H, W) map, constant on each patch (the model's token order)."""
-    B, N = token_times.shape
-    per_patch = model.patch_size * model.patch_size * model.in_channels
-    return model.unpatchify(token_times[..., None].expand(B, N, per_patch))
+    """(B, N) per-token times → the sample's shape (B, C, H, W for images), constant on each token."""
+    return model.expand_token_values(token_times)
 
 
 def draw_dual_timesteps(config: SelfFlowConfig, batch: Batch, model) -> DualTimesteps:
@@ -85,7 +98,8 @@ def draw_dual_timesteps(config: SelfFlowConfig, batch: Batch, model) -> DualTime
     t = draw_time(config, batch)
     noise = batch.random.randn(*x0.shape[1:]).to(x0.device)
     s = draw_time(config, batch)
-    mask = draw_mask(batch, model.num_tokens, config.mask_ratio, config.mask_mode)
+    groups = [(where, mask_ratio(config, modality)) for modality, where in model.token_groups()]
+    mask = draw_mask(batch, model.num_tokens, config.mask_ratio, config.mask_mode, groups)
     token_times = torch.where(mask, s[:, None], t[:, None])  # (B, N)
     return DualTimesteps(
         t=t,
