@@ -155,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     from selfflow.represent.cli import add_parsers as add_represent_parsers
 
     add_represent_parsers(sub, add_sampling_arguments)  # synth, represent train|probe
+    from selfflow.modalities.cli import add_parsers as add_modality_parsers
+
+    add_modality_parsers(sub)  # modality sample|eval
     from selfflow.quickstart import add_pipeline_parser
 
     add_pipeline_parser(sub)
