@@ -263,6 +263,12 @@ class ModalityConfig:
                             ("audio_frames", "audio_patch_frames"), ("horizon", "action_patch")):
             if getattr(self, size) % getattr(self, patch):
                 raise ConfigError(f"{where}.{patch}={getattr(self, patch)} does not divide {where}.{size}={getattr(self, size)}")
+        for key in ("frame_size", "n_mels"):  # the judges (selfflow.modalities.evaluation) take 8..64 pixels a side
+            if not 8 <= getattr(self, key) <= 64:
+                raise ConfigError(f"{where}.{key} must be in 8..64, got {getattr(self, key)}")
+        if self.n_mels != self.audio_frames:
+            raise ConfigError(f"{where}.audio_frames={self.audio_frames} must equal {where}.n_mels={self.n_mels} "
+                              f"(square spectrograms: the spoken-digit classifier's input)")
         if self.execute > self.horizon:
             raise ConfigError(f"{where}.execute={self.execute} is longer than the chunk ({where}.horizon={self.horizon})")
 
@@ -497,6 +503,13 @@ class RepresentConfig:
 class StableRepConfig(RepresentConfig):
     """Multi-positive contrastive loss over caption ids (data: a synth set, or labelled images = class captions)."""
 
+    caption_weight: float = 0.0  # StableRep+: weight of the image–caption contrastive term (0.5 when on); needs a text synth set
+
+    def validate(self, where: str) -> None:
+        super().validate(where)
+        if self.caption_weight < 0:
+            raise ConfigError(f"{where}.caption_weight must be >= 0, got {self.caption_weight}")
+
 
 @dataclass(frozen=True)
 class SimClrConfig(RepresentConfig):
@@ -628,10 +641,9 @@ class RunConfig:
         if size is not None and size % model.patch_size != 0:
             raise ConfigError(f"model.patch_size={model.patch_size} does not divide the image size {size}")
         if self.text is not None:
-            if data.name in ("latents", "pairs", "synth") or method in REPRESENT_METHODS or method in PAIR_METHODS \
-                    or method in ("distill", "dmd", "dmd2"):
-                raise ConfigError(f"text: captions train a flow model on images (flow_matching, self_flow, repa); "
-                                  f"not method.name={method} on data.name={data.name}")
+            if data.name in ("latents", "synth") or method in REPRESENT_METHODS:
+                raise ConfigError(f"text: captions train a flow model on images or on pairs made from prompts (flow_matching, "
+                                  f"self_flow, repa, reflow, distill, dmd); not method.name={method} on data.name={data.name}")
             if not data.class_conditional:
                 raise ConfigError("text: a caption-conditioned run needs data.class_conditional true (the captions are its condition)")
             if model.num_classes:

@@ -28,6 +28,7 @@ from selfflow.modalities.tokens import Layout, Part
 log = logging.getLogger("selfflow")
 
 AUDIO_SECONDS = 0.8  # the window every utterance is placed in
+AUDIO_POOL = 200  # audio_video: utterances drawn at least, so that every digit has some to pair with
 
 
 def layout_for(modality: ModalityConfig) -> Layout:
@@ -141,7 +142,7 @@ def modality_samples(config: RunConfig, split: str = "train", n: int | None = No
         return TokenDataset(x, y, 10, m.kind, layout, {"audio_source": source})
     if m.kind == "audio_video":
         video, labels = make_video(config, split, n, seed)
-        audio, spoken, source = make_audio(m, n, seed, progress)
+        audio, spoken, source = make_audio(m, max(n, AUDIO_POOL), seed, progress)
         audio = audio[match_by_label(labels, spoken)]
         return TokenDataset(layout.join([video, audio]), labels, 10, m.kind, layout, {"audio_source": source})
     from selfflow.modalities.actions import demonstrations

@@ -130,3 +130,10 @@ def video_metrics(net: FeatureNet, samples: torch.Tensor, labels: torch.Tensor, 
         result["accuracy_real"] = float((real_majority == real_labels).float().mean())
         result["temporal_consistency_real"] = float(real_agreement.mean())
     return result
+
+
+def clip_classes(net: FeatureNet, videos: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """The majority class of each clip's frames, (n,) int64: what the clip shows, to the frame classifier."""
+    videos = check_videos(videos, "videos")
+    _, preds = _per_frame(net, videos, batch_size)
+    return _votes(preds, videos.shape[0], net.config.num_classes)[0]
