@@ -83,6 +83,9 @@ def _add_generate_set(sub) -> None:
     add_sampling_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="item k uses seed (seed + k)")
     p.add_argument("--labels", default=None, help="comma-separated class labels (cycled); default: (seed + k) mod classes")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="caption-conditioned models: a prompt (repeatable); item k uses prompt k mod P, set.json lists them")
+    p.add_argument("--prompts", default=None, help="caption-conditioned models: a text file, one prompt per line")
     p.add_argument("--device", default="auto")
     p.add_argument("--weights", default="ema", choices=["ema", "model"])
 
@@ -327,23 +330,24 @@ def cmd_export(args) -> int:
 
 def cmd_generate_set(args) -> int:
     from selfflow.config import ConfigError
-    from selfflow.model import load_generator
     from selfflow.sampling import parse_labels
     from selfflow.sets import generate_set
     from selfflow.device import autocast_dtype, resolve_device
+    from selfflow.text.cli import load_set_generator
 
     for name in ("n", "shard_size"):
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     device = resolve_device(args.device)
-    model, folder = load_generator(args.ckpt, args.weights, device)
+    model, folder, prompts, text = load_set_generator(args, device)  # prompts: a caption-conditioned model (selfflow.text)
     resolved_sampling(args, folder, model)
-    labels = parse_labels(args.labels, model.num_classes)
+    labels = None if prompts else parse_labels(args.labels, model.num_classes)
     source = {"checkpoint": str(folder.resolve()), "weights": args.weights}
     shards = generate_set(
         model, args.out, num=args.n, shard_size=args.shard_size, kind=args.kind, seed=args.seed, labels=labels,
         sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale, batch_size=args.batch_size, device=device,
-        autocast_dtype=autocast_dtype(args.precision, device), source=source, on_shard=lambda index, path: print(f"wrote {path}", flush=True), progress=True,
+        autocast_dtype=autocast_dtype(args.precision, device), source=source, prompts=prompts, text=text,
+        on_shard=lambda index, path: print(f"wrote {path}", flush=True), progress=True,
     )
     print(f"set complete: {args.out} ({shards.num} items in {shards.num_shards} shards)")
     return 0

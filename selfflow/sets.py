@@ -6,12 +6,17 @@ Kinds (StableRep and reflow build on them):
 ``pairs``   ``noise`` float32 (n, C, H, W) = ε of each seed, ``samples`` float32 (n, C, H, W) =
             the sampler's x0 (clipped to [-1, 1]), ``labels``, ``seeds`` — the (ε, x0) pairs of reflow
 
+A caption-conditioned model (:class:`selfflow.text.model.TextDiT`) takes ``prompts`` instead of
+labels: item k uses prompt ``k mod P``, its ``labels`` entry is that prompt's index, and ``set.json``
+records the prompt table (``prompts``) and the text section that encodes it (``text``).
+
 Item k always comes from seed ``seed + k``, and each shard is generated in batches that start at its
 first item, so a set finished after any number of interruptions is bit-identical to one made in a
 single run.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -23,6 +28,18 @@ from selfflow.sampling import generate, noise_for_seeds
 from selfflow.shards import ShardSet
 
 KINDS = ("images", "pairs")
+
+
+def install_prompts(model, prompts: list[str], text, labels: Optional[Sequence[int]]) -> list[int]:
+    """Encode ``prompts`` into a caption-conditioned model's bank; the item→prompt cycle (all prompts by default)."""
+    from selfflow.text.data import make_encoder
+
+    if not getattr(model, "conditions_on_text", False) or text is None:
+        raise ValueError("prompts need a caption-conditioned model and its text section")
+    if not prompts or any(not p.strip() for p in prompts):
+        raise ValueError("prompts must be non-empty strings")
+    model.set_bank(make_encoder(text).encode(prompts))
+    return list(range(len(prompts))) if labels is None else list(labels)
 
 
 def generate_set(
@@ -41,6 +58,8 @@ def generate_set(
     device: str | torch.device = "cpu",
     autocast_dtype: Optional[torch.dtype] = None,
     source: Optional[dict] = None,
+    prompts: Optional[Sequence[str]] = None,
+    text=None,
     on_shard: Optional[Callable[[int, Path], None]] = None,
     progress: bool = False,
 ) -> ShardSet:
@@ -49,7 +68,8 @@ def generate_set(
     Item k uses seed ``seed + k`` and label ``labels[k % len(labels)]`` (default: ``(seed + k) mod
     num_classes``, as :func:`selfflow.sampling.generate` does). ``source`` (e.g. the checkpoint
     path and weights) is recorded in ``set.json``. ``on_shard(index, path)`` is called after
-    each shard is written; ``progress`` shows a bar over the items still to generate.
+    each shard is written; ``progress`` shows a bar over the items still to generate. ``prompts``
+    and ``text`` (a :class:`selfflow.config.TextConfig`) condition a caption-conditioned model.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -58,6 +78,8 @@ def generate_set(
             raise ValueError(f"{name} must be positive, got {value}")
     image_shape = (model.in_channels, model.image_size, model.image_size)
     num_classes = int(getattr(model, "num_classes", 0) or 0)
+    if prompts is not None:
+        labels, num_classes = install_prompts(model, list(prompts), text, labels), 0
     manifest = {
         "kind": kind, "num": num, "shard_size": shard_size, "seed": seed, "sampler": sampler, "steps": steps,
         "cfg_scale": cfg_scale, "batch_size": batch_size, "image_shape": list(image_shape), "num_classes": num_classes,
@@ -70,6 +92,8 @@ def generate_set(
 
         defaults = inspect.signature(dopri5).parameters
         manifest["sampler_options"] = {"rtol": defaults["rtol"].default, "atol": defaults["atol"].default}
+    if prompts is not None:
+        manifest.update(prompts=list(prompts), text=dataclasses.asdict(text))
     shards = ShardSet.create_or_resume(folder, manifest)
 
     def make(start: int, stop: int) -> dict[str, torch.Tensor]:

@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from selfflow import checkpoint as ckpt
 from selfflow.config import ConfigError, RunConfig
+from selfflow.errors import DataError
 from selfflow.distributed import DistInfo, all_reduce_mean, any_rank, cleanup, init_distributed
 from selfflow.ema import EMA, decay_from_half_life
 from selfflow.methods import Batch, BatchRandom, Objective, build_method, build_network
@@ -64,11 +65,15 @@ def load_data(config: RunConfig):
         from selfflow.modalities.data import load_modality_dataset
 
         return load_modality_dataset(config)
-    if config.text is not None:  # (image, caption) pairs instead of labels (selfflow.text)
+    if config.text is not None:  # (image, caption) pairs instead of labels, or pairs made from prompts (selfflow.text)
         from selfflow.text.data import load_captioned
 
         return load_captioned(config.text, d.name, d.path, d.split, d.image_size, d.channels)
-    return load_dataset(d.name, path=d.path, split=d.split, image_size=d.image_size, channels=d.channels)
+    dataset = load_dataset(d.name, path=d.path, split=d.split, image_size=d.image_size, channels=d.channels)
+    if getattr(dataset, "texts", None) is not None:
+        raise DataError(f"data.path={d.path}: pairs made from caption prompts (prompts in set.json), but the run has no "
+                        f"text section; add the teacher's text section (and train.init_from the teacher)")
+    return dataset
 
 
 def resolve_config(config: RunConfig, dataset) -> RunConfig:

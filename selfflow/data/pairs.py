@@ -5,6 +5,11 @@ the teacher's ODE solve took it) and ``labels``; ``set.json`` says which sampler
 (dopri5) tolerances made them. :class:`PairDataset` quacks like :class:`selfflow.data.ImageDataset`
 (``get_batch`` gives the images and labels) and adds :meth:`PairDataset.get_noise`, which the trainer
 passes to the method as ``Batch.noise`` (docs/methods.md#one-step-generation).
+
+Pairs from a caption-conditioned teacher (``generate-set --prompts``) store the prompt index as the
+label and the prompt table as ``prompts`` in ``set.json``: :attr:`PairDataset.texts` holds it, and
+:meth:`PairDataset.attach` installs it as the student's caption bank, as
+:class:`selfflow.text.data.CaptionedDataset` does for captioned images.
 """
 from __future__ import annotations
 
@@ -39,6 +44,12 @@ class PairDataset:
         self.num_classes = int(num_classes)
         self.source = source
         self.manifest = manifest or {}
+        prompts = self.manifest.get("prompts")
+        self.texts: list[str] | None = None if prompts is None else [str(p) for p in prompts]
+        if self.texts is not None:
+            self.num_classes = 0  # a caption-conditioned student has no classes: the prompts are its condition
+            if len(self.labels) and int(self.labels.max()) >= len(self.texts):
+                raise DataError(f"{source}: prompt index {int(self.labels.max())} but set.json lists {len(self.texts)} prompts")
 
     def __len__(self) -> int:
         return len(self.noise)
@@ -64,6 +75,10 @@ class PairDataset:
         """The pairs' starting noise (B, C, H, W) float32, rows as in :meth:`get_batch`."""
         noise = self.noise[torch.as_tensor(indices, dtype=torch.int64)]
         return noise.to(device) if device is not None else noise
+
+    def attach(self, model, encoder) -> None:
+        """Encode the prompt table (disk cache) and install it as ``model``'s caption bank (text pairs only)."""
+        model.set_bank(encoder.encode(self.texts))
 
 
 def load_pairs(path: str | os.PathLike, split: str = "train") -> PairDataset:

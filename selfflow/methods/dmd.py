@@ -39,7 +39,7 @@ from torch.func import functional_call
 from selfflow.config import DmdConfig, Dmd2Config
 from selfflow.methods import register
 from selfflow.methods.base import Batch, Method, draw_time
-from selfflow.methods.one_step import copy_of, dmd_generator_loss, dmd_gradient, euler_steps, load_teacher, x0_estimate
+from selfflow.methods.one_step import check_same_condition, copy_of, dmd_generator_loss, dmd_gradient, euler_steps, load_teacher, x0_estimate
 from selfflow.path import interpolate, velocity_target
 from selfflow.sampling import GuidedVelocity, time_grid
 
@@ -66,6 +66,9 @@ class Dmd(Method):
         if teacher is None:
             teacher = load_teacher(config.teacher, "method.teacher")
         teacher = teacher.eval().requires_grad_(False)
+        check_same_condition(model, teacher, f"method.teacher={config.teacher!r}")
+        if getattr(model, "bank", None) is not None:  # text: the real score reads the student's captions
+            teacher.set_bank(model.bank)
         if (teacher.in_channels, teacher.image_size, teacher.num_classes) != (model.in_channels, model.image_size, model.num_classes):
             from selfflow.errors import ConfigError
 

@@ -21,21 +21,41 @@ from selfflow.sampling import GuidedVelocity, time_grid
 # starting from a teacher
 # --------------------------------------------------------------------------------------------
 def load_teacher(path: str, where: str, device: torch.device | str = "cpu"):
-    """A frozen DiT (EMA weights) from a checkpoint, run or exported-model folder; errors name ``where``."""
+    """A frozen DiT (EMA weights) from a checkpoint, run or exported-model folder; errors name ``where``.
+
+    A caption-conditioned folder gives its :class:`selfflow.text.model.TextDiT` (without a caption bank)."""
+    from selfflow.checkpoint import resolve_checkpoint
     from selfflow.model import load_generator
+    from selfflow.text.model import load_text_generator, text_config_of
 
     if not Path(path).exists():
         raise ConfigError(f"{where}={path!r}: no such folder")
     try:
-        model, _folder = load_generator(path, "ema", device)
+        if text_config_of(resolve_checkpoint(path)) is not None:
+            model = load_text_generator(path, "ema", device)[0]
+        else:
+            model, _folder = load_generator(path, "ema", device)
     except (CheckpointError, ValueError) as exc:
         raise ConfigError(f"{where}={path!r}: {exc}") from None
     return model.eval().requires_grad_(False)
 
 
+def check_same_condition(model, teacher, where: str) -> None:
+    """A caption-conditioned student needs a caption-conditioned teacher of the same text width, and a label student a label teacher."""
+    mine, theirs = getattr(model, "text_dim", None), getattr(teacher, "text_dim", None)
+    if (mine is None) != (theirs is None):
+        kind = "a caption-conditioned" if theirs is not None else "a class-label"
+        need = "the teacher's text section" if theirs is not None else "no text section (or a caption-conditioned teacher)"
+        raise ConfigError(f"{where}: {kind} teacher, but the run {'has no' if mine is None else 'has a'} text section; use {need}")
+    if mine != theirs:
+        raise ConfigError(f"{where}: the teacher reads {theirs}-d text embeddings, the run's text section gives {mine}-d "
+                          f"(text.encoder / text.hashed_dim must be the teacher's)")
+
+
 def load_init_weights(model, path: str) -> None:
     """``train.init_from``: copy a teacher's EMA weights into ``model`` (same model config, else ConfigError)."""
     teacher = load_teacher(path, "train.init_from")
+    check_same_condition(model, teacher, f"train.init_from={path!r}")
     mine, theirs = dataclasses.asdict(model.config), dataclasses.asdict(teacher.config)
     different = sorted(k for k in mine if mine[k] != theirs.get(k))
     if different:

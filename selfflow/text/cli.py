@@ -17,15 +17,9 @@ def is_text_checkpoint(path) -> bool:
         return False
 
 
-def sample_prompts(args, resolved_sampling) -> int:
-    """Writes grid.png (one row per prompt), samples.npz (images, prompt index, seeds) and samples.json (with the prompts)."""
-    import numpy as np
-
-    from selfflow.device import autocast_dtype, resolve_device
-    from selfflow.imageio import save_grid, to_uint8
-    from selfflow.text.data import make_encoder
-    from selfflow.text.generate import generate_from_prompts, read_prompts
-    from selfflow.text.model import load_text_generator
+def prompts_of(args) -> list[str]:
+    """The prompts of ``--prompt`` (repeatable) then ``--prompts FILE``, for a caption-conditioned ``--ckpt``."""
+    from selfflow.text.generate import read_prompts
 
     prompts = list(args.prompt or [])
     if args.prompts:
@@ -36,6 +30,38 @@ def sample_prompts(args, resolved_sampling) -> int:
         raise ConfigError("--prompt: an empty prompt; write the caption (the null caption is what --cfg-scale guides away from)")
     if args.labels:
         raise ConfigError("--labels: a caption-conditioned model takes --prompt/--prompts, not class labels")
+    return prompts
+
+
+def load_set_generator(args, device):
+    """``generate-set``'s model: (model, folder, prompts, text section), prompts and text None for a class-label model.
+
+    A caption-conditioned model gets its prompts installed as its caption bank (so guidance is checked as for labels)."""
+    from selfflow.model import load_generator
+    from selfflow.text.data import make_encoder
+    from selfflow.text.model import load_text_generator
+
+    if not is_text_checkpoint(args.ckpt):
+        if args.prompt or args.prompts:
+            raise ConfigError(f"--prompt/--prompts: {args.ckpt} is a class-label model (no text section); use --labels")
+        return (*load_generator(args.ckpt, args.weights, device), None, None)
+    prompts = prompts_of(args)
+    model, folder, text = load_text_generator(args.ckpt, args.weights, device)
+    model.set_bank(make_encoder(text).encode(prompts))
+    return model, folder, prompts, text
+
+
+def sample_prompts(args, resolved_sampling) -> int:
+    """Writes grid.png (one row per prompt), samples.npz (images, prompt index, seeds) and samples.json (with the prompts)."""
+    import numpy as np
+
+    from selfflow.device import autocast_dtype, resolve_device
+    from selfflow.imageio import save_grid, to_uint8
+    from selfflow.text.data import make_encoder
+    from selfflow.text.generate import generate_from_prompts
+    from selfflow.text.model import load_text_generator
+
+    prompts = prompts_of(args)
     if args.n <= 0:
         raise ConfigError(f"--n must be positive, got {args.n}")
     device = resolve_device(args.device)

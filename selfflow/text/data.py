@@ -106,11 +106,48 @@ def captioned_dataset(base, text: TextConfig, data_name: str, data_path: Optiona
     return CaptionedDataset(base, captions_for_ids(table, ids, text.captions))
 
 
-def load_captioned(text: TextConfig, data_name: str, path, split: str, image_size=None, channels=None) -> CaptionedDataset:
+def encoding_of(text: TextConfig) -> dict:
+    """The keys of a text section that decide what a caption's embedding is (hashed_dim only for ``hashed``)."""
+    keys = ("encoder", "max_tokens", "hashed_dim") if text.encoder == "hashed" else ("encoder", "max_tokens")
+    return {key: getattr(text, key) for key in keys}
+
+
+def encoding_difference(mine: TextConfig, theirs: TextConfig, prefix: str = "text") -> Optional[str]:
+    """``"text.KEY=mine (theirs: …)"`` for the first encoding key that differs, None when they embed alike."""
+    a, b = encoding_of(mine), encoding_of(theirs)
+    for key in dict.fromkeys([*a, *b]):
+        if a.get(key) != b.get(key):
+            return f"{prefix}.{key}={getattr(mine, key)!r} ({getattr(theirs, key)!r} there)"
+    return None
+
+
+def load_text_pairs(text: TextConfig, path):
+    """A pairs set made from caption prompts (``generate-set --kind pairs --prompts``), checked against the run's text section."""
+    from selfflow.config import from_dict
+    from selfflow.data.pairs import load_pairs
+
+    pairs = load_pairs(path)
+    if pairs.texts is None:
+        raise DataError(f"data.path={path}: a class-label pair set (no prompts in set.json), but the run has a text section; "
+                        f"make pairs from prompts with a caption-conditioned teacher (generate-set --kind pairs --prompts FILE)")
+    raw = pairs.manifest.get("text")
+    if raw is not None:
+        different = encoding_difference(text, from_dict(TextConfig, raw, f"{path}/set.json:text"))
+        if different:
+            raise DataError(f"data.path={path}: the run's {different} differs from the teacher that made the pairs; "
+                            f"use the teacher's text section")
+    return pairs
+
+
+def load_captioned(text: TextConfig, data_name: str, path, split: str, image_size=None, channels=None):
+    """Images with their captions, or (data.name: pairs) a pairs set made from prompts."""
     from selfflow.data import load_dataset
 
+    if data_name == "pairs":
+        return load_text_pairs(text, path)
     base = load_dataset(data_name, path=path, split=split, image_size=image_size, channels=channels)
     return captioned_dataset(base, text, data_name, path)
 
 
-__all__ = ["CaptionedDataset", "captioned_dataset", "folder_image_ids", "generated_captions", "load_captioned", "make_encoder"]
+__all__ = ["CaptionedDataset", "captioned_dataset", "encoding_difference", "encoding_of", "folder_image_ids", "generated_captions",
+           "load_captioned", "load_text_pairs", "make_encoder"]
