@@ -266,3 +266,32 @@ def test_modality_commands_refuse_bad_input_in_one_line(tmp_path, capsys):
     assert main(["modality", "eval", "--checkpoint", str(video_run), "--n", "0"]) == 2
     one_line_error(capsys, "--n")
     assert not (tmp_path / "o").exists()
+
+
+# ---- many processes: DDP and FSDP on a two-part sequence equal one process ---------------------
+def _ranks(rank, world, phases):
+    from support import join_as_rank
+
+    for port, raw in phases:
+        join_as_rank(rank, world, port)
+        fit(raw)
+
+
+def test_audio_video_under_ddp_and_fsdp_matches_one_process(tmp_path):
+    from selfflow import checkpoint as ckpt
+    from support import free_port, logged_losses, spawn_ranks
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fit(raw_run(tmp_path / "one", "audio_video", batch_size=8))
+    finally:
+        torch.set_num_threads(threads)
+    phases = [(free_port(), raw_run(tmp_path / mode, "audio_video", batch_size=8, distributed=mode)) for mode in ("ddp", "fsdp")]
+    spawn_ranks(_ranks, 2, 2, phases)
+    reference = ckpt.load_tensors(tmp_path / "one" / "checkpoints" / "step_0000004" / "ema.safetensors")
+    for mode in ("ddp", "fsdp"):
+        assert logged_losses(tmp_path / mode) == pytest.approx(logged_losses(tmp_path / "one"), rel=1e-5, abs=1e-6)
+        ema = ckpt.load_tensors(tmp_path / mode / "checkpoints" / "step_0000004" / "ema.safetensors")
+        for key in reference:
+            torch.testing.assert_close(ema[key], reference[key], rtol=1e-4, atol=1e-5, msg=key)
