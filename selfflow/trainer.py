@@ -142,7 +142,9 @@ class Trainer:
 
             self.dataset.attach(self.model, make_encoder(config.text))
         self.model.activation_checkpointing = t.activation_checkpointing
-        self.method = build_method(config.method, self.model).to(self.device)
+        self.method = build_method(config.method, self.model)
+        self.method.bind_data(self.dataset)
+        self.method.to(self.device)
         decay = decay_from_half_life(t.batch_size, t.ema_half_life_images) if t.ema_half_life_images else t.ema_decay
         self.ema = EMA(self.model, decay, warmup=t.ema_warmup)
         self.method.bind_teacher(self.ema.model)

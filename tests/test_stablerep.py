@@ -208,7 +208,7 @@ def test_synth_refuses_text_captions_naming_the_file(tmp_path, capsys, generator
     argv = ["synth", "--generator", str(generator_dir), "--captions", str(captions), "--per-caption", "2", "--n", "4",
             "--out", str(tmp_path / "s"), "--device", "cpu"]
     assert main(argv) == 2
-    one_line_error(capsys, str(captions), "2 text captions", "no text-conditioned generator")
+    one_line_error(capsys, str(captions), "2 text captions", "caption-conditioned generator")
     assert not (tmp_path / "s").exists()
     argv[argv.index("--captions") + 1] = "instances"
     assert main(argv + ["--sampler", "euler"]) == 2

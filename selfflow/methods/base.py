@@ -80,6 +80,10 @@ class Method(nn.Module):
     def bind_teacher(self, teacher: nn.Module) -> None:
         """Called by the trainer with its EMA model; methods that need a teacher keep it."""
 
+    def bind_data(self, dataset) -> None:
+        """Called by the trainer with its data set before the optimizer exists; methods that read more
+        of the data than its batches (StableRep+'s caption texts) take it here, parameters included."""
+
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 

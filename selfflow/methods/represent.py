@@ -8,6 +8,9 @@ resumed or multi-process run is the same as one uninterrupted process.
 ``stablerep``  batch: a synth set's groups, x0 (B, m, C, H, W) and caption ids (B, m) — or labelled
                images (B, C, H, W), whose labels are the captions. One augmented view per image;
                the multi-positive loss over caption ids, keys gathered from every process.
+               StableRep+ (``caption_weight`` > 0, a synth set made from a caption file): plus the
+               image–text contrastive term against the frozen embeddings of the captions' texts
+               through a learned linear projection, over the whole (gathered) batch.
 ``simclr``     images (B, C, H, W), or a synth set's groups flattened (its captions unused); two
                augmented views per image; InfoNCE, keys gathered from every process.
 ``supervised`` labelled images; one augmented view; cross-entropy through a linear classifier.
@@ -22,7 +25,8 @@ from selfflow.methods import register
 from selfflow.methods.base import Batch, Method
 from selfflow.represent.augment import NUM_DRAWS, augment
 from selfflow.represent.encoders import MLPHead, build_encoder
-from selfflow.represent.losses import gather_plain, gather_with_grad, multi_positive_loss, stablerep_loss
+from selfflow.errors import ConfigError
+from selfflow.represent.losses import gather_plain, gather_with_grad, image_text_loss, multi_positive_loss, stablerep_loss
 
 
 class _Represent(Method):
@@ -54,12 +58,43 @@ def _groups(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
 class StableRep(_Represent):
     name = "stablerep"
 
+    def __init__(self, config, model: nn.Module):
+        super().__init__(config, model)
+        self.text_proj: nn.Linear | None = None  # StableRep+: caption text embedding → the head's embedding space
+        self.register_buffer("caption_text", torch.zeros(0, 0), persistent=False)  # (L, Dt) frozen pooled text embeddings
+
+    def bind_data(self, dataset) -> None:
+        """StableRep+: encode the set's caption table once (the generator's text encoder, disk cache)."""
+        weight = self.config.caption_weight
+        if weight == 0:
+            return
+        manifest = getattr(dataset, "manifest", None) or {}
+        table, text = (manifest.get("captions") or {}).get("table"), manifest.get("text")
+        if not table or text is None:
+            raise ConfigError(f"method.caption_weight={weight}: StableRep+ needs caption texts, a synth set made from a caption "
+                              f"file by a caption-conditioned generator (selfflow synth --captions FILE); "
+                              f"{getattr(dataset, 'source', 'the data')} has none")
+        from selfflow.config import TextConfig, from_dict
+        from selfflow.text.data import make_encoder
+
+        embedding = make_encoder(from_dict(TextConfig, text, "set.json:text")).encode(list(table)).pooled.float()
+        self.caption_text = embedding
+        self.text_proj = nn.Linear(embedding.shape[1], self.config.embed_dim)
+
     def loss(self, model, batch):
         x, ids = _groups(batch)
         views = self.views(x, batch, 1)[0]  # (B, m, C, H, W)
         z = self.head(model(views.flatten(0, 1)))
         loss, accuracy = stablerep_loss(z, ids.flatten(), self.config.temperature)
-        return loss, {"positive_top1": accuracy}
+        logs = {"positive_top1": accuracy}
+        if self.text_proj is not None:
+            images, captions = gather_with_grad(z), gather_plain(ids.flatten())  # the whole batch on every process
+            distinct, index = torch.unique(captions, return_inverse=True)
+            texts = self.text_proj(self.caption_text[distinct].to(z.device))
+            caption_loss = image_text_loss(images, texts, index, self.config.temperature)
+            loss = loss + self.config.caption_weight * caption_loss
+            logs["loss_caption"] = caption_loss.detach()
+        return loss, logs
 
 
 @register

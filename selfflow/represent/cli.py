@@ -2,6 +2,7 @@
 
     selfflow synth --generator runs/teacher --captions classes --per-caption 4 --n 1500 --out sets/digits_classes
     selfflow synth --generator runs/teacher --captions instances --per-caption 4 --n 1500 --sampler sde --out sets/inst
+    selfflow synth --generator runs/text_teacher --captions captions.txt --per-caption 4 --n 1200 --out sets/text
     selfflow represent train --config configs/digits_stablerep.yaml [--set data.path=sets/inst]
     selfflow represent probe --config configs/digits_stablerep.yaml [--ckpt RUN] [--out DIR]
 
@@ -57,20 +58,27 @@ def cmd_synth(args) -> int:
     from selfflow.errors import ConfigError
     from selfflow.model import load_generator
     from selfflow.represent.synth import make_synth_set, plan
+    from selfflow.text.cli import is_text_checkpoint
+    from selfflow.text.model import load_text_generator
 
     for name in ("n", "shard_size", "per_caption"):
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     device = resolve_device(args.device)
-    model, folder = load_generator(args.generator, args.weights, device)
+    text = None
+    if is_text_checkpoint(args.generator):  # a caption-conditioned generator: --captions FILE (selfflow.text)
+        model, folder, text = load_text_generator(args.generator, args.weights, device)
+    else:
+        model, folder = load_generator(args.generator, args.weights, device)
+    classes = 0 if text is not None else int(model.num_classes or 0)
     s = sample_settings(folder, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale, batch_size=args.batch_size,
-                        num_classes=model.num_classes)
-    plan(args.captions, args.per_caption, args.n, int(model.num_classes or 0), s.sampler, s.steps)  # refuse before any work
+                        num_classes=None if text is not None else model.num_classes)  # text: guidance on the null caption
+    plan(args.captions, args.per_caption, args.n, classes, s.sampler, s.steps, text is not None)  # refuse before any work
     shards = make_synth_set(
         model, args.out, captions=args.captions, per_caption=args.per_caption, num=args.n, shard_size=args.shard_size,
         seed=args.seed, sampler=s.sampler, steps=s.steps, cfg_scale=s.cfg_scale, churn=args.churn, batch_size=s.batch_size,
         device=device, autocast_dtype=autocast_dtype(args.precision, device),
-        source={"checkpoint": str(folder.resolve()), "weights": args.weights},
+        source={"checkpoint": str(folder.resolve()), "weights": args.weights}, text=text,
         on_shard=lambda index, path: print(f"wrote {path}", flush=True), progress=True,
     )
     print(f"set complete: {args.out} ({shards.num} images, {args.per_caption} per caption, captions: {args.captions})")

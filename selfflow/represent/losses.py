@@ -98,6 +98,25 @@ def stablerep_loss(embeddings: torch.Tensor, caption_ids: torch.Tensor, temperat
     return multi_positive_loss(embeddings, keys, caption_ids, key_ids, index, temperature)
 
 
+def image_text_loss(images: torch.Tensor, texts: torch.Tensor, text_index: torch.Tensor,
+                    temperature: float = TEMPERATURE) -> torch.Tensor:
+    """StableRep+'s CLIP-style term for (n, d) image embeddings and (K, d) embeddings of the batch's K
+    distinct captions; image i's caption is ``texts[text_index[i]]`` and every caption has an image.
+
+    Both are L2-normalised, s_ic = u_i · w_c / τ, and the loss is the mean of the two directions:
+    image → text, cross-entropy over the K captions; text → image, for each caption a softmax over the
+    n images with a target uniform over its own images (CLIP's InfoNCE when captions and images pair
+    one to one)."""
+    u = F.normalize(images.float(), dim=-1)
+    w = F.normalize(texts.float(), dim=-1)
+    logits = u @ w.T / temperature  # (n, K)
+    image_to_text = F.cross_entropy(logits, text_index)
+    own = (text_index[None, :] == torch.arange(len(w), device=w.device)[:, None]).float()  # (K, n)
+    target = own / own.sum(dim=1, keepdim=True)
+    text_to_image = -(target * torch.log_softmax(logits.T, dim=1)).sum(dim=1).mean()
+    return 0.5 * (image_to_text + text_to_image)
+
+
 def info_nce(view1: torch.Tensor, view2: torch.Tensor, temperature: float = TEMPERATURE) -> torch.Tensor:
     """SimCLR's NT-Xent, written independently of :func:`multi_positive_loss` (a test checks they agree):
     2n anchors; for anchor i its positive is the other view of the same image, the negatives are the

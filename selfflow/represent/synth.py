@@ -13,9 +13,10 @@ Image k belongs to group g = k // m (m = ``per_caption``); a group's m images sh
                ``churn = 1`` lets the noise act from the start; a smaller churn keeps the coarse
                layout the shared noise decides and varies the details. Needs ``--sampler sde`` and at
                least 2 steps (the SDE's last step is deterministic).
-``text``       a caption file (one UTF-8 caption per line; caption id = line number from 0) is read
-               and recorded as ``captions.table`` in set.json — and refused until a text-conditioned
-               generator exists (the class-conditional DiT has no text input).
+``text``       a caption file (one UTF-8 caption per line; caption id = line number from 0), recorded
+               as ``captions.table`` in set.json with the generator's text section (``text``), for a
+               caption-conditioned generator (:class:`selfflow.text.model.TextDiT`): group g uses
+               line g mod L, and image k starts from the noise of seed ``seed + k`` (as ``classes``).
 
 Shards (:class:`selfflow.shards.ShardSet`, resumable, bit-identical after any interruption) hold
 ``images`` uint8, ``labels`` (−1: none), ``captions``, ``seeds`` (initial noise) and, for instances,
@@ -24,6 +25,7 @@ Shards (:class:`selfflow.shards.ShardSet`, resumable, bit-identical after any in
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from pathlib import Path
 from typing import Callable, Optional
@@ -34,6 +36,7 @@ from selfflow.data.synth import KIND
 from selfflow.errors import ConfigError
 from selfflow.imageio import to_uint8
 from selfflow.sampling import GuidedVelocity, generate, get_sampler, noise_for_seeds, time_grid
+from selfflow.sets import install_prompts
 from selfflow.shards import ShardSet
 
 CHURN_SEED_OFFSET = 1_000_000_007  # instance images' SDE noise: seeds far from every initial-noise seed
@@ -54,13 +57,17 @@ def read_caption_file(path: str | os.PathLike) -> list[str]:
     return captions
 
 
-def plan(captions: str, per_caption: int, num: int, num_classes: int, sampler: str, steps: int) -> dict:
-    """Check the settings against the generator before any work; returns the ``captions`` record of set.json."""
+def plan(captions: str, per_caption: int, num: int, num_classes: int, sampler: str, steps: int, text_model: bool = False) -> dict:
+    """Check the settings against the generator before any work; returns the ``captions`` record of set.json.
+
+    ``text_model``: the generator is caption-conditioned (it takes a caption file, not classes)."""
     if per_caption < 1:
         raise ConfigError(f"--per-caption must be positive, got {per_caption}")
     if num < 1 or num % per_caption:
         raise ConfigError(f"--n {num} must be a positive multiple of --per-caption {per_caption}")
     if captions == "classes":
+        if text_model:
+            raise ConfigError("--captions classes: the generator is caption-conditioned (no class labels); give a caption file")
         if num_classes < 1:
             raise ConfigError("--captions classes: the generator is unconditional (no class labels); use --captions instances")
         return {"kind": "classes", "per_caption": per_caption}
@@ -70,13 +77,17 @@ def plan(captions: str, per_caption: int, num: int, num_classes: int, sampler: s
                               f"with --steps >= 2 (got --sampler {sampler} --steps {steps})")
         return {"kind": "instances", "per_caption": per_caption}
     table = read_caption_file(captions)
-    raise ConfigError(f"--captions {captions}: {len(table)} text captions, but the generator is conditioned on "
-                      f"{num_classes} class labels and selfflow has no text-conditioned generator yet; use classes or instances")
+    if not text_model:
+        raise ConfigError(f"--captions {captions}: {len(table)} text captions, but the generator is conditioned on {num_classes} "
+                          f"class labels; use classes or instances, or a caption-conditioned generator (a run with a text section)")
+    return {"kind": "text", "per_caption": per_caption, "table": table}
 
 
-def item_plan(k: torch.Tensor, kind: str, per_caption: int, num_classes: int, seed: int) -> dict[str, torch.Tensor]:
-    """Labels, caption ids and seeds of items ``k`` (int64)."""
+def item_plan(k: torch.Tensor, kind: str, per_caption: int, num_classes: int, seed: int, num_texts: int = 0) -> dict[str, torch.Tensor]:
+    """Labels, caption ids and seeds of items ``k`` (int64); ``num_texts``: the caption file's lines (kind ``text``)."""
     group = k // per_caption
+    if kind == "text":
+        return {"labels": torch.full_like(k, -1), "captions": group % num_texts, "seeds": seed + k}
     labels = group % num_classes if num_classes else torch.full_like(k, -1)
     if kind == "classes":
         return {"labels": labels, "captions": labels.clone(), "seeds": seed + k}
@@ -111,11 +122,17 @@ def _instances(model, items: dict, *, steps: int, cfg_scale: float, churn: float
 
 def make_synth_set(model, folder: str | os.PathLike, *, captions: str, per_caption: int, num: int, shard_size: int = 1000,
                    seed: int = 0, sampler: str = "euler", steps: int = 50, cfg_scale: float = 1.0, churn: float = 0.6,
-                   batch_size: int = 256, device="cpu", autocast_dtype=None, source: Optional[dict] = None,
+                   batch_size: int = 256, device="cpu", autocast_dtype=None, source: Optional[dict] = None, text=None,
                    on_shard: Optional[Callable[[int, Path], None]] = None, progress: bool = False) -> ShardSet:
-    """Generate (or finish) a captioned set of ``num`` images in ``folder``; see the module doc."""
-    num_classes = int(getattr(model, "num_classes", 0) or 0)
-    record = plan(captions, per_caption, num, num_classes, sampler, steps)
+    """Generate (or finish) a captioned set of ``num`` images in ``folder``; see the module doc.
+
+    ``text``: the caption-conditioned generator's text section (:class:`selfflow.config.TextConfig`)."""
+    text_model = bool(getattr(model, "conditions_on_text", False))
+    num_classes = 0 if text_model else int(getattr(model, "num_classes", 0) or 0)
+    record = plan(captions, per_caption, num, num_classes, sampler, steps, text_model)
+    table = record.get("table") or []
+    if table:  # the caption lines become the generator's caption bank: caption id = bank index
+        install_prompts(model, table, text, None)
     if shard_size < 1:
         raise ConfigError(f"--shard-size must be positive, got {shard_size}")
     if not 0.0 < churn <= 1.0:
@@ -127,12 +144,15 @@ def make_synth_set(model, folder: str | os.PathLike, *, captions: str, per_capti
         "cfg_scale": cfg_scale, "batch_size": batch_size, "num_classes": num_classes, "captions": record,
         "image_shape": [model.in_channels, model.image_size, model.image_size], "source": source or {},
     }
+    if table:
+        manifest["text"] = dataclasses.asdict(text)
     shards = ShardSet.create_or_resume(folder, manifest)
 
     def make(start: int, stop: int) -> dict[str, torch.Tensor]:
-        items = item_plan(torch.arange(start, stop), record["kind"], per_caption, num_classes, seed)
-        if record["kind"] == "classes":
-            images = generate(model, num_samples=stop - start, seeds=items["seeds"].tolist(), labels=items["labels"],
+        items = item_plan(torch.arange(start, stop), record["kind"], per_caption, num_classes, seed, len(table))
+        if record["kind"] in ("classes", "text"):
+            condition = items["captions"] if table else items["labels"]
+            images = generate(model, num_samples=stop - start, seeds=items["seeds"].tolist(), labels=condition,
                               sampler=sampler, steps=steps, cfg_scale=cfg_scale, batch_size=batch_size, device=device,
                               image_shape=(model.in_channels, model.image_size, model.image_size),
                               autocast_dtype=autocast_dtype, progress=False).images
