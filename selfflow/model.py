@@ -14,7 +14,7 @@ import json
 import math
 from dataclasses import asdict
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -145,6 +145,24 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
+def init_transformer(model: nn.Module, finals: Sequence[FinalLayer], init_inputs: Callable[[], None]) -> None:
+    """DiT's initialisation of what every flow transformer here shares: Xavier-uniform linear layers
+    with zero biases, then the model's own input embeddings (``init_inputs``), N(0, 0.02) time-embedding
+    weights, and adaLN-Zero — every block and final layer starts as the identity / zero output, so a
+    fresh model predicts v = 0. (The order of the random draws is DiT's: a seed gives the same weights.)"""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            nn.init.zeros_(module.bias)
+    init_inputs()
+    for layer in model.time_embed.mlp:
+        if isinstance(layer, nn.Linear):
+            nn.init.normal_(layer.weight, std=0.02)
+    for layer in [block.adaLN[-1] for block in model.blocks] + [l for f in finals for l in (f.adaLN[-1], f.linear)]:
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)
+
+
 # --------------------------------------------------------------------------------------------
 # the model
 # --------------------------------------------------------------------------------------------
@@ -183,24 +201,13 @@ class DiT(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_transformer(self, [self.final], self._init_inputs)
+
+    def _init_inputs(self) -> None:
         w = self.patch_embed.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.patch_embed.bias)
         nn.init.normal_(self.label_embed.weight, std=0.02)
-        for layer in self.time_embed.mlp:
-            if isinstance(layer, nn.Linear):
-                nn.init.normal_(layer.weight, std=0.02)
-        for block in self.blocks:  # adaLN-Zero: every block starts as the identity
-            nn.init.zeros_(block.adaLN[-1].weight)
-            nn.init.zeros_(block.adaLN[-1].bias)
-        nn.init.zeros_(self.final.adaLN[-1].weight)
-        nn.init.zeros_(self.final.adaLN[-1].bias)
-        nn.init.zeros_(self.final.linear.weight)
-        nn.init.zeros_(self.final.linear.bias)
 
     # ---- tokens <-> images ---------------------------------------------------------------
     def patchify(self, x: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from selfflow.config import ModalityConfig, ModelConfig, from_dict
-from selfflow.model import Block, DiT, FinalLayer, TimeEmbedding
+from selfflow.model import Block, DiT, FinalLayer, TimeEmbedding, init_transformer
 from selfflow.modalities.tokens import Layout, sincos_nd
 
 
@@ -59,23 +59,12 @@ class TokenDiT(DiT):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_transformer(self, self.finals, self._init_inputs)
+
+    def _init_inputs(self) -> None:
         for table in (getattr(self, "label_embed", None), self.modality_embed):
             if table is not None:
                 nn.init.normal_(table.weight, std=0.02)
-        for layer in self.time_embed.mlp:
-            if isinstance(layer, nn.Linear):
-                nn.init.normal_(layer.weight, std=0.02)
-        for block in self.blocks:  # adaLN-Zero, as in the DiT
-            nn.init.zeros_(block.adaLN[-1].weight)
-            nn.init.zeros_(block.adaLN[-1].bias)
-        for final in self.finals:
-            for layer in (final.adaLN[-1], final.linear):
-                nn.init.zeros_(layer.weight)
-                nn.init.zeros_(layer.bias)
 
     # ---- tokens ------------------------------------------------------------------------------
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
