@@ -404,3 +404,34 @@ def test_resume_refuses_another_text_encoder(tmp_path):
                                          "cache_dir": str(tmp_path / "cache")}})
     with pytest.raises(ckpt.CheckpointError, match="different text config .*captions_per_image"):
         _train(changed)
+
+
+def test_commands_check_the_text_section_against_the_model_in_one_line(tmp_path, capsys):
+    from selfflow.cli import main
+
+    tiny_text_model().save_pretrained(tmp_path / "model", TextConfig(encoder="hashed", hashed_dim=32, cache_dir=str(tmp_path / "c")))
+    _train(text_run(tmp_path, tmp_path / "run", "flow_matching", steps=1))
+    step = tmp_path / "run" / "checkpoints" / "step_0000001" / "config.json"
+    (tmp_path / "captions.txt").write_text("a thin seven\n")
+    for folder, file, section, text, needles in (
+        (tmp_path / "model", tmp_path / "model" / "config.json", ("text",), {"hashed_dim": 16}, ("text.hashed_dim=16", "16-d", "32-d")),
+        (tmp_path / "run", step, ("run", "text"), {"encoder": "minilm"}, ("text.encoder=minilm", "384-d", "32-d")),
+    ):
+        meta = json.loads(file.read_text())
+        inner = meta
+        for key in section:
+            inner = inner[key]
+        inner.update(text)
+        file.write_text(json.dumps(meta))
+        for argv in (["sample", "--ckpt", str(folder), "--out", str(tmp_path / "s"), "--prompt", "a seven", "--n", "1"],
+                     ["export", "--ckpt", str(folder), "--out", str(tmp_path / "e")],
+                     ["generate-set", "--ckpt", str(folder), "--out", str(tmp_path / "g"), "--n", "1", "--prompt", "a seven"],
+                     ["synth", "--generator", str(folder), "--captions", str(tmp_path / "captions.txt"), "--per-caption", "1",
+                      "--n", "1", "--out", str(tmp_path / "y")]):
+            capsys.readouterr()
+            assert main(argv + ["--device", "cpu"] * (argv[0] != "export")) == 2, argv
+            one_line_error(capsys, str(file), *needles)
+        assert not any((tmp_path / name).exists() for name in "segy")
+    # eval reads class-label models only: a caption-conditioned one is named as such
+    assert main(["eval", "--ckpt", str(tmp_path / "model"), "--data", "digits", "--device", "cpu"]) == 2
+    one_line_error(capsys, "caption-conditioned")

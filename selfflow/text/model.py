@@ -198,6 +198,20 @@ def load_text_generator(path: str | Path, weights: str = "ema", device: str | to
         file = "model.safetensors"
     meta = read_json(folder / "config.json")
     config = from_dict(ModelConfig, meta["model"], f"{folder / 'config.json'}:model")
+    state = load_tensors(folder / file)
+    check_text_width(text, state, folder / "config.json", folder / file)
     model = build_text_model(config, text)
-    load_state_strict(model, load_tensors(folder / file), folder / file)
+    load_state_strict(model, state, folder / file)
     return model.to(device), folder, text
+
+
+def check_text_width(text: TextConfig, state: dict, config_file: Path, weights_file: Path) -> None:
+    """The text section's encoder must give embeddings as wide as the ones the weights read (``text_proj``'s input)."""
+    from selfflow.checkpoint import CheckpointError
+
+    weight = state.get("text_proj.weight")
+    expected = encoder_dim(text.encoder, text.hashed_dim)
+    if weight is not None and weight.ndim == 2 and weight.shape[1] != expected:
+        named = f"text.encoder={text.encoder}" + (f", text.hashed_dim={text.hashed_dim}" if text.encoder == "hashed" else "")
+        raise CheckpointError(f"{config_file}: {named} gives {expected}-d caption embeddings, but {weights_file.name} reads "
+                              f"{weight.shape[1]}-d ones; the text section is not the one the model was trained with")
