@@ -316,7 +316,14 @@ def cmd_export(args) -> int:
     from selfflow.model import load_generator
     from selfflow.text.cli import is_text_checkpoint
 
-    if is_text_checkpoint(args.ckpt):  # a caption-conditioned model keeps its text section (the encoder it reads)
+    from selfflow.modalities.model import is_modality_checkpoint
+
+    if is_modality_checkpoint(args.ckpt):  # video, audio or a policy: the layout and its run travel with the weights
+        from selfflow.modalities.model import load_token_generator
+
+        model, folder, modality, run = load_token_generator(args.ckpt, args.weights)
+        model.save_pretrained(args.out, modality, run)
+    elif is_text_checkpoint(args.ckpt):  # a caption-conditioned model keeps its text section (the encoder it reads)
         from selfflow.text.model import load_text_generator
 
         model, folder, text = load_text_generator(args.ckpt, args.weights)

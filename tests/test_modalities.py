@@ -295,3 +295,22 @@ def test_audio_video_under_ddp_and_fsdp_matches_one_process(tmp_path):
         ema = ckpt.load_tensors(tmp_path / mode / "checkpoints" / "step_0000004" / "ema.safetensors")
         for key in reference:
             torch.testing.assert_close(ema[key], reference[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_an_exported_modality_model_samples_and_evaluates_like_its_checkpoint(tmp_path, capsys):
+    run = tmp_path / "run"
+    fit(raw_run(run, "actions", steps=2))
+    assert main(["export", "--ckpt", str(run), "--out", str(tmp_path / "exported")]) == 0
+    meta = json.loads((tmp_path / "exported" / "config.json").read_text())
+    assert meta["modality"]["kind"] == "actions" and meta["run"]["method"]["name"] == "self_flow"
+    from selfflow.modalities.model import load_token_generator
+
+    a, *_ = load_token_generator(run)
+    b, *_ = load_token_generator(tmp_path / "exported")
+    obs = torch.randn(3, 6)
+    x = torch.randn(3, *a.sample_shape)
+    assert torch.equal(a(x, torch.full((3,), 0.3), obs), b(x, torch.full((3,), 0.3), obs))
+    capsys.readouterr()
+    out = tmp_path / "r.json"
+    assert main(["modality", "eval", "--checkpoint", str(tmp_path / "exported"), "--n", "2", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["episodes"] == 2

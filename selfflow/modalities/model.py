@@ -111,15 +111,17 @@ class TokenDiT(DiT):
         return (out, hiddens) if return_layers else out
 
     # ---- files -------------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | Path, modality: ModalityConfig | None = None) -> Path:
-        """``model.safetensors`` + ``config.json`` with the model and its ``modality`` section."""
+    def save_pretrained(self, directory: str | Path, modality: ModalityConfig | None = None, run: dict | None = None) -> Path:
+        """``model.safetensors`` + ``config.json`` with the model, its ``modality`` section and (when given)
+        the run's config, whose sampler and data settings ``selfflow modality sample|eval`` read."""
         from selfflow.files import atomic_directory, save_tensors, write_json
 
         if modality is None:
             raise ValueError("TokenDiT.save_pretrained needs the run's modality section (it rebuilds the layout)")
         with atomic_directory(directory) as tmp:
             save_tensors(self.state_dict(), tmp / "model.safetensors")
-            write_json({"model": dataclasses.asdict(self.config), "modality": dataclasses.asdict(modality)}, tmp / "config.json")
+            meta = {"model": dataclasses.asdict(self.config), "modality": dataclasses.asdict(modality)}
+            write_json({**meta, "run": run} if run is not None else meta, tmp / "config.json")
         return Path(directory)
 
 
@@ -128,6 +130,20 @@ def build_token_model(model: ModelConfig, modality: ModalityConfig) -> TokenDiT:
     from selfflow.modalities.data import condition_dim, layout_for
 
     return TokenDiT(model, layout_for(modality), cond_dim=condition_dim(modality))
+
+
+def is_modality_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` (checkpoint, run or exported folder) holds a modality model; False when unreadable
+    (the loader that runs next says what is wrong)."""
+    from selfflow.checkpoint import read_json, resolve_checkpoint
+    from selfflow.errors import USER_ERRORS
+
+    try:
+        meta = read_json(resolve_checkpoint(path) / "config.json")
+    except (OSError, ValueError, *USER_ERRORS):
+        return False
+    run = meta.get("run") if isinstance(meta, dict) else None
+    return isinstance(meta, dict) and bool(meta.get("modality") or (run or {}).get("modality"))
 
 
 def load_token_generator(path: str | Path, weights: str = "ema", device: str | torch.device = "cpu"):
