@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import sys
 import time
@@ -45,7 +46,7 @@ RUN = {
 }
 METHODS = {"flow_matching": {"name": "flow_matching"}, "self_flow": {"name": "self_flow", "mask_ratio": 0.25, "rep_weight": 0.8}}
 COLUMNS = ["method", "seed", "cfg_scale", "prompt_accuracy", "thickness_agreement", "slant_agreement", "fd_dom", "alignment_top1",
-           "train_s"]
+           "train_s", "nfe_per_sample"]
 GRID_PROMPTS = ["a handwritten zero", "the digit 1", "a thick two", "the digit 3, thin strokes, upright",
                 "a bold four", "number 5, slanted left", "a thin six", "a seven leaning right",
                 "an image of the number eight, drawn upright with thick lines", "9 (thin, slanted right)"]
@@ -98,6 +99,9 @@ def main() -> None:
     p.add_argument("--fd-steps", type=int, default=2000)
     p.add_argument("--work", type=Path, default=Path("runs/text_to_image"))
     p.add_argument("--name", default="text_to_image_digits")
+    p.add_argument("--one-step-steps", type=int, default=1500, help="the one-step text student's distillation steps (0: none)")
+    p.add_argument("--pairs", type=int, default=3000, help="pairs the teacher makes from the training captions")
+    p.add_argument("--pair-cfg", type=float, default=2.0, help="the teacher's guidance in the pairs (the student bakes it in)")
     args = p.parse_args()
     harness.env_threads()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -133,6 +137,20 @@ def main() -> None:
     real_rows = prompt_scores(test_images, [p for p in real_prompts(test_set, bins)], classifier=net, bins=bins)
     log(f"real test images: {real_rows}, alignment {real_ref}, FD_dom floor {floor:.3g}")
 
+    def score(model, method, seed, scale, seconds, sampler="heun", steps=args.sample_steps) -> dict:
+        """The prompt scores, FD_dom and alignment of ``model``'s images for the evaluation prompts."""
+        per_prompt_prompts = [p for p in prompts for _ in range(args.per_prompt)]
+        result = generate_from_prompts(model, encoder, prompts, per_prompt=args.per_prompt, seed=10_000,
+                                       sampler=sampler, steps=steps, cfg_scale=scale, batch_size=360,
+                                       progress=False, image_shape=(1, 8, 8))
+        scores = prompt_scores(result.images, per_prompt_prompts, classifier=net, bins=bins)
+        fd = evaluate(result.images, metrics=["fd_dom"], reference=test_set, feature_net_dir=net, progress=False)["fd_dom"]
+        aligned = alignment_score(align, result.images, per_prompt_prompts, encoder)
+        row = {"method": method, "seed": seed, "cfg_scale": scale, **scores, "fd_dom": fd, **aligned, "train_s": seconds,
+               "nfe_per_sample": result.nfe_per_sample}
+        log(json.dumps(row))
+        return row
+
     rows = []
     for method in args.methods:
         for seed in args.seeds:
@@ -140,22 +158,14 @@ def main() -> None:
             log("train", method, "seed", seed, "steps", args.steps)
             seconds, model = train(config)
             for scale in args.cfg_scales:
-                per_prompt_prompts = [p for p in prompts for _ in range(args.per_prompt)]
-                result = generate_from_prompts(model, encoder, prompts, per_prompt=args.per_prompt, seed=10_000,
-                                               sampler="heun", steps=args.sample_steps, cfg_scale=scale, batch_size=360,
-                                               progress=False, image_shape=(1, 8, 8))
-                scores = prompt_scores(result.images, per_prompt_prompts, classifier=net, bins=bins)
-                fd = evaluate(result.images, metrics=["fd_dom"], reference=test_set, feature_net_dir=net, progress=False)["fd_dom"]
-                aligned = alignment_score(align, result.images, per_prompt_prompts, encoder)
-                row = {"method": method, "seed": seed, "cfg_scale": scale, **scores, "fd_dom": fd, **aligned, "train_s": seconds,
-                       "nfe_per_sample": result.nfe_per_sample}
-                rows.append(row)
-                log(json.dumps(row))
+                rows.append(score(model, method, seed, scale, seconds))
                 if seed == args.seeds[0] and scale == max(args.cfg_scales):
                     grid = generate_from_prompts(model, encoder, GRID_PROMPTS, per_prompt=8, seed=0, sampler="heun",
                                                  steps=args.sample_steps, cfg_scale=scale, progress=False, image_shape=(1, 8, 8))
                     save_grid(grid.images, harness.DOCS / f"{args.name}_{method}_grid.png", nrow=8)
 
+    if args.one_step_steps:
+        rows += one_step_rows(args, list(dict.fromkeys(c.text for caps in captions for c in caps)), score)
     summary = summarise(rows, args)
     notes = notes_text(args, real_rows, real_ref, floor, summary)
     path = harness.write_result(args.name, summary + rows, COLUMNS, "Text-to-image on the digits: flow matching vs Self-Flow on captions",
@@ -163,6 +173,31 @@ def main() -> None:
                                                     "prompts": prompts, "grid_prompts": GRID_PROMPTS, "args": {k: str(v) for k, v in vars(args).items()}})
     plot(summary, args, harness.DOCS / f"{args.name}.png")
     log("wrote", path)
+
+
+def one_step_rows(args, captions: list[str], score) -> list[dict]:
+    """InstaFlow on text: the last method's first-seed run makes pairs from the training captions
+    (Heun, guidance ``--pair-cfg``), a student started from it is distilled to one Euler step (l2) on
+    them; rows for the student (1 step, no guidance: it is baked in) and the teacher at 1 step."""
+    from selfflow.sets import generate_set
+
+    teacher_config = run_config(args, args.methods[-1], args.seeds[0])
+    seconds, teacher = train(teacher_config)
+    pairs = args.work / f"one_step_pairs_{args.methods[-1]}"
+    log("pairs:", args.pairs, "from", len(captions), "training captions")
+    generate_set(teacher, pairs, num=args.pairs, shard_size=1000, kind="pairs", prompts=captions, text=teacher_config.text,
+                 sampler="heun", steps=args.sample_steps, cfg_scale=args.pair_cfg, batch_size=500)
+    raw = copy.deepcopy(RUN)
+    raw["method"] = {"name": "distill", "steps": 1, "loss": "l2", "class_dropout_prob": 0.0}
+    raw["data"] = {"name": "pairs", "path": str(pairs)}
+    raw["train"].update(steps=args.one_step_steps, seed=args.seeds[0], init_from=str(teacher_config.train.out_dir),
+                        out_dir=str(args.work / f"distill_{args.methods[-1]}"), warmup_steps=0, lr=3e-4)
+    raw["text"] = dataclasses.asdict(teacher_config.text)
+    log("distill to one step:", args.one_step_steps, "steps")
+    student_seconds, student = train(config_from_dict(raw))
+    name = args.methods[-1]
+    return [score(student, f"{name} → distill (1 step)", args.seeds[0], 1.0, student_seconds, "euler", 1),
+            score(teacher, f"{name} teacher (1 step)", args.seeds[0], args.pair_cfg, seconds, "euler", 1)]
 
 
 def real_prompts(dataset, bins):
@@ -209,6 +244,11 @@ def notes_text(args, real_rows, real_ref, floor, summary) -> str:
         f"{floor:.3g}. Attribute agreement chance ≈ 1/3.",
         "",
         "± is half the range over the seeds. Rows after the means: one per run.",
+        "",
+        (f"One step (InstaFlow on text): the {args.methods[-1]} seed-{args.seeds[0]} run made {args.pairs} pairs from the "
+         f"training captions (Heun {args.sample_steps} steps, guidance {args.pair_cfg}); a student started from it was "
+         f"distilled to one Euler step (l2, {args.one_step_steps} steps, batch 64) and samples without guidance (baked in). "
+         f"The teacher's own 1-step row uses guidance {args.pair_cfg}." if args.one_step_steps else ""),
         "",
         f"![metrics]({args.name}.png)",
         "",
