@@ -1,5 +1,7 @@
 """REPA: the alignment loss, the frozen encoders and their token targets, the training-only projector."""
 
+from pathlib import Path
+
 import pytest
 from support import LOCAL_INCEPTION
 import torch
@@ -13,6 +15,7 @@ from selfflow.methods.repa import Repa, RepaConfig
 from selfflow.model import DiT
 
 INCEPTION = LOCAL_INCEPTION  # .carry/ or $SELFFLOW_INCEPTION (tests/support.py)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_model():
@@ -168,3 +171,71 @@ def test_the_feature_net_command_trains_repas_encoder(tmp_path, capsys):
     assert load_encoder("feature_net", str(tmp_path / "lib")).key["sha256"] == encoder.key["sha256"]
     assert main(["eval", "train-feature-net", "--data", "digits", "--out", str(tmp_path / "bad"), "--widths", "8,x"]) == 2
     assert "--widths" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+# ---- REPA on captions -----------------------------------------------------------------------------------
+class PatchConvEncoder(nn.Module):
+    """A frozen random 2×2/stride-2 convolution: one 6-d feature per 2×2 patch of the pixels, on the token grid."""
+
+    feature_dim = 6
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 6, 2, stride=2)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.randn(6, 1, 2, 2, generator=torch.Generator().manual_seed(4)))
+            self.conv.bias.zero_()
+
+    def forward(self, images):
+        return self.conv(images)
+
+
+def test_repa_on_captions_is_flow_matching_plus_the_alignment_computed_by_hand():
+    import torch.nn.functional as F
+
+    from selfflow.text.encoders import HashedTextEncoder
+    from selfflow.text.model import TextDiT
+
+    torch.manual_seed(0)
+    model = TextDiT(ModelConfig(size="tiny", depth=3, hidden_size=64, num_heads=4, patch_size=2, image_size=8, in_channels=1), 32)
+    model.set_bank(HashedTextEncoder(32).encode([f"a thin {k}" for k in range(10)]))
+    config = RepaConfig(projector_dim=32, align_weight=0.5, class_dropout_prob=0.3, time_distribution="uniform")
+    method = Repa(config, model, encoder=PatchConvEncoder())
+    batch = make_batch()
+    loss, logs = method.loss(model, batch)
+
+    # By hand, the draws in flow matching's order: caption dropout to the null index K, t, ε.
+    B, K = 16, model.num_classes
+    generator = torch.Generator().manual_seed(5)
+    y = torch.where(torch.rand(B, generator=generator) < 0.3, torch.full_like(batch.y, K), batch.y)
+    t = torch.rand(B, generator=generator)
+    noise = torch.randn(B, 1, 8, 8, generator=generator)
+    x_t = (1 - t[:, None, None, None]) * batch.x0 + t[:, None, None, None] * noise
+    assert 0 < int((y == K).sum()) < B  # some captions dropped, some kept
+    with torch.no_grad():
+        pred, hidden = model(x_t, t, y, return_layers=(1,))
+        fm = ((pred - (noise - batch.x0)) ** 2).mean()
+        # the encoder sees the clean pixels; patch (r, c) of the 4×4 grid is token 4r + c
+        patches = batch.x0.unfold(2, 2, 2).unfold(3, 2, 2).reshape(B, 16, 4)  # (B, tokens, 2×2 pixels) in row-major order
+        target = patches @ method.encoder.conv.weight.reshape(6, 4).T
+        align = (1 - F.cosine_similarity(method.projector(hidden[1]), target, dim=-1)).mean()
+    assert method.student_layer == 1
+    assert torch.allclose(logs["loss_fm"], fm, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(logs["loss_align"], align, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(loss, fm + 0.5 * align, rtol=1e-5, atol=1e-6)
+
+
+def test_the_shipped_text_repa_config_trains_on_captions(tmp_path, digits_encoder):
+    from selfflow.config import load_config
+    from selfflow.text.model import TextDiT
+    from support import train_config
+
+    config = load_config(ROOT / "configs" / "digits_text_repa.yaml", [
+        "text.encoder=hashed", "text.hashed_dim=32", "text.captions_per_image=1", f"text.cache_dir={tmp_path / 'cache'}",
+        f"method.encoder_path={digits_encoder}", "method.encoder_layer=block1", "method.projector_dim=32", "model.depth=2",
+        "train.steps=2", "train.batch_size=8", "train.ckpt_every=0", "train.num_sample_images=0", "train.progress=false",
+        "train.tensorboard=false", f"train.out_dir={tmp_path / 'run'}"])
+    assert config.method_name() == "repa" and config.text is not None
+    trainer, result = train_config(config)
+    assert isinstance(trainer.model, TextDiT) and trainer.model.num_classes == len(trainer.dataset.texts)
+    assert result["step"] == 2 and result["last"]["loss_align"] > 0
