@@ -19,7 +19,7 @@ from selfflow.sampling import noise_for_seeds
 from selfflow.sets import generate_set
 from selfflow.text.data import make_encoder
 from selfflow.text.model import TextDiT, load_text_generator
-from support import TINY_RUN, one_line_error, train_config
+from support import REPO, TINY_RUN, one_line_error, train_config
 
 PROMPTS = ["a thin seven", "the digit 3, bold strokes, slanted right", "number 1"]
 
@@ -167,3 +167,34 @@ def test_label_and_caption_parts_do_not_mix(teacher_and_pairs, tmp_path, capsys)
                  "--prompt", "a seven"]) == 2
     one_line_error(capsys, "--prompt", "class-label model", "--labels")
     assert not (tmp_path / "s").exists()
+
+
+# ---- the shipped configs ------------------------------------------------------------------------------
+CONFIGS = REPO / "configs"
+
+
+@pytest.mark.parametrize("name, method", [("digits_text_distill", "distill"), ("digits_text_reflow", "reflow")])
+def test_the_shipped_text_student_configs_fit_the_text_teacher_and_train(teacher_and_pairs, name, method):
+    from selfflow.config import load_config
+    from selfflow.text.data import encoding_difference
+
+    shipped, teacher = load_config(CONFIGS / f"{name}.yaml"), load_config(CONFIGS / "digits_text_self_flow.yaml")
+    assert shipped.method_name() == method and shipped.data.name == "pairs" and shipped.sample.steps == 1
+    assert encoding_difference(shipped.text, teacher.text) is None and shipped.model == teacher.model
+    assert shipped.train.init_from == teacher.train.out_dir
+    root = teacher_and_pairs  # the same file, pointed at the tiny teacher and its pairs
+    trainer, result = train_config(load_config(CONFIGS / f"{name}.yaml", [
+        "text.encoder=hashed", "text.hashed_dim=32", f"text.cache_dir={root / 'cache'}", f"data.path={root / 'pairs'}",
+        f"train.init_from={root / 'teacher'}", "model.depth=2", "train.steps=1", "train.batch_size=6", "train.progress=false",
+        "train.tensorboard=false", "train.num_sample_images=0", f"train.out_dir={root / name}"]))
+    assert result["step"] == 1 and isinstance(trainer.model, TextDiT) and trainer.model.num_classes == len(PROMPTS)
+
+
+def test_the_shipped_prompt_file_names_every_digit_thickness_and_slant_in_training_templates():
+    from selfflow.text.captions import is_heldout, parse_prompt
+    from selfflow.text.generate import read_prompts
+
+    prompts = read_prompts(CONFIGS / "digits_text_prompts.txt")
+    specs = {tuple(vars(parse_prompt(p)).values()) for p in prompts}
+    assert len(prompts) == len(specs) == 90 and all(None not in spec for spec in specs)
+    assert not any(is_heldout(p) for p in prompts)  # the evaluation prompts stay unseen
