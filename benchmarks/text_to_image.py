@@ -1,4 +1,4 @@
-"""Text-to-image on the digits (CPU): flow matching vs Self-Flow trained on captions, equal steps, several seeds.
+"""Text-to-image on the digits or MNIST (CPU): flow matching vs Self-Flow trained on captions, equal steps, several seeds.
 
 Each run trains the caption-conditioned DiT (selfflow.text.model) on the digits train split with
 generated captions (``captions_per_image`` per image: the digit, and often its measured stroke
@@ -18,6 +18,11 @@ Resumable: a finished run (its checkpoint at ``--steps``) is not trained again.
 
 On a busy machine, train the methods in parallel first (one thread each, same --work, --name of
 your choice), then run the command above: it skips finished runs and writes the combined report.
+
+MNIST (28×28, patch 4: 49 tokens; the FD_dom classifier and the alignment model trained on MNIST's train split):
+
+    python benchmarks/text_to_image.py --data mnist --data-path .carry/mnist --steps 1200 --seeds 0 1 --one-step-steps 0 \
+        --work runs/t2i_mnist --name text_to_image_mnist_cpu
 """
 from __future__ import annotations
 
@@ -36,8 +41,7 @@ import harness  # noqa: E402
 
 from selfflow.config import config_from_dict  # noqa: E402
 
-RUN = {
-    "data": {"name": "digits"},
+RUN = {  # the data section comes from --data
     "model": {"size": "tiny", "depth": 4, "hidden_size": 64, "num_heads": 4, "patch_size": 2},
     "method": {"class_dropout_prob": 0.1},
     "train": {"batch_size": 64, "lr": 2e-3, "warmup_steps": 100, "ema_decay": 0.999, "device": "cpu", "precision": "fp32",
@@ -58,6 +62,8 @@ def log(*a):
 
 def run_config(args, method: str, seed: int):
     raw = copy.deepcopy(RUN)
+    raw["data"] = {"name": args.data, "path": args.data_path}
+    raw["model"]["patch_size"] = args.patch
     raw["method"].update(METHODS[method])
     raw["train"].update(steps=args.steps, seed=seed, out_dir=str(args.work / f"{method}_seed{seed}"))
     raw["text"] = {"encoder": args.encoder, "captions_per_image": args.captions_per_image, "cache_dir": str(args.work / "text_cache"),
@@ -88,6 +94,8 @@ def train(config) -> tuple[float, object]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--data", default="digits", choices=["digits", "mnist"])
+    p.add_argument("--data-path", default=None, help="MNIST's IDX folder (--data mnist; default: data/mnist or .carry/mnist)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--encoder", default="minilm", choices=["minilm", "hashed"])
@@ -103,6 +111,8 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=3000, help="pairs the teacher makes from the training captions")
     p.add_argument("--pair-cfg", type=float, default=2.0, help="the teacher's guidance in the pairs (the student bakes it in)")
     args = p.parse_args()
+    args.data_path = harness.resolve_data_path(args)
+    args.patch = 4 if args.data == "mnist" else 2  # 49 tokens on 28×28, 16 on 8×8
     harness.env_threads()
     args.work.mkdir(parents=True, exist_ok=True)
 
@@ -115,10 +125,11 @@ def main() -> None:
                                           train_alignment_model)
     from selfflow.text.generate import generate_from_prompts
 
-    train_set, test_set = load_dataset("digits", split="train"), load_dataset("digits", split="test")
+    train_set, test_set = load_dataset(args.data, args.data_path, split="train"), load_dataset(args.data, args.data_path, split="test")
+    image_shape = tuple(train_set.shape)
     text_config = run_config(args, args.methods[0], args.seeds[0]).text
     encoder = make_encoder(text_config)
-    net, _ = feature_net_for("digits", None, "cpu", args.work / "cache", steps=args.fd_steps, progress=False)
+    net, _ = feature_net_for(args.data, args.data_path, "cpu", args.work / "cache", steps=args.fd_steps, progress=False)
     captions, bins = generated_captions(train_set.images, train_set.labels, 10, per_image=args.captions_per_image,
                                         seed=text_config.caption_seed)
     log("alignment model: encoding captions, training", args.align_steps, "steps")
@@ -142,7 +153,7 @@ def main() -> None:
         per_prompt_prompts = [p for p in prompts for _ in range(args.per_prompt)]
         result = generate_from_prompts(model, encoder, prompts, per_prompt=args.per_prompt, seed=10_000,
                                        sampler=sampler, steps=steps, cfg_scale=scale, batch_size=360,
-                                       progress=False, image_shape=(1, 8, 8))
+                                       progress=False, image_shape=image_shape)
         scores = prompt_scores(result.images, per_prompt_prompts, classifier=net, bins=bins)
         fd = evaluate(result.images, metrics=["fd_dom"], reference=test_set, feature_net_dir=net, progress=False)["fd_dom"]
         aligned = alignment_score(align, result.images, per_prompt_prompts, encoder)
@@ -161,14 +172,15 @@ def main() -> None:
                 rows.append(score(model, method, seed, scale, seconds))
                 if seed == args.seeds[0] and scale == max(args.cfg_scales):
                     grid = generate_from_prompts(model, encoder, GRID_PROMPTS, per_prompt=8, seed=0, sampler="heun",
-                                                 steps=args.sample_steps, cfg_scale=scale, progress=False, image_shape=(1, 8, 8))
+                                                 steps=args.sample_steps, cfg_scale=scale, progress=False, image_shape=image_shape)
                     save_grid(grid.images, harness.DOCS / f"{args.name}_{method}_grid.png", nrow=8)
 
     if args.one_step_steps:
         rows += one_step_rows(args, list(dict.fromkeys(c.text for caps in captions for c in caps)), score)
     summary = summarise(rows, args)
-    notes = notes_text(args, real_rows, real_ref, floor, summary)
-    path = harness.write_result(args.name, summary + rows, COLUMNS, "Text-to-image on the digits: flow matching vs Self-Flow on captions",
+    notes = notes_text(args, real_rows, real_ref, floor, summary, len(train_set))
+    title = f"Text-to-image on {'MNIST' if args.data == 'mnist' else 'the digits'}: flow matching vs Self-Flow on captions"
+    path = harness.write_result(args.name, summary + rows, COLUMNS, title,
                                 notes=notes, extra={"real_test": real_rows, "real_alignment": real_ref, "fd_dom_floor": floor,
                                                     "prompts": prompts, "grid_prompts": GRID_PROMPTS, "args": {k: str(v) for k, v in vars(args).items()}})
     plot(summary, args, harness.DOCS / f"{args.name}.png")
@@ -228,12 +240,14 @@ def summarise(rows, args):
     return out
 
 
-def notes_text(args, real_rows, real_ref, floor, summary) -> str:
+def notes_text(args, real_rows, real_ref, floor, summary, n_train: int) -> str:
     from selfflow.text.evaluation import evaluation_prompts
 
+    size = "MNIST 28×28" if args.data == "mnist" else "digits 8×8"
     lines = [
-        f"Setting: digits 8×8 train split (1,500 images × {args.captions_per_image} generated captions), text encoder "
-        f"`{args.encoder}`, DiT depth 4 / width 64 with cross-attention to the caption tokens, {args.steps} steps, batch 64, "
+        f"Setting: {size} train split ({n_train:,} images × {args.captions_per_image} generated captions), text encoder "
+        f"`{args.encoder}`, DiT depth 4 / width 64 / patch {args.patch} with cross-attention to the caption tokens, "
+        f"{args.steps} steps, batch 64, "
         f"seeds {args.seeds}. Sampling: Heun, {args.sample_steps} steps, guidance on text at the listed scales; "
         f"{len(evaluation_prompts())} evaluation prompts from held-out templates × {args.per_prompt} images.",
         "",
