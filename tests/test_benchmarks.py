@@ -54,3 +54,39 @@ def test_runs_in_turns_finish_when_time_allows(monkeypatch):
 def test_report_says_where_a_time_limit_stopped_the_runs():
     assert convergence.steps_text({"steps": 1500, "steps_reached": 1500}) == "1500 steps"
     assert convergence.steps_text({"steps": 1500, "steps_reached": 1000}).startswith("1000 of 1500 planned steps")
+
+
+def test_modalities_benchmark_smoke_writes_every_kind_and_links_media_that_exist(tmp_path):
+    """benchmarks/modalities.py --smoke (the GPU suite's last step, tiny sizes): every kind, every method, two seeds,
+    resumable (a second call trains nothing), --report-only rebuilds the same numbers."""
+    import json
+    import os
+    import re
+    import subprocess
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "modalities.py"
+    out, work = tmp_path / "docs" / "modalities_smoke", tmp_path / "runs"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SELFFLOW_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, str(script), "--smoke", "--device", "cpu", "--out", str(out), "--work", str(work)]
+    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=300)
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert list(record["kinds"]) == ["video", "audio", "audio_video", "actions"]
+    for kind, info in record["kinds"].items():
+        methods = {"flow_matching", "self_flow"} | ({"regression"} if kind == "actions" else set())
+        assert set(info["summary"]) == methods
+        assert {(r["method"], r["seed"]) for r in info["rows"]} == {(m, s) for m in methods for s in (0, 1)}
+        for stats in info["summary"].values():  # the mean lies between the two seeds' values, the spread is half their range
+            for s in stats.values():
+                lo, hi = min(s["seeds"].values()), max(s["seeds"].values())
+                assert lo - 1e-9 <= s["mean"] <= hi + 1e-9 and abs(s["spread"] - (hi - lo) / 2) < 1e-9
+    av = record["kinds"]["audio_video"]["rows"][0]["eval"]
+    assert av["clean"]["given_mode"] == "clean" and av["replace"]["given_mode"] == "replace"
+    text = out.with_suffix(".md").read_text()
+    links = re.findall(r"\]\((modalities_smoke/[^)]+)\)", text)
+    assert links and all((out.parent / link).is_file() for link in links)
+    assert any(link.endswith(".wav") for link in links) and any(link.endswith(".gif") for link in links)
+    stamp = (work / "video" / "self_flow_seed0" / "train_seconds.json").stat().st_mtime
+    subprocess.run(cmd + ["--report-only"], check=True, env=env, capture_output=True, timeout=120)
+    assert (work / "video" / "self_flow_seed0" / "train_seconds.json").stat().st_mtime == stamp
+    again = json.loads(out.with_suffix(".json").read_text())
+    assert again["kinds"]["audio"]["summary"] == record["kinds"]["audio"]["summary"]
