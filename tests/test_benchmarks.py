@@ -90,3 +90,27 @@ def test_modalities_benchmark_smoke_writes_every_kind_and_links_media_that_exist
     assert (work / "video" / "self_flow_seed0" / "train_seconds.json").stat().st_mtime == stamp
     again = json.loads(out.with_suffix(".json").read_text())
     assert again["kinds"]["audio"]["summary"] == record["kinds"]["audio"]["summary"]
+
+
+def test_text_to_image_defaults_keep_the_cpu_configs_and_size_s_resolves():
+    """benchmarks/text_to_image.py: the defaults (CPU, fp32, tiny DiT, batch 64) give exactly RUN, so a CPU --work
+    folder is reused; --model-size S is the DiT size S; --device cuda without CUDA is a one-line error."""
+    import argparse
+    import subprocess
+
+    import torch
+
+    t2i = pytest.importorskip("text_to_image")
+    args = argparse.Namespace(device_name="cpu", precision="fp32", batch_size=64, model_size="tiny", data="digits",
+                              data_path=None, patch=2, steps=4, encoder="hashed", captions_per_image=4, work=Path("w"))
+    assert t2i.base_raw(args) == t2i.RUN
+    args.device_name, args.precision, args.batch_size, args.model_size = "cuda", "auto", 256, "S"
+    config = t2i.run_config(args, "self_flow", 0)
+    assert config.model.resolved_dims() == (12, 384, 6) and config.model.patch_size == 2
+    assert (config.train.device, config.train.precision, config.train.batch_size, config.train.lr) == ("cuda", "auto", 256, 2e-4)
+    if not torch.cuda.is_available():
+        script = Path(__file__).resolve().parent.parent / "benchmarks" / "text_to_image.py"
+        done = subprocess.run([sys.executable, str(script), "--device", "cuda", "--work", "/nonexistent/t2i"],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1 and done.stderr.strip().splitlines() == [
+            "text_to_image.py: --device='cuda' but CUDA is not available on this machine"]
