@@ -119,20 +119,14 @@ def run_dir(args, kind: str, method: str, seed: int) -> Path:
 
 def train(args, kind: str, method: str, seed: int) -> float:
     from selfflow.config import load_config
-    from selfflow.trainer import Trainer
+    from selfflow.trainer import train
 
     out = run_dir(args, kind, method, seed)
     timing = out / "train_seconds.json"
     if not timing.exists():
         config = load_config(ROOT / "configs" / f"{kind}_{method}.yaml", overrides(args, kind, method, seed))
         log("train", kind, method, "seed", seed, "steps", config.train.steps, "batch", config.train.batch_size)
-        trainer = Trainer(config)
-        start = time.perf_counter()
-        try:
-            trainer.fit()
-        finally:
-            trainer.close()
-        seconds = time.perf_counter() - start
+        seconds = train(config)["seconds"]
         timing.write_text(json.dumps({"seconds": seconds, "steps": config.train.steps, "batch": config.train.batch_size}))
     return json.loads(timing.read_text())["seconds"]
 

@@ -100,19 +100,13 @@ def run_config(args, method: str, seed: int):
 def train(config, device: torch.device) -> tuple[float, object]:
     from selfflow import checkpoint as ckpt
     from selfflow.text.model import load_text_generator
-    from selfflow.trainer import Trainer
+    from selfflow.trainer import train
 
     out = Path(config.train.out_dir)
     timing = out / "train_seconds.json"
     latest = ckpt.latest_checkpoint(out / "checkpoints")
     if latest is None or not latest.name.endswith(f"{config.train.steps:07d}") or not timing.exists():
-        trainer = Trainer(config)
-        start = time.perf_counter()
-        try:
-            trainer.fit()
-        finally:
-            trainer.close()
-        timing.write_text(json.dumps({"seconds": time.perf_counter() - start}))
+        timing.write_text(json.dumps({"seconds": train(config)["seconds"]}))
     model, _, _ = load_text_generator(out, "ema", device)
     return json.loads(timing.read_text())["seconds"], model.eval()
 
