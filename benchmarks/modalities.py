@@ -56,6 +56,13 @@ PRESETS = {
         "actions": {"set": ["modality.num_samples=200", "model.depth=4", "model.hidden_size=128"], "steps": 1000, "batch": 128,
                     "n": 100, "judge_steps": 0},
     },
+    # shorter, wider: 4-frame clips (32 tokens) and a width-128 model for 3000 steps, the video setting in which the
+    # CPU's budget gets furthest (docs/benchmarks/modalities_cpu_video_4frames.md)
+    "cpu-4frames": {
+        "video": {"set": ["modality.frame_size=16", "modality.frames=4", "modality.video_patch_frames=2", "modality.video_patch=4",
+                          "model.depth=4", "model.hidden_size=128", "model.num_heads=4", "modality.num_samples=2048"],
+                  "steps": 3000, "batch": 32, "n": 256, "judge_steps": 600},
+    },
     # a lent GPU (benchmarks/gpu_suite.sh, last step, ~90 s): the configs' own sizes (32 px frames, 32 mel bins),
     # larger batches; the tiny models are launch-bound there, so a larger batch costs little per step
     # (estimate, no GPU measurement yet: ~10 ms per flow-matching step and ~20 ms per Self-Flow step for these tiny
