@@ -40,8 +40,12 @@ def _add_distill(sub) -> None:
 
 
 def add_sampling_arguments(p) -> None:
-    """--sampler, --steps, --cfg-scale, --batch-size: default to the checkpoint's own ``sample`` section."""
+    """--sampler, --steps, --cfg-scale, --batch-size: default to the checkpoint's own ``sample`` section;
+    --sampler-option KEY=VALUE (repeatable): a keyword option of the chosen sampler."""
     p.add_argument("--sampler", default=None, help="euler | heun | sde | dopri5 | sit_sde (default: the run's sample.sampler)")
+    p.add_argument("--sampler-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a keyword option of the sampler, parsed like --set values (repeatable), e.g. sit_sde's "
+                        "last_step_size=0.04, guidance_interval=[0,0.7]; dopri5's rtol=1e-4")
     p.add_argument("--steps", type=int, default=None, help="solver steps (default: the run's sample.steps)")
     p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale, 1 = off (default: the run's)")
     p.add_argument("--batch-size", type=int, default=None, help="images per network batch (default: the run's sample.batch_size)")
@@ -195,12 +199,15 @@ def cmd_distill(args) -> int:
 
 def resolved_sampling(args, folder, model=None):
     """The checkpoint's ``sample`` settings with the command's flags on top (``args`` gains them);
-    ``model`` (when given) refuses guidance on an unconditional model."""
+    ``model`` (when given) refuses guidance on an unconditional model; ``args.sampler_options``: the
+    ``--sampler-option`` values, checked against the sampler's keyword options."""
     from selfflow.config import sample_settings
+    from selfflow.sampling import parse_sampler_options
 
     settings = sample_settings(folder, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
                                batch_size=args.batch_size, num_classes=getattr(model, "num_classes", None))
     args.sampler, args.steps, args.cfg_scale, args.batch_size = settings.sampler, settings.steps, settings.cfg_scale, settings.batch_size
+    args.sampler_options = parse_sampler_options(args.sampler_option, settings.sampler)
     return settings
 
 
@@ -233,6 +240,7 @@ def cmd_sample(args) -> int:
         model, num_samples=args.n, seeds=seeds, labels=labels, sampler=settings.sampler, steps=settings.steps,
         cfg_scale=settings.cfg_scale, batch_size=settings.batch_size, device=device,
         image_shape=(model.in_channels, model.image_size, model.image_size), autocast_dtype=autocast_dtype(args.precision, device),
+        sampler_options=args.sampler_options,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -244,6 +252,8 @@ def cmd_sample(args) -> int:
         "cfg_scale": args.cfg_scale, "precision": args.precision, "seeds": [seeds[0], seeds[-1]], "nfe_per_sample": result.nfe_per_sample,
         "wall_time_s": result.wall_time_s, "device": str(device),
     }
+    if args.sampler_options:
+        info["sampler_options"] = args.sampler_options
     (out / "samples.json").write_text(json.dumps(info, indent=2))
     print(f"wrote {out / 'grid.png'} and {out / 'samples.npz'} ({args.n} images, {result.nfe_per_sample:g} evaluations each)")
     return 0
@@ -288,7 +298,7 @@ def _sample_latent_model(args, model, folder, device, labels, seeds, autoencoder
     result = generate(model, num_samples=len(seeds), seeds=seeds, labels=labels, sampler=args.sampler, steps=args.steps,
                       cfg_scale=args.cfg_scale, batch_size=args.batch_size, device=device, clip=False,
                       image_shape=(model.in_channels, model.image_size, model.image_size),
-                      autocast_dtype=autocast_dtype(args.precision, device))
+                      autocast_dtype=autocast_dtype(args.precision, device), sampler_options=args.sampler_options)
     latents, labels = result.images, result.labels
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -306,6 +316,8 @@ def _sample_latent_model(args, model, folder, device, labels, seeds, autoencoder
     info = {"checkpoint": str(folder), "weights": args.weights, "n": args.n, "sampler": args.sampler, "steps": args.steps,
             "cfg_scale": args.cfg_scale, "precision": args.precision, "seeds": [seeds[0], seeds[-1]], "latent": True, "autoencoder": autoencoder or None,
             "device": str(device)}
+    if args.sampler_options:
+        info["sampler_options"] = args.sampler_options
     (out / "samples.json").write_text(json.dumps(info, indent=2))
     hint = "" if autoencoder else " (no autoencoder at hand: pass --autoencoder DIR to decode)"
     print(f"wrote {', '.join(str(p) for p in written)}{hint}")
@@ -354,6 +366,7 @@ def cmd_generate_set(args) -> int:
         model, args.out, num=args.n, shard_size=args.shard_size, kind=args.kind, seed=args.seed, labels=labels,
         sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale, batch_size=args.batch_size, device=device,
         autocast_dtype=autocast_dtype(args.precision, device), source=source, prompts=prompts, text=text,
+        sampler_options=args.sampler_options,
         on_shard=lambda index, path: print(f"wrote {path}", flush=True), progress=True,
     )
     print(f"set complete: {args.out} ({shards.num} items in {shards.num_shards} shards)")

@@ -63,6 +63,8 @@ __all__ = [
     "sit_sde",
     "SAMPLERS",
     "get_sampler",
+    "sampler_option_names",
+    "parse_sampler_options",
     "SampleResult",
     "generate",
 ]
@@ -542,6 +544,39 @@ def get_sampler(name: str) -> Callable:
         return SAMPLERS[name]
     except KeyError:
         raise ValueError(f"unknown sampler {name!r}; known: {', '.join(SAMPLERS)}") from None
+
+
+_CALL_ARGUMENTS = ("y", "generator", "callback")  # what generate() itself passes to every sampler
+
+
+def sampler_option_names(sampler: Union[str, Callable]) -> list[str]:
+    """The keyword options a sampler takes beyond what :func:`generate` passes (sit_sde: last_step_size, ...)."""
+    import inspect
+
+    fn = get_sampler(sampler) if isinstance(sampler, str) else sampler
+    return [name for name, p in inspect.signature(fn).parameters.items()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in _CALL_ARGUMENTS]
+
+
+def parse_sampler_options(items: Sequence[str], sampler: str, flag: str = "--sampler-option") -> dict:
+    """``KEY=VALUE`` strings → ``generate``'s ``sampler_options``, values parsed as ``--set`` values
+    (YAML: ``0.04``, ``euler``, ``[0, 0.7]``); a key the sampler does not take is a ConfigError
+    naming it and listing the sampler's options. A repeated key: the last one wins."""
+    from selfflow.config import parse_scalar
+    from selfflow.errors import ConfigError
+
+    names = sampler_option_names(sampler)
+    options: dict = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"{flag} {item!r} is not of the form KEY=VALUE (e.g. {flag} last_step_size=0.04)")
+        if key not in names:
+            known = f"its options: {', '.join(names)}" if names else "it takes no options"
+            raise ConfigError(f"{flag} {key}: the {sampler} sampler has no option {key!r}; {known}")
+        options[key] = parse_scalar(text)
+    return options
 
 
 # --------------------------------------------------------------------------------------------

@@ -58,6 +58,7 @@ def generate_set(
     device: str | torch.device = "cpu",
     autocast_dtype: Optional[torch.dtype] = None,
     source: Optional[dict] = None,
+    sampler_options: Optional[dict] = None,
     prompts: Optional[Sequence[str]] = None,
     text=None,
     on_shard: Optional[Callable[[int, Path], None]] = None,
@@ -70,6 +71,7 @@ def generate_set(
     path and weights) is recorded in ``set.json``. ``on_shard(index, path)`` is called after
     each shard is written; ``progress`` shows a bar over the items still to generate. ``prompts``
     and ``text`` (a :class:`selfflow.config.TextConfig`) condition a caption-conditioned model.
+    ``sampler_options`` go to the sampler (``generate``'s) and into ``set.json``.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -91,7 +93,9 @@ def generate_set(
         from selfflow.sampling import dopri5
 
         defaults = inspect.signature(dopri5).parameters
-        manifest["sampler_options"] = {"rtol": defaults["rtol"].default, "atol": defaults["atol"].default}
+        manifest["sampler_options"] = {"rtol": defaults["rtol"].default, "atol": defaults["atol"].default, **(sampler_options or {})}
+    elif sampler_options:
+        manifest["sampler_options"] = dict(sampler_options)
     if prompts is not None:
         manifest.update(prompts=list(prompts), text=dataclasses.asdict(text))
     shards = ShardSet.create_or_resume(folder, manifest)
@@ -104,7 +108,7 @@ def generate_set(
         result = generate(
             model, num_samples=stop - start, seeds=seeds, labels=shard_labels, sampler=sampler, steps=steps,
             cfg_scale=cfg_scale, batch_size=batch_size, device=device, image_shape=image_shape,
-            autocast_dtype=autocast_dtype, progress=False,
+            autocast_dtype=autocast_dtype, sampler_options=sampler_options, progress=False,
         )
         out_labels = result.labels if result.labels is not None else torch.full((stop - start,), -1, dtype=torch.int64)
         tensors = {"labels": out_labels.to(torch.int64), "seeds": torch.tensor(seeds, dtype=torch.int64)}

@@ -176,6 +176,9 @@ def cmd_eval(args) -> int:
             settings = sample_settings(folder, sampler=getattr(args, "sampler", None), steps=getattr(args, "steps", None),
                                        cfg_scale=getattr(args, "cfg_scale", None),
                                        batch_size=getattr(args, "batch_size", None), num_classes=model.num_classes)
+            from selfflow.sampling import parse_sampler_options
+
+            args.sampler_options = parse_sampler_options(getattr(args, "sampler_option", None) or [], settings.sampler)
     if not data_name:
         raise ConfigError("the reference data set is unknown: pass --data")
 
@@ -226,7 +229,7 @@ def _generate(model, folder: Path, settings, args, device) -> tuple[torch.Tensor
 
     common = dict(sampler=settings.sampler, steps=settings.steps, cfg_scale=settings.cfg_scale,
                   batch_size=settings.batch_size, device=device, image_shape=shape,
-                  autocast_dtype=autocast_dtype(args.precision, device))
+                  autocast_dtype=autocast_dtype(args.precision, device), sampler_options=args.sampler_options)
     result = generate(model, num_samples=args.n, seeds=seeds, **common)  # its bar: a total and images/s
     speed = measure_sampler_speed(lambda k: generate(model, num_samples=k, progress=False, **common),
                                   min(settings.batch_size, args.n), warmup=1, device=device)
@@ -234,4 +237,6 @@ def _generate(model, folder: Path, settings, args, device) -> tuple[torch.Tensor
                 "cfg_scale": settings.cfg_scale, "batch_size": settings.batch_size, "precision": args.precision,
                 "seeds": [seeds[0], seeds[-1]],
                 "nfe_per_sample": result.nfe_per_sample, "generation_wall_time_s": result.wall_time_s, "speed": speed}
+    if args.sampler_options:
+        sampling["sampler_options"] = args.sampler_options
     return result.images, result.labels, sampling

@@ -74,11 +74,14 @@ def cmd_synth(args) -> int:
     s = sample_settings(folder, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale, batch_size=args.batch_size,
                         num_classes=None if text is not None else model.num_classes)  # text: guidance on the null caption
     plan(args.captions, args.per_caption, args.n, classes, s.sampler, s.steps, text is not None)  # refuse before any work
+    from selfflow.sampling import parse_sampler_options
+
+    options = parse_sampler_options(args.sampler_option, s.sampler)  # instances refuse them (make_synth_set)
     shards = make_synth_set(
         model, args.out, captions=args.captions, per_caption=args.per_caption, num=args.n, shard_size=args.shard_size,
         seed=args.seed, sampler=s.sampler, steps=s.steps, cfg_scale=s.cfg_scale, churn=args.churn, batch_size=s.batch_size,
         device=device, autocast_dtype=autocast_dtype(args.precision, device),
-        source={"checkpoint": str(folder.resolve()), "weights": args.weights}, text=text,
+        source={"checkpoint": str(folder.resolve()), "weights": args.weights}, text=text, sampler_options=options,
         on_shard=lambda index, path: print(f"wrote {path}", flush=True), progress=True,
     )
     print(f"set complete: {args.out} ({shards.num} images, {args.per_caption} per caption, captions: {args.captions})")

@@ -123,10 +123,12 @@ def _instances(model, items: dict, *, steps: int, cfg_scale: float, churn: float
 def make_synth_set(model, folder: str | os.PathLike, *, captions: str, per_caption: int, num: int, shard_size: int = 1000,
                    seed: int = 0, sampler: str = "euler", steps: int = 50, cfg_scale: float = 1.0, churn: float = 0.6,
                    batch_size: int = 256, device="cpu", autocast_dtype=None, source: Optional[dict] = None, text=None,
-                   on_shard: Optional[Callable[[int, Path], None]] = None, progress: bool = False) -> ShardSet:
+                   sampler_options: Optional[dict] = None, on_shard: Optional[Callable[[int, Path], None]] = None, progress: bool = False) -> ShardSet:
     """Generate (or finish) a captioned set of ``num`` images in ``folder``; see the module doc.
 
-    ``text``: the caption-conditioned generator's text section (:class:`selfflow.config.TextConfig`)."""
+    ``text``: the caption-conditioned generator's text section (:class:`selfflow.config.TextConfig`).
+    ``sampler_options`` go to the sampler and into ``set.json`` (classes and text captions; instances run their
+    own churned SDE and refuse them)."""
     text_model = bool(getattr(model, "conditions_on_text", False))
     num_classes = 0 if text_model else int(getattr(model, "num_classes", 0) or 0)
     record = plan(captions, per_caption, num, num_classes, sampler, steps, text_model)
@@ -139,11 +141,16 @@ def make_synth_set(model, folder: str | os.PathLike, *, captions: str, per_capti
         raise ConfigError(f"--churn must be in (0, 1], got {churn}")
     if record["kind"] == "instances":
         record["churn"] = churn
+        if sampler_options:
+            raise ConfigError(f"--sampler-option {next(iter(sampler_options))}: --captions instances runs its own SDE "
+                              f"(noise while t <= --churn) and takes no sampler options")
     manifest = {
         "kind": KIND, "num": num, "shard_size": shard_size, "seed": seed, "sampler": sampler, "steps": steps,
         "cfg_scale": cfg_scale, "batch_size": batch_size, "num_classes": num_classes, "captions": record,
         "image_shape": [model.in_channels, model.image_size, model.image_size], "source": source or {},
     }
+    if sampler_options:
+        manifest["sampler_options"] = dict(sampler_options)
     if table:
         manifest["text"] = dataclasses.asdict(text)
     shards = ShardSet.create_or_resume(folder, manifest)
@@ -155,7 +162,7 @@ def make_synth_set(model, folder: str | os.PathLike, *, captions: str, per_capti
             images = generate(model, num_samples=stop - start, seeds=items["seeds"].tolist(), labels=condition,
                               sampler=sampler, steps=steps, cfg_scale=cfg_scale, batch_size=batch_size, device=device,
                               image_shape=(model.in_channels, model.image_size, model.image_size),
-                              autocast_dtype=autocast_dtype, progress=False).images
+                              autocast_dtype=autocast_dtype, sampler_options=sampler_options, progress=False).images
         else:
             images = _instances(model, items, steps=steps, cfg_scale=cfg_scale, churn=churn, batch_size=batch_size,
                                 device=device, autocast_dtype=autocast_dtype)

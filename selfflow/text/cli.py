@@ -73,6 +73,7 @@ def sample_prompts(args, resolved_sampling) -> int:
         model, make_encoder(text), prompts, per_prompt=per_prompt, seed=args.seed, sampler=settings.sampler,
         steps=settings.steps, cfg_scale=settings.cfg_scale, batch_size=settings.batch_size, device=device,
         image_shape=(model.in_channels, model.image_size, model.image_size), autocast_dtype=autocast_dtype(args.precision, device),
+        sampler_options=args.sampler_options,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -85,6 +86,8 @@ def sample_prompts(args, resolved_sampling) -> int:
         "seeds": [result.seeds[0], result.seeds[-1]], "nfe_per_sample": result.nfe_per_sample,
         "wall_time_s": result.wall_time_s, "device": str(device), "text_encoder": text.encoder,
     }
+    if args.sampler_options:
+        info["sampler_options"] = args.sampler_options
     (out / "samples.json").write_text(json.dumps(info, indent=2))
     print(f"wrote {out / 'grid.png'} and {out / 'samples.npz'} ({len(prompts)} prompt(s) × {per_prompt} images, "
           f"{result.nfe_per_sample:g} evaluations each)")
