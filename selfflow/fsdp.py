@@ -4,7 +4,10 @@ Wrapping (:func:`shard_for_training`). Under ``train.distributed=fsdp`` every pr
 of each parameter, gradient and optimizer moment. The units that gather their weights together are
 each transformer block, of the student and of the EMA teacher, plus one root per tree: the
 ``Objective`` (the student's embeddings and final layer, and the method's own parameters, such as
-Self-Flow's head) and the EMA model. Student and EMA are sharded on the same mesh with the same
+Self-Flow's head, or DMD's whole fake-score DiT and GAN head; DMD's frozen real score is outside the
+module tree and replicated) and the EMA model. A unit whose parameters get no gradient on a step (the
+student's blocks on DMD2's fake-score-only steps) reduces nothing: its shards' gradients stay None
+and AdamW skips them, on every process alike (tests/test_one_step_fsdp.py). Student and EMA are sharded on the same mesh with the same
 placements, so the EMA update ``ema.lerp_(θ, 1 − d)`` stays a local operation on each shard. With
 bf16 the gathered weights are cast to bf16 and gradients are reduced in fp32
 (``MixedPrecisionPolicy``); the sharded master weights and the optimizer stay fp32.
