@@ -98,5 +98,9 @@ def test_sharded_dmd2_checkpoint_holds_the_reference_weights_and_optimizer(runs,
     assert any(k.startswith("method.fake.") for k in a) and any(k.startswith("method.gan_head.") for k in a)
     for p, q in zip(two.params, one.params):
         _assert_close(two.optimizer.state[p], one.optimizer.state[q])
+    # AdamW skipped the student on the fake-only steps 1 and 3 (its gradients were None on both processes)
+    model_params = {id(p) for p in two.model.parameters()}
+    assert {float(two.optimizer.state[p]["step"]) for p in two.params if id(p) in model_params} == {2.0}
+    assert {float(two.optimizer.state[p]["step"]) for p in two.params if id(p) not in model_params} == {4.0}
     teacher = ckpt.load_tensors(ckpt.latest_checkpoint(runs / "teacher" / "checkpoints") / "ema.safetensors")
     assert any(not torch.equal(a[f"model.{k}"], v) for k, v in teacher.items())  # the generator trained
