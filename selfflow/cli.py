@@ -207,7 +207,7 @@ def resolved_sampling(args, folder, model=None):
     settings = sample_settings(folder, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
                                batch_size=args.batch_size, num_classes=getattr(model, "num_classes", None))
     args.sampler, args.steps, args.cfg_scale, args.batch_size = settings.sampler, settings.steps, settings.cfg_scale, settings.batch_size
-    args.sampler_options = parse_sampler_options(args.sampler_option, settings.sampler)
+    args.sampler_options = parse_sampler_options(args.sampler_option, settings.sampler, settings.steps)
     return settings
 
 

@@ -558,10 +558,13 @@ def sampler_option_names(sampler: Union[str, Callable]) -> list[str]:
             if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in _CALL_ARGUMENTS]
 
 
-def parse_sampler_options(items: Sequence[str], sampler: str, flag: str = "--sampler-option") -> dict:
+def parse_sampler_options(items: Sequence[str], sampler: str, steps: Optional[int] = None, flag: str = "--sampler-option") -> dict:
     """``KEY=VALUE`` strings → ``generate``'s ``sampler_options``, values parsed as ``--set`` values
     (YAML: ``0.04``, ``euler``, ``[0, 0.7]``); a key the sampler does not take is a ConfigError
-    naming it and listing the sampler's options. A repeated key: the last one wins."""
+    naming it and listing the sampler's options. A repeated key: the last one wins. With ``steps``,
+    the values are checked too, by a dry run of the sampler on a zero velocity field (one number,
+    its own generator): the sampler's own refusal (``last_step_size`` outside (0, 1), ...) becomes
+    a ConfigError before any work."""
     from selfflow.config import parse_scalar
     from selfflow.errors import ConfigError
 
@@ -576,6 +579,16 @@ def parse_sampler_options(items: Sequence[str], sampler: str, flag: str = "--sam
             known = f"its options: {', '.join(names)}" if names else "it takes no options"
             raise ConfigError(f"{flag} {key}: the {sampler} sampler has no option {key!r}; {known}")
         options[key] = parse_scalar(text)
+    if options and steps is not None:
+        x = torch.zeros(1, 1)
+        try:
+            get_sampler(sampler)(lambda state, t, y: torch.zeros_like(state), x, time_grid(steps), y=None,
+                                 generator=torch.Generator().manual_seed(0), **options)
+        except ImportError:  # dopri5 without torchdiffeq: generate says so
+            pass
+        except (ValueError, TypeError) as exc:
+            given = " ".join(f"{k}={v}" for k, v in options.items())
+            raise ConfigError(f"{flag} {given}: the {sampler} sampler refuses it: {exc}") from None
     return options
 
 

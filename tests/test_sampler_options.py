@@ -93,3 +93,13 @@ def test_synth_records_the_options_and_instances_refuse_them(run, tmp_path, caps
     assert main(argv) == 2
     one_line_error(capsys, "--sampler-option diffusion_norm", "--captions instances")
     assert not (tmp_path / "i").exists()
+
+
+def test_a_value_the_sampler_refuses_is_one_line_before_any_work(run, tmp_path, capsys):
+    with pytest.raises(ConfigError, match=r"^--sampler-option last_step=mode: the sit_sde sampler refuses it: unknown last_step 'mode'"):
+        parse_sampler_options(["last_step=mode"], "sit_sde", steps=4)
+    assert parse_sampler_options(["last_step=mode"], "sit_sde") == {"last_step": "mode"}  # keys only without steps
+    out = tmp_path / "set"
+    assert main(["generate-set", "--ckpt", str(run), "--n", "2", "--out", str(out), *SIT, "--sampler-option", "last_step_size=1.5"]) == 2
+    one_line_error(capsys, "--sampler-option last_step_size=1.5", "last_step_size must lie in (0, 1.0)")
+    assert not out.exists()

@@ -178,7 +178,8 @@ def cmd_eval(args) -> int:
                                        batch_size=getattr(args, "batch_size", None), num_classes=model.num_classes)
             from selfflow.sampling import parse_sampler_options
 
-            args.sampler_options = parse_sampler_options(getattr(args, "sampler_option", None) or [], settings.sampler)
+            args.sampler_options = parse_sampler_options(getattr(args, "sampler_option", None) or [], settings.sampler,
+                                                          settings.steps)
     if not data_name:
         raise ConfigError("the reference data set is unknown: pass --data")
 

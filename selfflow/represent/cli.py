@@ -76,7 +76,7 @@ def cmd_synth(args) -> int:
     plan(args.captions, args.per_caption, args.n, classes, s.sampler, s.steps, text is not None)  # refuse before any work
     from selfflow.sampling import parse_sampler_options
 
-    options = parse_sampler_options(args.sampler_option, s.sampler)  # instances refuse them (make_synth_set)
+    options = parse_sampler_options(args.sampler_option, s.sampler, s.steps)  # instances refuse them (make_synth_set)
     shards = make_synth_set(
         model, args.out, captions=args.captions, per_caption=args.per_caption, num=args.n, shard_size=args.shard_size,
         seed=args.seed, sampler=s.sampler, steps=s.steps, cfg_scale=s.cfg_scale, churn=args.churn, batch_size=s.batch_size,
