@@ -102,6 +102,27 @@ def spawn_ranks(worker, world: int, *args) -> None:
     mp.start_processes(_rank_main, args=(worker, world, args), nprocs=world, join=True, start_method="spawn")
 
 
+def fit_phases(rank: int, world: int, phases) -> None:
+    """A spawned rank's work: each (port, raw config) phase as a fresh process group and trainer."""
+    for port, raw in phases:
+        join_as_rank(rank, world, port)
+        fit(raw)
+
+
+def trainer_state(trainer) -> dict:
+    """Every weight a checkpoint restores: the model, its EMA and the method's own networks."""
+    return {**{f"model.{k}": v for k, v in trainer.model.state_dict().items()},
+            **{f"ema.{k}": v for k, v in trainer.ema.model.state_dict().items()},
+            **{f"method.{k}": v for k, v in trainer.method.state_dict().items()}}
+
+
+def assert_tensors_close(a: dict, b: dict) -> None:
+    """Same keys, values equal to float tolerance (processes reduce in another order)."""
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
 def leave_process_group_env() -> None:
     for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
         os.environ.pop(key, None)

@@ -19,24 +19,12 @@ import pytest
 import torch
 
 from selfflow import checkpoint as ckpt
-from support import fit, free_port, join_as_rank, leave_process_group_env, logged_losses, spawn_ranks, tiny_run
+from support import assert_tensors_close, fit, fit_phases, free_port, join_as_rank, leave_process_group_env, logged_losses, spawn_ranks, tiny_run, trainer_state
 
 
 def _raw(out_dir, steps, **train):
     return tiny_run(out_dir, method={"name": "self_flow"}, sample={"steps": 2},
                     train={"steps": steps, "warmup_steps": 1, "ckpt_every": 2, "keep_last": 3, "distributed": "fsdp", **train})
-
-
-def _worker(rank, world, phases):
-    for port, raw in phases:
-        join_as_rank(rank, world, port)
-        fit(raw)
-
-
-def _assert_close(a: dict, b: dict):
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +43,7 @@ def runs(tmp_path_factory):
         (free_port(), _raw(root / "fsdp", 4)),
         (free_port(), _raw(root / "from_full", 4, activation_checkpointing=True, num_sample_images=4)),
     ]
-    spawn_ranks(_worker, 2, 2, phases)
+    spawn_ranks(fit_phases, 2, 2, phases)
     return root
 
 
@@ -63,7 +51,7 @@ def test_fsdp_two_processes_match_one_process(runs):
     assert logged_losses(runs / "fsdp") == pytest.approx(logged_losses(runs / "one"), rel=1e-5, abs=1e-6)
     # The sharded checkpoint carries the full EMA weights, gathered on rank 0, for sampling.
     one, two = runs / "one" / "checkpoints" / "step_0000004", runs / "fsdp" / "checkpoints" / "step_0000004"
-    _assert_close(ckpt.load_tensors(two / "ema.safetensors"), ckpt.load_tensors(one / "ema.safetensors"))
+    assert_tensors_close(ckpt.load_tensors(two / "ema.safetensors"), ckpt.load_tensors(one / "ema.safetensors"))
 
 
 def test_sharded_checkpoint_is_one_safetensors_file_per_process(runs):
@@ -79,14 +67,8 @@ def test_sharded_checkpoint_is_one_safetensors_file_per_process(runs):
 def test_unsharded_checkpoint_resumes_under_fsdp(runs):
     assert logged_losses(runs / "from_full") == pytest.approx(logged_losses(runs / "one")[2:], rel=1e-5, abs=1e-6)
     one, two = runs / "one" / "checkpoints" / "step_0000004", runs / "from_full" / "checkpoints" / "step_0000004"
-    _assert_close(ckpt.load_tensors(two / "ema.safetensors"), ckpt.load_tensors(one / "ema.safetensors"))
+    assert_tensors_close(ckpt.load_tensors(two / "ema.safetensors"), ckpt.load_tensors(one / "ema.safetensors"))
     assert (runs / "from_full" / "samples" / "step_0000004.png").is_file()
-
-
-def _model_state(trainer):
-    return {**{f"model.{k}": v for k, v in trainer.model.state_dict().items()},
-            **{f"ema.{k}": v for k, v in trainer.ema.model.state_dict().items()},
-            **{f"method.{k}": v for k, v in trainer.method.state_dict().items()}}
 
 
 def test_sharded_checkpoint_from_two_processes_resumes_on_one(runs, tmp_path):
@@ -96,9 +78,9 @@ def test_sharded_checkpoint_from_two_processes_resumes_on_one(runs, tmp_path):
     resumed = fit(_raw(tmp_path / "run", 4, distributed="ddp"))
     assert logged_losses(tmp_path / "run") == pytest.approx(logged_losses(runs / "one")[2:], rel=1e-5, abs=1e-6)
     reference = fit(_raw(runs / "one", 4, distributed="ddp"))  # resumes at step 4: nothing left to train
-    _assert_close(_model_state(resumed), _model_state(reference))
+    assert_tensors_close(trainer_state(resumed), trainer_state(reference))
     for a, b in zip(resumed.params, reference.params):
-        _assert_close(resumed.optimizer.state[a], reference.optimizer.state[b])
+        assert_tensors_close(resumed.optimizer.state[a], reference.optimizer.state[b])
 
 
 def test_sharded_loading_runs_no_pickle(runs, tmp_path):
@@ -161,7 +143,7 @@ def test_disk_full_during_a_sharded_checkpoint_keeps_the_old_one(runs, tmp_path,
     resumed = Trainer(config_from_dict(_raw(tmp_path / "run", 3, distributed="ddp")))
     resumed.maybe_resume()
     assert resumed.step == 3
-    _assert_close(_model_state(resumed), _model_state(trainer))
+    assert_tensors_close(trainer_state(resumed), trainer_state(trainer))
 
 
 def test_one_process_under_torchrun_runs_fsdp_and_matches(runs, tmp_path):

@@ -269,17 +269,9 @@ def test_modality_commands_refuse_bad_input_in_one_line(tmp_path, capsys):
 
 
 # ---- many processes: DDP and FSDP on a two-part sequence equal one process ---------------------
-def _ranks(rank, world, phases):
-    from support import join_as_rank
-
-    for port, raw in phases:
-        join_as_rank(rank, world, port)
-        fit(raw)
-
-
 def test_audio_video_under_ddp_and_fsdp_matches_one_process(tmp_path):
     from selfflow import checkpoint as ckpt
-    from support import free_port, logged_losses, spawn_ranks
+    from support import fit_phases, free_port, logged_losses, spawn_ranks
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -288,7 +280,7 @@ def test_audio_video_under_ddp_and_fsdp_matches_one_process(tmp_path):
     finally:
         torch.set_num_threads(threads)
     phases = [(free_port(), raw_run(tmp_path / mode, "audio_video", batch_size=8, distributed=mode)) for mode in ("ddp", "fsdp")]
-    spawn_ranks(_ranks, 2, 2, phases)
+    spawn_ranks(fit_phases, 2, 2, phases)
     reference = ckpt.load_tensors(tmp_path / "one" / "checkpoints" / "step_0000004" / "ema.safetensors")
     for mode in ("ddp", "fsdp"):
         assert logged_losses(tmp_path / mode) == pytest.approx(logged_losses(tmp_path / "one"), rel=1e-5, abs=1e-6)

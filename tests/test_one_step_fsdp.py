@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from selfflow import checkpoint as ckpt
-from support import fit, free_port, join_as_rank, logged_losses, spawn_ranks, tiny_run
+from support import assert_tensors_close, fit, fit_phases, free_port, logged_losses, spawn_ranks, tiny_run, trainer_state
 
 
 def _raw(out_dir, teacher, steps, distributed):
@@ -30,25 +30,6 @@ def _raw(out_dir, teacher, steps, distributed):
               "backward_simulation": True, "gan_generator_weight": 0.1, "gan_discriminator_weight": 0.1}
     return tiny_run(out_dir, method=method, train={"steps": steps, "warmup_steps": 1, "ckpt_every": 2, "keep_last": 3,
                                                   "init_from": str(teacher), "distributed": distributed})
-
-
-def _worker(rank, world, phases):
-    for port, raw in phases:
-        join_as_rank(rank, world, port)
-        fit(raw)
-
-
-def _states(trainer):
-    out = {f"model.{k}": v for k, v in trainer.model.state_dict().items()}
-    out.update({f"ema.{k}": v for k, v in trainer.ema.model.state_dict().items()})
-    out.update({f"method.{k}": v for k, v in trainer.method.state_dict().items()})
-    return out
-
-
-def _assert_close(a: dict, b: dict):
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +44,7 @@ def runs(tmp_path_factory):
         torch.set_num_threads(threads)
     phases = [(free_port(), _raw(root / "fsdp", root / "teacher", 2, "fsdp")),
               (free_port(), _raw(root / "fsdp", root / "teacher", 4, "fsdp"))]
-    spawn_ranks(_worker, 2, 2, phases)
+    spawn_ranks(fit_phases, 2, 2, phases)
     return root
 
 
@@ -81,7 +62,7 @@ def test_dmd2_under_fsdp_matches_one_process(runs):
     state = json.loads((step / "state.json").read_text())
     assert state["format"] == "sharded" and state["world_size"] == 2 and len(state["sharded"]["files"]) == 2
     ema_one = ckpt.load_tensors(runs / "one" / "checkpoints" / "step_0000004" / "ema.safetensors")
-    _assert_close(ckpt.load_tensors(step / "ema.safetensors"), ema_one)
+    assert_tensors_close(ckpt.load_tensors(step / "ema.safetensors"), ema_one)
 
 
 def test_sharded_dmd2_checkpoint_holds_the_reference_weights_and_optimizer(runs, tmp_path):
@@ -93,11 +74,11 @@ def test_sharded_dmd2_checkpoint_holds_the_reference_weights_and_optimizer(runs,
     two = fit(_raw(tmp_path / "fsdp", runs / "teacher", 4, "ddp"))  # resumes at step 4: nothing left to train
     one = fit(_raw(tmp_path / "one", runs / "teacher", 4, "ddp"))
     assert two.step == one.step == 4
-    a, b = _states(two), _states(one)
-    _assert_close(a, b)
+    a, b = trainer_state(two), trainer_state(one)
+    assert_tensors_close(a, b)
     assert any(k.startswith("method.fake.") for k in a) and any(k.startswith("method.gan_head.") for k in a)
     for p, q in zip(two.params, one.params):
-        _assert_close(two.optimizer.state[p], one.optimizer.state[q])
+        assert_tensors_close(two.optimizer.state[p], one.optimizer.state[q])
     # AdamW skipped the student on the fake-only steps 1 and 3 (its gradients were None on both processes)
     model_params = {id(p) for p in two.model.parameters()}
     assert {float(two.optimizer.state[p]["step"]) for p in two.params if id(p) in model_params} == {2.0}
