@@ -196,39 +196,36 @@ def references(args, kind: str) -> dict:
         write_json(ref, path)
         return ref
     from selfflow.modalities.data import modality_samples
-    from selfflow.modalities.evaluation.run import _part, audio_judge, video_judge
+    from selfflow.modalities.evaluation.run import agreement, audio_judge, video_judge
 
     config = load_config(ROOT / "configs" / f"{kind}_flow_matching.yaml", overrides(args, kind, "flow_matching", 0))
     size = args.sizes[kind]
     train_set = modality_samples(config, "train", progress=False)
     real = modality_samples(config, "test", n=size["n"], progress=False)
+    layout = train_set.layout
     pick = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0))[:size["n"]]
-    ref = {}
+    ref, judges = {}, {}
     work = args.work / kind / "judges"
     if kind in ("video", "audio_video"):
         from selfflow.modalities.evaluation.video import video_metrics
 
-        judge = video_judge(config, train_set, work, args.device, False, max(size["judge_steps"], 1))
-        m = video_metrics(judge, _part(train_set.x[pick], config, "video"), train_set.y[pick], _part(real, config, "video"),
-                          real_labels=real.y)
+        judges["video"] = video_judge(train_set, work, args.device, False, max(size["judge_steps"], 1))
+        m = video_metrics(judges["video"], layout.part(train_set.x[pick], "video"), train_set.y[pick],
+                          layout.part(real.x, "video"), real_labels=real.y)
         prefix = "video_" if kind == "audio_video" else ""
         ref.update({f"{prefix}fd_frames": m["fd_frames"], f"{prefix}accuracy": m["accuracy_real"],
                     f"{prefix}temporal_consistency": m["temporal_consistency_real"], f"{prefix}smoothness": m["smoothness_real"]})
     if kind in ("audio", "audio_video"):
+        from selfflow.evaluation.feature_net import conditional_accuracy
         from selfflow.modalities.evaluation.audio import audio_metrics
 
-        judge = audio_judge(config, train_set, work, args.device, False, max(size["judge_steps"], 1))
-        m = audio_metrics(judge, _part(train_set.x[pick], config, "audio"), train_set.y[pick], _part(real, config, "audio"))
-        real_acc = audio_metrics(judge, _part(real, config, "audio"), real.y, _part(real, config, "audio"))["accuracy"]
+        judges["audio"] = audio_judge(train_set, work, args.device, False, max(size["judge_steps"], 1))
+        real_audio = layout.part(real.x, "audio")
+        m = audio_metrics(judges["audio"], layout.part(train_set.x[pick], "audio"), train_set.y[pick], real_audio)
         prefix = "audio_" if kind == "audio_video" else ""
-        ref.update({f"{prefix}fd": m["fd"], f"{prefix}accuracy": real_acc})
+        ref.update({f"{prefix}fd": m["fd"], f"{prefix}accuracy": conditional_accuracy(judges["audio"], real_audio, real.y)[0]})
     if kind == "audio_video":
-        from selfflow.modalities.evaluation.video import clip_classes
-
-        frames = video_judge(config, train_set, work, args.device, False, max(size["judge_steps"], 1))
-        ref["agreement"] = float((clip_classes(frames, _part(real, config, "video"))
-                                  == audio_judge(config, train_set, work, args.device, False, 1).predict(_part(real, config, "audio"))
-                                  ).float().mean())
+        ref["agreement"] = agreement(judges["video"], judges["audio"], layout, real.x)
         # given the real half, the best a generator can do is the real clip's own label: the judges' accuracy on it
         ref["video_given_audio_clean"] = ref["video_given_audio_replace"] = ref["video_accuracy"]
         ref["audio_given_video_clean"] = ref["audio_given_video_replace"] = ref["audio_accuracy"]

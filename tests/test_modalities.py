@@ -84,6 +84,7 @@ def test_a_layout_of_two_parts_splits_joins_and_expands_token_values():
     for tokens, where in zip(layout.tokens(spread), layout.token_slices()):
         assert torch.equal(tokens, values[:, where, None].expand_as(tokens))  # every value of token i is values[i]
     assert layout.modality_index().tolist() == [0] * 8 + [1] * 4
+    assert torch.equal(layout.part(x, "audio"), layout.split(x)[1]) and layout.token_mask("video").tolist() == [True] * 8 + [False] * 4
 
 
 # ---- the token DiT ---------------------------------------------------------------------------

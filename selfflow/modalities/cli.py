@@ -83,9 +83,9 @@ def cmd_sample(args) -> int:
         from selfflow.modalities.data import modality_samples
 
         real = modality_samples(config, "test", n=args.n)
-        given_tokens = (model.modality_index == 0) if args.given == "video" else (model.modality_index == 1)
-        samples = generate_given(model, real.x.to(device), given_tokens, seeds=range(args.n), labels=real.y.to(device),
-                                 steps=config.sample.steps, cfg_scale=config.sample.cfg_scale, mode=args.given_mode).cpu()
+        samples = generate_given(model, real.x.to(device), model.layout.token_mask(args.given), seeds=range(args.n),
+                                 labels=real.y.to(device), steps=config.sample.steps, cfg_scale=config.sample.cfg_scale,
+                                 mode=args.given_mode).cpu()
         write_media(real.x, config, out / "real")
     else:
         values = parse_labels(args.labels, model.num_classes)

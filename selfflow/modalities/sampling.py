@@ -96,9 +96,9 @@ def write_media(samples: torch.Tensor, config: RunConfig, base: Path, *, wavs: i
     base_k.wav; returns the main file."""
     from selfflow.modalities.data import AUDIO_SECONDS, layout_for
 
-    kind, m = config.modality.kind, config.modality
+    layout = layout_for(config.modality)
     base.parent.mkdir(parents=True, exist_ok=True)
-    pieces = dict(zip([p.name for p in layout_for(m).parts], layout_for(m).split(samples)))
+    pieces = dict(zip([p.name for p in layout.parts], layout.split(samples)))
     main = None
     if "video" in pieces:
         from selfflow.modalities.video import save_frame_strip, save_gif, video_to_uint8
@@ -116,7 +116,7 @@ def write_media(samples: torch.Tensor, config: RunConfig, base: Path, *, wavs: i
         for k in range(count):
             write_wav(base.parent / f"{base.name}_{k}.wav", waves[k])
     if main is None:
-        raise ValueError(f"modality.kind={kind} has no media to write")
+        raise ValueError(f"modality.kind={config.modality.kind} has no media to write")
     return main
 
 

@@ -123,6 +123,17 @@ class Layout:
             start += p.num_tokens
         return out
 
+    def part(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """The part called ``name`` of samples (B, *sample_shape) → (B, *part.shape)."""
+        names = [p.name for p in self.parts]
+        if name not in names:
+            raise ValueError(f"no part {name!r} in this layout; it has {names}")
+        return self.split(x)[names.index(name)]
+
+    def token_mask(self, name: str) -> torch.Tensor:
+        """(N,) bool: the tokens of the part called ``name``."""
+        return torch.cat([torch.full((p.num_tokens,), p.name == name) for p in self.parts])
+
     def modality_index(self) -> torch.Tensor:
         """(N,) int64: the part each token belongs to."""
         return torch.cat([torch.full((p.num_tokens,), i, dtype=torch.long) for i, p in enumerate(self.parts)])

@@ -25,10 +25,12 @@ import torch
 
 from selfflow.config import RunConfig, config_from_dict
 from selfflow.errors import CheckpointError
-from selfflow.evaluation.feature_net import FeatureNet, load_feature_net
+from selfflow.evaluation.feature_net import FeatureNet, conditional_accuracy, load_feature_net
 from selfflow.modalities.data import TokenDataset, modality_samples
+from selfflow.modalities.evaluation.video import clip_classes
 from selfflow.modalities.model import load_token_generator
 from selfflow.modalities.sampling import generate_given, make_policy, sample_conditioned
+from selfflow.modalities.tokens import Layout
 
 log = logging.getLogger("selfflow")
 
@@ -50,29 +52,21 @@ def _judge(folder: Path, train, *, device, progress: bool) -> FeatureNet:
     return load_feature_net(folder, device)
 
 
-def _part(dataset_or_x, config: RunConfig, name: str) -> torch.Tensor:
-    from selfflow.modalities.data import layout_for
-
-    layout = layout_for(config.modality)
-    x = dataset_or_x.x if isinstance(dataset_or_x, TokenDataset) else dataset_or_x
-    return dict(zip([p.name for p in layout.parts], layout.split(x)))[name]
-
-
-def video_judge(config: RunConfig, train_set: TokenDataset, work_dir: Path, device, progress: bool,
+def video_judge(train_set: TokenDataset, work_dir: Path, device, progress: bool,
                 steps: int = JUDGE_STEPS) -> FeatureNet:
     from selfflow.modalities.evaluation.video import train_frame_classifier
     from selfflow.modalities.video import video_to_uint8
 
-    clips = video_to_uint8(_part(train_set, config, "video"))
+    clips = video_to_uint8(train_set.layout.part(train_set.x, "video"))
     return _judge(work_dir / "frame_classifier", lambda out: train_frame_classifier(
         clips, train_set.y, 10, out, steps=steps, device=device, progress=progress), device=device, progress=progress)
 
 
-def audio_judge(config: RunConfig, train_set: TokenDataset, work_dir: Path, device, progress: bool,
+def audio_judge(train_set: TokenDataset, work_dir: Path, device, progress: bool,
                 steps: int = JUDGE_STEPS) -> FeatureNet:
     from selfflow.modalities.evaluation.audio import train_digit_classifier
 
-    mels = _part(train_set, config, "audio")
+    mels = train_set.layout.part(train_set.x, "audio")
     return _judge(work_dir / "digit_classifier", lambda out: train_digit_classifier(
         mels, train_set.y, out, steps=steps, device=device, progress=progress), device=device, progress=progress)
 
@@ -100,43 +94,43 @@ def evaluate_modality(path: str | Path, *, n: int = 256, work_dir: str | Path | 
     train_set = modality_samples(config, "train", progress=progress)
     real = modality_samples(config, "test", n=n, progress=progress)
     samples, labels = sample_conditioned(model, config, n, device, progress=progress)
+    layout = model.layout
+    judges = {}
     if modality.kind in ("video", "audio_video"):
         from selfflow.modalities.evaluation.video import video_metrics
 
-        judge = video_judge(config, train_set, work, device, progress, judge_steps)
-        report["video"] = video_metrics(judge, _part(samples, config, "video"), labels, _part(real, config, "video"),
+        judges["video"] = video_judge(train_set, work, device, progress, judge_steps)
+        report["video"] = video_metrics(judges["video"], layout.part(samples, "video"), labels, layout.part(real.x, "video"),
                                         real_labels=real.y)
     if modality.kind in ("audio", "audio_video"):
         from selfflow.modalities.evaluation.audio import audio_metrics
 
-        judge = audio_judge(config, train_set, work, device, progress, judge_steps)
-        report["audio"] = audio_metrics(judge, _part(samples, config, "audio"), labels, _part(real, config, "audio"))
-        report["audio"]["accuracy_real"] = audio_metrics(judge, _part(real, config, "audio"), real.y,
-                                                         _part(real, config, "audio"))["accuracy"]
+        judges["audio"] = audio_judge(train_set, work, device, progress, judge_steps)
+        real_audio = layout.part(real.x, "audio")
+        report["audio"] = audio_metrics(judges["audio"], layout.part(samples, "audio"), labels, real_audio)
+        report["audio"]["accuracy_real"] = conditional_accuracy(judges["audio"], real_audio, real.y)[0]
     if modality.kind == "audio_video":
-        report.update(_joint(model, config, samples, real, work, train_set, device, n, given_mode, judge_steps, progress))
+        report.update(_joint(model, config, samples, real, judges, device, n, given_mode))
     return report
 
 
-def _joint(model, config: RunConfig, samples, real: TokenDataset, work: Path, train_set, device, n: int,
-           given_mode: str, judge_steps: int, progress: bool) -> dict:
-    """Picture and sound agree; each generated from the other (cross-modal generation by given tokens)."""
-    from selfflow.modalities.evaluation.video import clip_classes
+def agreement(frames: FeatureNet, spoken: FeatureNet, layout: Layout, x: torch.Tensor) -> float:
+    """Fraction of audio-video samples whose picture (frame classifier, majority over frames) and sound
+    (spoken-digit classifier) name the same digit."""
+    return float((clip_classes(frames, layout.part(x, "video")) == spoken.predict(layout.part(x, "audio"))).float().mean())
 
-    frames = video_judge(config, train_set, work, device, progress, judge_steps)
-    spoken = audio_judge(config, train_set, work, device, progress, judge_steps)
-    out = {"agreement": float((clip_classes(frames, _part(samples, config, "video"))
-                               == spoken.predict(_part(samples, config, "audio"))).float().mean()),
-           "agreement_real": float((clip_classes(frames, _part(real, config, "video"))
-                                    == spoken.predict(_part(real, config, "audio"))).float().mean()),
+
+def _joint(model, config: RunConfig, samples, real: TokenDataset, judges: dict, device, n: int, given_mode: str) -> dict:
+    """Picture and sound agree; each generated from the other (cross-modal generation by given tokens)."""
+    layout = model.layout
+    frames, spoken = judges["video"], judges["audio"]
+    out = {"agreement": agreement(frames, spoken, layout, samples), "agreement_real": agreement(frames, spoken, layout, real.x),
            "given_mode": given_mode}
-    video_tokens = model.modality_index == 0
     given, labels = real.x.to(device), real.y.to(device)
-    for target, given_tokens, judge in (("video", ~video_tokens, None), ("audio", video_tokens, spoken)):
-        made = generate_given(model, given, given_tokens, seeds=range(n), labels=labels, steps=config.sample.steps,
+    for target, other in (("video", "audio"), ("audio", "video")):
+        made = generate_given(model, given, layout.token_mask(other), seeds=range(n), labels=labels, steps=config.sample.steps,
                               cfg_scale=config.sample.cfg_scale, mode=given_mode).cpu()
-        part = _part(made, config, target)
-        heard = clip_classes(frames, part) if judge is None else judge.predict(part)
-        other = "audio" if target == "video" else "video"
+        part = layout.part(made, target)
+        heard = clip_classes(frames, part) if target == "video" else spoken.predict(part)
         out[f"{target}_given_{other}_accuracy"] = float((heard == real.y).float().mean())
     return out
