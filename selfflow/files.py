@@ -155,3 +155,8 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+def cache_root() -> Path:
+    """The default cache folder: $SELFFLOW_CACHE, else ~/.cache/selfflow."""
+    return Path(os.environ.get("SELFFLOW_CACHE", Path.home() / ".cache" / "selfflow"))

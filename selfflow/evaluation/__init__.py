@@ -10,7 +10,7 @@
   ``measure_sampler_speed``;
 - ``cli``: the ``selfflow eval`` command.
 """
-from selfflow.files import sha256_file
+from selfflow.files import cache_root, sha256_file
 
 from .feature_net import (FeatureNet, FeatureNetConfig, conditional_accuracy, feature_net_for, load_feature_net,
                           save_feature_net, train_feature_net, train_on_dataset)
@@ -20,7 +20,7 @@ from .inception import (InceptionExtractor, InceptionNetwork, find_default_incep
                         load_inception, preprocess_for_inception, resolve_inception_path)
 from .metrics import METRICS, environment_info, evaluate, measure_sampler_speed
 from .precision_recall import PrecisionRecall, knn_radii, precision_recall
-from .stats_cache import cache_key, cache_root, cached_stats, reference_stats
+from .stats_cache import cache_key, cached_stats, reference_stats
 
 __all__ = [
     "FeatureNet", "FeatureNetConfig", "conditional_accuracy", "feature_net_for", "load_feature_net",

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from selfflow.errors import ConfigError, DataError
-from selfflow.evaluation.stats_cache import cache_root
+from selfflow.files import cache_root
 
 __all__ = ["add_eval_parser", "cmd_eval", "load_samples", "cache_root"]
 

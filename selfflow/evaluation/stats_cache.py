@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,11 +19,6 @@ from .features import FeatureExtractor, compute_stats
 from .frechet import FeatureStats
 
 logger = logging.getLogger(__name__)
-
-
-def cache_root() -> Path:
-    """The default cache folder: $SELFFLOW_CACHE, else ~/.cache/selfflow."""
-    return Path(os.environ.get("SELFFLOW_CACHE", Path.home() / ".cache" / "selfflow"))
 
 
 def cache_key(dataset_key: dict, extractor_key: dict) -> tuple[str, dict]:

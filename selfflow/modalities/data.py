@@ -15,7 +15,6 @@ actions        (2, H) the expert's next H actions in [-1, 1]    the observation 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 
 from selfflow.config import ModalityConfig, RunConfig
 from selfflow.errors import DataError
+from selfflow.files import cache_root
 from selfflow.modalities.tokens import Layout, Part
 
 log = logging.getLogger("selfflow")
@@ -102,7 +102,7 @@ def make_video(config: RunConfig, split: str, n: int, seed: int) -> tuple[torch.
 def _cache_dir(modality: ModalityConfig) -> Path:
     if modality.cache_dir:
         return Path(modality.cache_dir)
-    return Path(os.environ.get("SELFFLOW_CACHE") or Path.home() / ".cache" / "selfflow") / "audio"
+    return cache_root() / "audio"
 
 
 def make_audio(modality: ModalityConfig, n: int, seed: int, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, str]:
