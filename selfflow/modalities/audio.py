@@ -38,6 +38,8 @@ F_MAX = SAMPLE_RATE / 2     # the mel filterbank spans 0 .. 8000 Hz
 TOP_DB = 0.0                # fixed top of the dB range: a full-scale sine on an FFT bin has power 0 dB
 DYNAMIC_RANGE_DB = 80.0     # levels below TOP_DB − 80 dB are clamped (silence)
 POWER_FLOOR = 1e-10         # 10·log10(max(power, 1e-10)): −100 dB, below the clamp
+MIN_N_FFT = 512             # the shortest default window (32 ms): finer windows blur the low mel bands
+GRIFFIN_LIM_MOMENTUM = 0.99  # fast Griffin-Lim (Perraudin, Balazs & Søndergaard 2013); librosa's default too
 
 ESPEAK_RATE = 22050         # espeak-ng's output sample rate
 ESPEAK_VOICES = ("en-us", "en", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-us-nyc")
@@ -271,6 +273,19 @@ def hop_length(samples: int, frames: int) -> int:
     return hop
 
 
+def window_length(hop: int) -> int:
+    """The default n_fft for a hop: the smallest power of two >= max(2·hop, 512), so windows overlap by half
+    or more and every sample is weighted (:func:`check_coverage`)."""
+    return max(MIN_N_FFT, 1 << (2 * hop - 1).bit_length())
+
+
+def check_coverage(n_fft: int, hop: int, samples: int, frames: int) -> None:
+    """Refuse a window shorter than two hops: Hann windows further apart leave samples with (almost) no weight."""
+    if n_fft < 2 * hop:
+        raise DataError(f"log_mel: n_fft={n_fft} leaves samples uncovered at hop={hop} ({frames} frames from "
+                        f"{samples} samples): n_fft must be >= 2·hop = {2 * hop}, or leave it unset")
+
+
 def db_to_unit(db: torch.Tensor) -> torch.Tensor:
     """dB clamped to [TOP_DB − 80, TOP_DB], mapped affinely to [-1, 1] (−80 dB → −1, 0 dB → 1)."""
     db = db.clamp(TOP_DB - DYNAMIC_RANGE_DB, TOP_DB)
@@ -303,31 +318,41 @@ def _istft(spec: torch.Tensor, n_fft: int, hop: int, samples: int) -> torch.Tens
     return torch.istft(spec * (window.sum() / 2.0), n_fft, hop, window=window, center=True, length=samples)
 
 
-def log_mel(waves: torch.Tensor, *, n_mels: int = 32, frames: int = 32, n_fft: int = 512) -> torch.Tensor:
-    """(n, samples) → (n, 1, n_mels, frames) float32 in [-1, 1]: power STFT → mel → dB → fixed range → affine."""
-    _check_spectrogram_args(n_mels, n_fft)
+def log_mel(waves: torch.Tensor, *, n_mels: int = 32, frames: int = 32, n_fft: int | None = None) -> torch.Tensor:
+    """(n, samples) → (n, 1, n_mels, frames) float32 in [-1, 1]: power STFT → mel → dB → fixed range → affine.
+
+    n_fft: the window; None takes :func:`window_length` of the hop. A window shorter than two hops is refused.
+    """
     waves = torch.as_tensor(waves, dtype=torch.float32)
     if waves.ndim != 2:
         raise DataError(f"log_mel: waves must be (n, samples), got shape {tuple(waves.shape)}")
     hop = hop_length(waves.shape[1], frames)
+    n_fft = window_length(hop) if n_fft is None else n_fft
+    _check_spectrogram_args(n_mels, n_fft)
+    check_coverage(n_fft, hop, waves.shape[1], frames)
     power = _stft(waves, n_fft, hop).abs().square()
     mel = torch.einsum("mf,nft->nmt", mel_filterbank(n_mels, n_fft), power)
     return db_to_unit(10.0 * torch.log10(mel.clamp(min=POWER_FLOOR)))[:, None].float()
 
 
 def griffin_lim(magnitude: torch.Tensor, *, samples: int, n_fft: int, hop: int, iterations: int = 64,
-                seed: int = 0) -> torch.Tensor:
+                seed: int = 0, momentum: float = GRIFFIN_LIM_MOMENTUM) -> torch.Tensor:
     """A wave (n, samples) whose STFT magnitude approaches ``magnitude`` (n, n_fft//2+1, frames).
 
-    Each round keeps the phase of the STFT of the current wave and puts back the target magnitude
-    (the alternating projection of Griffin & Lim); the first phase is uniform random from ``seed``.
+    Fast Griffin-Lim (Perraudin, Balazs & Søndergaard 2013): each round takes the STFT X_k of the current
+    wave, extrapolates it past the previous one, C_k = X_k − μ/(1+μ) · X_{k−1}, keeps C_k's phase and puts
+    back the target magnitude. μ = 0 is the alternating projection of Griffin & Lim. The first phase is
+    uniform random from ``seed``.
     """
     generator = torch.Generator().manual_seed(seed)
     angles = torch.polar(torch.ones_like(magnitude), 2 * math.pi * torch.rand(magnitude.shape, generator=generator))
     wave = _istft(magnitude * angles, n_fft, hop, samples)
+    previous = torch.zeros_like(angles)
     for _ in range(iterations):
         rebuilt = _stft(wave, n_fft, hop)
-        wave = _istft(magnitude * torch.sgn(rebuilt), n_fft, hop, samples)
+        direction = rebuilt - (momentum / (1.0 + momentum)) * previous
+        previous = rebuilt
+        wave = _istft(magnitude * torch.sgn(direction), n_fft, hop, samples)
     return wave
 
 
@@ -347,8 +372,8 @@ def mel_magnitude(mels: torch.Tensor, n_fft: int) -> torch.Tensor:
 def resample_frames(mels: torch.Tensor, hop: int, fine_hop: int, samples: int) -> torch.Tensor:
     """Frames centred every ``hop`` samples → frames every ``fine_hop`` samples (linear in the log domain).
 
-    Griffin-Lim needs overlapping frames: at the spectrogram's own hop (412 samples for a 512-point
-    window) the samples between frames are barely constrained and the reconstruction gets loud there.
+    Griffin-Lim needs frames that overlap by three quarters: at the spectrogram's own hop (half the window)
+    the phase between frames is barely constrained.
     """
     times = torch.arange(1 + samples // fine_hop, dtype=torch.float64) * fine_hop / hop
     lower = times.floor().long().clamp(max=mels.shape[-1] - 1)
@@ -357,23 +382,28 @@ def resample_frames(mels: torch.Tensor, hop: int, fine_hop: int, samples: int) -
     return mels[..., lower] * (1 - frac) + mels[..., upper] * frac
 
 
-def mel_to_wave(mels: torch.Tensor, *, samples: int, n_fft: int = 512, iterations: int = 64,
-                seed: int = 0) -> torch.Tensor:
-    """Log-mel (n, 1, n_mels, frames) → waves (n, samples) float32 in [-1, 1], by Griffin-Lim.
+def mel_to_wave(mels: torch.Tensor, *, samples: int, n_fft: int | None = None, iterations: int = 64,
+                seed: int = 0, momentum: float = GRIFFIN_LIM_MOMENTUM) -> torch.Tensor:
+    """Log-mel (n, 1, n_mels, frames) → waves (n, samples) float32 in [-1, 1], by fast Griffin-Lim.
 
-    The frames are first resampled to a hop of at most n_fft / 4 (:func:`resample_frames`).
+    n_fft: the spectrogram's window (None: :func:`window_length`, as :func:`log_mel`). The frames are
+    first resampled to a hop of at most n_fft / 4 (:func:`resample_frames`).
     """
     mels = torch.as_tensor(mels, dtype=torch.float32)
     if mels.ndim != 4 or mels.shape[1] != 1:
         raise DataError(f"mel_to_wave: mels must be (n, 1, n_mels, frames), got shape {tuple(mels.shape)}")
-    _check_spectrogram_args(mels.shape[2], n_fft)
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
         raise DataError(f"mel_to_wave: iterations must be a non-negative integer, got {iterations!r}")
+    if not 0.0 <= momentum < 1.0:
+        raise DataError(f"mel_to_wave: momentum must be in [0, 1), got {momentum!r}")
     hop = hop_length(samples, mels.shape[3])
+    n_fft = window_length(hop) if n_fft is None else n_fft
+    _check_spectrogram_args(mels.shape[2], n_fft)
+    check_coverage(n_fft, hop, samples, mels.shape[3])
     fine_hop = max(1, hop // math.ceil(4 * hop / n_fft))
     magnitude = mel_magnitude(resample_frames(mels, hop, fine_hop, samples), n_fft)
     return griffin_lim(magnitude, samples=samples, n_fft=n_fft, hop=fine_hop, iterations=iterations,
-                       seed=seed).clamp(-1.0, 1.0)
+                       seed=seed, momentum=momentum).clamp(-1.0, 1.0)
 
 
 # --------------------------------------------------------------------------------------------
