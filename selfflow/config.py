@@ -334,10 +334,12 @@ class RegressionConfig(MethodConfig):
 
 @dataclass(frozen=True)
 class SelfFlowConfig(MethodConfig):
-    mask_ratio: float = 0.25  # r: fraction of image tokens noised to s
-    video_mask_ratio: float = 0.10  # r for video tokens (selfflow.modalities)
-    audio_mask_ratio: float = 0.50  # r for spectrogram tokens
-    action_mask_ratio: float = 0.25  # r for action-chunk tokens
+    mask_ratio: float = 0.25  # r: fraction of image tokens noised to s (the Self-Flow paper's)
+    video_mask_ratio: float = 0.10  # r for video tokens (selfflow.modalities); stated for Self-Flow, unverified: ours
+    audio_mask_ratio: float = 0.50  # r for spectrogram tokens; as video_mask_ratio
+    action_mask_ratio: float = 0.25  # r for action-chunk tokens; ours
+    whole_part_prob: float = 0.0  # p: per sample, one whole part (modality) gets its own time (docs/methods.md#whole-part-times)
+    whole_part_clean_prob: float = 0.5  # of those samples, the fraction whose part's time is exactly 0 (clean)
     mask_mode: str = "exact"  # exact: round(r·N) tokens per sample | bernoulli: a coin per token
     rep_weight: float = 0.8  # γ; 0 turns off the head and the teacher pass (dual-timestep only)
     student_layer: Optional[int] = None  # l_s, counted from 1; None: round(0.3·depth)
@@ -345,7 +347,8 @@ class SelfFlowConfig(MethodConfig):
 
     def validate(self, where: str) -> None:
         super().validate(where)
-        for key in ("mask_ratio", "video_mask_ratio", "audio_mask_ratio", "action_mask_ratio"):
+        for key in ("mask_ratio", "video_mask_ratio", "audio_mask_ratio", "action_mask_ratio", "whole_part_prob",
+                    "whole_part_clean_prob"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ConfigError(f"{where}.{key} must be in [0, 1], got {getattr(self, key)}")
         check_choice(self.mask_mode, MASK_MODES, f"{where}.mask_mode")

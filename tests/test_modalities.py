@@ -153,6 +153,75 @@ def test_self_flow_masks_each_modality_with_its_own_ratio():
         assert torch.equal(tokens, draw.token_times[:, where, None].expand_as(tokens))
 
 
+def _av_draw(config, size=6, seed=0):
+    from selfflow.methods.base import Batch, BatchRandom
+    from selfflow.methods.self_flow import draw_dual_timesteps
+
+    av = token_model("audio_video")
+    batch = Batch(x0=torch.randn(size, *av.sample_shape), y=torch.zeros(size, dtype=torch.long),
+                  random=BatchRandom(torch.Generator().manual_seed(seed), size, slice(0, size)))
+    return av, draw_dual_timesteps(config, batch, av)
+
+
+def _whole_part(draw, av) -> torch.Tensor:
+    """(B,) the part index whose tokens are exactly the mask, −1 where the mask is no whole part."""
+    out = torch.full((draw.mask.shape[0],), -1)
+    for k, where in enumerate(av.layout.token_slices()):
+        part = torch.zeros_like(draw.mask[0])
+        part[where] = True
+        out[(draw.mask == part).all(1)] = k
+    return out
+
+
+def test_whole_part_times_give_one_modality_its_own_time_and_the_other_one_time():
+    """p = 1, q = 1: in every sample one whole part (both occur) is at time exactly 0 — cross-modal
+    generation's given part — and every token of the other at the sample's t; the teacher sees time 0."""
+    av, draw = _av_draw(SelfFlowConfig(whole_part_prob=1.0, whole_part_clean_prob=1.0), size=64)
+    which = _whole_part(draw, av)
+    assert bool((which >= 0).all()) and set(which.tolist()) == {0, 1}
+    assert bool((draw.token_times[draw.mask] == 0).all()) and bool((draw.teacher_times == 0).all())
+    assert torch.equal(draw.token_times[~draw.mask], draw.t[:, None].expand_as(draw.token_times)[~draw.mask])
+    # q = 0: the part's time is a fresh draw from p(t), constant over the part, not t
+    av, draw = _av_draw(SelfFlowConfig(whole_part_prob=1.0, whole_part_clean_prob=0.0), size=64)
+    assert bool((_whole_part(draw, av) >= 0).all()) and bool((draw.s > 0).all()) and not torch.equal(draw.s, draw.t)
+    assert torch.equal(draw.token_times[draw.mask], draw.s[:, None].expand_as(draw.token_times)[draw.mask])
+
+
+def test_whole_part_times_come_with_probability_p_and_clean_with_q():
+    av, draw = _av_draw(SelfFlowConfig(whole_part_prob=0.3, whole_part_clean_prob=0.5), size=4000)
+    whole = _whole_part(draw, av) >= 0  # the 0.10 / 0.50 in-part masks are never a whole part
+    assert abs(float(whole.float().mean()) - 0.3) < 0.03
+    clean = draw.s[whole] == 0
+    assert abs(float(clean.float().mean()) - 0.5) < 0.05 and not bool((draw.s[~whole] == 0).any())
+    # p = 0 draws nothing more: the default's draws are the ones without the option
+    _, plain = _av_draw(SelfFlowConfig(), size=32)
+    _, zero = _av_draw(SelfFlowConfig(whole_part_prob=0.0, whole_part_clean_prob=1.0), size=32)
+    assert torch.equal(plain.token_times, zero.token_times) and torch.equal(plain.noise, zero.noise)
+
+
+def test_whole_part_times_do_not_depend_on_how_the_batch_is_split():
+    from selfflow.methods.base import Batch, BatchRandom
+    from selfflow.methods.self_flow import draw_dual_timesteps
+
+    av, whole = _av_draw(SelfFlowConfig(whole_part_prob=0.5), size=8, seed=3)
+    x0 = torch.randn(8, *av.sample_shape)
+    parts = []
+    for rows in (slice(0, 4), slice(4, 8)):
+        batch = Batch(x0=x0[rows], y=torch.zeros(4, dtype=torch.long), random=BatchRandom(torch.Generator().manual_seed(3), 8, rows))
+        parts.append(draw_dual_timesteps(SelfFlowConfig(whole_part_prob=0.5), batch, av))
+    assert torch.equal(whole.token_times, torch.cat([p.token_times for p in parts]))
+
+
+def test_whole_part_times_need_several_parts():
+    from selfflow.config import ConfigError
+    from selfflow.methods.self_flow import SelfFlow
+
+    with pytest.raises(ConfigError, match="whole_part_prob=0.5 needs a sequence of several parts"):
+        SelfFlow(SelfFlowConfig(whole_part_prob=0.5), token_model("audio"))
+    with pytest.raises(ConfigError, match="whole_part_clean_prob"):
+        config_from_dict(tiny_run("unused", method={"name": "self_flow", "whole_part_clean_prob": 1.5}))
+
+
 def test_regression_loss_and_policy_are_one_step_from_zero():
     from selfflow.config import RegressionConfig
     from selfflow.methods.base import Batch, BatchRandom

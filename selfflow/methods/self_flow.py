@@ -14,6 +14,12 @@ One step, per sample b (all draws through ``batch.random``, so runs are split-in
 
 h_S is the student's hidden state after block l_s; head is Linear(D, 2D) → SiLU → Linear(2D, D).
 
+Whole-part times (``whole_part_prob`` p > 0, sequences of several parts such as audio-video): with
+probability p per sample, M_b is instead one whole part (uniform over the parts) and its time s_b is
+exactly 0 with probability ``whole_part_clean_prob`` q, else a fresh draw from p(t); the other parts
+keep t_b. So a clean (or less noisy) modality beside a noisy one, the state of cross-modal generation,
+is trained on (docs/methods.md#whole-part-times).
+
 Ablations (docs/methods.md#self-flow, configs/*_self_flow_*.yaml): ``rep_weight: 0`` is dual-timestep only (no
 head, no teacher pass); ``mask_ratio: 0`` is the single-timestep variant (the teacher then sees the
 student's own t, because τ* is the cleanest time *present* in the sample).
@@ -83,13 +89,29 @@ def draw_mask(batch: Batch, num_tokens: int, ratio: float, mode: str,
     return mask
 
 
+def whole_part_times(config: SelfFlowConfig, batch: Batch, parts: list[slice], mask: torch.Tensor,
+                     s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask, s) with, per sample with probability p, the mask replaced by one whole part and s by that
+    part's time: 0 with probability q, else a fresh draw from p(t). Draws, in order: the coin (B,), the
+    part (B,), the clean coin (B,), the fresh time (B,), whatever the outcome (split-independent)."""
+    device = batch.x0.device
+    chosen = batch.random.rand().to(device) < config.whole_part_prob  # (B,)
+    which = (batch.random.rand().to(device) * len(parts)).long().clamp(max=len(parts) - 1)
+    clean = batch.random.rand().to(device) < config.whole_part_clean_prob
+    part_time = torch.where(clean, torch.zeros_like(s), draw_time(config, batch))
+    part_mask = torch.zeros_like(mask)
+    for k, where in enumerate(parts):
+        part_mask[:, where] = (which == k)[:, None]
+    return torch.where(chosen[:, None], part_mask, mask), torch.where(chosen, part_time, s)
+
+
 def token_times_to_pixels(model, token_times: torch.Tensor) -> torch.Tensor:
     """(B, N) per-token times → the sample's shape (B, C, H, W for images), constant on each token."""
     return model.expand_token_values(token_times)
 
 
 def draw_dual_timesteps(config: SelfFlowConfig, batch: Batch, model) -> DualTimesteps:
-    """Draw t, ε, s and the mask, in that order.
+    """Draw t, ε, s and the mask, in that order (then the whole-part draws, when p > 0).
 
     t and ε come first, in flow matching's order, so that with r = 0 a Self-Flow step sees exactly
     the noise a flow-matching step with the same seed sees (tests/test_self_flow.py checks it).
@@ -100,6 +122,8 @@ def draw_dual_timesteps(config: SelfFlowConfig, batch: Batch, model) -> DualTime
     s = draw_time(config, batch)
     groups = [(where, mask_ratio(config, modality)) for modality, where in model.token_groups()]
     mask = draw_mask(batch, model.num_tokens, config.mask_ratio, config.mask_mode, groups)
+    if config.whole_part_prob > 0:  # no extra draws otherwise: runs without it are unchanged
+        mask, s = whole_part_times(config, batch, [where for where, _ in groups], mask, s)
     token_times = torch.where(mask, s[:, None], t[:, None])  # (B, N)
     return DualTimesteps(
         t=t,
@@ -139,6 +163,9 @@ class SelfFlow(Method):
             if value > model.depth:
                 raise ConfigError(f"method.{key}={value} but the model has only {model.depth} blocks")
         # γ = 0 (dual-timestep only) has no representation term: no head, no teacher pass.
+        if config.whole_part_prob > 0 and len(model.token_groups()) < 2:
+            raise ConfigError(f"method.whole_part_prob={config.whole_part_prob} needs a sequence of several parts "
+                              f"(modality.kind: audio_video); this model has one")
         self.head = ProjectionHead(model.hidden_size) if config.rep_weight > 0 else None
         self._teacher: list[nn.Module] = []  # a plain list: the teacher stays out of the module tree
 

@@ -5,7 +5,7 @@ action chunks, and the previews the trainer writes (docs/modalities.md#sampling)
 held fixed and only the rest is integrated, with Euler steps on the grid t_0 = 1 > … > t_K = 0:
 
 - ``mode="clean"``: the given tokens enter at their clean values with time 0, the others at t_i:
-  a per-token time map, which a Self-Flow model has trained on (its tokens carry different times);
+  a per-token time map, trained on only with whole-part times (``method.whole_part_prob`` > 0);
 - ``mode="replace"``: the given tokens enter noised to the same t_i, ``(1 − t_i)·x_given + t_i·ε``, as
   in inpainting by replacement; every token has one time, which any flow model has trained on.
 
