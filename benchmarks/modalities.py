@@ -56,6 +56,12 @@ PRESETS = {
         "actions": {"set": ["modality.num_samples=200", "model.depth=4", "model.hidden_size=128"], "steps": 1000, "batch": 128,
                     "n": 100, "judge_steps": 0},
     },
+    # 32 mel bins (the configs' own spectrogram; 64 audio tokens) at the CPU preset's steps; audio-video with 16 px frames
+    "cpu-mel32": {
+        "audio": {"set": _AUDIO32 + _MODEL + ["modality.num_samples=2048"], "steps": 1000, "batch": 64, "n": 256, "judge_steps": 600},
+        "audio_video": {"set": _VIDEO16 + _AUDIO32 + _MODEL + ["modality.num_samples=2048"], "steps": 1000, "batch": 32, "n": 256,
+                        "judge_steps": 600},
+    },
     # shorter, wider: 4-frame clips (32 tokens) and a width-128 model for 3000 steps, the video setting in which the
     # CPU's budget gets furthest (docs/benchmarks/modalities_cpu_video_4frames.md)
     "cpu-4frames": {

@@ -263,6 +263,52 @@ def test_each_kinds_data_is_deterministic_and_shaped_by_its_layout(kind):
         assert not torch.equal(modality_samples(config, "test", progress=False).x, a.x)
 
 
+def test_audio_video_pairs_are_in_sync_and_the_measure_sees_it():
+    """The digit appears at frame a_i and the word starts at a_i · 0.8 s / T: the measured offset of real pairs
+    is within half a frame; pairing each clip with another's sound breaks it."""
+    from selfflow.modalities import sync
+
+    config = config_from_dict(tiny_run("unused", modality={**SMALL, "kind": "audio_video", "frames": 8, "num_samples": 40}))
+    data = modality_samples(config, "train", progress=False)
+    video, audio = data.layout.part(data.x, "video"), data.layout.part(data.x, "audio")
+    appear = sync.appear_frames(40, 8, config.modality.seed)
+    assert set(appear.tolist()) == {1, 2, 3} and torch.equal(appear[:5], sync.appear_frames(5, 8, config.modality.seed))
+    assert torch.equal(sync.video_event_frames(video), appear)  # blank before a_i, the digit from a_i on
+    assert bool((video[torch.arange(40), 0, appear - 1] == -1).all())
+    real = sync.sync_measures(video, audio, 0.8)
+    assert real["sync_rate"] == 1.0 and real["sync_offset"] < 0.03
+    shuffled = sync.sync_measures(video, audio.roll(1, 0), 0.8)
+    assert shuffled["sync_rate"] < 0.7 and shuffled["sync_offset"] > 2 * real["sync_offset"]
+
+
+def test_align_onsets_moves_each_word_to_its_target_sample():
+    from selfflow.modalities import sync
+
+    waves = torch.zeros(3, 100)
+    waves[0, 10:20], waves[1, 0:30], waves[2, 50:90] = 1.0, 2.0, 3.0
+    moved = sync.align_onsets(waves, torch.tensor([0, 40, 80]))
+    assert sync.onset_samples(moved).tolist() == [0, 40, 80]
+    assert moved[0, :10].eq(1).all() and moved[1, 40:70].eq(2).all() and moved[2, 80:].eq(3).all()  # cut at the end
+
+
+def test_audio_and_video_tokens_share_one_time_axis():
+    """The first channel share is the token's time in seconds-like units shared by both parts: a video token and
+    an audio token whose spans have the same centre get the same values there; the other shares their own axes."""
+    av = token_model("audio_video")  # video grid (2, 4, 4): 2 time steps; audio grid (4, 4): 4 time steps
+    table = av.pos_embed[0]
+    video, audio = av.layout.token_slices()
+    share = 2 * (64 // 6)
+    v, a = table[video].reshape(2, 4, 4, 64), table[audio].reshape(4, 4, 64)
+    from selfflow.modalities.tokens import sincos_1d
+
+    assert torch.equal(v[1, 2, 3, :share], v[1, 0, 0, :share])  # time channels: the time only
+    torch.testing.assert_close(v[:, 0, 0, :share], sincos_1d(share, torch.tensor([0.5, 2.5])).float())  # centres 0.5, 2.5
+    torch.testing.assert_close(a[0, :, :share], sincos_1d(share, torch.arange(4.0)).float())
+    assert not torch.equal(a[0, 0, share:2 * share], a[1, 0, share:2 * share])  # the mel axis has its own channels
+    # one part: the part's own grid, as before
+    assert torch.equal(token_model("video").pos_embed[0], sincos_nd(64, token_model("video").layout.parts[0].grid))
+
+
 def test_audio_video_pairs_a_clip_with_an_utterance_of_its_digit():
     labels, pool = torch.tensor([3, 1, 3, 3]), torch.tensor([1, 3, 5, 3])
     index = match_by_label(labels, pool)

@@ -14,6 +14,7 @@ actions        (2, H) the expert's next H actions in [-1, 1]    the observation 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,8 +41,8 @@ def layout_for(modality: ModalityConfig) -> Layout:
         return Layout((video,))
     if m.kind == "audio":
         return Layout((audio,))
-    if m.kind == "audio_video":
-        return Layout((video, audio))
+    if m.kind == "audio_video":  # both span the same 0.8 s: one time axis (tokens.sincos_shared_time)
+        return Layout((dataclasses.replace(video, time_axis=0), dataclasses.replace(audio, time_axis=1)))
     from selfflow.modalities.actions import ACTION_DIM
 
     return Layout((Part("actions", (ACTION_DIM, m.horizon), (m.action_patch,)),))
@@ -105,13 +106,37 @@ def _cache_dir(modality: ModalityConfig) -> Path:
     return cache_root() / "audio"
 
 
+def make_waves(modality: ModalityConfig, n: int, seed: int, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Utterances (n, samples), their spoken digits, and the source used."""
+    from selfflow.modalities.audio import synthesize_digits
+
+    return synthesize_digits(n, seed=seed, source=modality.audio_source, duration=AUDIO_SECONDS,
+                             cache_dir=_cache_dir(modality), progress=progress)
+
+
 def make_audio(modality: ModalityConfig, n: int, seed: int, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, str]:
     """Log-mel spectrograms (n, 1, F, T) in [-1, 1], their spoken digits, and the source used."""
-    from selfflow.modalities.audio import log_mel, synthesize_digits
+    from selfflow.modalities.audio import log_mel
 
-    waves, labels, source = synthesize_digits(n, seed=seed, source=modality.audio_source, duration=AUDIO_SECONDS,
-                                              cache_dir=_cache_dir(modality), progress=progress)
+    waves, labels, source = make_waves(modality, n, seed, progress)
     return log_mel(waves, n_mels=modality.n_mels, frames=modality.audio_frames), labels, source
+
+
+def make_audio_video(config: RunConfig, split: str, n: int, seed: int, progress: bool = True
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
+    """Synchronised pairs (docs/modalities.md#audio-video-in-sync): clips (n, 1, T, S, S) whose digit appears at
+    frame a_i, log-mel spectrograms (n, 1, F, T') of an utterance of the same digit starting at a_i · 0.8 s / T,
+    the labels and the audio source."""
+    from selfflow.modalities.audio import SAMPLE_RATE, log_mel
+    from selfflow.modalities.sync import align_onsets, appear_frames, hide_before
+
+    m = config.modality
+    video, labels = make_video(config, split, n, seed)
+    appear = appear_frames(n, m.frames, seed)
+    waves, spoken, source = make_waves(m, max(n, AUDIO_POOL), seed, progress)
+    samples = round(AUDIO_SECONDS * SAMPLE_RATE)
+    waves = align_onsets(waves[match_by_label(labels, spoken)], appear * samples // m.frames)
+    return hide_before(video, appear), log_mel(waves, n_mels=m.n_mels, frames=m.audio_frames), labels, source
 
 
 def match_by_label(labels: torch.Tensor, pool_labels: torch.Tensor, num_classes: int = 10) -> torch.Tensor:
@@ -141,9 +166,7 @@ def modality_samples(config: RunConfig, split: str = "train", n: int | None = No
         x, y, source = make_audio(m, n, seed, progress)
         return TokenDataset(x, y, 10, m.kind, layout, {"audio_source": source})
     if m.kind == "audio_video":
-        video, labels = make_video(config, split, n, seed)
-        audio, spoken, source = make_audio(m, max(n, AUDIO_POOL), seed, progress)
-        audio = audio[match_by_label(labels, spoken)]
+        video, audio, labels, source = make_audio_video(config, split, n, seed, progress)
         return TokenDataset(layout.join([video, audio]), labels, 10, m.kind, layout, {"audio_source": source})
     from selfflow.modalities.actions import demonstrations
 

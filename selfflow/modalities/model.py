@@ -24,7 +24,7 @@ from torch import nn
 
 from selfflow.config import ModalityConfig, ModelConfig, from_dict
 from selfflow.model import Block, DiT, FinalLayer, TimeEmbedding, init_transformer
-from selfflow.modalities.tokens import Layout, sincos_nd
+from selfflow.modalities.tokens import Layout
 
 
 class TokenDiT(DiT):
@@ -45,8 +45,7 @@ class TokenDiT(DiT):
         self.dedupe_times = True
 
         self.embeds = nn.ModuleList([nn.Linear(p.token_dim, dim) for p in layout.parts])
-        table = torch.cat([sincos_nd(dim, p.grid) for p in layout.parts])
-        self.register_buffer("pos_embed", table[None], persistent=False)
+        self.register_buffer("pos_embed", layout.position_table(dim)[None], persistent=False)
         self.register_buffer("modality_index", layout.modality_index(), persistent=False)
         self.modality_embed = nn.Embedding(len(layout.parts), dim) if len(layout.parts) > 1 else None
         self.time_embed = TimeEmbedding(dim, scale=config.time_scale, shift=config.time_shift)

@@ -26,6 +26,7 @@ class Part:
     name: str  # the modality ("image", "video", "audio", "actions"): it picks the Self-Flow mask ratio
     shape: tuple[int, ...]  # (C, A_1, ..., A_k) per sample
     patch: tuple[int, ...]  # (P_1, ..., P_k)
+    time_axis: int | None = None  # which grid axis is time (video 0, audio 1): parts then share one time axis
 
     def __post_init__(self) -> None:
         if len(self.patch) != len(self.shape) - 1:
@@ -51,11 +52,14 @@ class Part:
         return math.prod(self.shape)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "shape": list(self.shape), "patch": list(self.patch)}
+        out = {"name": self.name, "shape": list(self.shape), "patch": list(self.patch)}
+        return out if self.time_axis is None else {**out, "time_axis": self.time_axis}
 
     @classmethod
     def from_dict(cls, raw: dict) -> "Part":
-        return cls(str(raw["name"]), tuple(int(v) for v in raw["shape"]), tuple(int(v) for v in raw["patch"]))
+        time_axis = raw.get("time_axis")
+        return cls(str(raw["name"]), tuple(int(v) for v in raw["shape"]), tuple(int(v) for v in raw["patch"]),
+                   None if time_axis is None else int(time_axis))
 
 
 def patchify(x: torch.Tensor, part: Part) -> torch.Tensor:
@@ -100,6 +104,29 @@ def sincos_nd(dim: int, grid: Sequence[int]) -> torch.Tensor:
     for slot, c in enumerate(reversed(coords)):
         table[:, slot * share:(slot + 1) * share] = sincos_1d(share, c.reshape(-1))
     return table.float()
+
+
+def sincos_shared_time(dim: int, parts: Sequence[Part]) -> torch.Tensor:
+    """(Σ tokens, dim) positions for parts that span the same time: the first channel share holds each
+    token's time on one axis for all parts (the centre of its span, in units of the finest part's time
+    patches), the other shares the part's own axes, the last first; k = the most axes of any part."""
+    k = max(len(p.grid) for p in parts)
+    share = 2 * (dim // (2 * k))
+    if share == 0:
+        raise ValueError(f"hidden size {dim} is too small for a {k}-axis position table")
+    finest = max(p.grid[p.time_axis] for p in parts)
+    tables = []
+    for p in parts:
+        coords = [c.reshape(-1) for c in torch.meshgrid(*(torch.arange(g) for g in p.grid), indexing="ij")]
+        steps = p.grid[p.time_axis]
+        time = (coords[p.time_axis].double() + 0.5) * finest / steps - 0.5  # the span's centre
+        table = torch.zeros(p.num_tokens, dim, dtype=torch.float64)
+        table[:, :share] = sincos_1d(share, time)
+        others = [c for axis, c in enumerate(coords) if axis != p.time_axis]
+        for slot, c in enumerate(reversed(others), start=1):
+            table[:, slot * share:(slot + 1) * share] = sincos_1d(share, c)
+        tables.append(table)
+    return torch.cat(tables).float()
 
 
 @dataclass(frozen=True)
@@ -163,6 +190,13 @@ class Layout:
         B = values.shape[0]
         return self.untokens([values[:, s, None].expand(B, p.num_tokens, p.token_dim)
                               for s, p in zip(self.token_slices(), self.parts)])
+
+    def position_table(self, dim: int) -> torch.Tensor:
+        """(N, dim) sine-cosine positions: each part's own grid (:func:`sincos_nd`), or, when several parts
+        all have a time axis, one time axis shared by them (:func:`sincos_shared_time`)."""
+        if len(self.parts) > 1 and all(p.time_axis is not None for p in self.parts):
+            return sincos_shared_time(dim, self.parts)
+        return torch.cat([sincos_nd(dim, p.grid) for p in self.parts])
 
     def to_dict(self) -> dict:
         return {"parts": [p.to_dict() for p in self.parts]}

@@ -47,12 +47,14 @@ def train_frame_classifier(videos_uint8: torch.Tensor, labels: torch.Tensor, num
                            progress: bool = True) -> FeatureNet:
     """A FeatureNet trained on every frame of real clips (each labelled with its clip's label).
 
-    Saved to folder ``out`` (save_feature_net; load it again with load_feature_net) and returned
-    in eval mode. The same data and seed give the same network on the same device.
+    Blank frames are left out. Saved to folder ``out`` (save_feature_net; load it again with load_feature_net)
+    and returned in eval mode. The same data and seed give the same network on the same device.
     """
     frames = _frames(videos_uint8, "videos_uint8")
     n, t = videos_uint8.shape[0], videos_uint8.shape[2]
     frame_labels = _labels(labels, n, "labels").repeat_interleave(t)
+    shown = frames.flatten(1).amax(1) > -1.0  # blank frames (audio-video's before the digit appears) show no digit
+    frames, frame_labels = frames[shown], frame_labels[shown]
     net = train_feature_net(frames, frame_labels, num_classes, steps=steps, seed=seed, device=device,
                             progress=progress)
     save_feature_net(net, out, metadata={"modality": "video", "clips": n, "frames": t})
