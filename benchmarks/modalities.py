@@ -38,7 +38,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = ["video", "audio", "audio_video", "actions"]
 METHODS = {"video": ["flow_matching", "self_flow"], "audio": ["flow_matching", "self_flow"],
-           "audio_video": ["flow_matching", "self_flow"], "actions": ["flow_matching", "self_flow", "regression"]}
+           "audio_video": ["flow_matching", "self_flow", "self_flow_whole_part"],
+           "actions": ["flow_matching", "self_flow", "regression"]}
 
 # per preset and kind: the config overrides (steps and batch equal for every method of a kind), the
 # evaluation's samples (episodes for actions) and the judges' training steps
@@ -96,16 +97,19 @@ PRESETS = {
 
 # (key in the flattened results, label, better: "low" | "high" | None (descriptive))
 MEASURES = {
-    "video": [("fd_frames", "FD (frames)", "low"), ("accuracy", "accuracy", "high"),
+    "video": [("fd_frames", "FD (frames)", "low"), ("fd_clips", "FD (clips)", "low"), ("accuracy", "accuracy", "high"),
               ("temporal_consistency", "temporal consistency", "high"), ("smoothness", "smoothness", None)],
     "audio": [("accuracy", "accuracy", "high"), ("fd", "FD", "low")],
-    "audio_video": [("video_fd_frames", "video FD (frames)", "low"), ("video_accuracy", "video accuracy", "high"),
+    "audio_video": [("video_fd_frames", "video FD (frames)", "low"), ("video_fd_clips", "video FD (clips)", "low"),
+                    ("video_accuracy", "video accuracy", "high"),
                     ("video_temporal_consistency", "video temporal consistency", "high"), ("video_smoothness", "video smoothness", None),
                     ("audio_accuracy", "audio accuracy", "high"), ("audio_fd", "audio FD", "low"),
                     ("agreement", "agreement", "high"),
                     ("video_given_audio_clean", "video given audio, clean", "high"), ("audio_given_video_clean", "audio given video, clean", "high"),
                     ("video_given_audio_replace", "video given audio, replace", "high"),
-                    ("audio_given_video_replace", "audio given video, replace", "high")],
+                    ("audio_given_video_replace", "audio given video, replace", "high"),
+                    ("sync_offset", "sync offset s", "low"), ("audio_given_video_clean_sync_offset", "sync offset s, audio given video, clean", "low"),
+                    ("audio_given_video_replace_sync_offset", "sync offset s, audio given video, replace", "low")],
     "actions": [("success_rate", "success rate", "high"), ("mode_left", "mode left", None), ("mode_right", "mode right", None),
                 ("mean_steps", "mean steps", "low")],
 }
@@ -167,17 +171,20 @@ def evaluate(args, kind: str, method: str, seed: int) -> dict:
 
 def flatten(kind: str, reports: dict) -> dict:
     r = reports["clean"]
+    video_keys = ("fd_frames", "fd_clips", "accuracy", "temporal_consistency", "smoothness")
     if kind == "video":
-        return {k: r["video"][k] for k in ("fd_frames", "accuracy", "temporal_consistency", "smoothness")}
+        return {k: r["video"].get(k) for k in video_keys}
     if kind == "audio":
         return {k: r["audio"][k] for k in ("accuracy", "fd")}
     if kind == "audio_video":
-        row = {f"video_{k}": r["video"][k] for k in ("fd_frames", "accuracy", "temporal_consistency", "smoothness")}
+        row = {f"video_{k}": r["video"].get(k) for k in video_keys}
         row.update({f"audio_{k}": r["audio"][k] for k in ("accuracy", "fd")})
         row["agreement"] = r["agreement"]
         for mode, rep in reports.items():
             row[f"video_given_audio_{mode}"] = rep["video_given_audio_accuracy"]
             row[f"audio_given_video_{mode}"] = rep["audio_given_video_accuracy"]
+            row[f"audio_given_video_{mode}_sync_offset"] = rep.get("audio_given_video_sync_offset")
+        row["sync_offset"] = r.get("sync_offset")
         return row
     return {k: r[k] for k in ("success_rate", "mode_left", "mode_right", "mean_steps")}
 
@@ -213,13 +220,15 @@ def references(args, kind: str) -> dict:
     ref, judges = {}, {}
     work = args.work / kind / "judges"
     if kind in ("video", "audio_video"):
+        from selfflow.modalities.evaluation.run import clip_judge
         from selfflow.modalities.evaluation.video import video_metrics
 
         judges["video"] = video_judge(train_set, work, args.device, False, max(size["judge_steps"], 1))
         m = video_metrics(judges["video"], layout.part(train_set.x[pick], "video"), train_set.y[pick],
-                          layout.part(real.x, "video"), real_labels=real.y)
+                          layout.part(real.x, "video"), real_labels=real.y,
+                          clip_net=clip_judge(train_set, work, args.device, max(size["judge_steps"], 1)))
         prefix = "video_" if kind == "audio_video" else ""
-        ref.update({f"{prefix}fd_frames": m["fd_frames"], f"{prefix}accuracy": m["accuracy_real"],
+        ref.update({f"{prefix}fd_frames": m["fd_frames"], f"{prefix}fd_clips": m["fd_clips"], f"{prefix}accuracy": m["accuracy_real"],
                     f"{prefix}temporal_consistency": m["temporal_consistency_real"], f"{prefix}smoothness": m["smoothness_real"]})
     if kind in ("audio", "audio_video"):
         from selfflow.evaluation.feature_net import conditional_accuracy
@@ -235,6 +244,13 @@ def references(args, kind: str) -> dict:
         # given the real half, the best a generator can do is the real clip's own label: the judges' accuracy on it
         ref["video_given_audio_clean"] = ref["video_given_audio_replace"] = ref["video_accuracy"]
         ref["audio_given_video_clean"] = ref["audio_given_video_replace"] = ref["audio_accuracy"]
+        from selfflow.modalities.data import AUDIO_SECONDS
+        from selfflow.modalities.sync import sync_measures
+
+        real_sync = sync_measures(layout.part(real.x, "video"), layout.part(real.x, "audio"), AUDIO_SECONDS)["sync_offset"]
+        ref["sync_offset"] = ref["audio_given_video_clean_sync_offset"] = ref["audio_given_video_replace_sync_offset"] = real_sync
+        ref["sync_offset_shuffled"] = sync_measures(layout.part(real.x, "video"), layout.part(real.x, "audio").roll(1, 0),
+                                                    AUDIO_SECONDS)["sync_offset"]
     ref["audio_source"] = train_set.info.get("audio_source")
     write_json(ref, path)
     return ref
@@ -333,7 +349,9 @@ def protocol(args, kind: str, record: dict) -> str:
             f"Reference set: {size['n']} clips of the test split (data seed 1, the source digits' test split / other "
             f"utterances), never trained on.")
     if kind in ("video", "audio_video"):
-        text += (" `fd_frames`: Fréchet distance of the per-frame classifier features; `accuracy`: majority vote of the "
+        text += (" `fd_clips`: Fréchet distance of the clip features of a spatio-temporal classifier (3-D convolutions; "
+                 "digit and frame order, trained on the kind's real clips; it sees the frames' order, `fd_frames` does not). "
+                 "`fd_frames`: Fréchet distance of the per-frame classifier features; `accuracy`: majority vote of the "
                  "frames; `temporal_consistency`: fraction of frames agreeing with the clip's majority; `smoothness`: mean "
                  "|second difference| of the centroid trajectory (real clips: small; not a better/worse score on its own).")
     if kind in ("audio", "audio_video"):
@@ -342,8 +360,14 @@ def protocol(args, kind: str, record: dict) -> str:
         text += (" `agreement`: the two judges name the same digit for a joint sample. Cross-modal generation: the real test "
                  "clip's other half is given and this half generated (same sampler), judged against the real clip's label; "
                  "`clean`: the given tokens sit at time 0 (clean) at every step; `replace`: they are re-noised to the current "
-                 "time at every step (the usual inpainting replacement). Self-Flow trains with per-token times, so clean "
-                 "given tokens next to noisy ones are in its training distribution; flow matching sees one time per sample.")
+                 "time at every step (the usual inpainting replacement). A whole part at time 0 beside a noisy one is in "
+                 "the training distribution only of `self_flow_whole_part` (`method.whole_part_prob` 0.5: per sample with "
+                 "probability 0.5 one whole part takes its own time, 0 half of those); plain Self-Flow's in-part masks "
+                 "never make it and flow matching has one time per sample. The digit appears in the clip when its name "
+                 "is spoken; `sync offset`: mean |appearance − spoken onset| in seconds (selfflow.modalities.sync), of "
+                 "joint samples and of the sound generated for a real clip's picture; the real row is the real pairs' "
+                 f"(the detectors' floor); real pairs with each clip's sound taken from another clip: "
+                 f"{fmt(record['kinds'][kind].get('references', {}).get('sync_offset_shuffled', float('nan')))} s.")
     return text
 
 
@@ -427,7 +451,8 @@ def plot(args, record: dict) -> None:
         return
     fig = plt.figure(figsize=(13, 2.6 * len(kinds)), layout="constrained")
     subfigs = fig.subfigures(len(kinds), 1, squeeze=False)[:, 0]
-    colours = {"flow_matching": "tab:blue", "self_flow": "tab:orange", "regression": "tab:green"}
+    colours = {"flow_matching": "tab:blue", "self_flow": "tab:orange", "regression": "tab:green",
+               "self_flow_whole_part": "tab:red"}
     for sub, kind in zip(subfigs, kinds):
         summary, ref = record["kinds"][kind]["summary"], record["kinds"][kind].get("references", {})
         measures = MEASURES[kind]

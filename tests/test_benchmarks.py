@@ -72,7 +72,8 @@ def test_modalities_benchmark_smoke_writes_every_kind_and_links_media_that_exist
     record = json.loads(out.with_suffix(".json").read_text())
     assert list(record["kinds"]) == ["video", "audio", "audio_video", "actions"]
     for kind, info in record["kinds"].items():
-        methods = {"flow_matching", "self_flow"} | ({"regression"} if kind == "actions" else set())
+        methods = ({"flow_matching", "self_flow"} | ({"regression"} if kind == "actions" else set())
+                   | ({"self_flow_whole_part"} if kind == "audio_video" else set()))
         assert set(info["summary"]) == methods
         assert {(r["method"], r["seed"]) for r in info["rows"]} == {(m, s) for m in methods for s in (0, 1)}
         for stats in info["summary"].values():  # the mean lies between the two seeds' values, the spread is half their range
@@ -81,6 +82,8 @@ def test_modalities_benchmark_smoke_writes_every_kind_and_links_media_that_exist
                 assert lo - 1e-9 <= s["mean"] <= hi + 1e-9 and abs(s["spread"] - (hi - lo) / 2) < 1e-9
     av = record["kinds"]["audio_video"]["rows"][0]["eval"]
     assert av["clean"]["given_mode"] == "clean" and av["replace"]["given_mode"] == "replace"
+    assert 0 <= av["clean"]["sync_offset"] <= 0.8 and "audio_given_video_sync_offset" in av["clean"]
+    assert "fd_clips" in record["kinds"]["video"]["rows"][0]["eval"]["clean"]["video"]
     text = out.with_suffix(".md").read_text()
     links = re.findall(r"\]\((modalities_smoke/[^)]+)\)", text)
     assert links and all((out.parent / link).is_file() for link in links)

@@ -198,3 +198,24 @@ def test_bad_sources_and_videos(digits):
         trajectories(torch.zeros(2, 4, 16, 16))
     with pytest.raises(DataError, match="videos_uint8"):
         save_gif(torch.zeros(1, 1, 2, 8, 8), "unused.gif")
+
+
+def test_clip_frechet_distance_sees_the_frame_order_and_the_frame_one_does_not(digits, judged, tmp_path):
+    """Two real sets: shuffling the frames of one leaves the per-frame FD exactly as it was (a set of
+    frames) but raises the clip FD of the spatio-temporal judge well above the real-vs-real value."""
+    from selfflow.modalities.evaluation.clip_net import clip_frechet_distance, load_clip_net, shuffle_frames, train_clip_net
+
+    frame_net = judged[0]
+    train, train_labels = moving_digits(*digits, 256, frames=8, size=16, seed=0)
+    net = train_clip_net(video_to_float(train), train_labels, tmp_path / "clip", steps=150, batch_size=32)
+    a, _ = moving_digits(*digits, 128, frames=8, size=16, seed=1)
+    b, _ = moving_digits(*digits, 128, frames=8, size=16, seed=2)
+    a, b = video_to_float(a), video_to_float(b)
+    shuffled = shuffle_frames(a, torch.Generator().manual_seed(0))
+    assert not torch.equal(shuffled, a)
+    frames = [video_metrics(frame_net, x, torch.zeros(128, dtype=torch.long), b)["fd_frames"] for x in (a, shuffled)]
+    assert frames[0] == pytest.approx(frames[1], rel=1e-6, abs=1e-9)
+    real, mixed = clip_frechet_distance(net, a, b), clip_frechet_distance(net, shuffled, b)
+    assert mixed > 3 * real, (real, mixed)
+    assert clip_frechet_distance(load_clip_net(tmp_path / "clip"), a, b) == pytest.approx(real, rel=1e-6)
+    assert video_metrics(frame_net, a, torch.zeros(128, dtype=torch.long), b, clip_net=net)["fd_clips"] == pytest.approx(real, rel=1e-6)

@@ -3,12 +3,14 @@
 =============  ===========================================================================================
 kind           what is measured (samples: ``n`` generated for labels ``seed % 10`` with the run's sampler)
 =============  ===========================================================================================
-video          per-frame FD, accuracy, temporal consistency, smoothness (selfflow.modalities.evaluation.video)
+video          per-frame FD, clip FD (a spatio-temporal judge), accuracy, temporal consistency, smoothness
+               (selfflow.modalities.evaluation.video, …evaluation.clip_net)
 audio          spoken-digit accuracy and FD in the classifier's features (…evaluation.audio)
 audio_video    both, on the two halves of each joint sample; ``agreement``: how often the frame classifier
                and the spoken-digit classifier name the same digit; cross-modal generation: video for a
                real clip's sound (``video_given_audio_accuracy``) and sound for its picture
-               (``audio_given_video_accuracy``), judged against the real clip's label
+               (``audio_given_video_accuracy``), judged against the real clip's label; synchrony
+               (``sync_offset``, ``sync_rate``; selfflow.modalities.sync) of joint and cross-modal samples
 actions        success rate over seeded episodes (…evaluation.actions), which way round the wall
 =============  ===========================================================================================
 
@@ -62,6 +64,17 @@ def video_judge(train_set: TokenDataset, work_dir: Path, device, progress: bool,
         clips, train_set.y, 10, out, steps=steps, device=device, progress=progress), device=device, progress=progress)
 
 
+def clip_judge(train_set: TokenDataset, work_dir: Path, device, steps: int = JUDGE_STEPS):
+    """The spatio-temporal clip classifier (digit and frame order), trained once on the run's real clips."""
+    from selfflow.modalities.evaluation.clip_net import load_clip_net, train_clip_net
+
+    folder = work_dir / "clip_classifier"
+    if (folder / "model.safetensors").is_file():
+        return load_clip_net(folder, device)
+    log.info("training the judge %s", folder)
+    return train_clip_net(train_set.layout.part(train_set.x, "video"), train_set.y, folder, steps=steps, device=device)
+
+
 def audio_judge(train_set: TokenDataset, work_dir: Path, device, progress: bool,
                 steps: int = JUDGE_STEPS) -> FeatureNet:
     from selfflow.modalities.evaluation.audio import train_digit_classifier
@@ -101,7 +114,7 @@ def evaluate_modality(path: str | Path, *, n: int = 256, work_dir: str | Path | 
 
         judges["video"] = video_judge(train_set, work, device, progress, judge_steps)
         report["video"] = video_metrics(judges["video"], layout.part(samples, "video"), labels, layout.part(real.x, "video"),
-                                        real_labels=real.y)
+                                        real_labels=real.y, clip_net=clip_judge(train_set, work, device, judge_steps))
     if modality.kind in ("audio", "audio_video"):
         from selfflow.modalities.evaluation.audio import audio_metrics
 
@@ -125,7 +138,7 @@ def _joint(model, config: RunConfig, samples, real: TokenDataset, judges: dict, 
     layout = model.layout
     frames, spoken = judges["video"], judges["audio"]
     out = {"agreement": agreement(frames, spoken, layout, samples), "agreement_real": agreement(frames, spoken, layout, real.x),
-           "given_mode": given_mode}
+           "given_mode": given_mode, **_sync(layout, samples, "")}
     given, labels = real.x.to(device), real.y.to(device)
     for target, other in (("video", "audio"), ("audio", "video")):
         made = generate_given(model, given, layout.token_mask(other), seeds=range(n), labels=labels, steps=config.sample.steps,
@@ -133,4 +146,14 @@ def _joint(model, config: RunConfig, samples, real: TokenDataset, judges: dict, 
         part = layout.part(made, target)
         heard = clip_classes(frames, part) if target == "video" else spoken.predict(part)
         out[f"{target}_given_{other}_accuracy"] = float((heard == real.y).float().mean())
+        out.update(_sync(layout, made, f"{target}_given_{other}_"))
     return out
+
+
+def _sync(layout: Layout, x: torch.Tensor, prefix: str) -> dict:
+    """``sync_offset`` (mean |appearance − onset|, s) and ``sync_rate`` (within half a frame) of audio-video samples."""
+    from selfflow.modalities.data import AUDIO_SECONDS
+    from selfflow.modalities.sync import sync_measures
+
+    measures = sync_measures(layout.part(x, "video"), layout.part(x, "audio"), AUDIO_SECONDS)
+    return {f"{prefix}{k}": v for k, v in measures.items()}

@@ -100,7 +100,7 @@ def smoothness(videos: torch.Tensor) -> float:
 
 
 def video_metrics(net: FeatureNet, samples: torch.Tensor, labels: torch.Tensor, real: torch.Tensor, *,
-                  real_labels: torch.Tensor | None = None, batch_size: int = 256) -> dict:
+                  real_labels: torch.Tensor | None = None, batch_size: int = 256, clip_net=None) -> dict:
     """Measures of generated clips against real ones (videos uint8 or float in [−1, 1]).
 
     - ``fd_frames``: Fréchet distance between the per-frame features of samples and of real clips;
@@ -110,7 +110,9 @@ def video_metrics(net: FeatureNet, samples: torch.Tensor, labels: torch.Tensor, 
     - ``smoothness`` / ``smoothness_real``: mean |second difference| of the centroid trajectory
       of samples / real clips (small for real clips: constant velocity between bounces);
     - ``n``: the number of sample clips. With ``real_labels``, also ``accuracy_real`` and
-      ``temporal_consistency_real`` (the judge's own ceiling).
+      ``temporal_consistency_real`` (the judge's own ceiling);
+    - with ``clip_net`` (selfflow.modalities.evaluation.clip_net), ``fd_clips``: the Fréchet distance of
+      whole-clip spatio-temporal features, which, unlike ``fd_frames``, sees the frames' order.
     """
     samples, real = check_videos(samples, "samples"), check_videos(real, "real")
     n, num_classes = samples.shape[0], net.config.num_classes
@@ -126,6 +128,10 @@ def video_metrics(net: FeatureNet, samples: torch.Tensor, labels: torch.Tensor, 
         "smoothness_real": smoothness(real),
         "n": n,
     }
+    if clip_net is not None:
+        from selfflow.modalities.evaluation.clip_net import clip_frechet_distance
+
+        result["fd_clips"] = clip_frechet_distance(clip_net, _float_videos(samples, "samples"), _float_videos(real, "real"))
     if real_labels is not None:
         real_majority, real_agreement = _votes(real_preds, real.shape[0], num_classes)
         real_labels = _labels(real_labels, real.shape[0], "real_labels")
