@@ -20,6 +20,15 @@
 #     report       the five-method report (only with the main call's records)                    30 s
 #     cuda-tests   tests/test_cuda.py                                                           150 s
 #     real-floor   MNIST FID floor at 10k vs 10k, and the time of one FID with a cached reference
+#   bash benchmarks/gpu_suite.sh metaworld  a fourth call: Meta-World push-v3 and reach-v3, flow matching vs Self-Flow vs
+#                  regression, 3 seeds × 50 episodes, execute-1 and execute-8 (benchmarks/metaworld.py --device cuda,
+#                  5000 steps, batch 256). The device has no network: before the call, here,
+#                  `pip install --target .carry/pylib metaworld==3.1.1 mujoco packaging` (carried; ~60 MB with MuJoCo, so
+#                  carry it instead of MNIST/Inception, which this call does not need); MUJOCO_GL=egl renders on the GPU's
+#                  driver (the CPU's osmesa is not there). An estimate without a measurement: training ~10 ms/step
+#                  (8 tokens, launch-bound) → 3 methods × 2 tasks × 3 seeds × 50 s ≈ 15 min: over one call's budget, so
+#                  the call runs what fits (the benchmark is resumable and rewrites its report after each method;
+#                  call again in the next session to finish)                                      520 s
 #   bash benchmarks/gpu_suite.sh more       a third call (another session's): figures that need neither call's records
 #     modalities   video, audio, audio-video, actions: Self-Flow vs flow matching (+ the regression policy),
 #                  2 seeds, 32-px frames / 32 mel bins, batch 256, 300 steps each (benchmarks/modalities.py
@@ -75,7 +84,7 @@
 # docs/benchmarks: a check of the plumbing before a GPU session is spent on it.
 set -uo pipefail
 part="${1:-main}"
-case "$part" in main|extra|more) ;; *) echo "usage: bash benchmarks/gpu_suite.sh [main|extra|more]   (got '$part')" >&2; exit 2 ;; esac
+case "$part" in main|extra|more|metaworld) ;; *) echo "usage: bash benchmarks/gpu_suite.sh [main|extra|more|metaworld]   (got '$part')" >&2; exit 2 ;; esac
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
@@ -95,6 +104,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
     MEM=(--sizes tiny mini --image-size 8 --channels 1 --batches 8 --memory-limit-gib 1 --threads 1)
     MEM_MAX=(--sizes tiny --image-size 8 --channels 1 --batches 8 --max-batch 32 --granularity 8 --memory-limit-gib 0.03 --threads 1)
     MOD=(--smoke) MOD_WORK=outputs/gpu_suite_smoke_runs/modalities MOD_OUT=outputs/gpu_suite_smoke/modalities_smoke
+    MW=(--smoke) MW_WORK=outputs/gpu_suite_smoke_runs/metaworld MW_OUT=outputs/gpu_suite_smoke/metaworld_smoke
     TEXT_STEPS=4 TEXT_WORK=outputs/gpu_suite_smoke_runs/t2i_mnist TEXT_NAME=text_to_image_mnist_smoke
     TEXT=(--model-size tiny --batch-size 16 --fd-steps 20 --align-steps 5 --per-prompt 1 --cfg-scales 2 --sample-steps 2
           --captions-per-image 1)
@@ -105,6 +115,7 @@ else
     MEM=(--latent --sizes S B L XL --batches 32 256)
     MEM_MAX=(--latent --sizes XL L --batches 256 --max-batch 2048 --granularity 64)
     MOD=(--preset gpu --threads 4) MOD_WORK=runs/modalities_gpu MOD_OUT=docs/benchmarks/modalities_gpu
+    MW=(--steps 5000 --batch 256 --episodes 50 --seeds 0,1,2 --tasks push-v3,reach-v3) MW_WORK=runs/metaworld_gpu MW_OUT=docs/benchmarks/metaworld_gpu
     TEXT_WORK=runs/t2i_mnist_gpu TEXT_NAME=text_to_image_mnist_gpu TEXT=(--model-size S --batch-size 256)
 fi
 RECORDS="$DOCS/results/$(basename "$CONV_OUT")_records.tgz"  # the convergence records a later extra call builds on
@@ -131,7 +142,7 @@ step() {  # step NAME SECONDS COMMAND...: a time limit, cut to what is left of t
 }
 
 suite() {
-    [ -d "$MNIST" ] && { [ "$part" = more ] || [ -f "$SELFFLOW_INCEPTION" ]; } || {
+    [ -d "$MNIST" ] || [ "$part" = metaworld ] && { [ "$part" = more ] || [ "$part" = metaworld ] || [ -f "$SELFFLOW_INCEPTION" ]; } || {
         echo "missing $MNIST or $SELFFLOW_INCEPTION: copy the MNIST IDX files and fid_inception_v3_fp16.pt into .carry/"; return 2; }
     echo "gpu_suite $part, budget ${BUDGET}s, $(date)"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
@@ -150,6 +161,10 @@ suite() {
             --inception "$SELFFLOW_INCEPTION" --device "$DEV" --name "fid${FID_N}_generated_mnist_self_flow_$DEV"
         step memory-max 120 "$PY" benchmarks/memory.py --device "$DEV" "${MEM_MAX[@]}" --options bf16 --method self_flow --find-max \
             --name "memory_${DEV}_largest_batch"
+    elif [ "$part" = metaworld ]; then
+        [ -d .carry/pylib ] && export PYTHONPATH="$PYTHONPATH:$PWD/.carry/pylib"
+        [ "$DEV" = cuda ] && export MUJOCO_GL="${MUJOCO_GL:-egl}"
+        step metaworld 520 "$PY" benchmarks/metaworld.py --device "$DEV" "${MW[@]}" --work "$MW_WORK" --out "$MW_OUT"
     elif [ "$part" = more ]; then
         step modalities 250 "$PY" benchmarks/modalities.py --device "$DEV" "${MOD[@]}" --work "$MOD_WORK" --out "$MOD_OUT"
         step text 250 "$PY" benchmarks/text_to_image.py --data mnist --data-path "$MNIST" --device "$DEV" "${TEXT[@]}" \

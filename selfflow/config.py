@@ -220,7 +220,9 @@ class TextConfig:
             raise ConfigError(f"{where}.hashed_dim must be even, got {self.hashed_dim}")
 
 
-MODALITY_KINDS = ("video", "audio", "audio_video", "actions")  # selfflow.modalities.data
+MODALITY_KINDS = ("video", "audio", "audio_video", "actions", "metaworld")  # selfflow.modalities.data
+POLICY_KINDS = ("actions", "metaworld")  # conditioned on observations; the regression baseline trains them too
+OBSERVATION_KINDS = ("state", "image")  # metaworld: the 39-number state, or rendered frames + the hand
 AUDIO_SOURCES = ("auto", "espeak", "procedural")  # selfflow.modalities.audio
 DIGIT_SOURCES = ("digits", "mnist", "fashion-mnist", "idx")  # where the video's digits come from (data.name)
 
@@ -250,11 +252,23 @@ class ModalityConfig:
     horizon: int = 8  # actions per chunk
     action_patch: int = 2  # actions per token
     execute: int = 4  # actions executed before replanning (evaluation)
+    # metaworld (the optional extra): a Meta-World MT1 task, its scripted expert's demonstrations
+    task: str = "push-v3"
+    observation: str = "state"  # state: the 39 numbers | image: rendered RGB frames + the hand's position and gripper
+    obs_horizon: int = 2  # observations the policy sees (Diffusion Policy's To)
+    obs_image_size: int = 64  # rendered frames, pixels a side
+    max_episode_steps: int = 150  # an episode without success by then is a failure (the experts need 50-100)
     cache_dir: Optional[str] = None  # synthesised audio; None: $SELFFLOW_CACHE or ~/.cache/selfflow
 
     def validate(self, where: str) -> None:
         check_choice(self.kind, MODALITY_KINDS, f"{where}.kind")
         check_choice(self.audio_source, AUDIO_SOURCES, f"{where}.audio_source")
+        check_choice(self.observation, OBSERVATION_KINDS, f"{where}.observation")
+        for key in ("obs_horizon", "max_episode_steps"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{where}.{key} must be positive, got {getattr(self, key)}")
+        if not 16 <= self.obs_image_size <= 128 or self.obs_image_size % 8:
+            raise ConfigError(f"{where}.obs_image_size must be a multiple of 8 in 16..128, got {self.obs_image_size}")
         for key in ("num_samples", "frames", "frame_size", "digits_per_clip", "video_patch_frames", "video_patch",
                     "n_mels", "audio_frames", "audio_patch_mels", "audio_patch_frames", "horizon", "action_patch", "execute"):
             if getattr(self, key) <= 0:
@@ -660,7 +674,7 @@ class RunConfig:
             raise ConfigError("modality and text sections together: text conditions images only (drop one section)")
         if kind in ("video", "audio_video") and data.name not in DIGIT_SOURCES:
             raise ConfigError(f"data.name={data.name}: the video's digits come from one of {', '.join(DIGIT_SOURCES)}")
-        if kind in ("audio", "actions") and (data.name != "digits" or data.path is not None):
+        if kind in ("audio", *POLICY_KINDS) and (data.name != "digits" or data.path is not None):
             raise ConfigError(f"modality.kind={kind} makes all of its data; leave the data section at its defaults "
                               f"(got data.name={data.name})")
         if data.image_size is not None or data.channels is not None:
@@ -669,7 +683,7 @@ class RunConfig:
         if model.image_size is not None or model.in_channels is not None:
             raise ConfigError("model.image_size / model.in_channels: a modality run's token layout comes from the modality "
                               "section; leave them unset")
-        if kind == "actions":
+        if kind in POLICY_KINDS:
             if model.num_classes:
                 raise ConfigError(f"model.num_classes={model.num_classes}: a policy is conditioned on observations, not classes")
             if self.sample.cfg_scale != 1.0:

@@ -67,6 +67,16 @@ def cmd_sample(args) -> int:
     if args.steps:
         config = dataclasses.replace(config, sample=dataclasses.replace(config.sample, steps=args.steps))
     out = Path(args.out)
+    if modality.kind == "metaworld":
+        from selfflow.modalities.metaworld import save_gif, success_rate
+
+        policy = make_policy(model, steps=config.sample.steps, sampler=config.sample.sampler,
+                             regression=config.method_name() == "regression")
+        run = success_rate(policy, task=modality.task, episodes=args.n, execute=modality.execute, obs_horizon=modality.obs_horizon,
+                           observation=modality.observation, image_size=modality.obs_image_size,
+                           max_steps=modality.max_episode_steps, gif_episodes=args.n)
+        print(save_gif(run["frames"], out / "episodes.gif"))
+        return 0
     if modality.kind == "actions":
         if args.labels or args.given:
             raise ConfigError("--labels / --given: a policy is conditioned on observations; leave them out")

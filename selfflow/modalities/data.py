@@ -43,6 +43,10 @@ def layout_for(modality: ModalityConfig) -> Layout:
         return Layout((audio,))
     if m.kind == "audio_video":  # both span the same 0.8 s: one time axis (tokens.sincos_shared_time)
         return Layout((dataclasses.replace(video, time_axis=0), dataclasses.replace(audio, time_axis=1)))
+    if m.kind == "metaworld":
+        from selfflow.modalities.metaworld import ACTION_DIM as METAWORLD_ACTIONS
+
+        return Layout((Part("actions", (METAWORLD_ACTIONS, m.horizon), (m.action_patch,)),))
     from selfflow.modalities.actions import ACTION_DIM
 
     return Layout((Part("actions", (ACTION_DIM, m.horizon), (m.action_patch,)),))
@@ -50,11 +54,24 @@ def layout_for(modality: ModalityConfig) -> Layout:
 
 def condition_dim(modality: ModalityConfig) -> int:
     """0 for class labels; the observation's size for a policy."""
+    if modality.kind == "metaworld":
+        from selfflow.modalities.metaworld import cond_dim
+
+        return cond_dim(modality.observation, modality.obs_horizon, modality.obs_image_size)
     if modality.kind != "actions":
         return 0
     from selfflow.modalities.actions import OBS_DIM
 
     return OBS_DIM
+
+
+def condition_image(modality: ModalityConfig) -> tuple[int, int, int] | None:
+    """(frames, size, proprioception) of an image-observation policy, else None."""
+    if modality.kind != "metaworld" or modality.observation != "image":
+        return None
+    from selfflow.modalities.metaworld import PROPRIO_DIM
+
+    return modality.obs_horizon, modality.obs_image_size, PROPRIO_DIM
 
 
 @dataclass
@@ -168,6 +185,13 @@ def modality_samples(config: RunConfig, split: str = "train", n: int | None = No
     if m.kind == "audio_video":
         video, audio, labels, source = make_audio_video(config, split, n, seed, progress)
         return TokenDataset(layout.join([video, audio]), labels, 10, m.kind, layout, {"audio_source": source})
+    if m.kind == "metaworld":
+        from selfflow.modalities.metaworld import demonstrations as metaworld_demonstrations
+
+        obs, chunks, info = metaworld_demonstrations(
+            m.task, n, seed=seed, obs_horizon=m.obs_horizon, horizon=m.horizon, observation=m.observation,
+            image_size=m.obs_image_size, max_steps=m.max_episode_steps, cache_dir=m.cache_dir, progress=progress)
+        return TokenDataset(chunks, obs, 0, m.kind, layout, info)
     from selfflow.modalities.actions import demonstrations
 
     obs, chunks, info = demonstrations(n, seed=seed, horizon=m.horizon, progress=progress)

@@ -27,11 +27,33 @@ from selfflow.model import Block, DiT, FinalLayer, TimeEmbedding, init_transform
 from selfflow.modalities.tokens import Layout
 
 
+class ImageObservation(nn.Module):
+    """A window of rendered frames + proprioception, flattened (B, H·3·S·S + H·P) → (B, dim): each frame through
+    3 stride-2 convolutions (3→16→32→32 channels, SiLU) flattened, the frames' features and the proprioception
+    concatenated, then Linear, SiLU, Linear (Diffusion Policy's image + agent-state condition, with a small CNN)."""
+
+    def __init__(self, frames: int, size: int, proprio: int, dim: int):
+        super().__init__()
+        self.frames, self.size, self.proprio = frames, size, proprio
+        self.cnn = nn.Sequential(nn.Conv2d(3, 16, 4, 2, 1), nn.SiLU(), nn.Conv2d(16, 32, 4, 2, 1), nn.SiLU(),
+                                 nn.Conv2d(32, 32, 4, 2, 1), nn.SiLU(), nn.Flatten())
+        feature = 32 * (size // 8) ** 2
+        self.mlp = nn.Sequential(nn.Linear(frames * (feature + proprio), dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        B, pixels = y.shape[0], self.frames * 3 * self.size * self.size
+        images = y[:, :pixels].reshape(B * self.frames, 3, self.size, self.size)
+        features = self.cnn(images).reshape(B, -1)
+        return self.mlp(torch.cat([features, y[:, pixels:]], dim=1))
+
+
 class TokenDiT(DiT):
     """``forward(x, t, y)``: x (B, *layout.sample_shape); t (B,) or (B, N); y (B,) int64 labels
-    (``num_classes`` = null) or, with ``cond_dim > 0``, (B, cond_dim) float observations."""
+    (``num_classes`` = null) or, with ``cond_dim > 0``, (B, cond_dim) float observations (with ``cond_image``
+    (frames, size, proprio), a window of rendered frames and proprioception: :class:`ImageObservation`)."""
 
-    def __init__(self, config: ModelConfig, layout: Layout, cond_dim: int = 0):
+    def __init__(self, config: ModelConfig, layout: Layout, cond_dim: int = 0,
+                 cond_image: tuple[int, int, int] | None = None):
         nn.Module.__init__(self)
         if config.num_classes is None:
             raise ValueError("ModelConfig.num_classes must be set before building the model")
@@ -49,7 +71,9 @@ class TokenDiT(DiT):
         self.register_buffer("modality_index", layout.modality_index(), persistent=False)
         self.modality_embed = nn.Embedding(len(layout.parts), dim) if len(layout.parts) > 1 else None
         self.time_embed = TimeEmbedding(dim, scale=config.time_scale, shift=config.time_shift)
-        if cond_dim:
+        if cond_image:
+            self.cond_embed = ImageObservation(*cond_image, dim)
+        elif cond_dim:
             self.cond_embed = nn.Sequential(nn.Linear(cond_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         else:
             self.label_embed = nn.Embedding(self.num_classes + 1, dim)  # last row: the null label
@@ -126,9 +150,9 @@ class TokenDiT(DiT):
 
 def build_token_model(model: ModelConfig, modality: ModalityConfig) -> TokenDiT:
     """The token DiT of a modality run (its layout and condition from the modality section)."""
-    from selfflow.modalities.data import condition_dim, layout_for
+    from selfflow.modalities.data import condition_dim, condition_image, layout_for
 
-    return TokenDiT(model, layout_for(modality), cond_dim=condition_dim(modality))
+    return TokenDiT(model, layout_for(modality), cond_dim=condition_dim(modality), cond_image=condition_image(modality))
 
 
 def is_modality_checkpoint(path: str | Path) -> bool:

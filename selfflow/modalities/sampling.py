@@ -122,7 +122,7 @@ def write_media(samples: torch.Tensor, config: RunConfig, base: Path, *, wavs: i
 
 def write_preview(model, config: RunConfig, base: Path, device) -> Path | None:
     """The trainer's sample preview of a modality run (a policy's is its success rate: selfflow modality eval)."""
-    if config.modality.kind == "actions":
+    if config.modality.kind in ("actions", "metaworld"):
         return None
     n = config.train.num_sample_images
     samples, _ = sample_conditioned(model, config, n, device)

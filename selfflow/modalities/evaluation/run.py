@@ -97,6 +97,16 @@ def evaluate_modality(path: str | Path, *, n: int = 256, work_dir: str | Path | 
     work = Path(work_dir) if work_dir else folder.parent.parent / "eval"
     report = {"checkpoint": str(folder), "kind": modality.kind, "method": config.method_name(), "n": n, "judge_steps": judge_steps,
               "sampler": config.sample.sampler, "steps": config.sample.steps, "cfg_scale": config.sample.cfg_scale}
+    if modality.kind == "metaworld":
+        from selfflow.modalities.metaworld import success_rate as metaworld_success
+
+        policy = make_policy(model, steps=config.sample.steps, sampler=config.sample.sampler,
+                             regression=config.method_name() == "regression")
+        report.update(metaworld_success(policy, task=modality.task, episodes=n, execute=modality.execute,
+                                        obs_horizon=modality.obs_horizon, observation=modality.observation,
+                                        image_size=modality.obs_image_size, max_steps=modality.max_episode_steps,
+                                        progress=progress))
+        return report
     if modality.kind == "actions":
         policy = make_policy(model, steps=config.sample.steps, sampler=config.sample.sampler,
                              regression=config.method_name() == "regression")
