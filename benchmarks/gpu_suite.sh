@@ -21,7 +21,7 @@
 #     cuda-tests   tests/test_cuda.py                                                           150 s
 #     real-floor   MNIST FID floor at 10k vs 10k, and the time of one FID with a cached reference
 #   bash benchmarks/gpu_suite.sh metaworld  a fourth call: Meta-World push-v3 and reach-v3, flow matching vs Self-Flow vs
-#                  regression, 3 seeds × 50 episodes, execute-1 and execute-8 (benchmarks/metaworld.py --device cuda,
+#                  regression, 3 seeds × 50 episodes, execute-1 and execute-8 (benchmarks/metaworld_policies.py --device cuda,
 #                  5000 steps, batch 256). The device has no network: before the call, here,
 #                  `pip install --target .carry/pylib metaworld==3.1.1 mujoco packaging` (carried; ~60 MB with MuJoCo, so
 #                  carry it instead of MNIST/Inception, which this call does not need); MUJOCO_GL=egl renders on the GPU's
@@ -164,7 +164,7 @@ suite() {
     elif [ "$part" = metaworld ]; then
         [ -d .carry/pylib ] && export PYTHONPATH="$PYTHONPATH:$PWD/.carry/pylib"
         [ "$DEV" = cuda ] && export MUJOCO_GL="${MUJOCO_GL:-egl}"
-        step metaworld 520 "$PY" benchmarks/metaworld.py --device "$DEV" "${MW[@]}" --work "$MW_WORK" --out "$MW_OUT"
+        step metaworld 520 "$PY" benchmarks/metaworld_policies.py --device "$DEV" "${MW[@]}" --work "$MW_WORK" --out "$MW_OUT"
     elif [ "$part" = more ]; then
         step modalities 250 "$PY" benchmarks/modalities.py --device "$DEV" "${MOD[@]}" --work "$MOD_WORK" --out "$MOD_OUT"
         step text 250 "$PY" benchmarks/text_to_image.py --data mnist --data-path "$MNIST" --device "$DEV" "${TEXT[@]}" \

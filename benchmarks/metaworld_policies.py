@@ -7,9 +7,9 @@ episode stream, disjoint from the demonstrations'), executing 1 action per chunk
 ``execute`` actions (execute-k) before replanning. The scripted expert's success on the same evaluation
 episodes is measured beside them. Resumable: finished trainings and evaluations are not done again.
 
-    python benchmarks/metaworld.py --out docs/benchmarks/metaworld_cpu --device cpu
-    python benchmarks/metaworld.py --smoke ...        (tiny sizes: the plumbing)
-    python benchmarks/metaworld.py --report-only ...  (the report from the JSON in --work)
+    python benchmarks/metaworld_policies.py --out docs/benchmarks/metaworld_cpu --device cpu
+    python benchmarks/metaworld_policies.py --smoke ...        (tiny sizes: the plumbing)
+    python benchmarks/metaworld_policies.py --report-only ...  (the report from the JSON in --work)
 
 Rows (``<out>.json``): task, method, execute, success (the mean over every episode of every seed), stderr
 (binomial, sqrt(p(1−p)/(episodes·seeds))), episodes (per seed), seeds, per_seed, steps_trained, train_s
@@ -176,7 +176,7 @@ def report(args, record: dict) -> None:
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
-SMOKE = {"steps": 2, "batch": 8, "demos": 2, "episodes": 2, "seeds": "0", "sample_steps": 2, "max_steps": 20,
+SMOKE = {"steps": 2, "batch": 8, "demos": 2, "episodes": 2, "seeds": "0", "sample_steps": 2, "max_steps": 100,
          "tasks": "reach-v3", "gif_episodes": 1, "image_size": 32}
 
 
@@ -216,7 +216,7 @@ def main() -> None:
     from selfflow.modalities.metaworld import available
 
     if not available():
-        raise SystemExit("benchmarks/metaworld.py needs the metaworld extra: pip install 'selfflow[metaworld]' (and libosmesa6)")
+        raise SystemExit("benchmarks/metaworld_policies.py needs the metaworld extra: pip install 'selfflow[metaworld]' (and libosmesa6)")
     from selfflow.evaluation.metrics import environment_info
 
     args.work.mkdir(parents=True, exist_ok=True)
