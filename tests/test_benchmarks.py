@@ -68,7 +68,7 @@ def test_modalities_benchmark_smoke_writes_every_kind_and_links_media_that_exist
     out, work = tmp_path / "docs" / "modalities_smoke", tmp_path / "runs"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SELFFLOW_CACHE": str(tmp_path / "cache")}
     cmd = [sys.executable, str(script), "--smoke", "--device", "cpu", "--out", str(out), "--work", str(work)]
-    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=300)
+    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=600)
     record = json.loads(out.with_suffix(".json").read_text())
     assert list(record["kinds"]) == ["video", "audio", "audio_video", "actions"]
     for kind, info in record["kinds"].items():
