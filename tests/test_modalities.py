@@ -305,6 +305,8 @@ def test_audio_and_video_tokens_share_one_time_axis():
     torch.testing.assert_close(v[:, 0, 0, :share], sincos_1d(share, torch.tensor([0.5, 2.5])).float())  # centres 0.5, 2.5
     torch.testing.assert_close(a[0, :, :share], sincos_1d(share, torch.arange(4.0)).float())
     assert not torch.equal(a[0, 0, share:2 * share], a[1, 0, share:2 * share])  # the mel axis has its own channels
+    assert Layout.from_dict(av.layout.to_dict()) == av.layout  # the time axes travel with the layout
+    assert "time_axis" not in Layout((Part("x", (1, 4), (2,)),)).to_dict()["parts"][0]  # older layouts read the same
     # one part: the part's own grid, as before
     assert torch.equal(token_model("video").pos_embed[0], sincos_nd(64, token_model("video").layout.parts[0].grid))
 
