@@ -21,6 +21,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from selfflow import checkpoint as ckpt
+from selfflow.arguments import TqdmLogHandler
 from selfflow.config import ConfigError, RunConfig
 from selfflow.errors import DataError
 from selfflow.distributed import DistInfo, all_reduce_mean, any_rank, cleanup, init_distributed
@@ -47,7 +48,7 @@ def setup_logging(out_dir: Path | None, is_main: bool) -> None:
         log.removeHandler(handler)
         handler.close()
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
-    stream = logging.StreamHandler(sys.stdout)
+    stream = TqdmLogHandler(sys.stdout)  # through tqdm.write: a log line never breaks a progress bar
     stream.setFormatter(fmt)
     log.addHandler(stream)
     if out_dir is not None and is_main:

@@ -120,3 +120,41 @@ def test_the_readme_python_api_snippets_run(tmp_path, monkeypatch):
     for snippet in snippets:  # one session, in order, as a reader would paste them
         exec(compile(snippet, "README.md", "exec"), scope)
     assert Path("models/digits").is_dir() and scope["x"].shape[0] == 16
+
+
+def test_the_diffusers_export_reproduces_our_euler_samples(image_run, tmp_path):
+    pytest.importorskip("diffusers")
+    from selfflow.hub import SelfFlowPipeline, SelfFlowTransformer2DModel
+    from selfflow.sampling import generate, noise_for_seeds
+
+    out = tmp_path / "diffusers"
+    assert main(["export", "--ckpt", str(image_run), "--out", str(out), "--format", "diffusers"]) == 0
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == "SelfFlowPipeline" and index["scheduler"] == ["diffusers", "FlowMatchEulerDiscreteScheduler"]
+    scheduler = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["shift"] == 1.0 and scheduler["num_train_timesteps"] == 1000 and not scheduler["use_dynamic_shifting"]
+    assert "library_name: diffusers" in (out / "README.md").read_text()
+    pipe = SelfFlowPipeline.from_pretrained(str(out))
+    assert isinstance(pipe.transformer, SelfFlowTransformer2DModel)
+    g = selfflow.load(image_run, device="cpu")
+    seeds, shape = [3, 4, 5], g.sample_shape
+    labels = torch.tensor([1, 2, 9]) if g.num_classes else None
+    for steps, scale in ((4, g.settings.cfg_scale), (7, 1.0)):
+        ours = generate(g.model, num_samples=3, seeds=seeds, labels=labels, sampler="euler", steps=steps, cfg_scale=scale,
+                        image_shape=shape, clip=False, progress=False).images
+        theirs = pipe(class_labels=labels, num_inference_steps=steps, guidance_scale=scale, latents=noise_for_seeds(seeds, shape),
+                      output_type="raw").images
+        assert (theirs - ours).abs().max().item() <= 1e-5, (steps, scale)
+        assert (ours - noise_for_seeds(seeds, shape)).abs().max() > 0.1  # the network moved the samples
+    # the pipeline's defaults are the run's steps and guidance; images in [0, 1]
+    default = pipe(class_labels=labels, batch_size=3, generator=[torch.Generator().manual_seed(s) for s in seeds]).images
+    assert default.shape == (3, *shape) and 0 <= default.min() and default.max() <= 1
+
+
+def test_the_default_export_is_hub_ready(image_run, tmp_path):
+    out = tmp_path / "model"
+    assert main(["export", "--ckpt", str(image_run), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: selfflow") and "- method: flow_matching" in card
+    assert "sampler heun, 3 steps" in card and "training loss" in card and "- data: digits" in card
