@@ -164,6 +164,7 @@ class TrainConfig:
     init_from: Optional[str] = None  # start model and EMA from this checkpoint/run/exported folder's EMA weights (resume wins)
     num_sample_images: int = 64
     tensorboard: bool = True
+    loggers: tuple[str, ...] = ()  # more loggers beside metrics.jsonl and TensorBoard: wandb (pip install selfflow[wandb]; off by default)
     progress: bool = True
 
     def validate(self, where: str) -> None:
@@ -187,11 +188,14 @@ class TrainConfig:
                 raise ConfigError(f"{where}.{key} must be in [0, 1), got {getattr(self, key)}")
         check_choice(self.precision, PRECISIONS, f"{where}.precision")
         check_choice(self.distributed, DISTRIBUTED_MODES, f"{where}.distributed")
+        for name in self.loggers:
+            check_choice(name, LOGGERS, f"{where}.loggers")
         check_device(self.device, f"{where}.device")
         if not self.out_dir.strip():
             raise ConfigError(f"{where}.out_dir must name a folder, got {self.out_dir!r}")
 
 
+LOGGERS = ("wandb",)  # train.loggers: optional loggers beside metrics.jsonl (always) and TensorBoard (train.tensorboard)
 SAMPLER_NAMES = ("euler", "heun", "sde", "dopri5", "sit_sde")  # selfflow.sampling.SAMPLERS holds these
 TEXT_ENCODERS = ("minilm", "hashed")  # selfflow.text.encoders
 
