@@ -75,12 +75,14 @@ class Generator:
         return self.model.config
 
     @property
+    def layout(self):
+        """The token layout (:class:`selfflow.modalities.tokens.Layout`): an image is one 2-D part."""
+        return self.model.layout
+
+    @property
     def sample_shape(self) -> tuple[int, ...]:
         """One sample's shape: (C, H, W) for images, the layout's sample shape for token models."""
-        shape = getattr(self.model, "sample_shape", None)
-        if shape is not None:
-            return tuple(shape)
-        return (self.model.in_channels, self.model.image_size, self.model.image_size)
+        return tuple(self.model.sample_shape)
 
     @property
     def num_classes(self) -> int:

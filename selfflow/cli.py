@@ -238,18 +238,19 @@ def cmd_sample(args) -> int:
 
     from selfflow.config import ConfigError
     from selfflow.imageio import save_grid, to_uint8
-    from selfflow.model import load_generator
+    from selfflow.loader import folder_kind, load_model
     from selfflow.sampling import generate, parse_labels
     from selfflow.device import autocast_dtype, resolve_device
 
-    from selfflow.text.cli import is_text_checkpoint, sample_prompts
+    from selfflow.text.cli import sample_prompts
 
-    if args.prompt or args.prompts or is_text_checkpoint(args.ckpt):  # captions (selfflow.text)
+    if args.prompt or args.prompts or folder_kind(args.ckpt) == "text":  # captions (selfflow.text)
         return sample_prompts(args, resolved_sampling)
     if args.n <= 0:
         raise ConfigError(f"--n must be positive, got {args.n}")
     device = resolve_device(args.device)
-    model, folder = load_generator(args.ckpt, args.weights, device)
+    loaded = load_model(args.ckpt, args.weights, device, expect="image")
+    model, folder = loaded.model, loaded.folder
     settings = resolved_sampling(args, folder, model)
     values = parse_labels(args.labels, model.num_classes)
     labels = torch.tensor([values[k % len(values)] for k in range(args.n)], dtype=torch.long) if values else None

@@ -63,6 +63,11 @@ def test_sample_k_is_the_command_lines_image_k(image_run, tmp_path):
 
 def test_an_exported_folder_keeps_the_sampler_settings(image_run, tmp_path):
     g = selfflow.load(image_run, device="cpu")
+    from selfflow import DiT
+
+    assert g.layout.parts[0].name == "image" and g.layout.sample_shape == g.sample_shape
+    model = DiT.from_pretrained(image_run, weights="ema.safetensors")  # a run folder: its newest checkpoint
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), g.model.state_dict().values()))
     assert main(["export", "--ckpt", str(image_run), "--out", str(tmp_path / "cli_export")]) == 0
     g.save_pretrained(tmp_path / "api_export")
     for folder in ("cli_export", "api_export"):
@@ -158,3 +163,19 @@ def test_the_default_export_is_hub_ready(image_run, tmp_path):
     card = (out / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: selfflow") and "- method: flow_matching" in card
     assert "sampler heun, 3 steps" in card and "training loss" in card and "- data: digits" in card
+
+
+def test_a_video_run_samples_what_the_modality_command_samples(tmp_path):
+    from selfflow.modalities.evaluation.run import run_config_of
+    from selfflow.modalities.sampling import sample_conditioned
+    from support import fit
+    from test_modalities import raw_run
+
+    fit(raw_run(tmp_path / "run", "video", steps=2))
+    g = selfflow.load(tmp_path / "run", device="cpu")
+    assert g.kind == "modality" and g.sample_shape == g.model.layout.sample_shape
+    x = g.sample(3, labels=[4, 2, 7])
+    expected, _ = sample_conditioned(g.model, run_config_of(g.loaded.run, g.folder), 3, "cpu", labels=torch.tensor([4, 2, 7]))
+    assert x.shape == (3, *g.sample_shape) and torch.equal(x, expected)
+    g.save_pretrained(tmp_path / "exported")
+    assert torch.equal(selfflow.load(tmp_path / "exported", device="cpu").sample(3, labels=[4, 2, 7]), x)

@@ -57,14 +57,15 @@ def cmd_sample(args) -> int:
     from selfflow.device import resolve_device
     from selfflow.errors import ConfigError
     from selfflow.modalities.evaluation.run import run_config_of
-    from selfflow.modalities.model import load_token_generator
+    from selfflow.loader import load_model
     from selfflow.modalities.sampling import generate_given, make_policy, sample_conditioned, write_media
     from selfflow.sampling import parse_labels
 
     _positive(args.n, "--n")
     _positive(args.steps, "--steps")
     device = resolve_device(args.device, "--device")
-    model, folder, modality, run = load_token_generator(args.ckpt, device=device)
+    loaded = load_model(args.ckpt, device=device, expect="modality")
+    model, folder, modality, run = loaded.model, loaded.folder, loaded.modality, loaded.run
     config = run_config_of(run, folder)
     if args.steps:
         config = dataclasses.replace(config, sample=dataclasses.replace(config.sample, steps=args.steps))

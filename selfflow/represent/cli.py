@@ -58,20 +58,16 @@ def cmd_synth(args) -> int:
     from selfflow.config import sample_settings
     from selfflow.device import autocast_dtype, resolve_device
     from selfflow.errors import ConfigError
-    from selfflow.model import load_generator
+    from selfflow.loader import folder_kind, load_model
     from selfflow.represent.synth import make_synth_set, plan
-    from selfflow.text.cli import is_text_checkpoint
-    from selfflow.text.model import load_text_generator
 
     for name in ("n", "shard_size", "per_caption"):
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     device = resolve_device(args.device)
-    text = None
-    if is_text_checkpoint(args.ckpt):  # a caption-conditioned generator: --captions FILE (selfflow.text)
-        model, folder, text = load_text_generator(args.ckpt, args.weights, device)
-    else:
-        model, folder = load_generator(args.ckpt, args.weights, device)
+    # a caption-conditioned generator takes --captions FILE (selfflow.text); a label or unconditional one any captions
+    loaded = load_model(args.ckpt, args.weights, device, expect="text" if folder_kind(args.ckpt) == "text" else "image")
+    model, folder, text = loaded.model, loaded.folder, loaded.text
     classes = 0 if text is not None else int(model.num_classes or 0)
     s = sample_settings(folder, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale, batch_size=args.batch_size,
                         num_classes=None if text is not None else model.num_classes)  # text: guidance on the null caption
