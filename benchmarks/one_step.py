@@ -54,6 +54,7 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -587,14 +588,18 @@ def markdown(report: dict) -> str:
     rows = report["rows"]
     lines = [f"# One-step generation on {report['data']} ({report['device']})", "",
              f"Command: `{report['command']}`", "",
+             *([f"Rebuilt from `{report['rebuilt_from']}` (the evaluations and timings of the command above; its runs' records are "
+                f"gone) by `{report['rebuild_command']}`: this version's rows and verdicts.", ""] if report.get("rebuilt_from") else []),
              *([f"Note: {report['note']}", ""] if report.get("note") else []),
              f"Machine: {m.get('gpu', m['cpu'])}, {m['cpu_count']} CPUs, torch {m['torch']}; training {a['threads']} thread(s) "
              f"per command, timing {report['speed'].get('threads')} thread(s), shared with other jobs (ratios are within this run).",
              f"Chain (every command below, in {report['work']}): teacher Self-Flow "
              f"{'(' + a['teacher_run'] + ')' if a.get('teacher_run') else str(a['teacher_steps']) + ' steps'} → "
              f"{a['pairs']} teacher pairs (Heun 32 steps, guidance {a.get('pairs_cfg', 1.0):g}) → reflow {a['reflow_steps']} steps → pairs of the reflowed "
-             f"model → distillation {a['distill_steps']} steps (1, 2, 4 Euler steps); DMD {a['dmd_steps']} steps (regression weight "
-             f"{a.get('regression_weight', 0.25):g} on {a['pairs']} pairs of the teacher at guidance {a.get('guidance', 1.5):g}; and without it) "
+             f"model → distillation {a['distill_steps']} steps (1, 2, 4 Euler steps); DMD {a['dmd_steps']} steps ("
+             + (f"regression weight {a.get('regression_weight', 0.25):g} on {a['pairs']} pairs of the teacher at guidance "
+                f"{a.get('guidance', 1.5):g}; and without it" if a.get("regression_weight", 0.25) else "without its regression loss")
+             + f") "
              f"and DMD2 {a['dmd2_steps']} steps (1 generator update in 5) from the teacher, real score at guidance {a.get('guidance', 1.5):g}; model {a['model']} ({report['model']}).",
              f"Metric: **FD_dom** in the 128-d features of the project's FD_dom classifier (`{Path(e['fd_net']).name}`, test "
              f"accuracy {e['fd_net_test_accuracy']:.3f}, sha256 `{e['fd_net_sha256'][:16]}…`) of {e['num_samples']} generated images "
@@ -747,6 +752,47 @@ def analyse(report: dict) -> None:
         report["loss_comparison"] = {"rows": loss_rows, "best": best["loss"], "common_seeds": common, "text": text}
 
 
+def rebuild(args) -> int:
+    """--from-report: the earlier report's evaluations and timings under this version's rows and verdicts."""
+    old = json.loads(Path(args.from_report).read_text())
+    without_regression = not any("regression_weight=" in (r or {}).get("command", "") and "regression_weight=0" not in r["command"]
+                                 for name, r in old["stages"].items() if name.startswith("dmd_"))
+    rename = {}
+    if without_regression:  # those runs were DMD without its regression loss
+        rename = {name: "dmd_noreg_" + name[len("dmd_"):] for name in {e["run"] for e in old["evals"]} if name.startswith("dmd_s")}
+    evals = [{**e, "run": rename.get(e["run"], e["run"])} for e in old["evals"]]
+    args.seeds = old["settings"]["seeds"]
+    args.loss_seeds = old["settings"].get("loss_seeds", [0])
+    args.reflow_rounds = old["settings"].get("reflow_rounds", 1)
+    args.only = None
+    real_cfg = [d.get("real_cfg") for d in (old.get("dmd_diagnostics") or {}).values() if d.get("real_cfg")]
+    args.guidance = real_cfg[0] if real_cfg else args.guidance
+    specs = Chain.student_specs(types.SimpleNamespace(args=args))
+    report = {**old, "rebuilt_from": args.from_report, "rebuild_command": " ".join(["python", *map(shlex.quote, sys.argv)]),
+              "out": str(args.out), "evals": evals, "dmd_text": "".join(
+                  (rename.get(w, w) if w.rstrip(":") not in rename else rename[w.rstrip(":")] + ":") for w in
+                  __import__("re").split(r"(\s+)", old.get("dmd_text", ""))) or None,
+              "stages": {rename.get(k, k): v for k, v in old["stages"].items()},
+              "dmd_diagnostics": {rename.get(k, k): v for k, v in (old.get("dmd_diagnostics") or {}).items()},
+              "settings": {**old["settings"], "guidance": args.guidance, "pairs_cfg": 1.0,
+                           "regression_weight": 0.0 if without_regression else old["settings"].get("regression_weight")}}
+    report["rows"] = build_rows(None, specs, evals, old["speed"])
+    report["teacher"] = teacher_summary(report["rows"])
+    for key in ("target", "loss_comparison"):
+        report.pop(key, None)
+    analyse(report)
+    if args.note:
+        report["note"] = args.note
+    if args.notes_file:
+        report["notes"] = [Path(args.notes_file).read_text().strip(), "", f"(Notes from `{args.notes_file}`.)"]
+    out = Path(args.out)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    out.with_suffix(".md").write_text(markdown(report))
+    plot(report, out.with_suffix(".png"))
+    log(f"rebuilt {out.with_suffix('.md')} from {args.from_report}")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -775,12 +821,17 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="+", default=None, help="train only these student groups (e.g. distill1_l2 dmd)")
     parser.add_argument("--skip-eval", action="store_true", help="train only")
     parser.add_argument("--report-only", action="store_true", help="rebuild the report from the records, run nothing")
+    parser.add_argument("--from-report", default=None, metavar="JSON",
+                        help="rebuild --out's report from an earlier report's evaluations (its runs' records gone): the rows and "
+                        "verdicts of this version; DMD runs made without the regression become 'DMD (no regression)'")
     parser.add_argument("--note", default=None)
     parser.add_argument("--notes-file", default=None, help="Markdown appended as the report's 'Notes' (the reading of the figures)")
     args = parser.parse_args(argv)
     for key, value in DEFAULTS[args.data].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.from_report:
+        return rebuild(args)
     torch.set_num_threads(args.threads)
     chain = Chain(args)
     chain.work.mkdir(parents=True, exist_ok=True)
