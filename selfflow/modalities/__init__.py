@@ -7,11 +7,13 @@ One module per job (docs/modalities.md):
                             action chunks) and the token layout of several modalities in one sequence
 ``video``                   moving digits: clips generated deterministically from a seed; GIFs
 ``audio``                   spoken digits (espeak-ng, or a procedural stand-in), log-mel, Griffin-Lim, WAV
-``actions``                 a 2-D pushing task with the gymnasium API and a scripted two-way expert
+``actions``                 a 2-D pushing task with the gymnasium API and a scripted two-way expert (CPU smoke)
+``metaworld``               Meta-World (optional extra): scripted-expert demonstrations, windows, seeded success
+``sync``                    audio-video in sync: the digit appears when its name starts; the offset measure
 ``data``                    the data set a run trains on, for each modality
 ``model``                   the token DiT: any layout of tokens, per-token times, modality embeddings
 ``sampling``                generation with some tokens given (cross-modal generation by masking)
-``evaluation``              each modality's measures (per-frame FD, spoken-digit accuracy, success rate)
+``evaluation``              each modality's measures (per-frame and clip FD, spoken-digit accuracy, success rate)
 ``cli``                     ``selfflow modality sample|eval``
 ==========================  ================================================================
 """
