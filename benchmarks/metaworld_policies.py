@@ -104,7 +104,7 @@ def evaluate(args, task: str, method: str, seed: int, execute: int) -> dict:
     else:
         policy, modality = policy_of(args, task, method, seed)
         horizon, observation = modality.obs_horizon, modality.observation
-    gif = args.gif_episodes if seed == args.seeds[0] and execute == args.execute and method != "expert" else 0
+    gif = args.gif_episodes if seed == args.seeds[0] and execute == args.execute and method in args.gif_methods else 0
     log("evaluate", task, method, "seed", seed, "execute", execute, "episodes", args.episodes)
     start = time.perf_counter()
     result = success_rate(policy, task=task, episodes=args.episodes, seed=seed, execute=execute, obs_horizon=horizon,
@@ -199,6 +199,7 @@ def main() -> None:
     p.add_argument("--max-steps", type=int, default=150)
     p.add_argument("--sample-steps", type=int, default=16)
     p.add_argument("--gif-episodes", type=int, default=2)
+    p.add_argument("--gif-methods", default=",".join(METHODS), help="whose rollouts become GIFs (each render costs)")
     p.add_argument("--set", action="append", default=[], help="more config overrides, KEY=VALUE")
     p.add_argument("--note", default="")
     p.add_argument("--smoke", action="store_true", help="tiny sizes: the plumbing only")
@@ -211,6 +212,7 @@ def main() -> None:
     args.tasks = [t for t in args.tasks.split(",") if t]
     args.methods = [m for m in args.methods.split(",") if m]
     args.seeds = [int(s) for s in args.seeds.split(",") if s]
+    args.gif_methods = [m for m in args.gif_methods.split(",") if m]
     args.set += [f"modality.obs_horizon={args.obs_horizon}", f"modality.execute={args.execute}"]
     torch.set_num_threads(args.threads)
     from selfflow.modalities.metaworld import available
