@@ -264,27 +264,9 @@ def cmd_sample(args) -> int:
 
 def _latent_autoencoder(folder: Path, given: str | None) -> str | None:
     """None for a pixel model; for a latent model the autoencoder folder, or "" when none is at hand."""
-    from selfflow.errors import ConfigError
+    from selfflow.api import latent_autoencoder
 
-    try:
-        run = json.loads((folder / "config.json").read_text()).get("run") or {}
-    except (OSError, json.JSONDecodeError, AttributeError):
-        run = {}
-    data = run.get("data") or {}
-    if given:  # checked before any sampling
-        if run and data.get("name") != "latents":
-            raise ConfigError(f"--autoencoder {given}: {folder} generates pixels, not latents; leave --autoencoder out")
-        if not Path(given).is_dir():
-            raise ConfigError(f"--autoencoder {given}: no such folder")
-        return given
-    if data.get("name") != "latents":
-        return None
-    try:
-        latent_set = json.loads((Path(data.get("path") or "") / "set.json").read_text())
-        path = (latent_set.get("autoencoder") or {}).get("path") or ""
-    except (OSError, json.JSONDecodeError):
-        path = ""
-    return path if path and Path(path).is_dir() else ""
+    return latent_autoencoder(folder, given)
 
 
 def _sample_latent_model(args, model, folder, device, labels, seeds, autoencoder: str) -> int:
@@ -328,25 +310,14 @@ def _sample_latent_model(args, model, folder, device, labels, seeds, autoencoder
 
 
 def cmd_export(args) -> int:
-    from selfflow.model import load_generator
-    from selfflow.text.cli import is_text_checkpoint
+    """Any generator folder → an exported model folder that keeps its kind's sections and the run's sampler settings."""
+    from selfflow.api import export_model
+    from selfflow.config import sample_settings
+    from selfflow.loader import load_model
 
-    from selfflow.modalities.model import is_modality_checkpoint
-
-    if is_modality_checkpoint(args.ckpt):  # video, audio or a policy: the layout and its run travel with the weights
-        from selfflow.modalities.model import load_token_generator
-
-        model, folder, modality, run = load_token_generator(args.ckpt, args.weights)
-        model.save_pretrained(args.out, modality, run)
-    elif is_text_checkpoint(args.ckpt):  # a caption-conditioned model keeps its text section (the encoder it reads)
-        from selfflow.text.model import load_text_generator
-
-        model, folder, text = load_text_generator(args.ckpt, args.weights)
-        model.save_pretrained(args.out, text)
-    else:
-        model, folder = load_generator(args.ckpt, args.weights)
-        model.save_pretrained(args.out)
-    print(f"exported {args.weights} weights of {folder} to {args.out}")
+    loaded = load_model(args.ckpt, args.weights)
+    export_model(loaded, args.out, sample_settings(loaded.folder))
+    print(f"exported {args.weights} weights of {loaded.folder} to {args.out}")
     return 0
 
 

@@ -862,8 +862,8 @@ def sample_settings(checkpoint: str | Path | None, *, sampler: Optional[str] = N
                     num_classes: Optional[int] = None) -> SampleConfig:
     """The sampling settings for a checkpoint: its run's ``sample`` section, then the given overrides.
 
-    ``checkpoint`` is a folder holding ``config.json``; an exported model folder (no run config) or
-    None starts from the defaults. Every value is validated, so a bad flag fails before any work;
+    ``checkpoint`` is a folder holding ``config.json`` (a training checkpoint's ``run.sample``, an
+    exported folder's ``sample``); a folder with neither, or None, starts from the defaults. Every value is validated, so a bad flag fails before any work;
     with ``num_classes=0`` (an unconditional model) a guidance scale other than 1 is refused.
     """
     base: dict = {}
@@ -871,10 +871,12 @@ def sample_settings(checkpoint: str | Path | None, *, sampler: Optional[str] = N
         file = Path(checkpoint) / "config.json"
         if file.is_file():
             try:
-                run = json.loads(file.read_text()).get("run") or {}
+                meta = json.loads(file.read_text())
+                run = meta.get("run") or {}
             except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
                 raise ConfigError(f"{file}: not a valid checkpoint config (JSON object expected)") from None
-            base = dict(run.get("sample") or {}) if isinstance(run, dict) else {}
+            # a training checkpoint: its run's sample section; an exported model folder: the one export kept
+            base = dict((run.get("sample") if isinstance(run, dict) else None) or meta.get("sample") or {})
     given = {"sampler": sampler, "steps": steps, "cfg_scale": cfg_scale, "batch_size": batch_size}
     base.update({k: v for k, v in given.items() if v is not None})
     flags = {k for k, v in given.items() if v is not None}

@@ -19,7 +19,9 @@ pytest.importorskip("httpx", reason="the API tests use httpx (FastAPI's TestClie
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
+import selfflow  # noqa: E402
 from selfflow.cli import main  # noqa: E402
+from selfflow.imageio import to_uint8  # noqa: E402
 from selfflow.serve.app import create_app  # noqa: E402
 from selfflow.serve.engine import Engine, Limits  # noqa: E402
 from support import REPO, TINY_RUN, fit, free_port, one_line_error, tiny_run  # noqa: E402
@@ -67,6 +69,8 @@ def test_image_k_equals_selfflow_sample(engine, class_run, tmp_path, settings):
         reply = client.post("/v1/generate", json={"n": 6, "seed": 11, **settings}).json()
     assert reply["seeds"] == list(range(11, 17)) and reply["labels"] == expected["labels"].tolist()
     assert reply["nfe"] == (2 if reply["sampler"] == "heun" else 1) * reply["steps"] * (2 if reply.get("cfg_scale", 1) != 1 else 1)
+    from_api = to_uint8(selfflow.load(class_run, device="cpu").sample(6, seed=11, **settings)).numpy()
+    assert np.array_equal(from_api, expected["images"])
     for k, image in enumerate(reply["images"]):
         assert np.array_equal(pixels(image), expected["images"][k, 0]), f"image {k}"
 

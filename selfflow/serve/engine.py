@@ -1,4 +1,4 @@
-"""The model side of ``selfflow serve``: one loaded generator, the requests it answers, and the batcher.
+"""The model side of ``selfflow serve``: one generator (:func:`selfflow.load`), the requests it answers, and the batcher.
 
 A request for ``n`` images with seed ``s`` asks for images ``s, s+1, …, s+n−1`` exactly as ``selfflow
 sample --seed s --n n`` makes them: image k starts from ``noise_for_seeds([s + k])`` and its label is
@@ -88,40 +88,39 @@ def png_base64(image) -> str:
 
 
 class Engine:
-    """A generator loaded for serving: what it is (``describe``), request checking (``job``), and
-    one batched forward pass over jobs with the same key (``run``)."""
+    """A generator loaded for serving (:func:`selfflow.load`): what it is (``describe``), request checking
+    (``job``), and one batched forward pass over jobs with the same key (``run``)."""
 
-    def __init__(self, model, folder: Path, settings, device: torch.device, precision: str = "auto", text=None):
-        self.model, self.folder, self.settings, self.device, self.text = model, Path(folder), settings, device, text
-        self.precision = precision
+    def __init__(self, generator, precision: str = "auto"):
+        from selfflow.api import latent_autoencoder
+
+        if generator.kind == "modality":
+            raise ConfigError(f"--ckpt {generator.folder}: a {generator.modality.kind} model; selfflow serve serves images")
+        autoencoder = latent_autoencoder(generator.folder, None)
+        if autoencoder == "":
+            raise ConfigError(f"--ckpt {generator.folder}: a latent-space model whose autoencoder is not at hand "
+                              f"(the latent set names none that exists here)")
+        self.generator, self.model, self.folder = generator, generator.model, generator.folder
+        self.settings, self.device, self.text, self.precision = generator.settings, generator.device, generator.text, precision
+        self.decoder = None
+        if autoencoder:
+            from selfflow.autoencoders import load_autoencoder
+
+            self.decoder = load_autoencoder(autoencoder, self.device).decode
         self.encoder = None
-        if text is not None:
+        if self.text is not None:
             from selfflow.text.data import make_encoder
 
-            self.encoder = make_encoder(text)
-        self.kind = "text" if text is not None else ("class" if model.num_classes else "unconditional")
-        self.num_classes = 0 if text is not None else int(model.num_classes)
+            self.encoder = make_encoder(self.text)
+        self.num_classes = generator.num_classes
+        self.kind = "text" if self.text is not None else ("class" if self.num_classes else "unconditional")
 
     @classmethod
     def load(cls, path: str | Path, weights: str = "ema", device: str = "auto", precision: str = "auto") -> "Engine":
         """Any generator folder ``selfflow sample --ckpt`` takes: a run, a checkpoint or an exported model."""
-        from selfflow.config import sample_settings
-        from selfflow.device import resolve_device
-        from selfflow.model import load_generator
-        from selfflow.checkpoint import resolve_checkpoint
-        from selfflow.text.model import load_text_generator, text_config_of
+        from selfflow.api import load
 
-        where = torch.device(resolve_device(device, "--device"))
-        text = None
-        if text_config_of(resolve_checkpoint(path)) is not None:
-            model, folder, text = load_text_generator(path, weights, where)
-        else:
-            model, folder = load_generator(path, weights, where)
-        if _is_latent(folder):
-            raise ConfigError(f"--ckpt {path}: a latent-space model; selfflow serve serves pixel models "
-                              f"(decode latents with selfflow sample --autoencoder)")
-        classes = 1 if text is not None else model.num_classes  # a caption model guides like a class model
-        return cls(model, folder, sample_settings(folder, num_classes=classes), where, precision, text)
+        return cls(load(path, weights, device), precision)
 
     def describe(self) -> dict:
         return {"kind": self.kind, "classes": self.num_classes or None, "prompts": self.kind == "text",
@@ -188,25 +187,20 @@ class Engine:
             labels = torch.zeros(len(seeds), dtype=torch.long)
         result = generate(self.model, num_samples=len(seeds), seeds=seeds, labels=labels, sampler=first.sampler,
                           steps=first.steps, cfg_scale=first.cfg_scale, batch_size=len(seeds), device=self.device,
-                          image_shape=(self.model.in_channels, self.model.image_size, self.model.image_size),
+                          image_shape=self.generator.sample_shape, clip=self.decoder is None,
                           autocast_dtype=autocast_dtype(self.precision, self.device), progress=False)
-        pixels = to_uint8(result.images)
+        images = result.images
+        if self.decoder is not None:  # a latent model: its autoencoder makes the pixels (as selfflow sample)
+            from selfflow.autoencoders import decode_latents
+
+            images = decode_latents(self.decoder, images, len(seeds), self.device)
+        pixels = to_uint8(images)
         outputs, start = [], 0
         for job in jobs:
             count = len(job.seeds)
             outputs.append(Output([png_base64(image) for image in pixels[start:start + count]], result.nfe_per_sample, len(seeds)))
             start += count
         return outputs
-
-
-def _is_latent(folder: Path) -> bool:
-    import json
-
-    try:
-        run = json.loads((folder / "config.json").read_text()).get("run") or {}
-    except (OSError, ValueError, AttributeError):
-        return False
-    return isinstance(run, dict) and (run.get("data") or {}).get("name") == "latents"
 
 
 class QueueFull(Exception):

@@ -1,0 +1,250 @@
+"""Load on ``selfflow serve``: latency, throughput, errors and memory under concurrent clients, against the
+model's own batched ``generate`` throughput measured in the same run.
+
+For each model (a one-step student and its multi-step teacher) a server is started on 127.0.0.1 in a
+child process; for each concurrency level c, c clients send ``--requests`` requests in all (each waits
+for its answer before sending the next; every request its own seed), then stop. Recorded: p50/p99
+latency, images/s, errors (non-200 or no answer), requests lost (sent − answered), the images per
+forward pass the server formed, and the server's resident memory (peak after the first 100 requests
+and at the end: memory is flat when they agree). The reference is :func:`selfflow.sampling.generate`
+on the same model and settings at the batch size the server formed, timed in this process while the
+server sits idle: ``ratio = served images/s ÷ batched images/s``.
+
+The models: ``--student``/``--teacher`` folders, or (default) the quickstart pipeline run into
+``--work`` when it is not there yet (``runs/serve_load/quickstart``, about 4 minutes on 2 cores;
+``--tiny`` for the seconds-long smoke version whose models are smaller).
+
+    python benchmarks/serve_load.py --concurrency 1,16,32 --requests 500
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import harness  # noqa: E402
+
+COLUMNS = ["model", "sampler", "clients", "n", "requests", "ok", "errors", "lost", "p50_ms", "p99_ms", "images_per_s",
+           "pass_images", "batched_images_per_s", "ratio", "rss_mib_at_100", "rss_mib_end"]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def models(args) -> dict:
+    if args.student and args.teacher:
+        return {"student": Path(args.student), "teacher": Path(args.teacher)}
+    root = Path(args.work) / ("quickstart_tiny" if args.tiny else "quickstart")
+    if not (root / "student").is_dir():
+        from selfflow.quickstart import run_quickstart
+
+        print(f"training the quickstart teacher and student into {root} …", flush=True)
+        run_quickstart(out_dir=str(root), device="cpu", tiny=args.tiny, say=lambda *a: None)
+    return {"student": root / "student", "teacher": root / "teacher"}
+
+
+class Server:
+    """``selfflow serve`` in a child process, with its resident memory sampled every 20 ms."""
+
+    def __init__(self, ckpt: Path, args):
+        import httpx
+        import psutil
+
+        self.port = free_port()
+        env = dict(os.environ, PYTHONPATH=str(harness.ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                   OMP_NUM_THREADS=str(args.threads))
+        self.proc = subprocess.Popen([sys.executable, "-m", "selfflow", "serve", "--ckpt", str(ckpt), "--port", str(self.port),
+                                      "--device", "cpu", "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue),
+                                      "--window-ms", str(args.window_ms), "--max-n", str(max(args.n))],
+                                     env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.time() + 120
+        while True:
+            if self.proc.poll() is not None or time.time() > deadline:
+                raise SystemExit(f"the server did not start: {self.proc.stderr.read() if self.proc.poll() is not None else 'timeout'}")
+            try:
+                self.health = httpx.get(self.url + "/health", timeout=2).json()
+                break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        self._process = psutil.Process(self.proc.pid)
+        self.peak_rss = 0
+        self._stop = threading.Event()
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.peak_rss = max(self.peak_rss, self._process.memory_info().rss)
+            except Exception:
+                return
+            time.sleep(0.02)
+
+    def close(self) -> int:
+        self._stop.set()
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(60)
+
+
+async def load(server: Server, clients: int, requests: int, n: int, classes: int) -> dict:
+    """``clients`` closed-loop clients, ``requests`` requests in all; per-request seeds."""
+    import httpx
+
+    latencies, statuses, passes = [], [], []
+    sent, rss_at_100 = 0, None
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+
+    async def client(http):
+        nonlocal sent, rss_at_100
+        while sent < requests:
+            k = sent
+            sent += 1
+            body = {"n": n, "seed": 1000 * k}
+            if classes:
+                body["labels"] = [k % classes]
+            start = time.perf_counter()
+            try:
+                reply = await http.post(server.url + "/v1/generate", json=body, timeout=120)
+                statuses.append(reply.status_code)
+                if reply.status_code == 200:
+                    passes.append(reply.json()["batch"])
+            except httpx.HTTPError as exc:
+                statuses.append(type(exc).__name__)
+            latencies.append(time.perf_counter() - start)
+            if len(statuses) == 100:
+                rss_at_100 = server.peak_rss
+
+    before = await asyncio.to_thread(lambda: httpx.get(server.url + "/health").json()["queue"])
+    async with httpx.AsyncClient(limits=limits) as http:
+        start = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+        wall = time.perf_counter() - start
+    after = await asyncio.to_thread(lambda: httpx.get(server.url + "/health").json()["queue"])
+    ok = sum(1 for s in statuses if s == 200)
+    latencies.sort()
+    images = after["images"] - before["images"]
+    return {"requests": sent, "ok": ok, "errors": len(statuses) - ok, "lost": sent - len(statuses),
+            "p50_ms": 1000 * latencies[len(latencies) // 2], "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+            "images_per_s": ok * n / wall, "pass_images": images / max(1, after["passes"] - before["passes"]),
+            "rss_mib_at_100": (rss_at_100 or server.peak_rss) / 2**20, "rss_mib_end": server.peak_rss / 2**20, "wall_s": wall}
+
+
+def batched_throughput(ckpt: Path, batch: int, seconds: float) -> float:
+    """Images/s of ``generate`` on the server's model and saved settings, ``batch`` images per call."""
+    import torch
+
+    from selfflow.serve.engine import Engine
+    from selfflow.sampling import generate
+
+    engine = Engine.load(ckpt, device="cpu")
+    model, settings = engine.model, engine.settings
+    shape = (model.in_channels, model.image_size, model.image_size)
+    labels = torch.arange(batch) % model.num_classes if model.num_classes else None
+
+    def once(seed):
+        generate(model, num_samples=batch, seeds=range(seed, seed + batch), labels=labels, sampler=settings.sampler,
+                 steps=settings.steps, cfg_scale=settings.cfg_scale, batch_size=batch, image_shape=shape, progress=False)
+
+    once(0)
+    calls, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or calls < 3:
+        once(batch * (calls + 1))
+        calls += 1
+    return calls * batch / (time.perf_counter() - start)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for (model, n), colour in zip(sorted({(r["model"], r["n"]) for r in rows}), ["C0", "C1", "C2", "C3", "C4", "C5"]):
+        mine = [r for r in rows if r["model"] == model and r["n"] == n]
+        clients = [r["clients"] for r in mine]
+        right.plot(clients, [r["images_per_s"] for r in mine], "o-", color=colour, label=f"{model}, n={n}: served")
+        right.plot(clients, [r["batched_images_per_s"] for r in mine], "x--", color=colour, label=f"{model}, n={n}: batched generate")
+        left.plot(clients, [r["p50_ms"] for r in mine], "o-", color=colour, label=f"{model}, n={n}: p50")
+        left.plot(clients, [r["p99_ms"] for r in mine], "^:", color=colour, label=f"{model}, n={n}: p99")
+    for axis, label in ((left, "latency (ms)"), (right, "images / s")):
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_xlabel("concurrent clients")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    fig.suptitle("selfflow serve under load (CPU)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--student", default=None)
+    parser.add_argument("--teacher", default=None)
+    parser.add_argument("--work", default="runs/serve_load")
+    parser.add_argument("--tiny", action="store_true", help="the quickstart's --tiny models (a smoke run)")
+    parser.add_argument("--concurrency", default="1,16,32", help="comma-separated client counts")
+    parser.add_argument("--n", default="1", help="comma-separated images per request")
+    parser.add_argument("--requests", type=int, default=500, help="requests per (model, clients, n)")
+    parser.add_argument("--teacher-requests", type=int, default=None, help="requests for the teacher (default: --requests)")
+    parser.add_argument("--max-batch", type=int, default=64)
+    parser.add_argument("--max-queue", type=int, default=1024)
+    parser.add_argument("--window-ms", type=float, default=2.0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the server and of the batched reference")
+    parser.add_argument("--reference-seconds", type=float, default=3.0)
+    parser.add_argument("--name", default="serve_load_cpu")
+    args = parser.parse_args()
+    args.n = [int(v) for v in args.n.split(",")]
+    concurrency = [int(v) for v in args.concurrency.split(",")]
+    import torch
+
+    torch.set_num_threads(args.threads)
+    rows, rss_notes = [], []
+    for role, ckpt in models(args).items():
+        server = Server(ckpt, args)
+        model = server.health["model"]
+        requests = args.teacher_requests if role == "teacher" and args.teacher_requests else args.requests
+        measured = []
+        for n in args.n:
+            for clients in concurrency:
+                print(f"{role}: {clients} clients × n={n}, {requests} requests …", flush=True)
+                measured.append((n, clients, asyncio.run(load(server, clients, requests, n, model["classes"] or 0))))
+        code = server.close()
+        rss_notes.append(f"{role}: server exit status {code} after SIGTERM")
+        for n, clients, result in measured:
+            batch = max(1, round(result["pass_images"]))
+            reference = batched_throughput(ckpt, batch, args.reference_seconds)
+            rows.append({"model": role, "sampler": f"{model['sampler']} {model['steps']}", "clients": clients, "n": n, **result,
+                         "batched_images_per_s": reference, "ratio": result["images_per_s"] / reference})
+            print(json.dumps(rows[-1]), flush=True)
+    name = args.name
+    path = harness.DOCS / f"{name}.png"
+    plot(rows, path)
+    notes = ("ratio = served images/s ÷ images/s of `generate` on the same model and settings at the batch size the server formed "
+             "(pass_images, the mean images per forward pass), measured in the same run while the server was idle. "
+             "Latency is per request (n images), from send to the parsed answer, on 127.0.0.1 with the load generator "
+             "on the same CPU. rss_mib_at_100: the server's peak resident memory after the first 100 requests of the row "
+             "(cumulative over the server's life); rss_mib_end: the peak at the end of the row. "
+             + "; ".join(rss_notes) + f". Plot: [{path.name}]({path.name}).")
+    md = harness.write_result(name, rows, COLUMNS, "selfflow serve under load", notes=notes)
+    print(f"wrote {md} and {path}")
+
+
+if __name__ == "__main__":
+    main()
