@@ -10,8 +10,8 @@ and at the end: memory is flat when they agree). The reference is :func:`selfflo
 on the same model and settings at the batch size the server formed, timed in this process while the
 server sits idle: ``ratio = served images/s ÷ batched images/s``.
 
-The models: ``--student``/``--teacher`` folders, or (default) the quickstart pipeline run into
-``--work`` when it is not there yet (``runs/serve_load/quickstart``, about 4 minutes on 2 cores;
+The models: ``--student``/``--teacher`` folders, or (default) the quickstart's ``runs/quickstart/student``
+and ``teacher`` (``--work``), made by the quickstart pipeline when absent (about 4 minutes on 2 cores;
 ``--tiny`` for the seconds-long smoke version whose models are smaller).
 
     python benchmarks/serve_load.py --concurrency 1,16,32 --requests 500
@@ -48,7 +48,7 @@ def free_port() -> int:
 def models(args) -> dict:
     if args.student and args.teacher:
         return {"student": Path(args.student), "teacher": Path(args.teacher)}
-    root = Path(args.work) / ("quickstart_tiny" if args.tiny else "quickstart")
+    root = Path(args.work)
     if not (root / "student").is_dir():
         from selfflow.quickstart import run_quickstart
 
@@ -197,15 +197,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--student", default=None)
     parser.add_argument("--teacher", default=None)
-    parser.add_argument("--work", default="runs/serve_load")
-    parser.add_argument("--tiny", action="store_true", help="the quickstart's --tiny models (a smoke run)")
+    parser.add_argument("--work", default="runs/quickstart", help="the quickstart run to serve (made there when absent)")
+    parser.add_argument("--tiny", action="store_true", help="make the quickstart's --tiny models (a smoke run; use another --work)")
     parser.add_argument("--concurrency", default="1,16,32", help="comma-separated client counts")
     parser.add_argument("--n", default="1", help="comma-separated images per request")
     parser.add_argument("--requests", type=int, default=500, help="requests per (model, clients, n)")
     parser.add_argument("--teacher-requests", type=int, default=None, help="requests for the teacher (default: --requests)")
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--max-queue", type=int, default=1024)
-    parser.add_argument("--window-ms", type=float, default=2.0)
+    parser.add_argument("--window-ms", type=float, default=5.0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the server and of the batched reference")
     parser.add_argument("--reference-seconds", type=float, default=3.0)
     parser.add_argument("--name", default="serve_load_cpu")
@@ -234,6 +234,7 @@ def main() -> None:
                          "batched_images_per_s": reference, "ratio": result["images_per_s"] / reference})
             print(json.dumps(rows[-1]), flush=True)
     name = args.name
+    harness.DOCS.mkdir(parents=True, exist_ok=True)
     path = harness.DOCS / f"{name}.png"
     plot(rows, path)
     notes = ("ratio = served images/s ÷ images/s of `generate` on the same model and settings at the batch size the server formed "

@@ -46,6 +46,17 @@ def pixels(b64: str) -> np.ndarray:
     return np.asarray(picture)
 
 
+@pytest.mark.parametrize("shape", [(1, 8, 8), (3, 5, 7), (1, 1, 1)])
+def test_png_encoding_is_lossless(shape):
+    import torch
+
+    from selfflow.serve.engine import png_base64
+
+    image = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    decoded = pixels(png_base64(image))
+    assert np.array_equal(decoded.reshape(shape[1], shape[2], shape[0]), image.permute(1, 2, 0).numpy())
+
+
 def test_health_describes_the_model_and_its_saved_sampler(engine):
     with TestClient(create_app(engine)) as client:
         health = client.get("/health").json()

@@ -16,8 +16,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
-import io
+import struct
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -77,14 +78,23 @@ class Output:
 
 
 def png_base64(image) -> str:
-    """(C, H, W) uint8 → base64 PNG (grey for one channel, RGB for three)."""
-    from PIL import Image
+    """(C, H, W) uint8 → base64 PNG: grey for one channel, RGB for three (8 bits, no filter, zlib level 1).
 
-    array = image.permute(1, 2, 0).numpy()
-    picture = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
-    buffer = io.BytesIO()
-    picture.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    Written directly (signature, IHDR, one IDAT, IEND; the PNG specification's chunk layout) rather
+    than through Pillow: for the small images one-step models make, Pillow's per-image set-up costs
+    more than the network's forward pass per image."""
+    channels, height, width = image.shape
+    if channels not in (1, 3):
+        raise ValueError(f"a PNG holds 1 or 3 channels here, got {channels}")
+    rows = image.permute(1, 2, 0).reshape(height, width * channels).numpy()
+    raw = b"".join(b"\x00" + row.tobytes() for row in rows)  # filter type 0 before each row
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0 if channels == 1 else 2, 0, 0, 0)
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 1)) + chunk(b"IEND", b"")
+    return base64.b64encode(png).decode("ascii")
 
 
 class Engine:
