@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import dataclasses
 import struct
 import time
 import zlib
@@ -141,8 +142,6 @@ class Engine:
     def job(self, limits: Limits, *, n: int = 1, labels=None, prompt=None, seed: int = 0, steps=None, sampler=None,
             cfg_scale=None) -> Job:
         """Check one request against the model and the limits; a :class:`RequestError` names the field."""
-        from selfflow.config import sample_settings
-
         if not 1 <= n <= limits.max_n:
             raise RequestError(f"n={n}: must lie in [1, {limits.max_n}]")
         if not 0 <= seed <= MAX_SEED:
@@ -169,11 +168,17 @@ class Engine:
             bad = [value for value in labels if not 0 <= value < self.num_classes]
             if bad:
                 raise RequestError(f"labels: {bad[0]} is out of range [0, {self.num_classes - 1}]")
+        # the saved settings with the request's on top, checked as selfflow sample checks its flags (the
+        # run's config.json was read once, at load)
+        given = {key: value for key, value in (("sampler", sampler), ("steps", steps), ("cfg_scale", cfg_scale)) if value is not None}
+        settings = dataclasses.replace(self.settings, **given)
         try:
-            settings = sample_settings(self.folder, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
-                                       num_classes=1 if self.kind == "text" else self.num_classes)
+            settings.validate("sample")
         except ConfigError as exc:
-            raise RequestError(str(exc).replace("--cfg-scale", "cfg_scale").replace("--", "")) from None
+            raise RequestError(str(exc).replace("sample.", "")) from None
+        if self.kind == "unconditional" and settings.cfg_scale != 1.0:
+            raise RequestError(f"cfg_scale={settings.cfg_scale}: classifier-free guidance needs a conditional model; "
+                               f"this one is unconditional (use 1)")
         seeds = tuple(range(seed, seed + n))
         per_image = None
         if self.num_classes:
@@ -221,10 +226,15 @@ class QueueFull(Exception):
         self.retry_after_s = retry_after_s
 
 
+GATHER_WINDOWS = 8
+
+
 class Batcher:
     """Gathers jobs into forward passes on one worker thread.
 
-    The first job of a pass waits ``window_ms`` for company (unless the pass is already full); the pass
+    The first job of a pass waits ``window_ms`` for company, and another window as long as the last
+    one brought a request (at most 8 windows; none once the pass is full): an idle server answers a
+    lone request after one window, a busy one fills its passes. The pass
     takes the oldest job and, in arrival order, every waiting job with the same key while the images
     fit ``max_batch``. Jobs with other keys wait for a later pass; the oldest job is always served next,
     so none starves. At most ``max_queue`` images wait; :meth:`submit` refuses beyond that.
@@ -284,14 +294,25 @@ class Batcher:
         self._waiting_images -= images
         return taken
 
+    async def _gather(self) -> None:
+        """Wait for company while it keeps coming: one more window each time the last one brought a
+        request, at most ``GATHER_WINDOWS`` windows, never once a pass is full."""
+        window = self.limits.window_ms / 1000
+        for _ in range(GATHER_WINDOWS):
+            if window <= 0 or self._waiting_images >= self.limits.max_batch:
+                return
+            before = len(self._waiting)
+            await asyncio.sleep(window)
+            if len(self._waiting) == before:
+                return
+
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             await self._wake.wait()
             self._wake.clear()
             while self._waiting:
-                if self._waiting_images < self.limits.max_batch and self.limits.window_ms > 0:
-                    await asyncio.sleep(self.limits.window_ms / 1000)
+                await self._gather()
                 taken = self._take()
                 jobs = [job for job, future in taken if not future.cancelled()]
                 if not jobs:
