@@ -8,7 +8,8 @@ latency, images/s, errors (non-200 or no answer), requests lost (sent − answer
 forward pass the server formed, and the server's resident memory (peak after the first 100 requests
 and at the end: memory is flat when they agree). The reference is :func:`selfflow.sampling.generate`
 on the same model and settings at the batch size the server formed, timed in this process while the
-server sits idle: ``ratio = served images/s ÷ batched images/s``.
+server idles, right after each row (the shared CPU's load changes by the minute): ``ratio = served
+images/s ÷ batched images/s``.
 
 The models: ``--student``/``--teacher`` folders, or (default) the quickstart's ``runs/quickstart/student``
 and ``teacher`` (``--work``), made by the quickstart pipeline when absent (about 4 minutes on 2 cores;
@@ -174,21 +175,19 @@ async def load(server: Server, clients: int, requests: int, n: int, classes: int
             "rss_mib_at_100": (rss_at_100 or server.peak_rss) / 2**20, "rss_mib_end": server.peak_rss / 2**20, "wall_s": wall}
 
 
-def batched_throughput(ckpt: Path, batch: int, seconds: float) -> float:
+def batched_throughput(engine, batch: int, seconds: float) -> float:
     """Images/s of ``generate`` on the server's model and saved settings, ``batch`` images per call."""
     import torch
 
-    from selfflow.serve.engine import Engine
     from selfflow.sampling import generate
 
-    engine = Engine.load(ckpt, device="cpu")
     model, settings = engine.model, engine.settings
-    shape = (model.in_channels, model.image_size, model.image_size)
     labels = torch.arange(batch) % model.num_classes if model.num_classes else None
 
     def once(seed):
         generate(model, num_samples=batch, seeds=range(seed, seed + batch), labels=labels, sampler=settings.sampler,
-                 steps=settings.steps, cfg_scale=settings.cfg_scale, batch_size=batch, image_shape=shape, progress=False)
+                 steps=settings.steps, cfg_scale=settings.cfg_scale, batch_size=batch,
+                 image_shape=engine.generator.sample_shape, progress=False)
 
     once(0)
     calls, start = 0, time.perf_counter()
@@ -247,29 +246,29 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     rows, rss_notes = [], []
+    from selfflow.serve.engine import Engine
+
     for role, ckpt in models(args).items():
         server = Server(ckpt, args)
+        engine = Engine.load(ckpt, device="cpu")  # the reference's copy of the same model, in this process
         model = server.health["model"]
         requests = args.teacher_requests if role == "teacher" and args.teacher_requests else args.requests
-        measured = []
         for n in args.n:
             for clients in concurrency:
                 print(f"{role}: {clients} clients × n={n}, {requests} requests …", flush=True)
-                measured.append((n, clients, asyncio.run(load(server, clients, requests, n, model["classes"] or 0))))
-        code = server.close()
-        rss_notes.append(f"{role}: server exit status {code} after SIGTERM")
-        for n, clients, result in measured:
-            batch = max(1, round(result["pass_images"]))
-            reference = batched_throughput(ckpt, batch, args.reference_seconds)
-            rows.append({"model": role, "sampler": f"{model['sampler']} {model['steps']}", "clients": clients, "n": n, **result,
-                         "batched_images_per_s": reference, "ratio": result["images_per_s"] / reference})
-            print(json.dumps(rows[-1]), flush=True)
+                result = asyncio.run(load(server, clients, requests, n, model["classes"] or 0))
+                # right after the row, while the server idles: the load on the shared CPU changes by the minute
+                reference = batched_throughput(engine, max(1, round(result["pass_images"])), args.reference_seconds)
+                rows.append({"model": role, "sampler": f"{model['sampler']} {model['steps']}", "clients": clients, "n": n,
+                             **result, "batched_images_per_s": reference, "ratio": result["images_per_s"] / reference})
+                print(json.dumps(rows[-1]), flush=True)
+        rss_notes.append(f"{role}: server exit status {server.close()} after SIGTERM")
     name = args.name
     harness.DOCS.mkdir(parents=True, exist_ok=True)
     path = harness.DOCS / f"{name}.png"
     plot(rows, path)
     notes = ("ratio = served images/s ÷ images/s of `generate` on the same model and settings at the batch size the server formed "
-             "(pass_images, the mean images per forward pass), measured in the same run while the server was idle. "
+             "(pass_images, the mean images per forward pass), measured right after each row while the server idled. "
              "Latency is per request (n images), from send to the parsed answer, on 127.0.0.1 with the load generator "
              "on the same CPU. rss_mib_at_100: the server's peak resident memory after the first 100 requests of the row "
              "(cumulative over the server's life); rss_mib_end: the peak at the end of the row. "

@@ -254,3 +254,17 @@ def test_sigterm_drains_requests_in_flight_and_exits_0(class_run):
     assert reply.status_code == 200 and len(reply.json()["images"]) == 3
     assert proc.returncode == 0, err
     assert "Traceback" not in err and "stopped after" in out
+
+
+def test_an_unconditional_model_takes_no_labels_and_no_guidance(tmp_path):
+    fit(tiny_run(tmp_path / "run", data={"name": "digits", "class_conditional": False}, train={"steps": 1}))
+    assert main(["sample", "--ckpt", str(tmp_path / "run"), "--n", "2", "--seed", "4", "--out", str(tmp_path / "s"), "--device", "cpu"]) == 0
+    expected = np.load(tmp_path / "s" / "samples.npz")["images"]
+    with TestClient(create_app(Engine.load(tmp_path / "run", device="cpu"))) as client:
+        assert client.get("/health").json()["model"] | {"kind": "unconditional", "classes": None} == client.get("/health").json()["model"]
+        reply = client.post("/v1/generate", json={"n": 2, "seed": 4}).json()
+        assert reply["labels"] is None
+        assert all(np.array_equal(pixels(image), expected[k, 0]) for k, image in enumerate(reply["images"]))
+        assert "unconditional" in client.post("/v1/generate", json={"labels": [1]}).json()["error"]
+        assert "cfg_scale=2.0" in client.post("/v1/generate", json={"cfg_scale": 2}).json()["error"]
+        assert client.post("/v1/generate", json={"prompt": "a seven"}).status_code == 422

@@ -2,7 +2,9 @@
 download is never used: ``executable_path``). Skipped, with the reason, where either is missing;
 ``.ci/run`` installs chromium with apt-get.
 
-``SELFFLOW_SCREENSHOT=path.png`` also writes the screenshot there (how docs/serve_page.png was made).
+``SELFFLOW_SCREENSHOT=path.png`` also writes the screenshot there, and ``SELFFLOW_SERVE_CKPT`` serves that
+digits model instead of the test's own; docs/serve_page.png was made with
+``SELFFLOW_SCREENSHOT=docs/serve_page.png SELFFLOW_SERVE_CKPT=runs/quickstart/student pytest tests/test_serve_browser.py``.
 """
 import os
 import shutil
@@ -29,9 +31,12 @@ def browser():
 
 
 def test_the_page_fills_its_grid_with_decoded_pngs(browser, tmp_path):
-    fit(tiny_run(tmp_path / "run", train={"steps": 2}))
+    ckpt = os.environ.get("SELFFLOW_SERVE_CKPT")
+    if not ckpt:
+        ckpt = tmp_path / "run"
+        fit(tiny_run(ckpt, train={"steps": 2}))
     port = free_port()
-    server = start_server(tmp_path / "run", port)
+    server = start_server(ckpt, port)
     offsite = []
     try:
         page = browser.new_page(viewport={"width": 900, "height": 560})
@@ -39,6 +44,7 @@ def test_the_page_fills_its_grid_with_decoded_pngs(browser, tmp_path):
                 if not request.url.startswith(("data:", f"http://127.0.0.1:{port}/")) else None)
         page.goto(f"http://127.0.0.1:{port}/")
         page.wait_for_function("document.querySelectorAll('#label option').length === 11", timeout=30_000)
+        assert page.is_visible("#label") and not page.is_visible("#prompt")  # a class model: a class picker
         page.select_option("#label", "7")
         page.fill("#n", "8")
         page.fill("#seed", "3")

@@ -313,8 +313,8 @@ class Batcher:
             self._wake.clear()
             while self._waiting:
                 await self._gather()
-                taken = self._take()
-                jobs = [job for job, future in taken if not future.cancelled()]
+                taken = [(job, future) for job, future in self._take() if not future.cancelled()]
+                jobs = [job for job, _ in taken]
                 if not jobs:
                     continue
                 start = time.perf_counter()
@@ -328,7 +328,6 @@ class Batcher:
                 self._pass_seconds = 0.8 * self._pass_seconds + 0.2 * (time.perf_counter() - start)
                 self.passes += 1
                 self.images += sum(len(job.seeds) for job in jobs)
-                outputs = iter(outputs)
-                for job, future in taken:
-                    if not future.cancelled():
-                        future.set_result(next(outputs))
+                for (job, future), output in zip(taken, outputs):
+                    if not future.done():  # a request whose client left was cancelled meanwhile
+                        future.set_result(output)

@@ -12,6 +12,7 @@ PAGE = """<!doctype html>
 <title>selfflow serve</title>
 <style>
   body { font-family: system-ui, sans-serif; margin: 1.5rem; color: #1d2330; background: #f6f7f9; }
+  [hidden] { display: none !important; }
   h1 { font-size: 1.3rem; margin: 0 0 .3rem; }
   #model { color: #556; font-size: .9rem; margin-bottom: 1rem; }
   form { display: flex; flex-wrap: wrap; gap: .8rem 1.2rem; align-items: end; background: #fff; padding: 1rem;
@@ -21,10 +22,10 @@ PAGE = """<!doctype html>
   input[type=number] { width: 6rem; }
   #prompt { width: 18rem; }
   button { font-size: 1rem; padding: .45rem 1.2rem; border: 0; border-radius: 4px; background: #2f5fd0; color: #fff; cursor: pointer; }
-  #grid { display: grid; grid-template-columns: repeat(auto-fill, 112px); gap: 8px; margin-top: 1rem; }
-  .cell { width: 112px; height: 128px; background: #fff; border-radius: 6px; box-shadow: 0 1px 2px #0002; text-align: center;
+  #grid { display: grid; grid-template-columns: repeat(auto-fill, 148px); gap: 8px; margin-top: 1rem; }
+  .cell { width: 148px; height: 136px; background: #fff; border-radius: 6px; box-shadow: 0 1px 2px #0002; text-align: center;
           font-size: .7rem; color: #667; }
-  .cell img { width: 96px; height: 96px; margin: 6px 0 2px; image-rendering: pixelated; background: #000; }
+  .cell img { width: 104px; height: 104px; margin: 6px 0 2px; image-rendering: pixelated; background: #000; }
   .cell.wait img { visibility: hidden; }
   #status { margin-top: .8rem; font-size: .9rem; }
   .error { color: #b00020; }
