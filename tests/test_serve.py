@@ -268,3 +268,11 @@ def test_an_unconditional_model_takes_no_labels_and_no_guidance(tmp_path):
         assert "unconditional" in client.post("/v1/generate", json={"labels": [1]}).json()["error"]
         assert "cfg_scale=2.0" in client.post("/v1/generate", json={"cfg_scale": 2}).json()["error"]
         assert client.post("/v1/generate", json={"prompt": "a seven"}).status_code == 422
+
+
+def test_dopri5_requests_never_share_a_pass(engine):
+    """dopri5's step size is chosen for the whole batch, so its requests run alone; fixed-step ones share."""
+    limits = Limits()
+    assert engine.job(limits, seed=1, sampler="dopri5").key != engine.job(limits, seed=1, sampler="dopri5").key
+    assert engine.job(limits, seed=1, sampler="heun").key == engine.job(limits, seed=9, sampler="heun", labels=[2]).key
+    assert engine.job(limits, seed=1, steps=3).key != engine.job(limits, seed=1, steps=4).key

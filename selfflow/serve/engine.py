@@ -67,8 +67,10 @@ class Job:
 
     @property
     def key(self) -> tuple:
-        """Jobs with equal keys may share a forward pass."""
-        return self.sampler, self.steps, self.cfg_scale, self.prompt
+        """Jobs with equal keys may share a forward pass. dopri5 never shares: its error control
+        measures the whole batch, so an image would depend on its company."""
+        alone = id(self) if self.sampler == "dopri5" else None
+        return self.sampler, self.steps, self.cfg_scale, self.prompt, alone
 
 
 @dataclass
