@@ -6,11 +6,12 @@ their samplers, one-step students and StableRep, in one PyTorch toolkit.
     x = g.sample(16, seed=0)                        # (16, C, H, W) in [-1, 1]
 
 The public names (``load``, ``train``, ``load_config``, ``generate``, ``Generator``) live in
-:mod:`selfflow.api` and are imported on first use, so ``import selfflow`` stays light.
+:mod:`selfflow.api`, ``DiT`` in :mod:`selfflow.model`; they are imported on first use, so
+``import selfflow`` stays light.
 """
 
 __version__ = "0.1.0"
-__all__ = ["Generator", "load", "train", "load_config", "generate", "__version__"]
+__all__ = ["Generator", "load", "train", "load_config", "generate", "DiT", "__version__"]
 
 
 def __getattr__(name: str):
@@ -18,4 +19,8 @@ def __getattr__(name: str):
         from selfflow import api
 
         return getattr(api, name)
+    if name == "DiT":  # the network class (DiT.from_pretrained reads a run, checkpoint or exported folder)
+        from selfflow.model import DiT
+
+        return DiT
     raise AttributeError(f"module 'selfflow' has no attribute {name!r}")

@@ -75,12 +75,14 @@ class Generator:
         return self.model.config
 
     @property
+    def layout(self):
+        """The token layout (:class:`selfflow.modalities.tokens.Layout`): an image is one 2-D part."""
+        return self.model.layout
+
+    @property
     def sample_shape(self) -> tuple[int, ...]:
         """One sample's shape: (C, H, W) for images, the layout's sample shape for token models."""
-        shape = getattr(self.model, "sample_shape", None)
-        if shape is not None:
-            return tuple(shape)
-        return (self.model.in_channels, self.model.image_size, self.model.image_size)
+        return tuple(self.model.sample_shape)
 
     @property
     def num_classes(self) -> int:
@@ -190,7 +192,8 @@ class Generator:
 
 
 def export_model(loaded: LoadedGenerator, directory: str | Path, settings: SampleConfig) -> Path:
-    """The exported model folder of ``loaded``, keeping the run's sampler settings (``sample``)."""
+    """The exported model folder of ``loaded`` (Hub-ready: ``model.safetensors``, ``config.json`` with the
+    sections :func:`load` reads and the run's sampler settings, ``README.md`` the model card)."""
     from selfflow.files import atomic_directory, save_tensors, write_json
 
     meta = {"model": dataclasses.asdict(loaded.model.config), "sample": dataclasses.asdict(settings)}
@@ -206,6 +209,7 @@ def export_model(loaded: LoadedGenerator, directory: str | Path, settings: Sampl
     with atomic_directory(directory) as tmp:
         save_tensors(loaded.model.state_dict(), tmp / "model.safetensors")
         write_json(meta, tmp / "config.json")
+        (tmp / "README.md").write_text(model_card(loaded, settings))
     return Path(directory)
 
 
@@ -231,3 +235,77 @@ def latent_autoencoder(folder: Path, given: Optional[str]) -> Optional[str]:
     except (OSError, json.JSONDecodeError):
         path = ""
     return path if path and Path(path).is_dir() else ""
+
+
+# --------------------------------------------------------------------------------------------
+# the model card: README.md of an exported folder (Hub-ready)
+# --------------------------------------------------------------------------------------------
+def run_folder_of(folder: Path) -> Optional[Path]:
+    """The run folder of a training checkpoint (``<run>/checkpoints/step_N``), else None."""
+    return folder.parent.parent if folder.parent.name == "checkpoints" else None
+
+
+def measured_figures(folder: Path) -> list[str]:
+    """What was measured for this checkpoint: the last logged training loss, and every number of an
+    ``eval.json`` beside the checkpoint or in its run folder."""
+    lines = []
+    run = run_folder_of(folder)
+    metrics = run / "metrics.jsonl" if run else None
+    if metrics is not None and metrics.is_file():
+        records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip().startswith("{")]
+        losses = [r for r in records if isinstance(r.get("loss"), (int, float))]
+        if losses:
+            lines.append(f"- training loss {losses[-1]['loss']:.4g} at step {losses[-1].get('step')} (metrics.jsonl)")
+    for candidate in (folder / "eval.json", *([run / "eval.json"] if run else [])):
+        if candidate.is_file():
+            try:
+                report = json.loads(candidate.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue
+            numbers = {k: v for k, v in (report.get("metrics") or report).items() if isinstance(v, (int, float))}
+            lines += [f"- {key}: {value:.4g} ({candidate.name})" for key, value in sorted(numbers.items())]
+            break
+    return lines or ["- none recorded beside this checkpoint (run `selfflow eval --ckpt …` and export again)"]
+
+
+def model_card(loaded: LoadedGenerator, settings: SampleConfig, fmt: str = "selfflow") -> str:
+    """A model card (README.md with Hub metadata): what was trained on what, how, and what was measured."""
+    run = loaded.run or {}
+    config = loaded.model.config
+    data = run.get("data") or {}
+    method = (run.get("method") or {}).get("name", "unknown")
+    train = run.get("train") or {}
+    params = sum(p.numel() for p in loaded.model.parameters())
+    depth, width, heads = config.resolved_dims()
+    conditioning = {"text": "captions", "modality": f"{loaded.modality.kind if loaded.modality else ''} tokens"}.get(
+        loaded.kind, f"{config.num_classes} classes" if config.num_classes else "unconditional")
+    if fmt == "diffusers":
+        usage = ("```python\nfrom selfflow.hub import SelfFlowPipeline  # pip install selfflow[diffusers]\n\n"
+                 "pipe = SelfFlowPipeline.from_pretrained(\"THIS_FOLDER\")\n"
+                 "images = pipe(class_labels=[0, 1, 2], num_inference_steps=50).images  # (3, C, H, W) in [0, 1], Euler\n```\n")
+    else:
+        usage = ("```python\nimport selfflow\n\ng = selfflow.load(\"THIS_FOLDER\")\n"
+                 "x = g.sample(16, seed=0)  # (16, C, H, W) in [-1, 1], the settings below\n```\n")
+    tags = ["selfflow", "flow-matching", method.replace("_", "-")]
+    pipeline_tag = "unconditional-image-generation" if loaded.kind == "image" and not config.num_classes else (
+        "text-to-image" if loaded.kind == "text" else "image-generation")
+    lines = [
+        "---", f"library_name: {'diffusers' if fmt == 'diffusers' else 'selfflow'}", f"pipeline_tag: {pipeline_tag}",
+        "tags:", *[f"- {t}" for t in tags], "---", "",
+        f"# {run_folder_of(loaded.folder).name if run_folder_of(loaded.folder) else loaded.folder.name}", "",
+        f"A flow-matching transformer ({loaded.kind} generator, {conditioning}) trained with selfflow.", "",
+        "## Training", "",
+        f"- data: {data.get('name', 'unknown')}" + (f" ({data.get('path')})" if data.get("path") else ""),
+        f"- method: {method}",
+        f"- steps: {train.get('steps', 'unknown')}, batch size {train.get('batch_size', 'unknown')}, "
+        f"learning rate {train.get('lr', 'unknown')}, EMA weights: {loaded.weights.name == 'ema.safetensors'}",
+        f"- network: depth {depth}, width {width}, {heads} heads, patch {config.patch_size}, "
+        f"{params / 1e6:.2f} M parameters, sample shape {tuple(getattr(loaded.model, 'sample_shape', None) or (config.in_channels, config.image_size, config.image_size))}",
+        "", "## Sampling", "",
+        f"- the run's settings: sampler {settings.sampler}, {settings.steps} steps, guidance scale {settings.cfg_scale}",
+        "- time convention: x_t = (1 − t)·x0 + t·ε, the network predicts v = ε − x0, sampling runs t = 1 → 0",
+        *(["- the diffusers pipeline integrates with Euler (FlowMatchEulerDiscreteScheduler); "
+           f"{settings.sampler} is available through selfflow"] if fmt == "diffusers" and settings.sampler != "euler" else []),
+        "", "## Measured", "", *measured_figures(loaded.folder), "", "## Use", "", usage,
+    ]
+    return "\n".join(lines)

@@ -1,12 +1,14 @@
 """One loader for every generator folder: a run folder (its newest checkpoint), a training checkpoint
-or an exported model folder, of any kind. ``config.json`` says what the folder holds:
+or an exported model folder, of any kind. ``config.json`` says what the folder holds
+(:func:`selfflow.model.read_kind`, the one place that decides):
 
     a ``modality`` section (top level or in ``run``)   → ``"modality"``: video, audio, audio-video, a policy
     a ``text`` section (top level or in ``run``)       → ``"text"``: caption-conditioned images
     neither                                            → ``"image"``: class-conditional or unconditional images
 
-:func:`read_kind` is the one place that decides; :func:`load_model` builds the network of that kind,
-loads the chosen weights strictly and returns it with everything saved beside it.
+:func:`load_model` opens the folder once (:func:`selfflow.model.open_folder`), builds the network of
+that kind, loads the chosen weights strictly and returns it with everything saved beside it. Every
+command that reads a generator goes through it.
 """
 from __future__ import annotations
 
@@ -17,34 +19,20 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from selfflow.checkpoint import resolve_checkpoint
 from selfflow.config import ModalityConfig, TextConfig
-from selfflow.errors import CheckpointError, ConfigError
-from selfflow.files import read_json
+from selfflow.errors import USER_ERRORS, CheckpointError
+from selfflow.model import GENERATOR_KINDS, WEIGHTS, open_folder, read_kind  # noqa: F401  (re-exported)
 
-GENERATOR_KINDS = ("image", "text", "modality")
-WEIGHTS = ("ema", "model")
-
-
-def read_kind(meta: dict) -> str:
-    """The kind of generator a ``config.json`` describes (see the module docstring)."""
-    run = meta.get("run") if isinstance(meta.get("run"), dict) else {}
-    if meta.get("modality") or run.get("modality"):
-        return "modality"
-    if meta.get("text") or run.get("text"):
-        return "text"
-    return "image"
-
-
-def weights_file(folder: Path, weights: str) -> Path:
-    """``ema.safetensors`` / ``model.safetensors`` of a checkpoint; an exported folder holds one set
-    (``model.safetensors``), used for either."""
-    if weights not in WEIGHTS:
-        raise ConfigError(f"weights={weights!r}: expected one of {', '.join(WEIGHTS)}")
-    file = folder / f"{weights}.safetensors"
-    if not file.exists() and (folder / "model.safetensors").exists():
-        file = folder / "model.safetensors"
-    return file
+# what each command that reads one kind says about a folder of another kind
+WRONG_KIND = {
+    ("image", "text"): "a caption-conditioned model (text section in config.json); sample it with selfflow sample --prompt "
+                       "(this command takes class-label models)",
+    ("image", "modality"): "a video/audio/action model (modality section in config.json); sample it with selfflow modality sample",
+    ("text", "image"): "a class-label model, not a caption-conditioned one (no text section in config.json)",
+    ("text", "modality"): "a video/audio/action model, not a caption-conditioned one (modality section in config.json)",
+    ("modality", "image"): "not a modality model (no modality section in config.json); sample image models with selfflow sample",
+    ("modality", "text"): "not a modality model (a caption-conditioned one); sample it with selfflow sample --prompt",
+}
 
 
 @dataclass
@@ -61,15 +49,23 @@ class LoadedGenerator:
     run: Optional[dict[str, Any]] = field(default=None, repr=False)  # the run's resolved config (training checkpoints)
 
 
-def load_model(path: str | Path, weights: str = "ema", device: str | torch.device = "cpu") -> LoadedGenerator:
-    """The generator in ``path`` (run, checkpoint or exported folder, any kind) in eval mode on ``device``."""
-    folder = resolve_checkpoint(path)
-    meta = read_json(folder / "config.json")
-    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
-        raise CheckpointError(f"{folder / 'config.json'}: no 'model' section (not a selfflow model folder)")
-    file = weights_file(folder, weights)
+def folder_kind(path: str | Path) -> Optional[str]:
+    """The kind of generator in ``path``; None when the folder cannot be read (the loader says why)."""
+    try:
+        return read_kind(open_folder(path)[1])
+    except (OSError, ValueError, *USER_ERRORS):
+        return None
+
+
+def load_model(path: str | Path, weights: str = "ema", device: str | torch.device = "cpu",
+               expect: Optional[str] = None) -> LoadedGenerator:
+    """The generator in ``path`` (run, checkpoint or exported folder) in eval mode on ``device``;
+    ``expect`` (a kind) refuses a folder of another kind with one line saying what it holds."""
+    folder, meta, file = open_folder(path, weights)
     run = meta.get("run") if isinstance(meta.get("run"), dict) else None
     kind = read_kind(meta)
+    if expect is not None and kind != expect:
+        raise CheckpointError(f"{folder}: {WRONG_KIND[(expect, kind)]}")
     if kind == "modality":
         from selfflow.modalities.model import load_token_generator
 

@@ -63,6 +63,11 @@ def test_sample_k_is_the_command_lines_image_k(image_run, tmp_path):
 
 def test_an_exported_folder_keeps_the_sampler_settings(image_run, tmp_path):
     g = selfflow.load(image_run, device="cpu")
+    from selfflow import DiT
+
+    assert g.layout.parts[0].name == "image" and g.layout.sample_shape == g.sample_shape
+    model = DiT.from_pretrained(image_run, weights="ema.safetensors")  # a run folder: its newest checkpoint
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), g.model.state_dict().values()))
     assert main(["export", "--ckpt", str(image_run), "--out", str(tmp_path / "cli_export")]) == 0
     g.save_pretrained(tmp_path / "api_export")
     for folder in ("cli_export", "api_export"):
@@ -120,3 +125,57 @@ def test_the_readme_python_api_snippets_run(tmp_path, monkeypatch):
     for snippet in snippets:  # one session, in order, as a reader would paste them
         exec(compile(snippet, "README.md", "exec"), scope)
     assert Path("models/digits").is_dir() and scope["x"].shape[0] == 16
+
+
+def test_the_diffusers_export_reproduces_our_euler_samples(image_run, tmp_path):
+    pytest.importorskip("diffusers")
+    from selfflow.hub import SelfFlowPipeline, SelfFlowTransformer2DModel
+    from selfflow.sampling import generate, noise_for_seeds
+
+    out = tmp_path / "diffusers"
+    assert main(["export", "--ckpt", str(image_run), "--out", str(out), "--format", "diffusers"]) == 0
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == "SelfFlowPipeline" and index["scheduler"] == ["diffusers", "FlowMatchEulerDiscreteScheduler"]
+    scheduler = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["shift"] == 1.0 and scheduler["num_train_timesteps"] == 1000 and not scheduler["use_dynamic_shifting"]
+    assert "library_name: diffusers" in (out / "README.md").read_text()
+    pipe = SelfFlowPipeline.from_pretrained(str(out))
+    assert isinstance(pipe.transformer, SelfFlowTransformer2DModel)
+    g = selfflow.load(image_run, device="cpu")
+    seeds, shape = [3, 4, 5], g.sample_shape
+    labels = torch.tensor([1, 2, 9]) if g.num_classes else None
+    for steps, scale in ((4, g.settings.cfg_scale), (7, 1.0)):
+        ours = generate(g.model, num_samples=3, seeds=seeds, labels=labels, sampler="euler", steps=steps, cfg_scale=scale,
+                        image_shape=shape, clip=False, progress=False).images
+        theirs = pipe(class_labels=labels, num_inference_steps=steps, guidance_scale=scale, latents=noise_for_seeds(seeds, shape),
+                      output_type="raw").images
+        assert (theirs - ours).abs().max().item() <= 1e-5, (steps, scale)
+        assert (ours - noise_for_seeds(seeds, shape)).abs().max() > 0.1  # the network moved the samples
+    # the pipeline's defaults are the run's steps and guidance; images in [0, 1]
+    default = pipe(class_labels=labels, batch_size=3, generator=[torch.Generator().manual_seed(s) for s in seeds]).images
+    assert default.shape == (3, *shape) and 0 <= default.min() and default.max() <= 1
+
+
+def test_the_default_export_is_hub_ready(image_run, tmp_path):
+    out = tmp_path / "model"
+    assert main(["export", "--ckpt", str(image_run), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: selfflow") and "- method: flow_matching" in card
+    assert "sampler heun, 3 steps" in card and "training loss" in card and "- data: digits" in card
+
+
+def test_a_video_run_samples_what_the_modality_command_samples(tmp_path):
+    from selfflow.modalities.evaluation.run import run_config_of
+    from selfflow.modalities.sampling import sample_conditioned
+    from support import fit
+    from test_modalities import raw_run
+
+    fit(raw_run(tmp_path / "run", "video", steps=2))
+    g = selfflow.load(tmp_path / "run", device="cpu")
+    assert g.kind == "modality" and g.sample_shape == g.model.layout.sample_shape
+    x = g.sample(3, labels=[4, 2, 7])
+    expected, _ = sample_conditioned(g.model, run_config_of(g.loaded.run, g.folder), 3, "cpu", labels=torch.tensor([4, 2, 7]))
+    assert x.shape == (3, *g.sample_shape) and torch.equal(x, expected)
+    g.save_pretrained(tmp_path / "exported")
+    assert torch.equal(selfflow.load(tmp_path / "exported", device="cpu").sample(3, labels=[4, 2, 7]), x)

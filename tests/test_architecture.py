@@ -102,7 +102,7 @@ def test_errors_is_a_leaf():
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("selfflow", "selfflow.errors", "selfflow.files", "selfflow.config", "selfflow.distributed",
                     "selfflow.device", "selfflow.path", "selfflow.imageio", "selfflow.ema", "selfflow.shards",
-                    "selfflow.fsdp", "selfflow.checkpoint", "selfflow.represent", "selfflow.torch_pickle",
+                    "selfflow.fsdp", "selfflow.checkpoint", "selfflow.represent", "selfflow.arguments",
                     "selfflow.report")),  # represent: losses, augment
     ("data", ("selfflow.data", "selfflow.text", "selfflow.modalities")),  # text: captions, text encoders, captioned sets
     ("model", ("selfflow.model", "selfflow.loader", "selfflow.represent.encoders", "selfflow.interop", "selfflow.text.model",
@@ -117,7 +117,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("evaluation", ("selfflow.evaluation", "selfflow.represent.probes", "selfflow.text.evaluation",
                     "selfflow.modalities.evaluation")),
     ("pipeline", ("selfflow.pipeline", "selfflow.pipeline_report")),  # every stage above, run in order; its report
-    ("api", ("selfflow.api",)),  # the Python API (load, Generator.sample, train); the package re-exports it
+    ("api", ("selfflow.api", "selfflow.hub")),  # the Python API; hub: the diffusers pipeline (load, Generator.sample, train); the package re-exports it
     ("serve", ("selfflow.serve",)),  # a generator behind HTTP (the command itself is selfflow.serve.cli)
     ("cli", ("selfflow.quickstart", "selfflow.evaluation.cli", "selfflow.represent.cli", "selfflow.text.cli", "selfflow.modalities.cli", "selfflow.serve.cli", "selfflow.cli", "selfflow.__main__")),
 ]
