@@ -142,6 +142,8 @@ def test_bad_input_is_one_json_line_and_the_server_keeps_serving(engine, body, s
 
 def test_wrong_paths_and_methods_are_json_errors(engine):
     with TestClient(create_app(engine)) as client:
+        form = client.post("/v1/generate", content=b'{"n": 1}', headers={"content-type": "application/x-www-form-urlencoded"})
+        assert form.status_code == 422 and "Content-Type: application/json" in form.json()["error"]
         assert client.get("/nowhere").json() == {"error": "Not Found"}
         assert client.get("/v1/generate").status_code == 405
         assert client.get("/").text.count("<script>") == 1

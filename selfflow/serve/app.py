@@ -108,7 +108,11 @@ def create_app(engine: Engine, limits: Limits = Limits()) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
-        return _error(*_validation_message(exc))
+        status, message = _validation_message(exc)
+        kind = request.headers.get("content-type", "")
+        if message == "the body must be a JSON object" and "json" not in kind:  # curl -d without -H
+            message += f" sent as Content-Type: application/json (got {kind or 'none'})"
+        return _error(status, message)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
