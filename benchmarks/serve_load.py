@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import harness  # noqa: E402
 
 COLUMNS = ["model", "sampler", "clients", "n", "requests", "ok", "errors", "lost", "p50_ms", "p99_ms", "images_per_s",
-           "pass_images", "batched_batch", "batched_images_per_s", "batched_spread", "ratio", "rss_mib_at_100", "rss_mib_end"]
+           "pass_images", "batched_batch", "batched_images_per_s", "batched_spread", "ratio", "server_cpu_ms_per_image", "batched_cpu_ms_per_image", "cpu_ratio", "rss_mib_at_100", "rss_mib_end"]
 
 
 def free_port() -> int:
@@ -94,6 +94,11 @@ class Server:
             except Exception:
                 return
             time.sleep(0.02)
+
+    def cpu_seconds(self) -> float:
+        """CPU time the server process has used (all its threads, user + system)."""
+        times = self._process.cpu_times()
+        return times.user + times.system
 
     def close(self) -> int:
         self._stop.set()
@@ -162,21 +167,25 @@ async def load(server: Server, clients: int, requests: int, n: int, classes: int
         connection.close()
 
     before = httpx.get(server.url + "/health").json()["queue"]
+    cpu_before = server.cpu_seconds()
     start = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(clients)))
     wall = time.perf_counter() - start
     after = httpx.get(server.url + "/health").json()["queue"]
+    cpu = server.cpu_seconds() - cpu_before
     ok = sum(1 for s in statuses if s == 200)
     latencies.sort()
     images = after["images"] - before["images"]
     return {"requests": sent, "ok": ok, "errors": len(statuses) - ok, "lost": sent - len(statuses),
             "p50_ms": 1000 * latencies[len(latencies) // 2], "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
             "images_per_s": ok * n / wall, "pass_images": images / max(1, after["passes"] - before["passes"]),
-            "rss_mib_at_100": (rss_at_100 or server.peak_rss) / 2**20, "rss_mib_end": server.peak_rss / 2**20, "wall_s": wall}
+            "rss_mib_at_100": (rss_at_100 or server.peak_rss) / 2**20, "rss_mib_end": server.peak_rss / 2**20, "wall_s": wall,
+            "server_cpu_ms_per_image": 1000 * cpu / max(1, ok * n)}
 
 
-def batched_throughput(engine, batch: int, seconds: float) -> float:
-    """Images/s of ``generate`` on the server's model and saved settings, ``batch`` images per call."""
+def batched_throughput(engine, batch: int, seconds: float) -> tuple[float, float]:
+    """(images/s, CPU ms per image) of ``generate`` on the server's model and saved settings, ``batch``
+    images per call (this process's CPU time: one torch thread, nothing else running in it)."""
     import torch
 
     from selfflow.sampling import generate
@@ -190,11 +199,12 @@ def batched_throughput(engine, batch: int, seconds: float) -> float:
                  image_shape=engine.generator.sample_shape, progress=False)
 
     once(0)
-    calls, start = 0, time.perf_counter()
+    calls, start, cpu = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - start < seconds or calls < 3:
         once(batch * (calls + 1))
         calls += 1
-    return calls * batch / (time.perf_counter() - start)
+    images = calls * batch
+    return images / (time.perf_counter() - start), 1000 * (time.process_time() - cpu) / images
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -260,13 +270,15 @@ def main() -> None:
                 # CPU's load changes by the minute); the faster of the two, at the fullest pass the
                 # clients can make (at least the pass the server formed): the ratio errs low, not high
                 batch = min(clients * n, args.max_batch)
-                before = batched_throughput(engine, batch, args.reference_seconds)
+                before, cpu_before = batched_throughput(engine, batch, args.reference_seconds)
                 result = asyncio.run(load(server, clients, requests, n, model["classes"] or 0))
-                after = batched_throughput(engine, batch, args.reference_seconds)
-                reference = max(before, after)
+                after, cpu_after = batched_throughput(engine, batch, args.reference_seconds)
+                reference, batched_cpu = max(before, after), min(cpu_before, cpu_after)
                 rows.append({"model": role, "sampler": f"{model['sampler']} {model['steps']}", "clients": clients, "n": n,
                              **result, "batched_batch": batch, "batched_images_per_s": reference,
-                             "batched_spread": min(before, after) / reference, "ratio": result["images_per_s"] / reference})
+                             "batched_spread": min(before, after) / reference, "ratio": result["images_per_s"] / reference,
+                             "batched_cpu_ms_per_image": batched_cpu,
+                             "cpu_ratio": batched_cpu / result["server_cpu_ms_per_image"]})
                 print(json.dumps(rows[-1]), flush=True)
         rss_notes.append(f"{role}: server exit status {server.close()} after SIGTERM")
     name = args.name
@@ -277,7 +289,11 @@ def main() -> None:
              "batches of batched_batch = min(clients × n, max batch) images (the fullest pass the clients can make; "
              "pass_images is the mean pass the server formed), measured right before and right after each row while the "
              "server idled, the faster of the two (batched_spread = slower ÷ faster shows how much the shared CPU moved "
-             "meanwhile). "
+             "meanwhile). Because the CPU is shared with other work, the CPU time per image is given too: "
+             "server_cpu_ms_per_image is the server process's CPU time (every thread: HTTP, JSON, PNG, the network) per "
+             "image served, batched_cpu_ms_per_image the reference's (the lower of the two measurements), and "
+             "cpu_ratio = batched ÷ served: the throughput ratio a server with the cores to itself would reach, the "
+             "load generator's own CPU left out. "
              "Latency is per request (n images), from send to the parsed answer, on 127.0.0.1 with the load generator "
              "on the same CPU. rss_mib_at_100: the server's peak resident memory after the first 100 requests of the row "
              "(cumulative over the server's life); rss_mib_end: the peak at the end of the row. "
