@@ -53,8 +53,9 @@ def test_png_encoding_is_lossless(shape):
     from selfflow.serve.engine import png_base64
 
     image = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    decoded = pixels(png_base64(image))
-    assert np.array_equal(decoded.reshape(shape[1], shape[2], shape[0]), image.permute(1, 2, 0).numpy())
+    expected = image.permute(1, 2, 0).numpy()
+    decoded = pixels(png_base64(expected))
+    assert np.array_equal(decoded.reshape(expected.shape), expected)
 
 
 def test_health_describes_the_model_and_its_saved_sampler(engine):
@@ -142,8 +143,12 @@ def test_bad_input_is_one_json_line_and_the_server_keeps_serving(engine, body, s
 
 def test_wrong_paths_and_methods_are_json_errors(engine):
     with TestClient(create_app(engine)) as client:
-        form = client.post("/v1/generate", content=b'{"n": 1}', headers={"content-type": "application/x-www-form-urlencoded"})
-        assert form.status_code == 422 and "Content-Type: application/json" in form.json()["error"]
+        form = client.post("/v1/generate", content=b'{"n": 2}', headers={"content-type": "application/x-www-form-urlencoded"})
+        assert form.status_code == 200 and len(form.json()["images"]) == 2  # curl -d without -H
+        assert client.post("/v1/generate").json()["seeds"] == [0]  # no body: the defaults
+        schema = client.get("/openapi.json").json()
+        body = schema["paths"]["/v1/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert set(body["properties"]) == {"n", "labels", "prompt", "seed", "steps", "sampler", "cfg_scale"}
         assert client.get("/nowhere").json() == {"error": "Not Found"}
         assert client.get("/v1/generate").status_code == 405
         assert client.get("/").text.count("<script>") == 1
