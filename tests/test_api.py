@@ -179,3 +179,17 @@ def test_a_video_run_samples_what_the_modality_command_samples(tmp_path):
     assert x.shape == (3, *g.sample_shape) and torch.equal(x, expected)
     g.save_pretrained(tmp_path / "exported")
     assert torch.equal(selfflow.load(tmp_path / "exported", device="cpu").sample(3, labels=[4, 2, 7]), x)
+
+
+def test_a_one_step_student_samples_as_the_command_line_does(tmp_path):
+    from selfflow.sets import generate_set
+    from support import fit, tiny_run
+
+    fit(tiny_run(tmp_path / "teacher", train={"steps": 2}))
+    generate_set(selfflow.load(tmp_path / "teacher", device="cpu").model, tmp_path / "pairs", num=16, shard_size=16,
+                 kind="pairs", sampler="euler", steps=2)
+    fit(tiny_run(tmp_path / "student", data={"name": "pairs", "path": str(tmp_path / "pairs")}, method={"name": "distill", "steps": 1},
+                 train={"steps": 2, "init_from": str(tmp_path / "teacher")}))
+    g = selfflow.load(tmp_path / "student", device="cpu")
+    x = g.sample(3, seed=2)
+    assert np.array_equal(to_uint8(x).numpy(), _cli_images(tmp_path / "student", tmp_path / "s", "--n", "3", "--seed", "2"))
