@@ -200,7 +200,7 @@ def save_training_checkpoint(state: TrainingState, target: Path, *, run: dict, d
     problem = None
     if dist.is_main:
         try:
-            with atomic_directory(target) as tmp:
+            with atomic_directory(target, replace=True) as tmp:
                 save_tensors(state.model.state_dict(), tmp / "model.safetensors")
                 save_tensors(state.ema_model.state_dict(), tmp / "ema.safetensors")
                 method_state = state.method.state_dict()

@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from selfflow import checkpoint as ckpt
 from selfflow.config import ConfigError, RunConfig
 from selfflow.errors import DataError
+from selfflow.files import lock_folder, mark_output_folder
 from selfflow.distributed import DistInfo, all_reduce_mean, any_rank, cleanup, init_distributed
 from selfflow.ema import EMA, decay_from_half_life
 from selfflow.methods import Batch, BatchRandom, Objective, build_method, build_network
@@ -361,9 +362,17 @@ class Trainer:
         log.warning("received %s: saving a checkpoint after this step, then exiting", signal.Signals(signum).name)
 
     def fit(self) -> dict:
+        # One writer per run folder: a second process training into it is refused (naming this one's pid);
+        # the OS drops the lock on any exit, kill -9 included.
+        with (lock_folder(self.out_dir) if self.dist.is_main else contextlib.nullcontext()):
+            return self._fit()
+
+    def _fit(self) -> dict:
         self.maybe_resume()  # first: a checkpoint that does not fit must leave the run folder as it was
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            mark_output_folder(self.out_dir, "run")
+            truncate_metrics(self.out_dir / "metrics.jsonl", self.step)
             (self.out_dir / "config.yaml").write_text(_to_yaml(self.config.to_dict()))
         previous = [signal.signal(s, self._request_stop) for s in (signal.SIGTERM, signal.SIGINT)]
         try:
@@ -420,6 +429,29 @@ class Trainer:
 
     def close(self) -> None:
         cleanup(self.dist)
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Cut ``metrics.jsonl`` back to the records of steps <= ``step`` (the checkpoint resumed from):
+    the steps logged after it are trained again and would otherwise appear twice."""
+    if not path.is_file():
+        return
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record_step = json.loads(line).get("step")
+        except (ValueError, AttributeError):
+            record_step = None
+        if isinstance(record_step, int) and record_step <= step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        from selfflow.files import atomic_file
+
+        with atomic_file(path) as tmp:
+            tmp.write_text("".join(f"{line}\n" for line in kept))
+        log.info("metrics.jsonl: dropped %d records after step %d (the checkpoint resumed from)", dropped, step)
 
 
 def _to_yaml(data: dict) -> str:

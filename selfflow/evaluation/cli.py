@@ -213,7 +213,7 @@ def cmd_eval(args) -> int:
     from selfflow.files import atomic_file
 
     with atomic_file(out) as tmp:
-        tmp.write_text(json.dumps(report, indent=2, default=str))
+        tmp.write_text(json.dumps({"written_by": "eval", **report}, indent=2, default=str))  # --out's rule reads written_by
     _print_table(report)
     print(f"wrote {out}")
     return 0

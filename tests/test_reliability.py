@@ -1,0 +1,336 @@
+"""The reliability promises (docs/reliability.md), one test per case of the adversarial trial:
+
+- output folders: a command writes only into an empty, absent or own folder; --force writes its own
+  files and deletes nothing; reading and writing one folder is refused;
+- one writer per run or set folder (an OS lock, released by kill -9);
+- no code from files: the FID Inception's weights are read as data into our own network;
+- one-line errors, bounds checked before allocation, no silent wrong numbers.
+"""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from selfflow.cli import main
+from support import LOCAL_INCEPTION, REPO, one_line_error
+
+NOTES = "my own notes: keep me\n"
+
+
+def _listing(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A 2-step tiny run (its checkpoint, config.yaml, metrics.jsonl)."""
+    out = tmp_path_factory.mktemp("rel") / "run"
+    args = ["train", "--set", "model.depth=2", "--set", "model.hidden_size=64", "--set", "train.steps=2",
+            "--set", "train.batch_size=16", "--set", f"train.out_dir={out}", "--set", "train.progress=false",
+            "--set", "train.tensorboard=false", "--set", "train.num_sample_images=0", "--set", "sample.steps=2",
+            "--set", "train.device=cpu", "--set", "train.log_every=1"]
+    assert main(args) == 0
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# 1. the output-folder rule
+# --------------------------------------------------------------------------------------------
+def _commands(run: Path, tmp: Path) -> dict:
+    """Every command that takes an output folder, with settings that pass argparse (the rule is checked first)."""
+    ckpt = str(run)
+    return {
+        "sample": ["sample", "--ckpt", ckpt, "--n", "2", "--steps", "2", "--device", "cpu", "--out"],
+        "export": ["export", "--ckpt", ckpt, "--out"],
+        "import": ["import", str(tmp / "x.pt"), "--from", "sit", "--out"],
+        "generate-set": ["generate-set", "--ckpt", ckpt, "--n", "4", "--steps", "2", "--device", "cpu", "--out"],
+        "encode-latents": ["encode-latents", "--data", "digits", "--autoencoder", str(tmp / "ae"), "--out"],
+        "synth": ["synth", "--generator", ckpt, "--captions", "classes", "--per-caption", "2", "--n", "4", "--out"],
+        "data fetch": ["data", "fetch", "mnist", "--base-url", "file:///nonexistent", "--to"],
+        "eval train-feature-net": ["eval", "train-feature-net", "--data", "digits", "--out"],
+        "modality sample": ["modality", "sample", "--checkpoint", ckpt, "--out"],
+        "modality eval --work": ["modality", "eval", "--checkpoint", ckpt, "--work"],
+        "represent probe": ["represent", "probe", "--config", str(REPO / "configs" / "digits_stablerep.yaml"), "--out"],
+        "quickstart": ["quickstart", "--tiny", "--device", "cpu", "--out"],
+        "pipeline": ["pipeline", "--config", str(REPO / "configs" / "digits_pipeline.yaml"), "--set"],
+    }
+
+
+@pytest.mark.parametrize("command", list(_commands(Path("r"), Path("t"))))
+def test_every_output_folder_with_a_user_file_is_refused_and_kept(command, run, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "NOTES.txt").write_text(NOTES)
+    args = _commands(run, tmp_path)[command]
+    args = args + ([f"pipeline.out_dir={out}"] if command == "pipeline" else [str(out)])
+    assert main(args) == 2
+    one_line_error(capsys, str(out), "NOTES.txt")
+    assert _listing(out) == {"NOTES.txt": NOTES.encode()}
+
+
+@pytest.mark.parametrize("command", ["eval", "modality eval"])
+def test_a_report_file_that_is_not_ours_is_refused(command, run, tmp_path, capsys):
+    report = tmp_path / "thesis.json"
+    report.write_text('{"chapter": 1}')
+    args = (["eval", "--ckpt", str(run), "--n", "2"] if command == "eval" else ["modality", "eval", "--checkpoint", str(run)])
+    assert main(args + ["--out", str(report)]) == 2
+    one_line_error(capsys, str(report), "--force")
+    assert report.read_text() == '{"chapter": 1}'
+
+
+def test_export_and_import_write_their_files_and_keep_the_users(run, tmp_path, capsys):
+    from selfflow.files import OUTPUT_MARKER, output_purpose
+
+    run_before = _listing(run)
+    # import/export into a run folder: refused (it holds checkpoints/, config.yaml, metrics.jsonl)
+    (tmp_path / "x.safetensors").write_bytes(b"")
+    for args in (["export", "--ckpt", str(run), "--out", str(run)], ["import", str(tmp_path / "x.safetensors"), "--from", "sit", "--out", str(run)]):
+        assert main(args) == 2
+        one_line_error(capsys, str(run))
+    assert _listing(run) == run_before
+    # an exported model folder is export's own: a second export writes into it without --force
+    model = tmp_path / "model"
+    assert main(["export", "--ckpt", str(run), "--out", str(model)]) == 0
+    (model / "NOTES.txt").write_text(NOTES)
+    assert main(["export", "--ckpt", str(run), "--weights", "model", "--out", str(model)]) == 0
+    assert (model / "NOTES.txt").read_text() == NOTES and output_purpose(model) == "model"
+    # --force into a foreign folder: the command's files appear, nothing else is touched
+    foreign = tmp_path / "foreign"
+    (foreign / "sub").mkdir(parents=True)
+    (foreign / "NOTES.txt").write_text(NOTES)
+    (foreign / "sub" / "data.bin").write_bytes(b"\x00\x01")
+    assert main(["export", "--ckpt", str(run), "--out", str(foreign), "--force"]) == 0
+    left = _listing(foreign)
+    assert left["NOTES.txt"] == NOTES.encode() and left["sub/data.bin"] == b"\x00\x01"
+    assert set(left) == {"NOTES.txt", "sub/data.bin", "config.json", "model.safetensors", OUTPUT_MARKER}
+    capsys.readouterr()
+
+
+def test_reading_and_writing_one_folder_is_refused(run, tmp_path, capsys):
+    from selfflow.files import check_output_folder
+
+    before = _listing(run)
+    checkpoint = run / "checkpoints"
+    assert main(["sample", "--ckpt", str(checkpoint), "--out", str(run), "--force"]) == 2  # --force does not lift it
+    one_line_error(capsys, "reads", str(checkpoint))
+    assert _listing(run) == before
+    with pytest.raises(Exception, match="reads"):
+        check_output_folder(run / "checkpoints" / "inner", "model", reads=(run,))
+
+
+def test_output_rule_recognises_its_own_folders(tmp_path):
+    from selfflow.errors import ConfigError
+    from selfflow.files import atomic_directory, check_output_folder, mark_output_folder
+
+    folder = tmp_path / "f"
+    assert check_output_folder(folder, "set")  # absent
+    folder.mkdir()
+    assert check_output_folder(folder, "set")  # empty
+    (folder / "set.json").write_text("{}")
+    assert not check_output_folder(folder, "set", recognise=("set.json",))  # written before markers existed
+    with pytest.raises(ConfigError, match="set.json"):
+        check_output_folder(folder, "model")
+    mark_output_folder(folder, "model")
+    assert not check_output_folder(folder, "model")
+    with pytest.raises(ConfigError, match="written by `model`"):
+        check_output_folder(folder, "sample")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="a file is in the way"):
+        check_output_folder(tmp_path / "file", "model")
+    # a merged write keeps the other files; a replacing one (checkpoints) swaps the folder
+    with atomic_directory(folder) as tmp:
+        (tmp / "a.txt").write_text("new")
+    assert (folder / "set.json").exists() and (folder / "a.txt").read_text() == "new"
+    with atomic_directory(folder, replace=True) as tmp:
+        (tmp / "b.txt").write_text("b")
+    assert [p.name for p in folder.iterdir()] == ["b.txt"]
+
+
+# --------------------------------------------------------------------------------------------
+# 2. one writer per run folder
+# --------------------------------------------------------------------------------------------
+HOLDER = """
+import sys, time
+sys.path.insert(0, {repo!r})
+from selfflow.files import lock_folder
+lock_folder(sys.argv[1]).__enter__()
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def _hold_lock(folder: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER.format(repo=str(REPO)), str(folder)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def _train_args(out: Path, steps: int = 2) -> list[str]:
+    return ["train", "--set", "model.depth=2", "--set", "model.hidden_size=64", "--set", f"train.steps={steps}",
+            "--set", "train.batch_size=16", "--set", f"train.out_dir={out}", "--set", "train.progress=false",
+            "--set", "train.tensorboard=false", "--set", "train.num_sample_images=0", "--set", "train.device=cpu"]
+
+
+@pytest.mark.parametrize("command", ["train", "generate-set", "pipeline"])
+def test_a_second_writer_is_refused_naming_the_first_and_kill_9_releases_it(command, run, tmp_path, capsys):
+    out = tmp_path / "busy"
+    args = {"train": _train_args(out),
+            "generate-set": ["generate-set", "--ckpt", str(run), "--n", "2", "--shard-size", "2", "--steps", "2", "--device", "cpu",
+                             "--out", str(out)],
+            "pipeline": ["pipeline", "--config", str(REPO / "configs" / "digits_pipeline.yaml"), "--set", f"pipeline.out_dir={out}",
+                         "--print-config"]}[command]
+    holder = _hold_lock(out)
+    try:
+        if command == "pipeline":  # a real pipeline run is long: the library call, refused before any stage
+            from selfflow.config import load_pipeline_config
+            from selfflow.errors import ConfigError
+            from selfflow.pipeline import run_pipeline
+
+            with pytest.raises(ConfigError, match=f"in use by process {holder.pid}"):
+                run_pipeline(load_pipeline_config(str(REPO / "configs" / "digits_pipeline.yaml"), [f"pipeline.out_dir={out}"]))
+            assert not (out / "teacher").exists()
+        else:
+            assert main(args) == 2
+            one_line_error(capsys, str(out), f"in use by process {holder.pid}")
+            assert not (out / "checkpoints").exists() and not (out / "set.json").exists()
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    if command != "pipeline":
+        assert main(args) == 0  # the lock died with its holder
+
+
+def test_second_trainer_in_one_process_sequence_is_fine(tmp_path):
+    """The lock is held for fit's life only: a resume in the same process takes it again."""
+    out = tmp_path / "run"
+    assert main(_train_args(out, steps=1)) == 0
+    assert main(_train_args(out, steps=2)) == 0
+
+
+# --------------------------------------------------------------------------------------------
+# 3. no code from files
+# --------------------------------------------------------------------------------------------
+PAYLOAD = '''
+import sys, torch
+class Payload(torch.nn.Module):
+    def __init__(self, victim: str):
+        super().__init__()
+        self.victim = victim
+    def forward(self, x):
+        t = torch.from_file(self.victim, shared=True, size=4, dtype=torch.uint8)
+        t.fill_(65)
+        return x + t.sum()
+class Layers(torch.nn.Module):
+    def __init__(self, victim):
+        super().__init__()
+        self.conv = Payload(victim)
+class Net(torch.nn.Module):
+    def __init__(self, victim):
+        super().__init__()
+        self.layers = Layers(victim)
+class Wrap(torch.nn.Module):
+    def __init__(self, victim):
+        super().__init__()
+        self.net = Net(victim)
+    def forward(self, x):
+        return self.net.layers.conv(x)
+torch.jit.script(Wrap(sys.argv[1])).save(sys.argv[2])
+'''
+
+
+def test_a_torchscript_payload_never_runs(tmp_path, capsys):
+    """A TorchScript file whose code overwrites another file (through torch.from_file(shared=True)) is
+    read as weights only and refused: the victim file keeps its bytes."""
+    script = tmp_path / "payload_maker.py"
+    script.write_text(PAYLOAD)
+    victim, payload = tmp_path / "victim.txt", tmp_path / "payload.pt"
+    victim.write_bytes(b"safe")
+    subprocess.run([sys.executable, str(script), str(victim), str(payload)], check=True)
+    from selfflow.errors import DataError
+    from selfflow.evaluation import load_inception
+
+    with pytest.raises(DataError, match="not the FID Inception layout"):
+        load_inception(payload).features(torch.zeros(1, 1, 8, 8))
+    samples = tmp_path / "s.npz"
+    np.savez(samples, images=np.zeros((4, 8, 8), np.uint8))
+    assert main(["eval", "--samples", str(samples), "--metrics", "fid", "--inception", str(payload), "--data", "digits",
+                 "--out", str(tmp_path / "e.json")]) == 2
+    one_line_error(capsys, str(payload))
+    assert victim.read_bytes() == b"safe"
+
+
+def _archive(tmp_path: Path, data_pkl: bytes, storages: dict | None = None) -> Path:
+    path = tmp_path / "crafted.pt"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("m/data.pkl", data_pkl)
+        for key, raw in (storages or {}).items():
+            archive.writestr(f"m/data/{key}", raw)
+    return path
+
+
+def test_archive_reader_refuses_globals_and_oversized_views(tmp_path):
+    from selfflow.errors import DataError
+    from selfflow.evaluation.inception_net import read_archive_weights
+
+    marker = tmp_path / "marker"
+    evil = b"cos\nsystem\n(V" + f"touch {marker}".encode() + b"\ntR."
+    with pytest.raises(DataError, match="refusing the global os.system"):
+        read_archive_weights(_archive(tmp_path, evil))
+    assert not marker.exists()
+    # a zero-stride tensor declaring 65 536 × 65 536 elements over a 4-byte storage: refused before any allocation
+    rebuild = (b"\x80\x02c__torch__\nM\n)\x81}(X\x01\x00\x00\x00wctorch._utils\n_rebuild_tensor_v2\n"  # M() with w =
+               b"((X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x01tQ"  # storage '0', 1 float
+               b"K\x00J\x00\x00\x01\x00J\x00\x00\x01\x00\x86K\x00K\x00\x86"  # offset 0, size (65536, 65536), stride (0, 0)
+               b"\x89ccollections\nOrderedDict\n)RtRub.")
+    with pytest.raises(DataError, match="does not fit its storage"):
+        read_archive_weights(_archive(tmp_path, rebuild, {"0": b"\x00" * 4}))
+
+
+@pytest.mark.skipif(not LOCAL_INCEPTION.is_file(), reason="needs a local fid_inception_v3_fp16.pt")
+def test_our_inception_matches_the_torchscript_network_exactly():
+    import warnings
+
+    from selfflow.evaluation.inception import INCEPTION_STAGES, InceptionNetwork, preprocess_for_inception
+
+    ours = InceptionNetwork(LOCAL_INCEPTION)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scripted = torch.jit.load(str(LOCAL_INCEPTION)).float().eval()  # the test's reference only: a known file
+    x = preprocess_for_inception(torch.rand(2, 3, 16, 16) * 2 - 1)
+    with torch.no_grad():
+        assert torch.equal(ours(x), scripted(x))
+        reference = x
+        for name in INCEPTION_STAGES[:8]:
+            reference = getattr(scripted.net.layers, name)(reference)
+        assert torch.equal(ours(x, "mixed"), reference)
+
+
+def test_no_loader_can_run_code_from_a_file():
+    """Every call in the package (read from its syntax tree): no torch.jit.load, pickle.load(s), yaml.load,
+    yaml.unsafe_load, eval or exec; np.load never with allow_pickle=True; torch.load only with weights_only=True."""
+    import ast
+
+    def name(node) -> str:
+        return f"{name(node.value)}.{node.attr}" if isinstance(node, ast.Attribute) else getattr(node, "id", "?")
+
+    found = []
+    for path in sorted((REPO / "selfflow").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            called = name(node.func)
+            keywords = {k.arg: getattr(k.value, "value", None) for k in node.keywords}
+            if (called in ("torch.jit.load", "jit.load", "pickle.load", "pickle.loads", "yaml.load", "yaml.unsafe_load", "eval", "exec")
+                    or (called.endswith("load") and keywords.get("allow_pickle") is True)
+                    or (called == "torch.load" and keywords.get("weights_only") is not True)):
+                found.append(f"{path.relative_to(REPO)}:{node.lineno}: {called}")
+    assert not found, "\n".join(found)
