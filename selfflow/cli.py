@@ -517,14 +517,15 @@ def _check_output_folder(args) -> tuple[str, str, bool] | None:
         return None
     fresh = check_output_folder(value, purpose, force=force, reads=tuple(getattr(args, r, None) for r in reads),
                                 recognise=recognise, also=("run",) if path == "represent probe" else (), flag=f"--{flag}")
-    return value, purpose, fresh
+    return None if path == "data fetch" else (value, purpose, fresh)  # a data folder is known by its files' names
 
 
 def _mark_output_folder(claim, succeeded: bool) -> None:
-    """Record the purpose in the folder: after success, or whenever the command found it absent or empty."""
+    """Record the purpose in the folder: after success, or after a failure that left files in a folder the
+    command found absent or empty (a resumable set, killed or stopped halfway)."""
     from selfflow.files import mark_output_folder
 
-    if claim is not None and (succeeded or claim[2]):
+    if claim is not None and (succeeded or (claim[2] and Path(claim[0]).is_dir() and any(Path(claim[0]).iterdir()))):
         try:
             mark_output_folder(claim[0], claim[1])
         except OSError:

@@ -60,9 +60,24 @@ def sha256_file(path: str | Path) -> str:
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
     """Write a flat dict of tensors as safetensors (copies to CPU, breaks shared storage)."""
     flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    save_file(flat, str(path), metadata=metadata)
-    with open(path, "rb+") as handle:
-        os.fsync(handle.fileno())
+    try:
+        save_file(flat, str(path), metadata=metadata)
+        with open(path, "rb+") as handle:
+            os.fsync(handle.fileno())
+    except (SafetensorError, OSError) as exc:  # a full disk, a read-only folder
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise CheckpointError(f"could not write {path}: {reason}{free_space(Path(path).parent)}") from None
+
+
+def free_space(folder: Path) -> str:
+    """'; N MB free on its disk' for an error message ('' when the folder's disk cannot be asked)."""
+    for place in (folder, *folder.parents):
+        if place.exists():
+            try:
+                return f"; {shutil.disk_usage(place).free / 1e6:.1f} MB free on its disk"
+            except OSError:
+                return ""
+    return ""
 
 
 def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -157,8 +172,11 @@ def atomic_directory(target: str | Path, replace: bool = False) -> Iterator[Path
         (replace_directory if replace else merge_directory)(tmp, target)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        kept = "the previous checkpoint is untouched" if replace else "the files already there are untouched"
         if isinstance(exc, OSError):
-            raise CheckpointError(f"could not write {target}: {exc.strerror or exc}; the previous checkpoint is untouched") from None
+            raise CheckpointError(f"could not write {target}: {exc.strerror or exc}{free_space(target.parent)}; {kept}") from None
+        if isinstance(exc, CheckpointError) and str(exc).startswith("could not write"):  # save_tensors's (names the file)
+            raise CheckpointError(f"{exc}; {kept}") from None
         raise
 
 

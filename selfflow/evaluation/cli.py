@@ -86,6 +86,17 @@ def load_samples(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     return images, torch.from_numpy(raw.astype(np.int64))
 
 
+def check_samples_fit(images: torch.Tensor, labels: torch.Tensor | None, reference, where) -> None:
+    """Samples a Fréchet distance can be computed of (at least 2: a covariance), with labels among the
+    reference's classes (an accuracy against classes the reference lacks would be a silent 0)."""
+    if images.shape[0] < 2:
+        raise DataError(f"{where}['images']: {images.shape[0]} image; the metrics need at least 2 (a covariance)")
+    classes = int(getattr(reference, "num_classes", 0) or 0)
+    if labels is not None and classes and int(labels.max()) >= classes:
+        raise DataError(f"{where}['labels']: label {int(labels.max())} is outside the reference's {classes} classes "
+                        f"(0..{classes - 1})")
+
+
 # --------------------------------------------------------------------------------------------
 # the command
 # --------------------------------------------------------------------------------------------
@@ -192,6 +203,8 @@ def cmd_eval(args) -> int:
     if images is not None and tuple(images.shape[1:]) != tuple(reference.shape):
         raise DataError(f"{args.samples}['images']: images of shape {tuple(images.shape[1:])} (C, H, W), "
                         f"but the reference set {data_name} has {tuple(reference.shape)}")
+    if images is not None:
+        check_samples_fit(images, labels, reference, args.samples)
 
     if images is not None:
         sampling: dict = {"source": str(args.samples)}
