@@ -334,3 +334,163 @@ def test_no_loader_can_run_code_from_a_file():
                     or (called == "torch.load" and keywords.get("weights_only") is not True)):
                 found.append(f"{path.relative_to(REPO)}:{node.lineno}: {called}")
     assert not found, "\n".join(found)
+
+
+# --------------------------------------------------------------------------------------------
+# 4. one-line errors, bounds before allocation
+# --------------------------------------------------------------------------------------------
+def _sit_state() -> dict:
+    from selfflow.interop import export_state
+    from support import perturbed_dit
+
+    return export_state(perturbed_dit(depth=2, time_scale=-1.0, time_shift=1.0), "sit")
+
+
+def _malformed(case: str) -> dict:
+    state = _sit_state()
+    if case == "missing block weight":
+        del state["blocks.1.mlp.fc2.weight"]
+    elif case == "int key":
+        state[7] = torch.zeros(2)
+    elif case == "1-D embedding":
+        state["y_embedder.embedding_table.weight"] = torch.zeros(64)
+    elif case == "width 0":
+        state["x_embedder.proj.weight"] = torch.zeros(0, 1, 2, 2)
+    elif case == "wrong pos_embed":
+        state["pos_embed"] = torch.zeros(1, 15, 64)
+    elif case == "odd block name":
+        state["blocks.one.attn.qkv.weight"] = torch.zeros(2)
+    elif case == "NaN weight":
+        state["blocks.0.attn.proj.weight"][0, 0] = float("nan")
+    elif case == "zero-stride 65536 width":  # a few bytes of storage declaring gigabytes
+        width = 65536
+        state = {k: torch.zeros(1).expand(*[width if s == 64 else s for s in v.shape]) for k, v in state.items()}
+    return state
+
+
+MALFORMED = {"missing block weight": "blocks.1.mlp.fc2.weight", "int key": "not text", "1-D embedding": "y_embedder.embedding_table.weight",
+             "width 0": "width 0", "wrong pos_embed": "pos_embed", "odd block name": "blocks.one.attn.qkv.weight",
+             "NaN weight": "blocks.0.attn.proj.weight", "zero-stride 65536 width": "storage of 4 bytes"}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_state_dicts_are_one_line_errors_naming_the_key(case, tmp_path, capsys):
+    import resource
+
+    path = tmp_path / "bad.pt"
+    torch.save({"ema": _malformed(case)}, path)
+    assert case != "zero-stride 65536 width" or path.stat().st_size < 20_000
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert main(["import", str(path), "--from", "sit", "--out", str(tmp_path / "m")]) == 2
+    one_line_error(capsys, str(path), MALFORMED[case])
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500_000  # kB: nothing the size of the declared network
+    assert not (tmp_path / "m").exists()
+
+
+def test_deeply_nested_args_are_a_one_line_error(tmp_path, capsys):
+    """A training dict whose ``args`` is a list nested 200 000 deep (built by pickle opcodes, no recursion)."""
+    depth = 200_000
+    torch.save({"ema": _sit_state()}, tmp_path / "plain.pt")
+    path = tmp_path / "deep.pt"
+    with zipfile.ZipFile(tmp_path / "plain.pt") as plain, zipfile.ZipFile(path, "w") as archive:
+        for info in plain.infolist():
+            raw = plain.read(info)
+            if info.filename.endswith("/data.pkl"):
+                assert raw.endswith(b".")  # STOP, the top-level dict on the stack
+                nested = b"X\x04\x00\x00\x00args" + b"]" * depth + b"a" * (depth - 1)  # EMPTY_LIST ×N, APPEND ×(N−1)
+                raw = raw[:-1] + nested + b"s."  # SETITEM args, STOP
+            archive.writestr(info, raw)
+    code = main(["import", str(path), "--from", "sit", "--out", str(tmp_path / "m")])
+    one_line_error(capsys, str(path), "nested too deeply")
+    assert code == 2 and not (tmp_path / "m").exists()
+
+
+def test_a_full_disk_during_export_and_import_names_the_file_and_the_free_space(run, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from safetensors import SafetensorError
+
+    from selfflow import files
+
+    def full(tensors, path, metadata=None):
+        raise SafetensorError(f"Error while serializing: IoError(Os {{ code: 28, kind: StorageFull, message: \"{os.strerror(errno.ENOSPC)}\" }})")
+
+    monkeypatch.setattr(files, "save_file", full)
+    torch.save({"ema": _sit_state()}, tmp_path / "s.pt")
+    for args in (["export", "--ckpt", str(run), "--out", str(tmp_path / "e")],
+                 ["import", str(tmp_path / "s.pt"), "--from", "sit", "--out", str(tmp_path / "i")]):
+        assert main(args) == 2
+        line = one_line_error(capsys, "model.safetensors", "MB free on its disk", "No space left on device")
+        assert "untouched" in line
+    assert not (tmp_path / "e").exists() and not (tmp_path / "i").exists()
+
+
+def test_a_pairs_set_with_a_shard_of_another_shape_names_the_shard(tmp_path):
+    from selfflow.errors import ShardError
+    from selfflow.shards import ShardSet
+
+    shards = ShardSet.create_or_resume(tmp_path / "pairs", {"kind": "pairs", "num": 4, "shard_size": 2})
+    shards.write(0, {"noise": torch.zeros(2, 1, 8, 8), "samples": torch.zeros(2, 1, 8, 8)})
+    shards.write(1, {"noise": torch.zeros(2, 1, 4, 4), "samples": torch.zeros(2, 1, 4, 4)})
+    with pytest.raises(ShardError, match="shard_00001.safetensors: (noise|samples) has items of shape"):
+        ShardSet.open(tmp_path / "pairs").read_all()
+
+
+def test_eval_samples_one_image_or_a_truncated_npz_or_foreign_labels(tmp_path, capsys):
+    one = tmp_path / "one.npz"
+    np.savez(one, images=np.zeros((1, 8, 8), np.uint8))
+    good = tmp_path / "good.npz"
+    np.savez(good, images=np.zeros((6, 8, 8), np.uint8), labels=np.array([0, 1, 2, 3, 4, 99]))
+    truncated = tmp_path / "cut.npz"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    common = ["--data", "digits", "--metrics", "fd_dom", "--device", "cpu", "--cache-dir", str(tmp_path / "cache")]
+    for samples, needle in ((one, "at least 2"), (truncated, "cannot read as .npz"), (good, "label 99 is outside")):
+        assert main(["eval", "--samples", str(samples), *common, "--out", str(tmp_path / "e.json")]) == 2
+        one_line_error(capsys, str(samples), needle)
+    assert not (tmp_path / "e.json").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# 5. no silent wrong numbers
+# --------------------------------------------------------------------------------------------
+def test_nan_weights_are_refused_at_load(run, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    assert main(["export", "--ckpt", str(run), "--out", str(model)]) == 0
+    weights = load_file(str(model / "model.safetensors"))
+    key = sorted(weights)[0]
+    weights[key] = weights[key].clone().fill_(float("nan"))
+    save_file(weights, str(model / "model.safetensors"))
+    assert main(["sample", "--ckpt", str(model), "--n", "2", "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "s")]) == 2
+    one_line_error(capsys, "model.safetensors", key, "NaN")
+
+
+def test_a_probe_on_a_one_split_data_set_is_refused(tmp_path, capsys):
+    data = tmp_path / "digits.npz"
+    np.savez(data, images=np.zeros((20, 8, 8), np.uint8), labels=np.arange(20) % 10)
+    config = str(REPO / "configs" / "digits_stablerep.yaml")
+    run_dir = tmp_path / "enc"
+    assert main(["represent", "train", "--config", config, "--set", "train.steps=1", "--set", "train.batch_size=8",
+                 "--set", f"train.out_dir={run_dir}", "--set", "train.device=cpu", "--set", "train.progress=false",
+                 "--set", "train.tensorboard=false", "--set", "data.name=digits", "--set", "data.path=null"]) == 0
+    capsys.readouterr()
+    assert main(["represent", "probe", "--config", config, "--set", f"train.out_dir={run_dir}", "--data", "npz",
+                 "--data-path", str(data), "--device", "cpu", "--epochs", "1"]) == 2
+    one_line_error(capsys, str(data), "leaked accuracy")
+    assert not (run_dir / "probe.json").exists()
+
+
+def test_metrics_jsonl_is_cut_back_to_the_checkpoint_on_resume(tmp_path):
+    """A run killed after logging steps past its last checkpoint: the resumed run logs each step once."""
+    from support import logged_losses  # noqa: F401  (the same file format)
+
+    out = tmp_path / "run"
+    assert main(_train_args(out, steps=2)) == 0
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    ghost = [json.dumps({"step": 3, "loss": 9.0}), json.dumps({"step": 4, "loss": 9.0})]  # logged, then killed before a checkpoint
+    (out / "metrics.jsonl").write_text("\n".join(lines + ghost) + "\n")
+    assert main(_train_args(out, steps=4)) == 0
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 4
+    assert all(json.loads(line)["loss"] != 9.0 for line in (out / "metrics.jsonl").read_text().splitlines())
