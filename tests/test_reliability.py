@@ -349,7 +349,7 @@ def _sit_state() -> dict:
 def _malformed(case: str) -> dict:
     state = _sit_state()
     if case == "missing block weight":
-        del state["blocks.1.mlp.fc2.weight"]
+        del state["blocks.0.mlp.fc1.weight"]
     elif case == "int key":
         state[7] = torch.zeros(2)
     elif case == "1-D embedding":
@@ -357,7 +357,7 @@ def _malformed(case: str) -> dict:
     elif case == "width 0":
         state["x_embedder.proj.weight"] = torch.zeros(0, 1, 2, 2)
     elif case == "wrong pos_embed":
-        state["pos_embed"] = torch.zeros(1, 15, 64)
+        state["pos_embed"] = torch.zeros(1, 16, 63)
     elif case == "odd block name":
         state["blocks.one.attn.qkv.weight"] = torch.zeros(2)
     elif case == "NaN weight":
@@ -368,7 +368,7 @@ def _malformed(case: str) -> dict:
     return state
 
 
-MALFORMED = {"missing block weight": "blocks.1.mlp.fc2.weight", "int key": "not text", "1-D embedding": "y_embedder.embedding_table.weight",
+MALFORMED = {"missing block weight": "blocks.0.mlp.fc1.weight", "int key": "not text", "1-D embedding": "y_embedder.embedding_table.weight",
              "width 0": "width 0", "wrong pos_embed": "pos_embed", "odd block name": "blocks.one.attn.qkv.weight",
              "NaN weight": "blocks.0.attn.proj.weight", "zero-stride 65536 width": "storage of 4 bytes"}
 
@@ -494,3 +494,61 @@ def test_metrics_jsonl_is_cut_back_to_the_checkpoint_on_resume(tmp_path):
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 4
     assert all(json.loads(line)["loss"] != 9.0 for line in (out / "metrics.jsonl").read_text().splitlines())
+
+
+# --------------------------------------------------------------------------------------------
+# 6. kill -9 across the pipeline (train and generate-set trials: tests/test_faults.py)
+# --------------------------------------------------------------------------------------------
+PIPELINE_TRIALS = 4
+
+
+def _pipeline_results(folder: Path) -> dict:
+    """Bytes of every set shard and of each run's newest checkpoint weights, by path in the folder."""
+    found = {}
+    for path in sorted(folder.rglob("*.safetensors")):
+        relative = path.relative_to(folder)
+        if path.name.startswith("shard_"):
+            found[str(relative)] = path.read_bytes()
+        elif path.parent.parent.name == "checkpoints" and path.name in ("model.safetensors", "ema.safetensors"):
+            newest = sorted(p.name for p in path.parent.parent.iterdir() if p.name.startswith("step_"))[-1]
+            if path.parent.name == newest:
+                found[str(relative)] = path.read_bytes()
+    return found
+
+
+@pytest.mark.slow
+def test_kill_minus_9_across_the_pipeline_resumes_bit_identically(tmp_path, trial_report):
+    """`selfflow quickstart --tiny` killed at random moments, run again until it finishes: every
+    shard and every stage's final weights equal one uninterrupted run's, byte for byte."""
+    import random
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+    def command(out: Path) -> list[str]:
+        return [sys.executable, "-m", "selfflow", "quickstart", "--tiny", "--device", "cpu", "--out", str(out)]
+
+    start = time.perf_counter()
+    subprocess.run(command(tmp_path / "reference"), env=env, check=True, capture_output=True)
+    duration = time.perf_counter() - start
+    reference = _pipeline_results(tmp_path / "reference")
+    assert any(name.startswith("synth") or "shard_" in name for name in reference) and len(reference) >= 4
+    rng, lines, failures = random.Random(24), [], 0
+    for trial in range(PIPELINE_TRIALS):
+        out = tmp_path / f"trial{trial}"
+        delay = rng.uniform(0.2, 0.9) * duration
+        proc = subprocess.Popen(command(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            proc.wait(timeout=delay)
+            killed = False
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            killed = True
+        again = subprocess.run(command(out), env=env, capture_output=True, text=True)
+        same = again.returncode == 0 and _pipeline_results(out) == reference
+        failures += not same
+        lines.append(f"  pipeline trial {trial + 1}: SIGKILL after {delay:.1f} s{'' if killed else ' (finished first)'}; "
+                     f"resumed: {'bit-identical' if same else 'DIFFERENT: ' + again.stderr[-300:]}")
+    trial_report.append(f"pipeline: {PIPELINE_TRIALS} trials (kill -9 at a random moment), failures: {failures}")
+    trial_report.extend(lines)
+    assert failures == 0, "\n".join(lines)
