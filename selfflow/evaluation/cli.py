@@ -39,7 +39,8 @@ def add_eval_parser(sub):
     p.add_argument("--split", default="train", help="reference split (train | test | all)")
     p.add_argument("--num-reference", type=int, default=None, help="first K reference images (default: all)")
     p.add_argument("--feature-net", default=None, help="FD_dom classifier folder (default: trained once and cached)")
-    p.add_argument("--inception", default=None, help="Inception FID weights (TorchScript .pt)")
+    p.add_argument("--inception", default=None, help="Inception FID weights: the TorchScript .pt archive, read as "
+                                                     "weights only (its code never runs)")
     p.add_argument("--seed", type=int, default=0,
                    help="image k uses seed (seed + k); train-feature-net: the training seed")
     p.add_argument("--device", default="auto")
