@@ -30,15 +30,17 @@ def _listing(folder: Path) -> dict:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def _train_args(out: Path, steps: int = 2) -> list[str]:
+    return ["train", "--set", "model.depth=2", "--set", "model.hidden_size=64", "--set", f"train.steps={steps}",
+            "--set", "train.batch_size=16", "--set", f"train.out_dir={out}", "--set", "train.progress=false",
+            "--set", "train.tensorboard=false", "--set", "train.num_sample_images=0", "--set", "train.device=cpu"]
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A 2-step tiny run (its checkpoint, config.yaml, metrics.jsonl)."""
     out = tmp_path_factory.mktemp("rel") / "run"
-    args = ["train", "--set", "model.depth=2", "--set", "model.hidden_size=64", "--set", "train.steps=2",
-            "--set", "train.batch_size=16", "--set", f"train.out_dir={out}", "--set", "train.progress=false",
-            "--set", "train.tensorboard=false", "--set", "train.num_sample_images=0", "--set", "sample.steps=2",
-            "--set", "train.device=cpu", "--set", "train.log_every=1"]
-    assert main(args) == 0
+    assert main(_train_args(out) + ["--set", "sample.steps=2", "--set", "train.log_every=1"]) == 0
     return out
 
 
@@ -172,12 +174,6 @@ def _hold_lock(folder: Path) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-c", HOLDER.format(repo=str(REPO)), str(folder)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "locked"
     return proc
-
-
-def _train_args(out: Path, steps: int = 2) -> list[str]:
-    return ["train", "--set", "model.depth=2", "--set", "model.hidden_size=64", "--set", f"train.steps={steps}",
-            "--set", "train.batch_size=16", "--set", f"train.out_dir={out}", "--set", "train.progress=false",
-            "--set", "train.tensorboard=false", "--set", "train.num_sample_images=0", "--set", "train.device=cpu"]
 
 
 @pytest.mark.parametrize("command", ["train", "generate-set", "pipeline"])
@@ -532,10 +528,10 @@ def test_kill_minus_9_across_the_pipeline_resumes_bit_identically(tmp_path, tria
     duration = time.perf_counter() - start
     reference = _pipeline_results(tmp_path / "reference")
     assert any(name.startswith("synth") or "shard_" in name for name in reference) and len(reference) >= 4
-    rng, lines, failures = random.Random(24), [], 0
+    rng, lines, failures, kills = random.Random(24), [], 0, 0
     for trial in range(PIPELINE_TRIALS):
         out = tmp_path / f"trial{trial}"
-        delay = rng.uniform(0.2, 0.9) * duration
+        delay = rng.uniform(0.1, 0.6) * duration  # a loaded machine runs slower, rarely faster, than the reference
         proc = subprocess.Popen(command(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             proc.wait(timeout=delay)
@@ -544,11 +540,13 @@ def test_kill_minus_9_across_the_pipeline_resumes_bit_identically(tmp_path, tria
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             killed = True
+            kills += 1
         again = subprocess.run(command(out), env=env, capture_output=True, text=True)
         same = again.returncode == 0 and _pipeline_results(out) == reference
         failures += not same
         lines.append(f"  pipeline trial {trial + 1}: SIGKILL after {delay:.1f} s{'' if killed else ' (finished first)'}; "
                      f"resumed: {'bit-identical' if same else 'DIFFERENT: ' + again.stderr[-300:]}")
-    trial_report.append(f"pipeline: {PIPELINE_TRIALS} trials (kill -9 at a random moment), failures: {failures}")
+    trial_report.append(f"pipeline: {PIPELINE_TRIALS} trials ({kills} kill -9 at a random moment), failures: {failures}")
     trial_report.extend(lines)
     assert failures == 0, "\n".join(lines)
+    assert kills >= PIPELINE_TRIALS // 2, "\n".join(lines)
