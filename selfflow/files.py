@@ -233,12 +233,12 @@ def check_output_folder(folder: str | Path, purpose: str, *, force: bool = False
     unless it is absent, empty, or its marker names ``purpose`` (or one of ``also``); a folder
     without a marker that holds one of the ``recognise`` entries (written before markers existed)
     counts as own. ``force``: write anyway (the command replaces only its own files). A folder that
-    holds or is held by one of ``reads`` (paths the command reads) is always refused. Writes nothing;
+    is or holds one of ``reads`` (paths the command reads) is always refused. Writes nothing;
     returns whether the folder was absent or empty (the command then owns all of it)."""
     folder = Path(folder)
     resolved = folder.resolve()
-    for read in reads:
-        if read and (_within(Path(read).resolve(), resolved) or _within(resolved, Path(read).resolve())):
+    for read in reads:  # what is read lies in the folder written (a subfolder written inside a read one is fine)
+        if read and _within(Path(read).resolve(), resolved):
             raise ConfigError(f"{flag} {folder}: the command reads {read} and would write into it; choose another {flag}")
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"{flag} {folder}: a file is in the way (a folder is written there)")

@@ -126,7 +126,8 @@ def test_reading_and_writing_one_folder_is_refused(run, tmp_path, capsys):
     one_line_error(capsys, "reads", str(checkpoint))
     assert _listing(run) == before
     with pytest.raises(Exception, match="reads"):
-        check_output_folder(run / "checkpoints" / "inner", "model", reads=(run,))
+        check_output_folder(run, "run", reads=(run / "checkpoints",))
+    assert check_output_folder(tmp_path / "x" / "inner", "model", reads=(tmp_path / "x",))  # a new folder inside a read one
 
 
 def test_output_rule_recognises_its_own_folders(tmp_path):
