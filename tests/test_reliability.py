@@ -53,14 +53,14 @@ def _commands(run: Path, tmp: Path) -> dict:
     return {
         "sample": ["sample", "--ckpt", ckpt, "--n", "2", "--steps", "2", "--device", "cpu", "--out"],
         "export": ["export", "--ckpt", ckpt, "--out"],
-        "import": ["import", str(tmp / "x.pt"), "--from", "sit", "--out"],
+        "import": ["import", "--ckpt", str(tmp / "x.pt"), "--from", "sit", "--out"],
         "generate-set": ["generate-set", "--ckpt", ckpt, "--n", "4", "--steps", "2", "--device", "cpu", "--out"],
         "encode-latents": ["encode-latents", "--data", "digits", "--autoencoder", str(tmp / "ae"), "--out"],
-        "synth": ["synth", "--generator", ckpt, "--captions", "classes", "--per-caption", "2", "--n", "4", "--out"],
+        "synth": ["synth", "--ckpt", ckpt, "--captions", "classes", "--per-caption", "2", "--n", "4", "--out"],
         "data fetch": ["data", "fetch", "mnist", "--base-url", "file:///nonexistent", "--to"],
         "eval train-feature-net": ["eval", "train-feature-net", "--data", "digits", "--out"],
-        "modality sample": ["modality", "sample", "--checkpoint", ckpt, "--out"],
-        "modality eval --work": ["modality", "eval", "--checkpoint", ckpt, "--work"],
+        "modality sample": ["modality", "sample", "--ckpt", ckpt, "--out"],
+        "modality eval --work": ["modality", "eval", "--ckpt", ckpt, "--work"],
         "represent probe": ["represent", "probe", "--config", str(REPO / "configs" / "digits_stablerep.yaml"), "--out"],
         "quickstart": ["quickstart", "--tiny", "--device", "cpu", "--out"],
         "pipeline": ["pipeline", "--config", str(REPO / "configs" / "digits_pipeline.yaml"), "--set"],
@@ -83,7 +83,7 @@ def test_every_output_folder_with_a_user_file_is_refused_and_kept(command, run, 
 def test_a_report_file_that_is_not_ours_is_refused(command, run, tmp_path, capsys):
     report = tmp_path / "thesis.json"
     report.write_text('{"chapter": 1}')
-    args = (["eval", "--ckpt", str(run), "--n", "2"] if command == "eval" else ["modality", "eval", "--checkpoint", str(run)])
+    args = (["eval", "--ckpt", str(run), "--n", "2"] if command == "eval" else ["modality", "eval", "--ckpt", str(run)])
     assert main(args + ["--out", str(report)]) == 2
     one_line_error(capsys, str(report), "--force")
     assert report.read_text() == '{"chapter": 1}'
@@ -95,7 +95,7 @@ def test_export_and_import_write_their_files_and_keep_the_users(run, tmp_path, c
     run_before = _listing(run)
     # import/export into a run folder: refused (it holds checkpoints/, config.yaml, metrics.jsonl)
     (tmp_path / "x.safetensors").write_bytes(b"")
-    for args in (["export", "--ckpt", str(run), "--out", str(run)], ["import", str(tmp_path / "x.safetensors"), "--from", "sit", "--out", str(run)]):
+    for args in (["export", "--ckpt", str(run), "--out", str(run)], ["import", "--ckpt", str(tmp_path / "x.safetensors"), "--from", "sit", "--out", str(run)]):
         assert main(args) == 2
         one_line_error(capsys, str(run))
     assert _listing(run) == run_before
@@ -113,7 +113,7 @@ def test_export_and_import_write_their_files_and_keep_the_users(run, tmp_path, c
     assert main(["export", "--ckpt", str(run), "--out", str(foreign), "--force"]) == 0
     left = _listing(foreign)
     assert left["NOTES.txt"] == NOTES.encode() and left["sub/data.bin"] == b"\x00\x01"
-    assert set(left) == {"NOTES.txt", "sub/data.bin", "config.json", "model.safetensors", OUTPUT_MARKER}
+    assert set(left) == {"NOTES.txt", "sub/data.bin", "config.json", "model.safetensors", "README.md", OUTPUT_MARKER}
     capsys.readouterr()
 
 
@@ -378,7 +378,7 @@ def test_malformed_state_dicts_are_one_line_errors_naming_the_key(case, tmp_path
     torch.save({"ema": _malformed(case)}, path)
     assert case != "zero-stride 65536 width" or path.stat().st_size < 20_000
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    assert main(["import", str(path), "--from", "sit", "--out", str(tmp_path / "m")]) == 2
+    assert main(["import", "--ckpt", str(path), "--from", "sit", "--out", str(tmp_path / "m")]) == 2
     one_line_error(capsys, str(path), MALFORMED[case])
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500_000  # kB: nothing the size of the declared network
     assert not (tmp_path / "m").exists()
@@ -397,7 +397,7 @@ def test_deeply_nested_args_are_a_one_line_error(tmp_path, capsys):
                 nested = b"X\x04\x00\x00\x00args" + b"]" * depth + b"a" * (depth - 1)  # EMPTY_LIST ×N, APPEND ×(N−1)
                 raw = raw[:-1] + nested + b"s."  # SETITEM args, STOP
             archive.writestr(info, raw)
-    code = main(["import", str(path), "--from", "sit", "--out", str(tmp_path / "m")])
+    code = main(["import", "--ckpt", str(path), "--from", "sit", "--out", str(tmp_path / "m")])
     one_line_error(capsys, str(path), "nested too deeply")
     assert code == 2 and not (tmp_path / "m").exists()
 
@@ -415,7 +415,7 @@ def test_a_full_disk_during_export_and_import_names_the_file_and_the_free_space(
     monkeypatch.setattr(files, "save_file", full)
     torch.save({"ema": _sit_state()}, tmp_path / "s.pt")
     for args in (["export", "--ckpt", str(run), "--out", str(tmp_path / "e")],
-                 ["import", str(tmp_path / "s.pt"), "--from", "sit", "--out", str(tmp_path / "i")]):
+                 ["import", "--ckpt", str(tmp_path / "s.pt"), "--from", "sit", "--out", str(tmp_path / "i")]):
         assert main(args) == 2
         line = one_line_error(capsys, "model.safetensors", "MB free on its disk", "No space left on device")
         assert "untouched" in line

@@ -151,11 +151,11 @@ class InceptionNetwork(nn.Module):
             raise FileNotFoundError(f"Inception weight file {str(self.path)!r} does not exist.\n{HOW_TO_GET_INCEPTION}")
         self.sha256 = sha256_file(self.path)
         self.weights_name = KNOWN_INCEPTION_WEIGHTS.get(self.sha256)
+        # Weights only: the archive's TorchScript code is never read or run (inception_net's docstring).
+        self.stages = load_fid_inception(self.path).to(device)
         if self.weights_name is None:  # weights only, so no risk; but figures differ from the published ones
             logger.warning("Inception weight file %s has an unknown sha256 %s; figures are comparable "
                            "only with figures from this same file", self.path, self.sha256)
-        # Weights only: the archive's TorchScript code is never read or run (inception_net's docstring).
-        self.stages = load_fid_inception(self.path).to(device)
         self.float().eval().requires_grad_(False)
 
     @property
