@@ -477,10 +477,11 @@ def _one_line(message: str) -> str:
 # The output-folder rule (selfflow.files.check_output_folder), per command: the flag naming the folder,
 # the purpose its marker records, the flags naming what the command reads (never written into), and
 # entries that mark a folder the command wrote before markers existed. Checked before any work.
+MODEL_FILES = ("model.safetensors", "model_index.json")  # a model folder (ours, or diffusers'), ready for the Hub: no marker
 OUTPUT_RULES = {
     "sample": ("out", "sample", ("ckpt",), ("samples.json",)),
-    "export": ("out", "model", ("ckpt",), ()),
-    "import": ("out", "model", ("file", "ckpt"), ()),
+    "export": ("out", "model", ("ckpt",), MODEL_FILES),
+    "import": ("out", "model", ("file", "ckpt"), MODEL_FILES),
     "generate-set": ("out", "set", ("ckpt",), ("set.json",)),
     "encode-latents": ("out", "latents", ("data_path", "autoencoder"), ("set.json",)),
     "synth": ("out", "set", ("ckpt",), ("set.json",)),
@@ -532,7 +533,9 @@ def _check_output_folder(args) -> tuple[str, str, bool] | None:
         return None
     fresh = check_output_folder(value, purpose, force=force, reads=tuple(getattr(args, r, None) for r in reads),
                                 recognise=recognise, also=("run",) if path == "represent probe" else (), flag=f"--{flag}")
-    return None if path == "data fetch" else (value, purpose, fresh)  # a data folder is known by its files' names
+    if path in ("data fetch", "export", "import"):  # known by their files' names; nothing extra in a data or model folder
+        return None
+    return value, purpose, fresh
 
 
 def _mark_output_folder(claim, succeeded: bool) -> None:

@@ -79,7 +79,7 @@ def test_sample_rejects_bad_labels(trained_run, tmp_path, capsys):
 
 def test_export_leaves_out_training_state(trained_run, tmp_path):
     assert main(["export", "--ckpt", str(trained_run), "--out", str(tmp_path / "gen")]) == 0
-    assert sorted(p.name for p in (tmp_path / "gen").iterdir()) == [".selfflow-output.json", "README.md", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "gen").iterdir()) == ["README.md", "config.json", "model.safetensors"]
     assert main(["sample", "--ckpt", str(tmp_path / "gen"), "--n", "2", "--out", str(tmp_path / "s"), "--steps", "2", "--device", "cpu"]) == 0
 
 

@@ -90,7 +90,7 @@ def test_a_report_file_that_is_not_ours_is_refused(command, run, tmp_path, capsy
 
 
 def test_export_and_import_write_their_files_and_keep_the_users(run, tmp_path, capsys):
-    from selfflow.files import OUTPUT_MARKER, output_purpose
+    from selfflow.files import output_purpose
 
     run_before = _listing(run)
     # import/export into a run folder: refused (it holds checkpoints/, config.yaml, metrics.jsonl)
@@ -104,7 +104,7 @@ def test_export_and_import_write_their_files_and_keep_the_users(run, tmp_path, c
     assert main(["export", "--ckpt", str(run), "--out", str(model)]) == 0
     (model / "NOTES.txt").write_text(NOTES)
     assert main(["export", "--ckpt", str(run), "--weights", "model", "--out", str(model)]) == 0
-    assert (model / "NOTES.txt").read_text() == NOTES and output_purpose(model) == "model"
+    assert (model / "NOTES.txt").read_text() == NOTES and output_purpose(model) is None  # known by model.safetensors
     # --force into a foreign folder: the command's files appear, nothing else is touched
     foreign = tmp_path / "foreign"
     (foreign / "sub").mkdir(parents=True)
@@ -113,7 +113,7 @@ def test_export_and_import_write_their_files_and_keep_the_users(run, tmp_path, c
     assert main(["export", "--ckpt", str(run), "--out", str(foreign), "--force"]) == 0
     left = _listing(foreign)
     assert left["NOTES.txt"] == NOTES.encode() and left["sub/data.bin"] == b"\x00\x01"
-    assert set(left) == {"NOTES.txt", "sub/data.bin", "config.json", "model.safetensors", "README.md", OUTPUT_MARKER}
+    assert set(left) == {"NOTES.txt", "sub/data.bin", "config.json", "model.safetensors", "README.md"}
     capsys.readouterr()
 
 
