@@ -59,3 +59,130 @@ def test_bad_time_rows_shape_names_both_shapes():
     model = perturbed_dit()
     with pytest.raises(ValueError, match=r"\(4, 16\)"):
         model(torch.randn(4, 1, 8, 8), TimeRows(torch.rand(4, 2), torch.zeros(4, 15, dtype=torch.long)))
+
+
+# --------------------------------------------------------------------------------------------
+# the step under torch.compile: one graph, no recompiles
+# --------------------------------------------------------------------------------------------
+class TinyEncoder(torch.nn.Module):
+    """A frozen conv 'encoder' (B, 1, 8, 8) → (B, 8, 4, 4) for REPA."""
+
+    feature_dim = 8
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv = torch.nn.Conv2d(1, 8, 3, stride=2, padding=1)
+
+    def forward(self, images):
+        return self.conv(images)
+
+
+def build_method(name: str, model):
+    from selfflow.methods.flow_matching import FlowMatching, FlowMatchingConfig
+    from selfflow.methods.repa import Repa, RepaConfig
+    from selfflow.methods.self_flow import SelfFlow, SelfFlowConfig
+
+    if name == "flow_matching":
+        return FlowMatching(FlowMatchingConfig(), model)
+    if name == "repa":
+        return Repa(RepaConfig(student_layer=1), model, encoder=TinyEncoder())
+    config = {"self_flow": SelfFlowConfig(mask_ratio=0.25), "dual_timestep_only": SelfFlowConfig(mask_ratio=0.25, rep_weight=0.0),
+              "single_timestep": SelfFlowConfig(mask_ratio=0.0), "bernoulli": SelfFlowConfig(mask_ratio=0.3, mask_mode="bernoulli")}[name]
+    method = SelfFlow(config, model)
+    method.bind_teacher(perturbed_dit(depth=model.depth, scale=0.04).requires_grad_(False))
+    return method
+
+
+def make_batch(step: int, size: int = 4):
+    from selfflow.methods import Batch, BatchRandom
+
+    g = torch.Generator().manual_seed(100 + step)
+    x0 = torch.rand(size, 1, 8, 8, generator=g) * 2 - 1
+    return Batch(x0=x0, y=torch.randint(0, 10, (size,), generator=g), random=BatchRandom(g, size, slice(0, size)), step=step)
+
+
+SLOW = pytest.mark.slow
+METHODS = ["flow_matching", "self_flow", "repa", "single_timestep", pytest.param("dual_timestep_only", marks=SLOW),
+           pytest.param("bernoulli", marks=SLOW)]
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_the_step_after_its_draws_is_one_graph(name):
+    """torch._dynamo.explain counts graph breaks of the whole loss computation: the student's forward,
+    the teacher's (stop_after) or the encoder's, and the losses."""
+    model = perturbed_dit(depth=2).train()
+    method = build_method(name, model)
+    assert method.splits_step
+    batch = make_batch(0)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(method.compute)(model, batch.x0, method.draw(model, batch))
+    assert explanation.graph_break_count == 0, [str(b.reason) for b in explanation.break_reasons]
+    assert explanation.graph_count == 1
+
+
+@pytest.mark.parametrize("name", ["self_flow", pytest.param("flow_matching", marks=SLOW), pytest.param("repa", marks=SLOW)])
+def test_compiled_step_equals_eager_and_never_recompiles_across_masks(name):
+    """The split step compiled whole (fullgraph, autograd traced ahead of time) gives the eager loss and
+    gradients, and after the first step new masks, times and labels reuse the same graph."""
+    from selfflow.methods.base import Objective
+
+    torch._dynamo.reset()
+    model = perturbed_dit(depth=2).train()
+    method = build_method(name, model)
+    compiled = Objective(model, method, torch.compile(method.compute, fullgraph=True, backend="aot_eager"))
+    eager = Objective(model, method)
+
+    def step(number: int) -> None:
+        results = []
+        for objective in (compiled, eager):
+            model.zero_grad(set_to_none=True)
+            loss, _ = objective(make_batch(number))
+            loss.backward()
+            results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+        for n in results[0][1]:
+            torch.testing.assert_close(results[0][1][n], results[1][1][n], rtol=1e-4, atol=1e-6, msg=n)
+
+    step(0)  # warm-up: the one compile
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for number in range(1, 4):
+            step(number)
+
+
+def test_the_distinct_times_path_breaks_the_graph():
+    """What the static path removes (and what the break count above would see): (B, N) times go
+    through distinct_times, whose shapes depend on the data."""
+    model = perturbed_dit(depth=2)
+    rows = dual_times(4, model.num_tokens)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(torch.randn(4, 1, 8, 8), rows.per_token(), torch.tensor([0, 1, 2, 3]))
+    assert explanation.graph_break_count > 0
+
+
+@SLOW
+def test_trainer_with_compile_on_trains_the_eager_numbers(tiny_config, tmp_path, monkeypatch):
+    """train.compile=true: the trainer compiles Self-Flow's compute whole (fullgraph) and its steps give
+    the eager run's losses. (Inductor's C++ build takes minutes on a shared CPU: the same graph goes
+    through torch.compile with the aot_eager backend here; the Inductor run is benchmarks/compile.py.)"""
+    from selfflow.trainer import Trainer
+
+    calls = []
+    real_compile = torch.compile
+
+    def compile_aot_eager(fn, **kwargs):
+        calls.append(kwargs)
+        return real_compile(fn, backend="aot_eager", fullgraph=kwargs.get("fullgraph", False))
+
+    losses = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        monkeypatch.setattr(torch, "compile", compile_aot_eager)
+        method = {"name": "self_flow", "mask_ratio": 0.25, "rep_weight": 0.5}
+        trainer = Trainer(tiny_config(tmp_path / str(compiled), method=method, train={"compile": compiled, "steps": 3}))
+        try:
+            losses[compiled] = [trainer.train_step()["loss"] for _ in range(3)]
+        finally:
+            trainer.close()
+    assert calls == [{"fullgraph": True, "mode": None}]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
