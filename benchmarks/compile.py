@@ -23,7 +23,6 @@ new times, masks and labels.
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import statistics
 import sys
@@ -33,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from harness import machine, resolve_data_path
+from harness import machine, resolve_data_path, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("flow_matching", "self_flow")
@@ -185,11 +184,7 @@ def main(argv=None) -> int:
         "break_reasons": {m: explained[m]["break_reasons"] for m in methods},
         "rows": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(args.out, report, markdown(report))
     return 0
 
 
