@@ -186,3 +186,22 @@ def test_trainer_with_compile_on_trains_the_eager_numbers(tiny_config, tmp_path,
             trainer.close()
     assert calls == [{"fullgraph": True, "mode": None}]
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
+def test_self_flow_on_a_two_part_layout_is_one_graph():
+    """Audio-video tokens, each part masked with its own ratio: still K = 2 rows per sample, one graph."""
+    import copy
+
+    from selfflow.config import SelfFlowConfig
+    from selfflow.methods import Batch, BatchRandom
+    from selfflow.methods.self_flow import SelfFlow
+    from test_modalities import token_model
+
+    model = token_model("audio_video").train()
+    method = SelfFlow(SelfFlowConfig(video_mask_ratio=0.25, audio_mask_ratio=0.5), model)
+    method.bind_teacher(copy.deepcopy(model).eval().requires_grad_(False))
+    x0 = torch.randn(4, *model.sample_shape)
+    batch = Batch(x0=x0, y=torch.zeros(4, dtype=torch.long), random=BatchRandom(torch.Generator().manual_seed(0), 4, slice(0, 4)))
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(method.compute)(model, x0, method.draw(model, batch))
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
