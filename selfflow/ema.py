@@ -38,7 +38,8 @@ class EMA:
             targets.append(ema_params[name])
             sources.append(param.detach().to(ema_params[name].dtype))
         if all(type(t) in (torch.Tensor, nn.Parameter) for t in targets + sources):
-            # one multi-tensor kernel instead of a launch per parameter (CPU, depth 8 width 256: 9.4 → 7.7 ms)
+            # multi-tensor kernels instead of one launch per parameter: what counts on a GPU; a wash on a CPU
+            # (docs/benchmarks/step_extras_cpu.md)
             torch._foreach_lerp_(targets, sources, 1 - d)
         else:  # tensor subclasses (FSDP's DTensors): one parameter at a time
             for target, source in zip(targets, sources):

@@ -190,7 +190,7 @@ class Trainer:
         self.params = [p for p in list(self.model.parameters()) + list(self.method.parameters()) if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             self.params, lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay,
-            fused=not self.sharded,  # one kernel for every parameter, on CPUs too (depth 8 width 256: 47 → 15 ms a step)
+            fused=not self.sharded,  # on CPUs too: 47 → 14 ms a step at width 256, depth 8 (docs/benchmarks/step_extras_cpu.md)
         )
         self.state = ckpt.TrainingState(model=self.model, ema_model=self.ema.model, method=self.method, optimizer=self.optimizer,
                                         generators={"train": self.generator}, data=self.stream)
