@@ -87,6 +87,14 @@ def build_method(name: str, model):
         return FlowMatching(FlowMatchingConfig(), model)
     if name == "repa":
         return Repa(RepaConfig(student_layer=1), model, encoder=TinyEncoder())
+    if name == "reflow":
+        from selfflow.methods.reflow import Reflow, ReflowConfig
+
+        return Reflow(ReflowConfig(), model)
+    if name == "distill":
+        from selfflow.methods.distill import Distill, DistillConfig
+
+        return Distill(DistillConfig(steps=2, loss="pseudo_huber"), model)
     config = {"self_flow": SelfFlowConfig(mask_ratio=0.25), "dual_timestep_only": SelfFlowConfig(mask_ratio=0.25, rep_weight=0.0),
               "single_timestep": SelfFlowConfig(mask_ratio=0.0), "bernoulli": SelfFlowConfig(mask_ratio=0.3, mask_mode="bernoulli")}[name]
     method = SelfFlow(config, model)
@@ -99,12 +107,13 @@ def make_batch(step: int, size: int = 4):
 
     g = torch.Generator().manual_seed(100 + step)
     x0 = torch.rand(size, 1, 8, 8, generator=g) * 2 - 1
-    return Batch(x0=x0, y=torch.randint(0, 10, (size,), generator=g), random=BatchRandom(g, size, slice(0, size)), step=step)
+    noise = torch.randn(size, 1, 8, 8, generator=g)  # a reflow pair's stored ε (the other methods draw their own)
+    return Batch(x0=x0, y=torch.randint(0, 10, (size,), generator=g), random=BatchRandom(g, size, slice(0, size)), noise=noise, step=step)
 
 
 SLOW = pytest.mark.slow
-METHODS = ["flow_matching", "self_flow", "repa", "single_timestep", pytest.param("dual_timestep_only", marks=SLOW),
-           pytest.param("bernoulli", marks=SLOW)]
+METHODS = ["flow_matching", "self_flow", "repa", "single_timestep", "distill", pytest.param("reflow", marks=SLOW),
+           pytest.param("dual_timestep_only", marks=SLOW), pytest.param("bernoulli", marks=SLOW)]
 
 
 @pytest.mark.parametrize("name", METHODS)
