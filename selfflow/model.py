@@ -246,7 +246,9 @@ class DiT(nn.Module):
         w = self.patch_embed.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.patch_embed.bias)
-        nn.init.normal_(self.label_embed.weight, std=0.02)
+        label_embed = getattr(self, "label_embed", None)  # a caption-conditioned DiT has none (selfflow.text.model)
+        if label_embed is not None:
+            nn.init.normal_(label_embed.weight, std=0.02)
 
     # ---- tokens <-> samples: one implementation, the layout's (selfflow.modalities.tokens) ------
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
