@@ -130,10 +130,10 @@ def main() -> None:
                 row = measure(size, args.batch, args.image_size, args.channels, device, compiled, args.steps, method, args.compile_backend)
                 if peak:
                     row["mfu"] = round(row["tflops_per_s"] / peak, 4)
-                fm = [r for r in rows if (r["size"], r["compile"], r["method"]) == (size, compiled, "flow_matching")]
+                fm = [r for r in rows if (r["size"], bool(r["compile"]), r["method"]) == (size, compiled, "flow_matching")]
                 if fm:
                     row["x_flow_matching"] = round(row["step_ms"] / fm[0]["step_ms"], 3)
-                eager = [r for r in rows if (r["size"], r["compile"], r["method"]) == (size, False, method)]
+                eager = [r for r in rows if (r["size"], bool(r["compile"]), r["method"]) == (size, False, method)]
                 if compiled and eager:
                     row["compiled_over_eager"] = round(row["step_ms"] / eager[0]["step_ms"], 3)
                 print(row, flush=True)
