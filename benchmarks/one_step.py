@@ -106,8 +106,8 @@ class Chain:
         return self.runs / name
 
     def done(self, name: str) -> bool:
-        if name == "teacher" and self.args.teacher_run:
-            return (self.folder(name) / "checkpoints").is_dir()
+        if name == "teacher" and self.args.teacher_run:  # a run folder or one of its checkpoints
+            return self.folder(name).is_dir()
         return (self.runs / name / "stage.json").is_file()
 
     # ---- common overrides -----------------------------------------------------------------
@@ -161,7 +161,7 @@ class Chain:
     def pairs(self, name: str, ckpt: Path, cfg: float = 1.0) -> dict:
         out = self.sets / name
         argv = ["generate-set", "--ckpt", str(ckpt), "--out", str(out), "--kind", "pairs", "--n", str(self.args.pairs),
-                "--sampler", "heun", "--steps", "32", "--cfg-scale", f"{cfg:g}", "--device", self.args.device,
+                "--sampler", "heun", "--steps", str(self.args.pairs_steps), "--cfg-scale", f"{cfg:g}", "--device", self.args.device,
                 "--batch-size", "1000", "--shard-size", str(min(self.args.pairs, 5000))]
         return self.stage(name, out, argv)
 
@@ -595,12 +595,14 @@ def markdown(report: dict) -> str:
              f"per command, timing {report['speed'].get('threads')} thread(s), shared with other jobs (ratios are within this run).",
              f"Chain (every command below, in {report['work']}): teacher Self-Flow "
              f"{'(' + a['teacher_run'] + ')' if a.get('teacher_run') else str(a['teacher_steps']) + ' steps'} → "
-             f"{a['pairs']} teacher pairs (Heun 32 steps, guidance {a.get('pairs_cfg', 1.0):g}) → reflow {a['reflow_steps']} steps → pairs of the reflowed "
+             f"{a['pairs']} teacher pairs (Heun {a.get('pairs_steps', 32)} steps, guidance {a.get('pairs_cfg', 1.0):g}) → reflow {a['reflow_steps']} steps → pairs of the reflowed "
              f"model → distillation {a['distill_steps']} steps (1, 2, 4 Euler steps); DMD {a['dmd_steps']} steps ("
              + (f"regression weight {a.get('regression_weight', 0.25):g} on {a['pairs']} pairs of the teacher at guidance "
                 f"{a.get('guidance', 1.5):g}; and without it" if a.get("regression_weight", 0.25) else "without its regression loss")
              + f") "
              f"and DMD2 {a['dmd2_steps']} steps (1 generator update in 5) from the teacher, real score at guidance {a.get('guidance', 1.5):g}; model {a['model']} ({report['model']}).",
+             *([f"Students trained in this run (`--only`): {', '.join(a['only'])}; the others in the chain above were not run.", ""]
+               if a.get("only") else []),
              f"Metric: **FD_dom** in the 128-d features of the project's FD_dom classifier (`{Path(e['fd_net']).name}`, test "
              f"accuracy {e['fd_net_test_accuracy']:.3f}, sha256 `{e['fd_net_sha256'][:16]}…`) of {e['num_samples']} generated images "
              f"(seeds {e['sample_seeds']}, labels {e['labels']}) against the {e['reference']}; class accuracy under the same "
@@ -813,6 +815,8 @@ def main(argv=None) -> int:
     parser.add_argument("--guidance", type=float, default=1.5, help="the real score's guidance of DMD/DMD2 (method.real_cfg), and of "
                         "DMD's regression pairs")
     parser.add_argument("--pairs-cfg", type=float, default=1.0, help="guidance of the teacher pairs reflow learns")
+    parser.add_argument("--pairs-steps", type=int, default=32, help="Heun steps of every pair set")
+    parser.add_argument("--no-heun", action="store_true", help="score the teacher with Euler only (saves CPU time)")
     parser.add_argument("--regression-weight", type=float, default=0.25, help="DMD's regression weight (the paper's λ_reg)")
     parser.add_argument("--reflow-rounds", type=int, choices=[1, 2], default=2)
     parser.add_argument("--speed-rounds", type=int, default=5)
@@ -842,7 +846,7 @@ def main(argv=None) -> int:
     specs = chain.student_specs()
     evaluator = Evaluator(chain)
     done = chain.done
-    settings = [("euler", k, 1.0) for k in TEACHER_EULER] + [("heun", k, 1.0) for k in TEACHER_HEUN]
+    settings = [("euler", k, 1.0) for k in TEACHER_EULER] + ([] if args.no_heun else [("heun", k, 1.0) for k in TEACHER_HEUN])
     for cfg in sorted({args.guidance, args.pairs_cfg} - {1.0}):  # the guided teachers the students learn, at their step counts
         settings += [("euler", k, cfg) for k in (50, 4, 2, 1)]
     evals = []
@@ -898,7 +902,7 @@ def main(argv=None) -> int:
         "settings": {k: getattr(args, k) for k in ("model", "teacher_steps", "teacher_lr", "pairs", "reflow_steps", "distill_steps",
                                                     "dmd_steps", "dmd2_steps", "num_samples", "fd_steps", "seeds", "loss_seeds",
                                                     "reflow_rounds", "threads", "speed_rounds", "teacher_run", "guidance",
-                                                    "pairs_cfg", "regression_weight")},
+                                                    "pairs_cfg", "pairs_steps", "regression_weight", "only")},
         "evaluation": evaluator.info, "speed": {k: v for k, v in speed.items() if k != "machine"}, "straightness": straight,
         "dmd_diagnostics": dmd, "stages": all_stages, "evals": evals, "rows": (rows := build_rows(chain, specs, evals, speed)),
         "teacher": teacher_summary(rows),
