@@ -164,6 +164,7 @@ class TrainConfig:
     init_from: Optional[str] = None  # start model and EMA from this checkpoint/run/exported folder's EMA weights (resume wins)
     num_sample_images: int = 64
     tensorboard: bool = True
+    loggers: tuple[str, ...] = ()  # more loggers beside metrics.jsonl and TensorBoard: wandb (pip install selfflow[wandb]; off by default)
     progress: bool = True
 
     def validate(self, where: str) -> None:
@@ -187,11 +188,14 @@ class TrainConfig:
                 raise ConfigError(f"{where}.{key} must be in [0, 1), got {getattr(self, key)}")
         check_choice(self.precision, PRECISIONS, f"{where}.precision")
         check_choice(self.distributed, DISTRIBUTED_MODES, f"{where}.distributed")
+        for name in self.loggers:
+            check_choice(name, LOGGERS, f"{where}.loggers")
         check_device(self.device, f"{where}.device")
         if not self.out_dir.strip():
             raise ConfigError(f"{where}.out_dir must name a folder, got {self.out_dir!r}")
 
 
+LOGGERS = ("wandb",)  # train.loggers: optional loggers beside metrics.jsonl (always) and TensorBoard (train.tensorboard)
 SAMPLER_NAMES = ("euler", "heun", "sde", "dopri5", "sit_sde")  # selfflow.sampling.SAMPLERS holds these
 NOISE_INJECTING_SAMPLERS = ("sde", "sit_sde")  # cannot make (noise, image) pairs: not a function of the noise
 TEXT_ENCODERS = ("minilm", "hashed")  # selfflow.text.encoders
@@ -886,8 +890,8 @@ def sample_settings(checkpoint: str | Path | None, *, sampler: Optional[str] = N
                     num_classes: Optional[int] = None) -> SampleConfig:
     """The sampling settings for a checkpoint: its run's ``sample`` section, then the given overrides.
 
-    ``checkpoint`` is a folder holding ``config.json``; an exported model folder (no run config) or
-    None starts from the defaults. Every value is validated, so a bad flag fails before any work;
+    ``checkpoint`` is a folder holding ``config.json`` (a training checkpoint's ``run.sample``, an
+    exported folder's ``sample``); a folder with neither, or None, starts from the defaults. Every value is validated, so a bad flag fails before any work;
     with ``num_classes=0`` (an unconditional model) a guidance scale other than 1 is refused.
     """
     base: dict = {}
@@ -895,10 +899,12 @@ def sample_settings(checkpoint: str | Path | None, *, sampler: Optional[str] = N
         file = Path(checkpoint) / "config.json"
         if file.is_file():
             try:
-                run = json.loads(file.read_text()).get("run") or {}
+                meta = json.loads(file.read_text())
+                run = meta.get("run") or {}
             except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
                 raise ConfigError(f"{file}: not a valid checkpoint config (JSON object expected)") from None
-            base = dict(run.get("sample") or {}) if isinstance(run, dict) else {}
+            # a training checkpoint: its run's sample section; an exported model folder: the one export kept
+            base = dict((run.get("sample") if isinstance(run, dict) else None) or meta.get("sample") or {})
     given = {"sampler": sampler, "steps": steps, "cfg_scale": cfg_scale, "batch_size": batch_size}
     base.update({k: v for k, v in given.items() if v is not None})
     flags = {k for k, v in given.items() if v is not None}

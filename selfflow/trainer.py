@@ -21,6 +21,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from selfflow import checkpoint as ckpt
+from selfflow.arguments import TqdmLogHandler
 from selfflow.config import ConfigError, RunConfig
 from selfflow.errors import DataError
 from selfflow.distributed import DistInfo, all_reduce_mean, any_rank, cleanup, init_distributed
@@ -47,7 +48,7 @@ def setup_logging(out_dir: Path | None, is_main: bool) -> None:
         log.removeHandler(handler)
         handler.close()
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
-    stream = logging.StreamHandler(sys.stdout)
+    stream = TqdmLogHandler(sys.stdout)  # through tqdm.write: a log line never breaks a progress bar
     stream.setFormatter(fmt)
     log.addHandler(stream)
     if out_dir is not None and is_main:
@@ -187,6 +188,7 @@ class Trainer:
         self._stop_signal: int | None = None
         self._tb = None
         self._tensorboard = t.tensorboard  # turned off here (never in the config) when tensorboard is missing
+        self._wandb = self._start_wandb() if "wandb" in t.loggers and self.dist.is_main else None
 
     # ---- checkpoints -----------------------------------------------------------------------
     @property
@@ -298,7 +300,20 @@ class Trainer:
                 for key, value in record.items():
                     if key != "step" and isinstance(value, (int, float)):
                         self._tb.add_scalar(f"train/{key}", value, record["step"])
+        if self._wandb is not None:
+            self._wandb.log({f"train/{k}": v for k, v in record.items() if k != "step" and isinstance(v, (int, float))},
+                            step=record["step"])
         log.info("step=%d %s", record["step"], " ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "step"))
+
+    def _start_wandb(self):
+        """A wandb run (``train.loggers: [wandb]``) named after the run folder, the resolved config attached;
+        project, entity and mode (online/offline) come from wandb's own WANDB_* variables."""
+        try:
+            import wandb
+        except ImportError:
+            raise ConfigError("train.loggers: wandb is not installed; pip install 'selfflow[wandb]' or leave it out") from None
+        return wandb.init(project="selfflow", name=self.out_dir.name, dir=str(self.out_dir),
+                          config=self.config.to_dict(), resume="allow")
 
     def write_samples(self) -> Path | None:
         if self.config.train.num_sample_images == 0 or not isinstance(self.model, DiT):  # an encoder draws nothing
@@ -377,6 +392,8 @@ class Trainer:
                 signal.signal(s, handler)
             if self._tb is not None:
                 self._tb.close()
+            if self._wandb is not None:
+                self._wandb.finish()
 
     def _loop(self) -> dict:
         t = self.config.train
