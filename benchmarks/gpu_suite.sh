@@ -98,6 +98,7 @@ EVAL_EVERY="${EVAL_EVERY:-250}"
 CONV_MINUTES="${CONV_MINUTES:-4}"
 TEXT_STEPS="${TEXT_STEPS:-800}"
 ONE_TEACHER_STEPS="${ONE_TEACHER_STEPS:-6000}"
+ONE_LIMIT=400 ONE_THREADS=4
 if [ "${SMOKE:-0}" = 1 ]; then
     DEV=cpu DOCS=outputs/gpu_suite_smoke WORK=outputs/gpu_suite_smoke_runs/convergence_mnist CONV_OUT=outputs/gpu_suite_smoke/convergence_mnist_smoke OUT="${OUT:-outputs/gpu_suite_smoke_out}"
     STEPS=4 EVAL_EVERY=2 CONV_MINUTES=2 FID_N=20 FID_STEPS=2 TP_LIMIT=150  # compiling on 2 shared cores takes 1-2 minutes
@@ -113,6 +114,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
     ONE=(--teacher-steps 4 --pairs 16 --reflow-steps 2 --distill-steps 2 --dmd-steps 2 --dmd2-steps 5 --num-samples 50 --fd-steps 20
          --speed-rounds 1 --student-set train.batch_size=8 --teacher-set train.batch_size=8)
     ONE_WORK=outputs/gpu_suite_smoke_runs/one_step_mnist ONE_OUT=outputs/gpu_suite_smoke/one_step_mnist_smoke
+    ONE_LIMIT=1200 ONE_THREADS=1  # ~10 commands of ~45 s start-up each on the loaded 2-core machine; run it with BUDGET=1500
 else
     DEV=cuda DOCS=docs/benchmarks WORK=runs/convergence_mnist_gpu CONV_OUT=docs/benchmarks/convergence_mnist_gpu OUT="${OUT:-outputs/gpu_suite}" FID_N=10000 FID_STEPS=16 TP_LIMIT=120
     CONV_EXTRA=(--num-samples 2000 --sample-steps 16)
@@ -170,7 +172,7 @@ suite() {
         step memory-max 120 "$PY" benchmarks/memory.py --device "$DEV" "${MEM_MAX[@]}" --options bf16 --method self_flow --find-max \
             --name "memory_${DEV}_largest_batch"
     elif [ "$part" = onestep ]; then
-        step one-step 400 "$PY" benchmarks/one_step.py --data mnist --data-path "$MNIST" --device "$DEV" --threads 4 --model cpu_teacher \
+        step one-step "$ONE_LIMIT" "$PY" benchmarks/one_step.py --data mnist --data-path "$MNIST" --device "$DEV" --threads "$ONE_THREADS" --model cpu_teacher \
             "${ONE[@]}" --seeds 0 --reflow-rounds 1 --only distill1_l2 dmd dmd_noreg dmd2 --work "$ONE_WORK" --out "$ONE_OUT"
         local r="$ONE_WORK/runs"
         for spec in teacher:50:1 teacher:50:1.5 distill1_l2_s0:1:1 dmd_s0:1:1 dmd_noreg_s0:1:1 dmd2_s0:1:1; do
