@@ -304,9 +304,8 @@ def _encoder(config: PipelineConfig, folder: Path, markers, device, say) -> dict
 def _probes(config: PipelineConfig, folder: Path, markers, device, say) -> dict:
     from selfflow.config import config_from_dict
     from selfflow.data import load_dataset
-    from selfflow.imageio import uint8_to_float
     from selfflow.represent.encoders import build_encoder
-    from selfflow.represent.probes import knn_probe, linear_probe, load_encoder, run_probes
+    from selfflow.represent.probes import load_encoder, raw_pixel_probes, run_probes
 
     p = config.probes
     encoder, _, run = load_encoder(config.encoder.train.out_dir, p.weights, device)
@@ -316,11 +315,7 @@ def _probes(config: PipelineConfig, folder: Path, markers, device, say) -> dict:
     torch.manual_seed(config.encoder.train.seed)
     untrained = build_encoder(config_from_dict(run, "encoder")).to(device).eval().requires_grad_(False)
     result["untrained_encoder"] = run_probes(untrained, train, test, p, device)
-    a = uint8_to_float(train.images).flatten(1)
-    b = uint8_to_float(test.images).flatten(1)
-    n = train.num_classes
-    result["raw_pixels"] = {"linear": linear_probe(a, train.labels, b, test.labels, n, epochs=p.epochs, lr=p.lr, weight_decay=p.weight_decay),
-                            "knn": knn_probe(a, train.labels, b, test.labels, n, k=p.knn_k, temperature=p.knn_temperature)}
+    result["raw_pixels"] = raw_pixel_probes(train, test, p)
     return result
 
 

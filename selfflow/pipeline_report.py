@@ -49,6 +49,15 @@ def _command() -> str:
     return f"run_pipeline() called from {Path(argv[0]).name or 'Python'}"
 
 
+def _selection(result: dict) -> str:
+    """How the linear probe's L2 strength was chosen, in words."""
+    chosen = result.get("linear_selection") or {}
+    if not chosen:
+        return "not recorded"
+    return (f"λ = {chosen['weight_decay']:g}, {chosen['iterations']} iterations"
+            f"{'' if chosen.get('converged') else ' (not converged)'}")
+
+
 def _pct(value) -> str:
     return "" if value is None else f"{100 * value:.1f} %"
 
@@ -186,7 +195,9 @@ def write_report(config: PipelineConfig, markers: dict[str, dict], ran: dict[str
     report.paragraph(
         f"Protocol: the frozen encoder's features (before the head, no augmentation) of the {probes['encoder']['train_images']} "
         f"real train and {probes['encoder']['test_images']} real test images of {p.data}; accuracy on the test images. Linear: "
-        f"logistic regression on standardised features, full-batch AdamW, {p.epochs} epochs, lr {p.lr:g}. k-NN: k = {p.knn_k}, "
+        f"logistic regression on standardised features, L-BFGS to convergence (at most {p.max_iter} iterations), its L2 "
+        f"strength chosen from {list(p.weight_decays)} on {p.holdout:.0%} of the train images held out (the test images "
+        f"take no part): {_selection(probes['encoder'])} for the encoder. k-NN: k = {p.knn_k}, "
         f"cosine, τ = {p.knn_temperature:g}. Few-shot: the linear probe on k labelled train images per class, {p.few_shot_trials} "
         f"random draws (seed {p.seed}), mean ± spread. One test image is {100 / probes['encoder']['test_images']:.2f} points.")
 

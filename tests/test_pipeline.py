@@ -239,7 +239,7 @@ def test_a_real_rerun_reuses_stages_and_reruns_a_changed_one(tiny_run, capsys):
     out, argv = tiny_run
     before = {s: (out / s / "stage.json").stat().st_mtime_ns for s in pipeline.STAGES}
     capsys.readouterr()
-    assert main(argv + ["--set", "probes.epochs=6"]) == 0
+    assert main(argv + ["--set", "probes.max_iter=30"]) == 0
     printed = capsys.readouterr().out
     assert printed.count("skipped") == 5 and "probes: running" in printed
     after = {s: (out / s / "stage.json").stat().st_mtime_ns for s in pipeline.STAGES}
