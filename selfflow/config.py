@@ -520,6 +520,13 @@ class SupConConfig(RepresentConfig):
     """Supervised contrastive learning: the multi-positive loss with *class labels* as identities (real labelled
     images, or a synth set's classes) — label-supervised, compared with supervised training, not with SimCLR."""
 
+    images_per_caption: int = 0  # on a synth set: k of its m images per row in each batch; 0: all m
+
+    def validate(self, where: str) -> None:
+        super().validate(where)
+        if self.images_per_caption < 0:
+            raise ConfigError(f"{where}.images_per_caption must be >= 0, got {self.images_per_caption}")
+
 
 @dataclass(frozen=True)
 class SimClrConfig(RepresentConfig):

@@ -49,6 +49,28 @@ def _command() -> str:
     return f"run_pipeline() called from {Path(argv[0]).name or 'Python'}"
 
 
+def positives_in_words(config, encoder: dict, real_train_images) -> str:
+    """What defined the encoder's positives, and what real data its generator saw, in words."""
+    sy, t = config.synth, config.teacher
+    m = sy.per_caption
+    k = getattr(config.encoder.method, "images_per_caption", 0) or m
+    measured = encoder.get("positives_per_anchor")
+    seen = f" (measured in the last logged batch: {measured:g} per anchor)" if measured is not None else ""
+    if config.encoder.method_name() == "supcon":
+        words = (f"Positives: every image of the anchor's class in the batch — supervised contrastive learning (supcon): the "
+                 f"class labels define the positives{seen}. Compare it with supervised training, not with SimCLR.")
+    else:
+        row = ("one class label, each image from its own noise seed (independent draws)" if sy.captions == "classes" else
+               "one shared initial noise, differing only by the SDE's noise (variations of one image)")
+        words = (f"Positives: the {k} images of one caption row in the batch ({m} drawn per row from {row}), so {k - 1} per "
+                 f"anchor{seen}; every other row is a negative, rows of the same class included. No label defines a positive.")
+    images = f"{real_train_images} " if real_train_images else ""
+    labels = "with their class labels as its condition" if t.data.class_conditional else "without labels"
+    return (f"{words} What the generator saw: the teacher was trained on the {images}real {t.data.name} train images "
+            f"{labels}; the synthetic set comes from it{' through the student' if sy.generator == 'student' else ''}. "
+            f"The encoder itself sees no real image and no label until the probes.")
+
+
 def _selection(result: dict) -> str:
     """How the linear probe's L2 strength was chosen, in words."""
     chosen = result.get("linear_selection") or {}
@@ -81,7 +103,8 @@ def write_report(config: PipelineConfig, markers: dict[str, dict], ran: dict[str
     report.paragraph(
         f"Real data ({t.data.name}) → {t.method_name()} teacher → "
         f"{'one-step student (' + st.kind + ')' if st.run is not None else 'no student (the teacher sampler)'} → "
-        f"synthetic set ({config.synth.num} images) → StableRep encoder → probes on the real {config.probes.data}. "
+        f"synthetic set ({config.synth.num} images) → {'SupCon' if config.encoder.method_name() == 'supcon' else 'StableRep'} "
+        f"encoder → probes on the real {config.probes.data}. "
         f"Written {time.strftime('%Y-%m-%d %H:%M:%S')}; this run took {seconds:.0f} s "
         f"({sum(ran.values())} of {len(STAGES)} stages ran, the rest were reused).")
     report.paragraph(f"Command: {_command()} · Machine: {info['cpu']}, "
@@ -177,6 +200,7 @@ def write_report(config: PipelineConfig, markers: dict[str, dict], ran: dict[str
         f"{e.model.patch_size}) trained with the multi-positive contrastive loss (τ = {en['temperature']:g}, embedding "
         f"{en['embed_dim']}) on the synthetic set: {en['steps']} of {en['steps_planned']} steps of {e.train.batch_size} captions × "
         f"{sy['per_caption']} images, lr {e.train.lr:g}, seed {e.train.seed}; status {en['status']}.")
+    report.paragraph(positives_in_words(config, en, r["evaluate"].get("train_images")))
     plot = _loss_plot(e.train.out_dir, "encoder training loss", figures / "loss_encoder.svg")
     if plot:
         report.image(f"figures/{plot.name}", "Encoder loss (multi-positive cross-entropy).")

@@ -54,6 +54,14 @@ class _Represent(Method):
         images = x[None].expand(copies, *x.shape).reshape(-1, *x.shape[2:])
         return augment(images, draws, self.config.augment_strength).reshape(copies, B, m, *x.shape[2:])
 
+    def pick(self, x: torch.Tensor, ids: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """k of each row's m images (``images_per_caption``), a random subset per row and batch."""
+        k, m = getattr(self.config, "images_per_caption", 0), x.shape[1]
+        if k == 0 or k >= m:
+            return x, ids
+        chosen = batch.random.rand(m).argsort(dim=1)[:, :k].to(x.device)  # (B, k)
+        return x[torch.arange(len(x), device=x.device)[:, None], chosen], ids.gather(1, chosen)
+
 
 def _groups(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, m, C, H, W) images and (B, m) ids: a synth set's groups, or labelled images as groups of one."""
@@ -118,14 +126,6 @@ class StableRep(_Represent):
         """exp(min(log(1/0.07) + offset, log 100)): StableRep+'s learned image–text logit scale."""
         return (LOGIT_SCALE_INIT + self.logit_offset).clamp(max=LOGIT_SCALE_MAX).exp()
 
-    def pick(self, x: torch.Tensor, ids: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """k of each row's m images (``images_per_caption``), a random subset per row and batch."""
-        k, m = self.config.images_per_caption, x.shape[1]
-        if k == 0 or k >= m:
-            return x, ids
-        chosen = batch.random.rand(m).argsort(dim=1)[:, :k].to(x.device)  # (B, k)
-        return x[torch.arange(len(x), device=x.device)[:, None], chosen], ids.gather(1, chosen)
-
     def loss(self, model, batch):
         if batch.x0.ndim != 5:
             raise ValueError("stablerep trains on a synth set's caption rows (B, m, C, H, W); labelled images: use supcon")
@@ -163,6 +163,7 @@ class SupCon(_Represent):
     def loss(self, model, batch):
         x, ids = _groups(batch)
         if batch.x0.ndim == 5:  # a synth set's group ids → the classes the groups were drawn for
+            x, ids = self.pick(x, ids, batch)
             ids = self.group_label.to(ids.device)[ids]
         loss, logs, _ = _contrast(self, model, x, ids, batch)
         return loss, logs
