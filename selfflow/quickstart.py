@@ -2,8 +2,9 @@
 
 The quickstart is the pipeline (:mod:`selfflow.pipeline`) on scikit-learn's bundled 8×8 digits (no
 download), sized for 2 CPU cores and under 4 minutes: a Self-Flow teacher, a one-step student
-distilled from the teacher's pairs, a synthetic set from the student, a StableRep encoder trained
-on it, and probes on the real digits — one HTML report (and ``report.md``) at the end. Every
+distilled from the teacher's pairs, a synthetic set from the student, a label-free StableRep encoder
+trained on it (positives: the 4 independent draws of one caption row; other rows, of the same class
+too, are negatives), and probes on the real digits — one HTML report (and ``report.md``) at the end. Every
 training stage has a time limit (``train.time_limit_minutes``), so a slow machine still finishes,
 and the report says what was cut. ``configs/digits_pipeline.yaml`` is the same pipeline as a file.
 """
