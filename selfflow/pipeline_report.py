@@ -60,10 +60,11 @@ def positives_in_words(config, encoder: dict, real_train_images) -> str:
         words = (f"Positives: every image of the anchor's class in the batch — supervised contrastive learning (supcon): the "
                  f"class labels define the positives{seen}. Compare it with supervised training, not with SimCLR.")
     else:
-        row = ("one class label, each image from its own noise seed (independent draws)" if sy.captions == "classes" else
-               "one shared initial noise, differing only by the SDE's noise (variations of one image)")
-        words = (f"Positives: the {k} images of one caption row in the batch ({m} drawn per row from {row}), so {k - 1} per "
-                 f"anchor{seen}; every other row is a negative, rows of the same class included. No label defines a positive.")
+        row = ("independent draws of one class label, each from its own noise seed" if sy.captions == "classes" else
+               "SDE variations of one shared initial noise (an augmentation of one image)")
+        drawn = f"{k} of them drawn per row and batch, " if k < m else ""
+        words = (f"Positives: the images of one caption row — a row's {m} images are {row}; {drawn}so {k - 1} positives per "
+                 f"anchor{seen}. Every other row is a negative, rows of the same class included: no label defines a positive.")
     images = f"{real_train_images} " if real_train_images else ""
     labels = "with their class labels as its condition" if t.data.class_conditional else "without labels"
     return (f"{words} What the generator saw: the teacher was trained on the {images}real {t.data.name} train images "
