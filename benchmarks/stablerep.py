@@ -239,6 +239,30 @@ def main() -> None:
             log(f"set {path} ready ({time.perf_counter() - t0:.0f} s)")
 
     probe = ProbeConfig(few_shot=(10,), few_shot_trials=3)
+    # references first, through the same probes (cached in --work): the raw pixels and an untrained encoder per seed
+    from selfflow.trainer import resolve_config
+    from selfflow.represent.encoders import build_encoder
+
+    def cached(file: Path, make):
+        if file.is_file():
+            return json.loads(file.read_text())
+        value = make()
+        file.parent.mkdir(parents=True, exist_ok=True)
+        file.write_text(json.dumps(value))
+        return value
+
+    references = work / "references" / f"probe{len(probe_train)}_{len(probe_test)}_{args.encoder}"
+    pixels = cached(references / "raw_pixels.json", lambda: raw_pixel_probes(probe_train, probe_test, probe))
+    log(f"raw pixels: linear={pixels['linear']:.3f} knn={pixels['knn']:.3f}")
+    config = load_config(ROOT / "configs" / "digits_simclr.yaml", [f"method.encoder={args.encoder}", *extra])
+
+    def untrained_probe(seed):
+        torch.manual_seed(seed)
+        return {**run_probes(build_encoder(resolve_config(config, real)).eval(), probe_train, probe_test, probe), "seed": seed}
+
+    untrained = [cached(references / f"untrained_s{seed}.json", lambda: untrained_probe(seed)) for seed in args.seeds]
+    log(f"untrained encoder: linear={statistics.mean(r['linear'] for r in untrained):.3f}")
+
     rows, raw, scores_of = [], [], {}
     for label, method, kind in variants:
         for n in args.sizes:
@@ -249,28 +273,30 @@ def main() -> None:
             raw += scores
             scores_of[label, n] = scores
             rows.append(summary_row(label, n, scores))
-    # references through the same probes: an untrained encoder (one per seed) and the raw pixels
-    from selfflow.trainer import resolve_config
-    from selfflow.represent.encoders import build_encoder
+        # the report after every variant: a run cut short still leaves every finished comparison on record
+        report(args, rows, raw, scores_of, pixels, untrained, variants, folder, patch, mnist, out_name, real,
+               probe_train, probe_test, started)
 
-    config = load_config(ROOT / "configs" / "digits_simclr.yaml", [f"method.encoder={args.encoder}", *extra])
-    untrained = []
-    for seed in args.seeds:
-        torch.manual_seed(seed)
-        untrained.append({**run_probes(build_encoder(resolve_config(config, real)).eval(), probe_train, probe_test, probe), "seed": seed})
-    rows.append(summary_row("untrained encoder (reference)", 0, untrained))
-    pixels = raw_pixel_probes(probe_train, probe_test, probe)
-    rows.append({**summary_row("raw pixels (reference)", 0, [pixels]), "linear (per seed)": "(deterministic)"})
 
+def report(args, rows, raw, scores_of, pixels, untrained, variants, folder, patch, mnist, out_name, real, probe_train,
+           probe_test, started) -> None:
+    """Write the result (JSON, Markdown, plot) with the variants finished so far and the references."""
+    m = args.per_caption
+    rows = rows + [summary_row("untrained encoder (reference)", 0, untrained),
+                   {**summary_row("raw pixels (reference)", 0, [pixels]), "linear (per seed)": "(deterministic)"}]
+    done = [v for v in variants if all((v[0], n) in scores_of for n in args.sizes)]
     verdict = []
     for n in args.sizes:
-        a, b = scores_of[LABEL_FREE, n], scores_of["SimCLR, real", n]
-        verdict += [f"N={n}: " + verdict_of("label-free StableRep", a, "SimCLR on real", b),
-                    f"N={n}: " + above("label-free StableRep", a, pixels["linear"], "raw pixels"),
-                    f"N={n}: " + above("SimCLR on real", b, pixels["linear"], "raw pixels")]
-        if args.also:
+        a, b = scores_of.get((LABEL_FREE, n)), scores_of.get(("SimCLR, real", n))
+        if a and b:
+            verdict.append(f"N={n}: " + verdict_of("label-free StableRep", a, "SimCLR on real", b))
+        for name, scores in (("label-free StableRep", a), ("SimCLR on real", b)):
+            if scores:
+                verdict.append(f"N={n}: " + above(name, scores, pixels["linear"], "raw pixels"))
+        if args.also and (ALSO[0][0], n) in scores_of and ("supervised, real", n) in scores_of:
             verdict.append(f"N={n} (label-supervised, for scale): " + verdict_of(
                 "SupCon on synthetic classes", scores_of[ALSO[0][0], n], "supervised on real", scores_of["supervised, real", n]))
+    missing = [v[0] for v in variants if v not in done]
     data_words = ("the real MNIST train split (60000 images)" if mnist else f"the real digits train split ({len(real)} images)")
     notes = "\n".join([
         f"Encoder: {args.encoder} ({f'ViT of 4 DiT blocks, width 64, patch {patch or 2}, mean-pooled' if args.encoder == 'vit' else 'ResNet (method.width 32)'}; "
@@ -290,6 +316,7 @@ def main() -> None:
         "images held out (never the test images; the column 'L2 chosen'), then refitted on all of them; k-NN (k = 20, "
         f"cosine, τ = 0.07); 10-shot linear (3 draws). Seeds {args.seeds}; one test image is {100 / len(probe_test):.2f} points.",
         "", "Verdict (\"≥\" / \"<\" only beyond the larger per-seed range, else tied):", *[f"- {v}" for v in verdict],
+        *(["", f"Not run (the benchmark was cut short): {', '.join(missing)}."] if missing else []),
         *(["", args.note] if args.note else []),
         "", f"Total wall time {time.perf_counter() - started:.0f} s (load average at the end {os.getloadavg()[0]:.1f} on 2 cores).",
     ])
@@ -302,7 +329,7 @@ def main() -> None:
                                "verdict": verdict})
     if mnist:  # the MNIST record sits next to its Markdown (docs/benchmarks/<name>.json)
         (RESULTS / f"{out_name}.json").replace(path.with_suffix(".json"))
-    plot(rows, args.sizes, path.with_suffix(".png"), variants, "MNIST" if mnist else "digits")
+    plot(rows, args.sizes, path.with_suffix(".png"), done, "MNIST" if mnist else "digits")
     log(f"wrote {path}")
 
 
