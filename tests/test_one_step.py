@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from selfflow.config import ConfigError, DmdConfig, config_from_dict
+from selfflow.config import ConfigError, DmdConfig, StudentStage, config_from_dict
 from selfflow.methods.base import Batch, BatchRandom
 from selfflow.methods.one_step import (dmd_generator_loss, dmd_gradient, euler_steps, huber_constant, pseudo_huber,
                                        straightness, x0_estimate)
@@ -67,6 +67,29 @@ def test_pairs_are_reproducible_from_seeds_and_independent_of_shard_size(tmp_pat
     x0, y = pairs.get_batch([4, 0])
     assert torch.equal(x0, ta["samples"][[4, 0]]) and torch.equal(y, labels[[4, 0]])
     assert torch.equal(pairs.get_noise([4, 0]), ta["noise"][[4, 0]])
+
+
+def test_pairs_clip_pixels_keep_latents_raw_and_refuse_noise_injecting_samplers(tmp_path):
+    """A fresh DiT predicts v = 0, so the ODE's x0 is the seed's noise itself, beyond ±1: pixel pairs clip it to
+    the data range, latent pairs (clip=False) keep it; set.json records which. sde / sit_sde cannot make pairs."""
+    from selfflow.config import ModelConfig
+    from selfflow.model import DiT
+
+    model = DiT(ModelConfig(size="tiny", depth=1, hidden_size=32, num_heads=2, image_size=4, in_channels=4, num_classes=3))
+    noise = noise_for_seeds(range(3), (4, 4, 4))
+    assert noise.abs().max() > 1
+    raw = generate_set(model, tmp_path / "raw", num=3, kind="pairs", sampler="heun", steps=2, clip=False).read_all()
+    pixels = generate_set(model, tmp_path / "pix", num=3, kind="pairs", sampler="heun", steps=2).read_all()
+    assert torch.equal(raw["samples"], noise) and torch.equal(pixels["samples"], noise.clamp(-1, 1))
+    assert json.loads((tmp_path / "raw" / "set.json").read_text())["clipped"] is False
+    assert json.loads((tmp_path / "pix" / "set.json").read_text())["clipped"] is True
+    for sampler in ("sde", "sit_sde"):
+        with pytest.raises(ValueError, match="injects noise"):
+            generate_set(model, tmp_path / sampler, num=3, kind="pairs", sampler=sampler, steps=2)
+        assert not (tmp_path / sampler).exists()
+    generate_set(model, tmp_path / "images", num=3, kind="images", sampler="sde", steps=2)  # images may come from an SDE
+    with pytest.raises(ConfigError, match="pairs_sampler.*injects noise"):
+        StudentStage(pairs_sampler="sde").validate("student")
 
 
 def test_dopri5_pairs_record_the_tolerances(tmp_path):
@@ -319,6 +342,32 @@ def test_a_dmd_step_moves_the_generator_from_fake_towards_real():
     assert (cosine > 0.5).all(), cosine  # measured 0.78 … 0.93 per sample; an uphill step gives the opposite sign
 
 
+# ---- DMD v1: the regression on pairs made at the real score's guidance ---------------------------------
+def test_dmd_regression_reads_pairs_made_at_the_real_scores_guidance(tmp_path):
+    from selfflow.data.pairs import load_pairs
+    from selfflow.methods.dmd import Dmd
+
+    generator, teacher, _ = _dmd_method(0.0)
+    generate_set(teacher, tmp_path / "cfg1.5", num=6, shard_size=6, kind="pairs", sampler="euler", steps=3, cfg_scale=1.5)
+    generate_set(teacher, tmp_path / "cfg1", num=6, shard_size=6, kind="pairs", sampler="euler", steps=3)
+    method = Dmd(DmdConfig(teacher="given", real_cfg=1.5, regression_weight=0.25), generator, teacher=teacher)
+    pairs = load_pairs(tmp_path / "cfg1.5")
+    method.bind_data(pairs)
+    x0, y = pairs.get_batch(list(range(6)))
+    noise = pairs.get_noise(list(range(6)))
+    batch = Batch(x0=x0, y=y, noise=noise, random=BatchRandom(torch.Generator().manual_seed(0), 6, slice(0, 6)))
+    _, logs = method.loss(generator, batch)
+    with torch.no_grad():  # the L2 distance of G(ε_pair) to the guided teacher's solve from that ε
+        expected = (euler_steps(generator, noise, y, 1) - x0).pow(2).mean()
+    torch.testing.assert_close(logs["loss_regression"], expected, rtol=1e-6, atol=0)
+    with pytest.raises(ConfigError, match=r"guidance 1, but the real score uses method.real_cfg=1.5.*--cfg-scale 1.5"):
+        method.bind_data(load_pairs(tmp_path / "cfg1"))
+    from selfflow.data import load_dataset
+
+    with pytest.raises(ConfigError, match="needs the teacher's pairs"):
+        method.bind_data(load_dataset("digits", split="train"))
+
+
 # ---- DMD2: fake-only steps --------------------------------------------------------------------------
 def test_fake_only_steps_leave_the_generator_and_its_ema_alone(teacher_and_pairs, tmp_path):
     teacher, pairs = teacher_and_pairs
@@ -346,11 +395,52 @@ def test_fake_only_steps_leave_the_generator_and_its_ema_alone(teacher_and_pairs
     trainer.close()
 
 
+# ---- DMD/DMD2: the generator's and the fake score's AdamW, each clipped on its own ----------------------
+def test_the_generators_update_does_not_depend_on_the_fake_scores_gradient_scale(teacher_and_pairs, tmp_path):
+    """fake_weight × 1000 scales only the fake score's gradient (G's loss reads the fake score without its
+    weights' gradients, the fake loss reads G's samples detached). With one clip over both, that norm would
+    shrink G's step; with a clip per group G's first update is bit-identical."""
+    teacher, pairs = teacher_and_pairs
+    after, logs = {}, {}
+    for scale in (1.0, 1000.0):
+        method = {"name": "dmd2", "teacher": str(teacher), "fake_weight": scale, "fake_updates_per_generator": 1}
+        trainer = Trainer(config_from_dict(one_step_run(tmp_path / f"w{scale:g}", teacher, pairs, method, steps=1, warmup_steps=0)))
+        groups = {g["name"]: g for g in trainer.optimizer.param_groups}
+        assert list(groups) == ["generator", "fake"]
+        for g in groups.values():  # DMD2's published defaults: torch's AdamW, clip 10 each
+            assert (tuple(g["betas"]), g["weight_decay"], g["clip"], g["lr"]) == ((0.9, 0.999), 0.01, 10.0, 1e-3)
+        assert {id(p) for p in groups["generator"]["params"]} == {id(p) for p in trainer.model.parameters()}
+        assert {id(p) for p in groups["fake"]["params"]} == {id(p) for p in trainer.method.parameters()}
+        logs[scale] = trainer.train_step()
+        after[scale] = states(trainer)
+        trainer.close()
+    assert logs[1000.0]["grad_norm_fake"] > 10.0  # the fake score's clip acts …
+    assert logs[1000.0]["grad_norm"] == logs[1.0]["grad_norm"]  # … G's norm is its own
+    for key, value in after[1.0].items():
+        if key.startswith(("model.", "ema.")):
+            assert torch.equal(value, after[1000.0][key]), key
+    assert any(not torch.equal(v, after[1000.0][k]) for k, v in after[1.0].items() if k.startswith("method.fake."))
+
+
+def test_dmd_optimizer_settings_are_per_group(teacher_and_pairs, tmp_path):
+    teacher, pairs = teacher_and_pairs
+    method = {"name": "dmd", "teacher": str(teacher), "generator_lr": 2e-4, "fake_lr": 4e-4, "generator_beta1": 0.0,
+              "fake_grad_clip": 0.0, "generator_weight_decay": 0.0}
+    trainer = Trainer(config_from_dict(one_step_run(tmp_path / "d", teacher, pairs, method, steps=1, warmup_steps=2)))
+    trainer.train_step()  # warm-up step 0 of 2: every rate at half its own
+    generator, fake = trainer.optimizer.param_groups
+    assert (generator["lr"], tuple(generator["betas"]), generator["weight_decay"]) == (1e-4, (0.0, 0.999), 0.0)
+    assert (fake["lr"], fake["clip"]) == (2e-4, 0.0)
+    trainer.close()
+    with pytest.raises(ConfigError, match="fake_beta2"):
+        DmdConfig(teacher="t", fake_beta2=1.0).validate("method")
+
+
 # ---- resume of every distillation is bit-identical ----------------------------------------------------
 RESUMABLE = {
     "reflow": {"name": "reflow"},
     "distill": {"name": "distill", "steps": 2, "loss": "pseudo_huber"},
-    "dmd": {"name": "dmd", "regression_weight": 0.25, "real_cfg": 1.5},
+    "dmd": {"name": "dmd", "regression_weight": 0.25},  # the fixture's pairs are the teacher's at guidance 1
     "dmd2": {"name": "dmd2", "fake_updates_per_generator": 2, "generator_steps": 2, "backward_simulation": True},
 }
 
