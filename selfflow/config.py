@@ -123,6 +123,9 @@ class ModelConfig:
 
 PRECISIONS = ("auto", "fp32", "bf16")
 DISTRIBUTED_MODES = ("ddp", "fsdp")
+# torch.compile modes: reduce-overhead adds CUDA graphs, max-autotune searches kernels (and adds CUDA graphs)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 DEVICE_NAMES = ("auto", "cpu", "cuda", "cuda:N")
 
 
@@ -153,6 +156,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     compile: bool = False
+    compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
     activation_checkpointing: bool = False
     distributed: str = "ddp"  # ddp | fsdp  (used when launched with torchrun)
     out_dir: str = "runs/default"
@@ -188,6 +192,7 @@ class TrainConfig:
                 raise ConfigError(f"{where}.{key} must be in [0, 1), got {getattr(self, key)}")
         check_choice(self.precision, PRECISIONS, f"{where}.precision")
         check_choice(self.distributed, DISTRIBUTED_MODES, f"{where}.distributed")
+        check_choice(self.compile_mode, COMPILE_MODES, f"{where}.compile_mode")
         for name in self.loggers:
             check_choice(name, LOGGERS, f"{where}.loggers")
         check_device(self.device, f"{where}.device")

@@ -40,7 +40,7 @@ import torch
 
 from selfflow.config import PipelineConfig
 from selfflow.errors import ConfigError
-from selfflow.files import write_json
+from selfflow.files import check_output_folder, lock_folder, mark_output_folder, write_json
 
 STAGES = ("teacher", "student", "evaluate", "synth", "encoder", "probes")
 INPUTS = {"teacher": (), "student": ("teacher",), "evaluate": ("teacher", "student"), "synth": ("teacher", "student"),
@@ -135,15 +135,15 @@ def run_pipeline(config: PipelineConfig, say: Callable[[str], None] = print) -> 
     from selfflow.device import resolve_device
 
     out = Path(config.pipeline.out_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"pipeline.out_dir={str(out)!r}: a file is in the way (a folder is written there)")
+    check_output_folder(out, "pipeline", recognise=("pipeline.json",), flag="pipeline.out_dir")
     device = resolve_device(config.pipeline.device)
-    out.mkdir(parents=True, exist_ok=True)
     threads = torch.get_num_threads()
     if config.pipeline.threads:
         torch.set_num_threads(config.pipeline.threads)
     try:
-        return _run(config, out, device, say)
+        with lock_folder(out, "pipeline folder"):  # one pipeline per folder; its stages lock their own run folders
+            mark_output_folder(out, "pipeline")
+            return _run(config, out, device, say)
     finally:
         torch.set_num_threads(threads)
 

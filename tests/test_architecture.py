@@ -111,7 +111,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                   "selfflow.modalities.sampling")),  # the trainer draws its sample grids with it
     ("autoencoders", ("selfflow.autoencoders", "selfflow.latents")),
     ("networks", ("selfflow.evaluation.frechet", "selfflow.evaluation.feature_net", "selfflow.evaluation.inception",
-                  "selfflow.evaluation.features", "selfflow.encoders")),  # frozen networks REPA and evaluation share
+                  "selfflow.evaluation.inception_net", "selfflow.evaluation.features", "selfflow.encoders")),  # frozen networks REPA and evaluation share
     ("methods", ("selfflow.methods",)),
     ("trainer", ("selfflow.trainer",)),
     ("evaluation", ("selfflow.evaluation", "selfflow.represent.probes", "selfflow.text.evaluation",

@@ -212,7 +212,7 @@ def test_an_interrupted_stage_resumes_in_its_folder(tmp_path, fake_stages, monke
 def test_a_foreign_folder_in_the_way_is_refused(tmp_path, fake_stages):
     (tmp_path / "p" / "teacher").mkdir(parents=True)
     (tmp_path / "p" / "teacher" / "mine.txt").write_text("someone's files")
-    with pytest.raises(ConfigError, match="teacher: in the way"):
+    with pytest.raises(ConfigError, match=r"p: holds teacher \(not written by selfflow\)"):
         pipeline.run_pipeline(_config(tmp_path), say=lambda m: None)
     assert (tmp_path / "p" / "teacher" / "mine.txt").exists()
 

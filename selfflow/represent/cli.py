@@ -133,6 +133,10 @@ def cmd_represent_probe(args) -> int:
     encoder, folder, _ = load_encoder(args.ckpt or config.train.out_dir, probe.weights, device)
     train_set = load_dataset(probe.data, path=probe.path, split="train", image_size=encoder.image_size, channels=encoder.in_channels)
     test_set = load_dataset(probe.data, path=probe.path, split="test", image_size=encoder.image_size, channels=encoder.in_channels)
+    if train_set.name in ("folder", "npz") and train_set.source == test_set.source:  # the path is the split: one set for both
+        raise ConfigError(f"--data {probe.data} --data-path {probe.path}: one file or folder is one split, so the probe would "
+                          f"test on its training images (a leaked accuracy); use a data set with train and test splits "
+                          f"(digits, mnist, fashion-mnist, idx)")
     result = {"checkpoint": str(folder), "method": config.method_name(), "probe": probe.__dict__ | {"few_shot": shots},
               **run_probes(encoder, train_set, test_set, probe, device)}
     out = Path(args.out) if args.out else folder.parent.parent
