@@ -228,10 +228,11 @@ class TarReader:
         """[(key, {ext: (offset, size)})] of one shard, in order; a shard cut short is a DataError."""
         total = shard.stat().st_size
         samples: dict[str, dict[str, tuple[int, int]]] = {}
-        last = None
+        last, end = None, 0
         try:
             with tarfile.open(shard, "r:") as archive:
                 for member in archive:
+                    end = member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
                     if not member.isfile():
                         continue
                     if member.offset_data + member.size > total:
@@ -247,6 +248,14 @@ class TarReader:
         except (tarfile.TarError, EOFError, OSError) as exc:
             where = f" after member {last}" if last else ""
             raise DataError(f"{shard}: not a readable tar shard ({exc}){where}; truncated or corrupt?") from None
+        # tarfile stops quietly at a header cut short; a whole archive ends with two zero blocks after its last member.
+        with open(shard, "rb") as handle:
+            handle.seek(end)
+            marker = handle.read(1024)
+        if marker != bytes(1024):
+            where = f"after member {last}" if last else "at its start"
+            raise DataError(f"{shard}: tar shard cut mid-file {where} (no end-of-archive blocks at byte {end} of {total}); "
+                            "re-copy the shard")
         return list(samples.items())
 
     def index(self) -> ImageIndex:
