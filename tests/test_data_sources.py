@@ -3,6 +3,7 @@
 Every set here is made by the test itself from the bundled digits (8×8 grey, 10 classes).
 """
 import io
+import json
 import tarfile
 
 import numpy as np
@@ -283,3 +284,61 @@ def test_streamed_only_keys_are_refused_elsewhere(tmp_path, capsys):
     one_line_error(capsys, "data.crop", "folder | webdataset | hf")
     assert _train_cli(tmp_path / "run", "data.name=folder", f"data.path={tmp_path}", "data.crop=middle") == 2
     one_line_error(capsys, "data.crop", "middle", "center")
+
+
+def test_eval_reads_a_folder_of_mixed_sizes_with_image_size(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "mixed"
+    for k in range(12):
+        (root / f"c{k % 2}").mkdir(parents=True, exist_ok=True)
+        height, width = int(rng.integers(20, 60)), int(rng.integers(20, 60))
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(root / f"c{k % 2}" / f"{k}.jpg")
+    np.savez(tmp_path / "samples.npz", images=rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8))
+    common = ["eval", "--samples", str(tmp_path / "samples.npz"), "--data", "folder", "--data-path", str(root),
+              "--metrics", "fd_dom", "--train-steps", "2", "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]
+    assert main(common + ["--out", str(tmp_path / "no.json")]) == 2
+    one_line_error(capsys, "differs", "--image-size")
+    assert main(common + ["--image-size", "32", "--out", str(tmp_path / "eval.json")]) == 0
+    assert (tmp_path / "eval.json").is_file()
+    assert main(common + ["--image-size", "32", "--crop", "resize", "--out", str(tmp_path / "eval_resize.json")]) == 0
+
+
+def test_encode_latents_streams_a_folder_and_a_kill_9_resumes_to_identical_shards(tmp_path):
+    """encode-latents on a folder (decoded in 2 workers), killed with SIGKILL after its first shard, run
+    again: the set equals one made in one go, shard for shard, byte for byte."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from selfflow.autoencoders import SmallAutoencoderConfig, train_small_autoencoder
+
+    model = train_small_autoencoder(load_dataset("digits", split="train"),
+                                    SmallAutoencoderConfig(in_channels=1, latent_channels=4, width=16, downsample=2), steps=2, batch_size=16)
+    autoencoder = model.save_pretrained(tmp_path / "autoencoder")
+    root = make_folder(tmp_path / "set", 300)
+
+    def command(out, workers):
+        return [sys.executable, "-m", "selfflow", "encode-latents", "--data", "folder", "--data-path", str(root), "--autoencoder",
+                str(autoencoder), "--out", str(out), "--shard-size", "20", "--batch-size", "10", "--device", "cpu",
+                "--num-workers", str(workers)]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    assert subprocess.run(command(tmp_path / "whole", 0), env=env, capture_output=True).returncode == 0
+    process = subprocess.Popen(command(tmp_path / "killed", 2), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (tmp_path / "killed" / "shard_00000.safetensors").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done = sorted(p.name for p in (tmp_path / "killed").glob("shard_*.safetensors"))
+    assert 1 <= len(done) < 15  # killed part-way
+    assert subprocess.run(command(tmp_path / "killed", 2), env=env, capture_output=True).returncode == 0
+    whole = sorted((tmp_path / "whole").glob("shard_*.safetensors"))
+    assert len(whole) == 15
+    for shard in whole:
+        assert (tmp_path / "killed" / shard.name).read_bytes() == shard.read_bytes(), shard.name
+    record = json.loads((tmp_path / "whole" / "set.json").read_text())
+    assert record["data"]["crop"] == "center" and record["autoencoder"]["shift_factor"] == 0.0
+    assert len(record["autoencoder"]["sha256"]) == 64

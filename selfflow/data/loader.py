@@ -14,7 +14,7 @@ workers or processes.
 from __future__ import annotations
 
 import hashlib
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -61,6 +61,20 @@ class _KeySampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         return _keys(self.stream)
+
+
+def decoded_batches(dataset, batches: Sequence[Sequence[int]], num_workers: int = 0, prefetch: int = 2
+                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """uint8 images and labels of each index list in ``batches``, in order, decoded in ``num_workers`` workers
+    (for one pass over a set: ``encode-latents``); centre or resize crops (no draws)."""
+    keys = [(tuple(int(i) for i in batch), None) for batch in batches]
+    decoder = _Decoder(dataset)
+    items = (decoder[key] for key in keys) if num_workers == 0 else iter(torch.utils.data.DataLoader(
+        decoder, batch_size=None, sampler=keys, num_workers=num_workers, prefetch_factor=prefetch))
+    for item in items:
+        if isinstance(item, str):
+            raise DataError(item)
+        yield item[1], item[2]
 
 
 class BatchLoader:
