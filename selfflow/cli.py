@@ -356,7 +356,7 @@ def cmd_export(args) -> int:
 
 def cmd_generate_set(args) -> int:
     from selfflow.config import ConfigError
-    from selfflow.sampling import parse_labels
+    from selfflow.sampling import injects_noise, parse_labels
     from selfflow.sets import generate_set
     from selfflow.device import autocast_dtype, resolve_device
     from selfflow.text.cli import load_set_generator
@@ -367,13 +367,17 @@ def cmd_generate_set(args) -> int:
     device = resolve_device(args.device)
     model, folder, prompts, text = load_set_generator(args, device)  # prompts: a caption-conditioned model (selfflow.text)
     resolved_sampling(args, folder, model)
+    if args.kind == "pairs" and injects_noise(args.sampler):  # before anything is written
+        raise ConfigError(f"--kind pairs --sampler {args.sampler}: pairs need a deterministic (ODE) sampler "
+                          f"(euler, heun, dopri5); {args.sampler} injects noise")
     labels = None if prompts else parse_labels(args.labels, model.num_classes)
+    latent = not prompts and _latent_autoencoder(folder, None) is not None  # latents are never clipped to [-1, 1]
     source = {"checkpoint": str(folder.resolve()), "weights": args.weights}
     shards = generate_set(
         model, args.out, num=args.n, shard_size=args.shard_size, kind=args.kind, seed=args.seed, labels=labels,
         sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale, batch_size=args.batch_size, device=device,
         autocast_dtype=autocast_dtype(args.precision, device), source=source, prompts=prompts, text=text,
-        sampler_options=args.sampler_options,
+        sampler_options=args.sampler_options, clip=not latent,
         on_shard=lambda index, path: print(f"wrote {path}", flush=True), progress=True,
     )
     print(f"set complete: {args.out} ({shards.num} items in {shards.num_shards} shards)")

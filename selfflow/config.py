@@ -212,6 +212,7 @@ class TrainConfig:
 
 
 SAMPLER_NAMES = ("euler", "heun", "sde", "dopri5", "sit_sde")  # selfflow.sampling.SAMPLERS holds these
+NOISE_INJECTING_SAMPLERS = ("sde", "sit_sde")  # cannot make (noise, image) pairs: not a function of the noise
 TEXT_ENCODERS = ("minilm", "hashed")  # selfflow.text.encoders
 
 
@@ -951,6 +952,8 @@ class StudentStage:
     def validate(self, where: str) -> None:
         check_choice(self.kind, STUDENT_KINDS, f"{where}.kind")
         check_choice(self.pairs_sampler, SAMPLER_NAMES, f"{where}.pairs_sampler")
+        if self.pairs_sampler in NOISE_INJECTING_SAMPLERS:
+            raise ConfigError(f"{where}.pairs_sampler: pairs need a deterministic (ODE) sampler; {self.pairs_sampler!r} injects noise")
         for key in ("pairs", "pairs_steps"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{where}.{key} must be positive, got {getattr(self, key)}")

@@ -49,6 +49,8 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from selfflow.config import NOISE_INJECTING_SAMPLERS
+
 __all__ = [
     "VelocityFn",
     "GuidedVelocity",
@@ -62,6 +64,8 @@ __all__ = [
     "dopri5",
     "sit_sde",
     "SAMPLERS",
+    "NOISE_INJECTING",
+    "injects_noise",
     "get_sampler",
     "sampler_option_names",
     "parse_sampler_options",
@@ -536,6 +540,18 @@ def parse_labels(text: Optional[str], num_classes: int) -> Optional[list[int]]:
             raise ConfigError(f"--labels {values}: the model is unconditional (no classes)")
         raise ConfigError(f"--labels {bad} outside 0..{num_classes - 1} (model has {num_classes} classes)")
     return values
+
+
+NOISE_INJECTING = NOISE_INJECTING_SAMPLERS  # samplers that draw fresh noise along the way (selfflow.config)
+
+
+def injects_noise(sampler: str) -> bool:
+    """Whether a sampler draws fresh noise along the way (:data:`NOISE_INJECTING`).
+
+    Such a sampler's output is not a function of the starting noise alone, so it cannot make the
+    deterministic (noise, image) coupling that reflow and distillation learn."""
+    get_sampler(sampler)  # unknown names raise
+    return sampler in NOISE_INJECTING
 
 
 def get_sampler(name: str) -> Callable:

@@ -4,7 +4,10 @@ Kinds (StableRep and reflow build on them):
 
 ``images``  ``images`` uint8 (n, C, H, W) in 0..255, ``labels`` int64 (n,), ``seeds`` int64 (n,)
 ``pairs``   ``noise`` float32 (n, C, H, W) = ε of each seed, ``samples`` float32 (n, C, H, W) =
-            the sampler's x0 (clipped to [-1, 1]), ``labels``, ``seeds`` — the (ε, x0) pairs of reflow
+            the ODE sampler's raw x0, ``labels``, ``seeds`` — the (ε, x0) pairs of reflow. A pixel
+            model's x0 is clipped to [-1, 1] (its data range); a latent model's (``clip=False``) is
+            not: ``set.json`` records ``clipped``. A sampler that injects noise (``sde``, ``sit_sde``)
+            is refused: reflow and distillation learn the deterministic coupling of ε and x0.
 
 A caption-conditioned model (:class:`selfflow.text.model.TextDiT`) takes ``prompts`` instead of
 labels: item k uses prompt ``k mod P``, its ``labels`` entry is that prompt's index, and ``set.json``
@@ -24,7 +27,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from selfflow.imageio import to_uint8
-from selfflow.sampling import generate, noise_for_seeds
+from selfflow.sampling import generate, injects_noise, noise_for_seeds
 from selfflow.shards import ShardSet
 
 KINDS = ("images", "pairs")
@@ -63,6 +66,7 @@ def generate_set(
     text=None,
     on_shard: Optional[Callable[[int, Path], None]] = None,
     progress: bool = False,
+    clip: bool = True,
 ) -> ShardSet:
     """Generate ``num`` items from ``model`` into ``folder``, skipping shards already there.
 
@@ -71,13 +75,16 @@ def generate_set(
     path and weights) is recorded in ``set.json``. ``on_shard(index, path)`` is called after
     each shard is written; ``progress`` shows a bar over the items still to generate. ``prompts``
     and ``text`` (a :class:`selfflow.config.TextConfig`) condition a caption-conditioned model.
-    ``sampler_options`` go to the sampler (``generate``'s) and into ``set.json``.
+    ``sampler_options`` go to the sampler (``generate``'s) and into ``set.json``. ``clip=False``
+    (a latent model) keeps the sampler's raw output (pairs record it as ``clipped``).
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     for name, value in (("num", num), ("shard_size", shard_size), ("steps", steps), ("batch_size", batch_size)):
         if value <= 0:
             raise ValueError(f"{name} must be positive, got {value}")
+    if kind == "pairs" and injects_noise(sampler):
+        raise ValueError(f"pairs need a deterministic (ODE) sampler; {sampler!r} injects noise")
     image_shape = (model.in_channels, model.image_size, model.image_size)
     num_classes = int(getattr(model, "num_classes", 0) or 0)
     if prompts is not None:
@@ -87,6 +94,8 @@ def generate_set(
         "cfg_scale": cfg_scale, "batch_size": batch_size, "image_shape": list(image_shape), "num_classes": num_classes,
         "labels": list(labels) if labels is not None else "seed mod num_classes", "source": source or {},
     }
+    if kind == "pairs":
+        manifest["clipped"] = clip
     if sampler == "dopri5":  # what reflow needs to know of an adaptive solve: its tolerances (the defaults generate uses)
         import inspect
 
@@ -108,7 +117,7 @@ def generate_set(
         result = generate(
             model, num_samples=stop - start, seeds=seeds, labels=shard_labels, sampler=sampler, steps=steps,
             cfg_scale=cfg_scale, batch_size=batch_size, device=device, image_shape=image_shape,
-            autocast_dtype=autocast_dtype, sampler_options=sampler_options, progress=False,
+            autocast_dtype=autocast_dtype, sampler_options=sampler_options, progress=False, clip=clip or kind == "images",
         )
         out_labels = result.labels if result.labels is not None else torch.full((stop - start,), -1, dtype=torch.int64)
         tensors = {"labels": out_labels.to(torch.int64), "seeds": torch.tensor(seeds, dtype=torch.int64)}

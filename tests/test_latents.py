@@ -18,6 +18,7 @@ from selfflow.data import DataError, load_dataset
 from selfflow.autoencoders import DiffusersAutoencoder, SmallAutoencoderConfig, load_autoencoder, train_small_autoencoder
 from selfflow.data import LatentDataset, load_latents
 from selfflow.latents import encode_dataset
+from selfflow.shards import ShardSet
 
 
 @pytest.fixture(scope="module")
@@ -259,3 +260,35 @@ def test_an_autoencoderkl_with_pickled_weights_is_refused_unopened(real_vae_dir,
     assert main(["encode-latents", "--data", "digits", "--autoencoder", str(bad), "--out", str(tmp_path / "z"), "--device", "cpu"]) == 2
     assert "cannot load the AutoencoderKL" in capsys.readouterr().err
     assert not marker.exists() and not (tmp_path / "z").exists()
+
+
+def test_latent_pairs_are_the_raw_ode_output(latent_set, tmp_path, capsys):
+    """generate-set --kind pairs on a latent model stores the solver's x0 unclipped (|x| > 1 kept), set.json says so;
+    a sampler that injects noise is refused in one line, exit 2, before anything is written."""
+    from selfflow.model import load_generator
+    from selfflow.sampling import generate
+
+    run = tmp_path / "run"
+    assert main(["train", "--set", "data.name=latents", "--set", f"data.path={latent_set}", "--set", "model.depth=1",
+                 "--set", "model.hidden_size=32", "--set", "model.num_heads=2", "--set", "train.steps=1", "--set", "train.lr=1e-12",
+                 "--set", "train.batch_size=8", "--set", f"train.out_dir={run}", "--set", "train.progress=false",
+                 "--set", "train.tensorboard=false", "--set", "train.num_sample_images=0", "--set", "train.device=cpu"]) == 0
+    pairs = tmp_path / "pairs"
+    assert main(["generate-set", "--ckpt", str(run), "--out", str(pairs), "--kind", "pairs", "--n", "6", "--shard-size", "4",
+                 "--sampler", "heun", "--steps", "3", "--device", "cpu"]) == 0
+    manifest = json.loads((pairs / "set.json").read_text())
+    assert manifest["clipped"] is False
+    stored = ShardSet.open(pairs).read_all()
+    model, _ = load_generator(run)  # v ≈ 0 (lr 1e-12): x0 ≈ ε, beyond ±1
+    expected = generate(model, num_samples=6, seeds=list(range(6)), sampler="heun", steps=3, batch_size=4, clip=False,
+                        image_shape=tuple(stored["samples"].shape[1:]), progress=False).images
+    assert stored["samples"].abs().max() > 1.5
+    torch.testing.assert_close(stored["samples"], expected, rtol=0, atol=1e-6)
+    capsys.readouterr()
+    for sampler in ("sde", "sit_sde"):
+        refused = tmp_path / f"refused_{sampler}"
+        assert main(["generate-set", "--ckpt", str(run), "--out", str(refused), "--kind", "pairs", "--n", "4",
+                     "--sampler", sampler, "--steps", "3", "--device", "cpu"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and sampler in err[0] and "deterministic" in err[0]
+        assert not refused.exists()

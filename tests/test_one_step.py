@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from selfflow.config import ConfigError, DmdConfig, config_from_dict
+from selfflow.config import ConfigError, DmdConfig, StudentStage, config_from_dict
 from selfflow.methods.base import Batch, BatchRandom
 from selfflow.methods.one_step import (dmd_generator_loss, dmd_gradient, euler_steps, huber_constant, pseudo_huber,
                                        straightness, x0_estimate)
@@ -67,6 +67,29 @@ def test_pairs_are_reproducible_from_seeds_and_independent_of_shard_size(tmp_pat
     x0, y = pairs.get_batch([4, 0])
     assert torch.equal(x0, ta["samples"][[4, 0]]) and torch.equal(y, labels[[4, 0]])
     assert torch.equal(pairs.get_noise([4, 0]), ta["noise"][[4, 0]])
+
+
+def test_pairs_clip_pixels_keep_latents_raw_and_refuse_noise_injecting_samplers(tmp_path):
+    """A fresh DiT predicts v = 0, so the ODE's x0 is the seed's noise itself, beyond ±1: pixel pairs clip it to
+    the data range, latent pairs (clip=False) keep it; set.json records which. sde / sit_sde cannot make pairs."""
+    from selfflow.config import ModelConfig
+    from selfflow.model import DiT
+
+    model = DiT(ModelConfig(size="tiny", depth=1, hidden_size=32, num_heads=2, image_size=4, in_channels=4, num_classes=3))
+    noise = noise_for_seeds(range(3), (4, 4, 4))
+    assert noise.abs().max() > 1
+    raw = generate_set(model, tmp_path / "raw", num=3, kind="pairs", sampler="heun", steps=2, clip=False).read_all()
+    pixels = generate_set(model, tmp_path / "pix", num=3, kind="pairs", sampler="heun", steps=2).read_all()
+    assert torch.equal(raw["samples"], noise) and torch.equal(pixels["samples"], noise.clamp(-1, 1))
+    assert json.loads((tmp_path / "raw" / "set.json").read_text())["clipped"] is False
+    assert json.loads((tmp_path / "pix" / "set.json").read_text())["clipped"] is True
+    for sampler in ("sde", "sit_sde"):
+        with pytest.raises(ValueError, match="injects noise"):
+            generate_set(model, tmp_path / sampler, num=3, kind="pairs", sampler=sampler, steps=2)
+        assert not (tmp_path / sampler).exists()
+    generate_set(model, tmp_path / "images", num=3, kind="images", sampler="sde", steps=2)  # images may come from an SDE
+    with pytest.raises(ConfigError, match="pairs_sampler.*injects noise"):
+        StudentStage(pairs_sampler="sde").validate("student")
 
 
 def test_dopri5_pairs_record_the_tolerances(tmp_path):
