@@ -266,15 +266,31 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def _run_data(folder: Path, depth: int = 0) -> tuple[dict, dict]:
+    """The run section of a checkpoint's config.json and the data it learned from; a student trained on
+    reflow pairs learned from what its teacher learned from (pairs of a latent teacher are latents)."""
+    try:
+        run = json.loads((Path(folder) / "config.json").read_text()).get("run") or {}
+    except (OSError, json.JSONDecodeError, AttributeError):
+        run = {}
+    data = run.get("data") or {}
+    if data.get("name") == "pairs" and depth < 8:
+        try:
+            source = (json.loads((Path(data.get("path") or "") / "set.json").read_text()).get("source") or {}).get("checkpoint")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            source = None
+        if isinstance(source, str):
+            teacher_run, teacher_data = _run_data(Path(source), depth + 1)
+            if teacher_data.get("name") == "latents":
+                return run, teacher_data
+    return run, data
+
+
 def _latent_autoencoder(folder: Path, given: str | None) -> str | None:
     """None for a pixel model; for a latent model the autoencoder folder, or "" when none is at hand."""
     from selfflow.errors import ConfigError
 
-    try:
-        run = json.loads((folder / "config.json").read_text()).get("run") or {}
-    except (OSError, json.JSONDecodeError, AttributeError):
-        run = {}
-    data = run.get("data") or {}
+    run, data = _run_data(folder)
     if given:  # checked before any sampling
         if run and data.get("name") != "latents":
             raise ConfigError(f"--autoencoder {given}: {folder} generates pixels, not latents; leave --autoencoder out")
@@ -322,7 +338,7 @@ def _sample_latent_model(args, model, folder, device, labels, seeds, autoencoder
         written += [out / "grid.png", out / "samples.npz"]
     info = {"checkpoint": str(folder), "weights": args.weights, "n": args.n, "sampler": args.sampler, "steps": args.steps,
             "cfg_scale": args.cfg_scale, "precision": args.precision, "seeds": [seeds[0], seeds[-1]], "latent": True, "autoencoder": autoencoder or None,
-            "device": str(device)}
+            "nfe_per_sample": result.nfe_per_sample, "device": str(device)}
     if args.sampler_options:
         info["sampler_options"] = args.sampler_options
     (out / "samples.json").write_text(json.dumps(info, indent=2))
