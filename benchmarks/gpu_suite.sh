@@ -31,6 +31,13 @@
 #                  (benchmarks/text_to_image.py --device cuda --model-size S). Text encoder `hashed`: the device
 #                  has no network and only torch and this repository, not the MiniLM package. The report is
 #                  written at the end only, so TEXT_STEPS is sized to finish well inside the limit.  250 s
+#   bash benchmarks/gpu_suite.sh data       a fourth call (another session's): real data at ImageNet-like shapes
+#     latent-chain the latent chain end to end on synthetic 256×256 RGB images of mixed sizes (a streamed folder of
+#                  JPEGs, 8 decoding workers): small autoencoder (downsample 8: 32×32×4 latents, 256 tokens at
+#                  patch 2) → encode-latents → Self-Flow size S (bf16, batch 256) → unclipped pairs → reflow,
+#                  one-step, DMD students → decoded samples → FD_dom; per stage: time, training images/s, peak GPU
+#                  memory (benchmarks/latent_chain.py --data synthetic; 4000 images, 300 teacher steps, an estimate:
+#                  ~40 s writing the JPEGs, ~30 ms per S step at 256 tokens)                      400 s
 #
 # Where the CUDA tests go: the main call's figures already run the CUDA paths (bf16 training of three
 # methods, checkpoints, sampling, Inception FID), so a broken path shows there as a failed step; the tests
@@ -66,6 +73,7 @@
 #   run(command="bash benchmarks/gpu_suite.sh", carry=[".carry"], timeout_s=600)
 #   run(command="bash benchmarks/gpu_suite.sh extra", carry=[".carry"], timeout_s=600)
 #   run(command="bash benchmarks/gpu_suite.sh more", carry=[".carry"], timeout_s=600)
+#   run(command="bash benchmarks/gpu_suite.sh data", timeout_s=600)
 # Each call packs what it wrote into $OUT/<part>.tgz (new docs/benchmarks/ files and the convergence run
 # records, never checkpoints; the more call packs its reports only; unpack here with `tar xzf`) and keeps its whole log in $OUT/<part>.log.
 # The records (FD_dom network, reference statistics, per-method results: about 1 MB) also go into
@@ -75,7 +83,7 @@
 # docs/benchmarks: a check of the plumbing before a GPU session is spent on it.
 set -uo pipefail
 part="${1:-main}"
-case "$part" in main|extra|more) ;; *) echo "usage: bash benchmarks/gpu_suite.sh [main|extra|more]   (got '$part')" >&2; exit 2 ;; esac
+case "$part" in main|extra|more|data) ;; *) echo "usage: bash benchmarks/gpu_suite.sh [main|extra|more|data]   (got '$part')" >&2; exit 2 ;; esac
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
@@ -98,6 +106,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
     TEXT_STEPS=4 TEXT_WORK=outputs/gpu_suite_smoke_runs/t2i_mnist TEXT_NAME=text_to_image_mnist_smoke
     TEXT=(--model-size tiny --batch-size 16 --fd-steps 20 --align-steps 5 --per-prompt 1 --cfg-scales 2 --sample-steps 2
           --captions-per-image 1)
+    CHAIN=(--tiny --data synthetic --image-size 32 --channels 3 --autoencoder-downsample 4 --workers 1) CHAIN_WORK=outputs/gpu_suite_smoke_runs/latent_chain
 else
     DEV=cuda DOCS=docs/benchmarks WORK=runs/convergence_mnist_gpu CONV_OUT=docs/benchmarks/convergence_mnist_gpu OUT="${OUT:-outputs/gpu_suite}" FID_N=10000 FID_STEPS=16 TP_LIMIT=90
     CONV_EXTRA=(--num-samples 2000 --sample-steps 16)
@@ -106,6 +115,9 @@ else
     MEM_MAX=(--latent --sizes XL L --batches 256 --max-batch 2048 --granularity 64)
     MOD=(--preset gpu --threads 4) MOD_WORK=runs/modalities_gpu MOD_OUT=docs/benchmarks/modalities_gpu
     TEXT_WORK=runs/t2i_mnist_gpu TEXT_NAME=text_to_image_mnist_gpu TEXT=(--model-size S --batch-size 256)
+    CHAIN=(--data synthetic --count 4000 --image-size 256 --channels 3 --autoencoder-downsample 8 --ae-width 32 --ae-steps 300
+           --model-size S --batch-size 256 --teacher-steps 300 --teacher-sample-steps 16 --pairs 2048 --student-steps 100
+           --samples 2000 --feature-steps 300 --workers 8) CHAIN_WORK=runs/latent_chain_gpu
 fi
 RECORDS="$DOCS/results/$(basename "$CONV_OUT")_records.tgz"  # the convergence records a later extra call builds on
 mkdir -p "$OUT" "$DOCS/results"
@@ -131,7 +143,7 @@ step() {  # step NAME SECONDS COMMAND...: a time limit, cut to what is left of t
 }
 
 suite() {
-    [ -d "$MNIST" ] && { [ "$part" = more ] || [ -f "$SELFFLOW_INCEPTION" ]; } || {
+    [ "$part" = data ] || [ -d "$MNIST" ] && { [ "$part" = more ] || [ "$part" = data ] || [ -f "$SELFFLOW_INCEPTION" ]; } || {
         echo "missing $MNIST or $SELFFLOW_INCEPTION: copy the MNIST IDX files and fid_inception_v3_fp16.pt into .carry/"; return 2; }
     echo "gpu_suite $part, budget ${BUDGET}s, $(date)"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
@@ -150,6 +162,9 @@ suite() {
             --inception "$SELFFLOW_INCEPTION" --device "$DEV" --name "fid${FID_N}_generated_mnist_self_flow_$DEV"
         step memory-max 120 "$PY" benchmarks/memory.py --device "$DEV" "${MEM_MAX[@]}" --options bf16 --method self_flow --find-max \
             --name "memory_${DEV}_largest_batch"
+    elif [ "$part" = data ]; then
+        step latent-chain 400 "$PY" benchmarks/latent_chain.py --device "$DEV" "${CHAIN[@]}" --work "$CHAIN_WORK" \
+            --out "$DOCS/latent_chain_synthetic256_$DEV"
     elif [ "$part" = more ]; then
         step modalities 250 "$PY" benchmarks/modalities.py --device "$DEV" "${MOD[@]}" --work "$MOD_WORK" --out "$MOD_OUT"
         step text 250 "$PY" benchmarks/text_to_image.py --data mnist --data-path "$MNIST" --device "$DEV" "${TEXT[@]}" \
@@ -175,7 +190,7 @@ suite() {
 
     # pack what this call wrote: new benchmark files and the convergence records (no checkpoints)
     local files
-    files=$( (find "$DOCS" -type f -newer "$stamp"; [ "$part" = more ] || records) | sort -u)
+    files=$( (find "$DOCS" -type f -newer "$stamp"; [ "$part" = more ] || [ "$part" = data ] || records) | sort -u)
     if [ -n "$files" ]; then
         tar czf "$OUT/$part.tgz" $files && echo "packed $(echo "$files" | wc -l) files into $OUT/$part.tgz:" && echo "$files" | sed 's/^/  /'
     else

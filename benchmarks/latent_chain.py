@@ -44,7 +44,7 @@ def write_folder(kind: str, folder: Path, count: int, image_size: int, mnist_pat
         data = load_dataset(kind, path=mnist_path, split="train")
         images, labels = data.images[:count, 0].numpy(), data.labels[:count].numpy()
     for k in range(count):
-        target = folder / f"class_{int(labels[k])}" / f"{k:06d}.png"
+        target = folder / f"class_{int(labels[k])}" / f"{k:06d}.{'png' if images is not None else 'jpg'}"
         target.parent.mkdir(parents=True, exist_ok=True)
         if images is not None:
             Image.fromarray(images[k]).save(target)
@@ -52,19 +52,34 @@ def write_folder(kind: str, folder: Path, count: int, image_size: int, mnist_pat
             side = int(image_size * rng.uniform(1.0, 1.5))
             coarse = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
             coarse[..., int(labels[k]) % 3] = 255
-            Image.fromarray(coarse).resize((side, int(side * rng.uniform(0.75, 1.0))), Image.Resampling.BICUBIC).save(target)
+            Image.fromarray(coarse).resize((side, int(side * rng.uniform(0.75, 1.0))), Image.Resampling.BICUBIC).save(target, quality=90)
     (folder / ".complete").write_text(str(count))
     return folder
 
 
-def run(argv: list[str]) -> float:
+PEAK_GPU_MIB: dict[str, float] = {}  # stage → peak CUDA memory allocated (MiB), on a GPU
+
+
+def run(argv: list[str], stage: str | None = None) -> float:
     from selfflow.cli import main
 
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     code = main(argv)
     if code != 0:
         raise SystemExit(f"stage failed ({code}): selfflow {' '.join(argv)}")
+    if torch.cuda.is_available() and stage:
+        PEAK_GPU_MIB[stage] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return time.perf_counter() - start
+
+
+def images_per_s(run_dir: Path) -> float | None:
+    """The trainer's last logged training throughput."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").is_file() else []
+    values = [json.loads(line).get("images_per_s") for line in lines]
+    values = [v for v in values if v is not None]
+    return round(float(values[-1]), 1) if values else None
 
 
 def sets(values: dict) -> list[str]:
@@ -100,17 +115,22 @@ def chain(args) -> dict:
     times["autoencoder"] = time.perf_counter() - start
 
     latents = work / "latents"
-    times["encode-latents"] = run(["encode-latents", "--data", "folder", "--data-path", str(folder), "--image-size", str(args.image_size),
+    times["encode-latents"] = run(stage="encode-latents", argv=["encode-latents", "--data", "folder", "--data-path", str(folder), "--image-size", str(args.image_size),
                                    "--autoencoder", str(autoencoder), "--out", str(latents), "--shard-size", "1000",
                                    "--batch-size", "128", "--num-workers", str(args.workers), "--device", device])
-    model = {"model.size": "tiny", "model.depth": args.depth, "model.hidden_size": args.width, "model.num_heads": 4, "model.patch_size": 2}
+    if args.model_size:  # a named size with its own heads and Self-Flow layers (e.g. S on a GPU)
+        model = {"model.size": args.model_size, "model.depth": "null", "model.hidden_size": "null", "model.num_heads": "null",
+                 "model.patch_size": 2}
+        layers = {}
+    else:
+        model = {"model.size": "tiny", "model.depth": args.depth, "model.hidden_size": args.width, "model.num_heads": 4, "model.patch_size": 2}
+        layers = {"method.student_layer": 1, "method.teacher_layer": args.depth - 1}
     common = {"train.device": device, "train.progress": "false", "train.tensorboard": "false", "train.num_sample_images": 0,
               "train.ckpt_every": 0, "train.log_every": 100, **model}
     teacher = work / "teacher"
-    times["teacher (self_flow)"] = run(["train", "--config", str(ROOT / "configs" / "digits_self_flow.yaml"), *sets({
-        **common, "data.name": "latents", "data.path": str(latents), "train.steps": args.teacher_steps, "train.batch_size": 64,
-        "train.lr": 1e-3, "train.warmup_steps": 50, "train.out_dir": str(teacher), "method.student_layer": 1,
-        "method.teacher_layer": args.depth - 1})])
+    times["teacher (self_flow)"] = run(stage="teacher (self_flow)", argv=["train", "--config", str(ROOT / "configs" / "digits_self_flow.yaml"), *sets({
+        **common, "data.name": "latents", "data.path": str(latents), "train.steps": args.teacher_steps, "train.batch_size": args.batch_size,
+        "train.lr": 1e-3 if not args.model_size else 1e-4, "train.warmup_steps": 50, "train.out_dir": str(teacher), **layers})])
     pairs = work / "pairs"
     times["pairs"] = run(["generate-set", "--ckpt", str(teacher), "--out", str(pairs), "--n", str(args.pairs), "--kind", "pairs",
                           "--sampler", "heun", "--steps", str(args.teacher_sample_steps), "--shard-size", "1000", "--device", device])
@@ -118,8 +138,8 @@ def chain(args) -> dict:
                 "one-step distill": ("one-step", "digits_distill.yaml", {"data.name": "pairs", "data.path": str(pairs)}),
                 "dmd": ("dmd", "digits_dmd.yaml", {"data.name": "latents", "data.path": str(latents), "method.teacher": str(teacher)})}
     for name, (kind, config, data) in students.items():
-        times[f"student ({name})"] = run(["distill", kind, "--config", str(ROOT / "configs" / config), *sets({
-            **common, **data, "train.init_from": str(teacher), "train.steps": args.student_steps, "train.batch_size": 64,
+        times[f"student ({name})"] = run(stage=f"student ({name})", argv=["distill", kind, "--config", str(ROOT / "configs" / config), *sets({
+            **common, **data, "train.init_from": str(teacher), "train.steps": args.student_steps, "train.batch_size": args.batch_size,
             "train.out_dir": str(work / name.replace(" ", "_"))})])
 
     rows = []
@@ -133,7 +153,8 @@ def chain(args) -> dict:
         record = json.loads((out / "samples.json").read_text())
         rows.append({"generator": name, "sampler": f"{sampler} {steps}", "evaluations_per_image": record.get("nfe_per_sample"),
                      "fd_dom": round(float(fd_dom(out / "samples.npz", folder, device, cache, args)), 3),
-                     "sample_and_decode_s": round(seconds, 2), "train_s": round(times.get(name, 0.0), 1)})
+                     "sample_and_decode_s": round(seconds, 2), "train_s": round(times.get(name, 0.0), 1),
+                     "train_images_per_s": images_per_s(run_dir), "peak_gpu_mib": PEAK_GPU_MIB.get(name, "")})
 
     # The autoencoder's floor: its reconstructions of the first images against the folder.
     from selfflow.autoencoders import load_autoencoder
@@ -150,7 +171,7 @@ def chain(args) -> dict:
     rows.append({"generator": "autoencoder reconstructions (floor)", "sampler": "-", "evaluations_per_image": 0,
                  "fd_dom": round(float(fd_dom(floor, folder, device, cache, args)), 3), "sample_and_decode_s": "", "train_s": round(times["autoencoder"], 1)})
     manifest = json.loads((pairs / "set.json").read_text())
-    return {"rows": rows, "times": {k: round(v, 1) for k, v in times.items()}, "pairs_clipped": manifest.get("clipped"),
+    return {"rows": rows, "times": {k: round(v, 1) for k, v in times.items()}, "pairs_clipped": manifest.get("clipped"), "peak_gpu_mib": PEAK_GPU_MIB,
             "latent_shape": json.loads((latents / "set.json").read_text())["latent_shape"]}
 
 
@@ -169,6 +190,8 @@ def main() -> None:
     parser.add_argument("--ae-steps", type=int, default=600)
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--model-size", default=None, help="a named DiT size (S, B, …) instead of --depth/--width")
+    parser.add_argument("--batch-size", type=int, default=64, help="teacher and students")
     parser.add_argument("--teacher-steps", type=int, default=1500)
     parser.add_argument("--teacher-sample-steps", type=int, default=16)
     parser.add_argument("--pairs", type=int, default=2000)
@@ -185,7 +208,8 @@ def main() -> None:
     if args.tiny:
         args.count, args.ae_steps, args.teacher_steps, args.pairs, args.student_steps = 200, 5, 4, 64, 2
         args.samples, args.feature_steps, args.teacher_sample_steps = 64, 5, 2
-    torch.set_num_threads(1)
+    if args.device == "cpu":
+        torch.set_num_threads(1)
     started = time.perf_counter()
     result = chain(args)
     result["total_s"] = round(time.perf_counter() - started, 1)
@@ -200,7 +224,7 @@ def main() -> None:
                  f"steps; pairs: {args.pairs}, Heun {args.teacher_sample_steps} steps, clipped={result['pairs_clipped']} (the ODE's "
                  f"raw latents); students {args.student_steps} steps each from the teacher's EMA. FD_dom of {args.samples} decoded "
                  f"samples against the folder (FD_dom network trained {args.feature_steps} steps on the folder). Stage times (s): "
-                 + ", ".join(f"{k} {v}" for k, v in result["times"].items()) + f"; total {result['total_s']} s.")
+                 + ", ".join(f"{k} {v}" for k, v in result["times"].items()) + f"; total {result['total_s']} s. Machine: {args.device}.")
         import os
 
         os.environ["SELFFLOW_BENCH_DIR"] = str(out.parent.resolve())
@@ -209,9 +233,12 @@ def main() -> None:
         import benchmarks.harness as harness
 
         importlib.reload(harness)
-        path = harness.write_result(out.name, result["rows"], ["generator", "sampler", "evaluations_per_image", "fd_dom",
-                                                               "sample_and_decode_s", "train_s"],
-                                    "The latent chain end to end on the CPU", notes, extra={"times": result["times"]})
+        columns = ["generator", "sampler", "evaluations_per_image", "fd_dom", "sample_and_decode_s", "train_s", "train_images_per_s"]
+        if result["peak_gpu_mib"]:
+            columns.append("peak_gpu_mib")
+            notes += " Peak GPU memory per stage (MiB): " + ", ".join(f"{k} {v}" for k, v in result["peak_gpu_mib"].items()) + "."
+        title = "The latent chain end to end on the " + ("GPU" if args.device.startswith("cuda") else "CPU")
+        path = harness.write_result(out.name, result["rows"], columns, title, notes, extra={"times": result["times"]})
         print(f"wrote {path}")
 
 

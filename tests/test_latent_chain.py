@@ -19,6 +19,7 @@ def test_the_latent_chain_runs_end_to_end(tmp_path, monkeypatch):
     from benchmarks.latent_chain import chain
 
     args = SimpleNamespace(data="digits", data_path=None, work=str(tmp_path / "chain"), device="cpu", count=200, image_size=8,
+                           model_size=None, batch_size=64,
                            channels=1, autoencoder_downsample=2, ae_width=16, ae_steps=20, depth=2, width=64, teacher_steps=6,
                            teacher_sample_steps=2, pairs=64, student_steps=2, samples=64, feature_steps=5, workers=1)
     result = chain(args)
