@@ -34,12 +34,14 @@ def make_folder(root: Path, count: int, classes: int = 100, seed: int = 0) -> Pa
     if done.is_file() and int(done.read_text()) == count:
         return root
     rng = np.random.default_rng(seed)
+    noise = rng.integers(-12, 13, (700, 700, 3), dtype=np.int16)  # one tile, windows of it per image (drawing is slower than encoding)
     for k in range(count):
         folder = root / f"class_{k % classes:03d}"
         folder.mkdir(parents=True, exist_ok=True)
         width, height = (int(v) for v in rng.integers(160, 641, 2))
         coarse = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize((width, height), Image.Resampling.BICUBIC)
-        pixels = np.asarray(coarse, dtype=np.int16) + rng.integers(-12, 13, (height, width, 3), dtype=np.int16)
+        top, left = (int(v) for v in rng.integers(0, 700 - 640, 2))
+        pixels = np.asarray(coarse, dtype=np.int16) + noise[top:top + height, left:left + width]
         Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{k:06d}.jpg", quality=90)
     done.write_text(str(count))
     return root
