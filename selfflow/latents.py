@@ -41,6 +41,8 @@ def encode_dataset(dataset, autoencoder, folder: str | os.PathLike, *, autoencod
     """
     if posterior not in ("mean", "sample"):
         raise ValueError(f"posterior must be mean or sample, got {posterior!r}")
+    if getattr(dataset, "crop", None) == "random":
+        raise DataError("encode-latents stores one latent per image: use crop center or resize, not random")
     if dataset.channels != autoencoder.in_channels:
         raise DataError(f"the data has {dataset.channels} channel(s), the autoencoder expects {autoencoder.in_channels} "
                         f"(pass channels={autoencoder.in_channels} / --channels)")
@@ -61,21 +63,20 @@ def encode_dataset(dataset, autoencoder, folder: str | os.PathLike, *, autoencod
     pending = shards.pending()
     todo = sum(stop - start for start, stop in map(shards.item_range, pending))
     bar = tqdm(total=todo, unit="img", desc="encoding latents", dynamic_ncols=True, disable=not progress or not todo)
-    if getattr(dataset, "crop", None) == "random":
-        raise DataError("encode-latents stores one latent per image: use crop center or resize, not random")
     ranges = [(lo, min(lo + batch_size, stop)) for start, stop in map(shards.item_range, pending) for lo in range(start, stop, batch_size)]
     if getattr(dataset, "streamed", False):
         from selfflow.data.loader import decoded_batches
 
-        decoded = (uint8_to_float(images.to(device)) for images, _ in decoded_batches(dataset, [range(lo, hi) for lo, hi in ranges], num_workers))
+        decoded = ((uint8_to_float(images.to(device)), labels) for images, labels in decoded_batches(dataset, [range(lo, hi) for lo, hi in ranges], num_workers))
     else:
-        decoded = (dataset.get_batch(torch.arange(lo, hi), device=device)[0] for lo, hi in ranges)
+        decoded = (dataset.get_batch(torch.arange(lo, hi), device=device) for lo, hi in ranges)
     for index in pending:
         start, stop = shards.item_range(index)
-        parts = []
+        parts, label_parts = [], []
         for lo in range(start, stop, batch_size):
             hi = min(lo + batch_size, stop)
-            x = next(decoded)
+            x, labels = next(decoded)  # labels as decoded: a skipped unreadable image's stand-in brings its own
+            label_parts.append(labels.cpu())
             mean, std = autoencoder.encode(x)
             if posterior == "sample":  # item k's noise from seed + k: the same whatever the batching
                 noise = torch.stack([torch.randn(mean.shape[1:], generator=torch.Generator().manual_seed(seed + k)) for k in range(lo, hi)])
@@ -85,7 +86,7 @@ def encode_dataset(dataset, autoencoder, folder: str | os.PathLike, *, autoencod
         latents = torch.cat(parts)
         if not torch.isfinite(latents).all():
             raise DataError(f"the autoencoder produced NaN or infinite latents for items {start}..{stop - 1}")
-        path = shards.write(index, {"latents": latents.to(dtype), "labels": dataset.labels[start:stop].clone()})
+        path = shards.write(index, {"latents": latents.to(dtype), "labels": torch.cat(label_parts).to(torch.int64)})
         if on_shard is not None:
             on_shard(index, path)
     bar.close()
