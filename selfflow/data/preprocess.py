@@ -37,7 +37,7 @@ def to_mode(picture, mode: str):
         picture = Image.fromarray(np.rint(np.clip(array / top, 0, 1) * 255).astype(np.uint8))
     if picture.mode in ("RGBA", "LA", "PA") or (picture.mode == "P" and "transparency" in picture.info):
         picture = picture.convert("RGBA").convert("RGB")  # drop alpha, keep the colours
-    return picture.convert(mode)
+    return picture if picture.mode == mode else picture.convert(mode)  # convert() to the same mode copies every pixel
 
 
 def _shrink(picture, short_target: int):
@@ -47,7 +47,8 @@ def _shrink(picture, short_target: int):
     while min(picture.size) >= 2 * short_target:
         picture = picture.resize(tuple(side // 2 for side in picture.size), resample=Image.Resampling.BOX)
     scale = short_target / min(picture.size)
-    return picture.resize(tuple(round(side * scale) for side in picture.size), resample=Image.Resampling.BICUBIC)
+    size = tuple(round(side * scale) for side in picture.size)
+    return picture if size == picture.size else picture.resize(size, resample=Image.Resampling.BICUBIC)
 
 
 def center_crop(picture, size: int) -> np.ndarray:
