@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -210,9 +211,10 @@ def main() -> None:
 
     cache = args.work / "cache"
     memory = {}
+    runs = Path(tempfile.mkdtemp(prefix="runs-", dir=args.work))  # fresh run folders: an old one would resume, not train
     for label, folder in (("1000", small), (str(args.images), large)):
-        peak_rss_of_training(folder, args.work / f"run_{label}_index", 1, args.workers, cache)  # builds the index
-        memory[label] = peak_rss_of_training(folder, args.work / f"run_{label}", args.train_steps, args.workers, cache)
+        peak_rss_of_training(folder, runs / f"index_{label}", 1, args.workers, cache)  # builds the index
+        memory[label] = peak_rss_of_training(folder, runs / f"run_{label}", args.train_steps, args.workers, cache)
         print(f"{label} images: {memory[label]}", flush=True)
     for label, record in memory.items():
         rows.append({"what": f"peak RSS, trainer + {args.workers} workers, {args.train_steps} steps on {label} images (MiB)",
