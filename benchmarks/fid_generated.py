@@ -28,6 +28,7 @@ def main() -> None:
     parser.add_argument("--inception", default=None, help="Inception FID weights (default: $SELFFLOW_INCEPTION)")
     parser.add_argument("--sampler", default="euler")
     parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance (1 = off)")
     parser.add_argument("--batch-size", type=int, default=1000)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--cache-dir", default=None, help="reference statistics (default: a fresh folder, so the reference is timed too)")
@@ -37,7 +38,7 @@ def main() -> None:
     report_file = RESULTS / f"{args.name}_eval.json"
     with tempfile.TemporaryDirectory() as fresh:
         command = [sys.executable, "-m", "selfflow", "eval", "--ckpt", args.ckpt, "--metrics", "fid", "--n", str(args.n),
-                   "--num-reference", str(args.n), "--sampler", args.sampler, "--steps", str(args.steps),
+                   "--num-reference", str(args.n), "--sampler", args.sampler, "--steps", str(args.steps), "--cfg-scale", f"{args.cfg_scale:g}",
                    "--batch-size", str(args.batch_size), "--device", args.device, "--cache-dir", args.cache_dir or fresh,
                    "--out", str(report_file)]
         if args.inception:
@@ -63,7 +64,7 @@ def main() -> None:
     if seconds_per_image:
         rows.insert(5, {"quantity": f"ms per image, one batch of {min(args.batch_size, args.n)} (timed again)", "value": 1e3 * seconds_per_image})
     inception = report.get("inception", {}).get("weights_sha256", "")
-    notes = (f"Model: `{args.ckpt}` (EMA weights), {args.sampler} sampler, {args.steps} steps, guidance 1.0, batch {args.batch_size}. "
+    notes = (f"Model: `{args.ckpt}` (EMA weights), {args.sampler} sampler, {args.steps} steps, guidance {args.cfg_scale:g}, batch {args.batch_size}. "
              "FID: TF-FID Inception-v3 pool features, bilinear resize to 299, grey repeated to 3 channels"
              + (f", weights sha256 {inception[:16]}…" if inception else "")
              + f". The whole command includes starting Python, loading the model and data, and a second timed batch "

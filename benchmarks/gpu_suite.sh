@@ -31,7 +31,15 @@
 #                  (benchmarks/text_to_image.py --device cuda --model-size S). Text encoder `hashed`: the device
 #                  has no network and only torch and this repository, not the MiniLM package. The report is
 #                  written at the end only, so TEXT_STEPS is sized to finish well inside the limit.  250 s
-#   bash benchmarks/gpu_suite.sh data       a fourth call (another session's): real data at ImageNet-like shapes
+#   bash benchmarks/gpu_suite.sh onestep    a fourth call (another session's): one-step generation on MNIST
+#     one-step     benchmarks/one_step.py on the GPU with the CPU table's recipe (teacher: configs/mnist_teacher_cpu.yaml's
+#                  model, depth 5, width 96, patch 4, ONE_TEACHER_STEPS steps; students: 1-step distillation of the
+#                  1-rectified flow, DMD with and without its regression, DMD2; seed 0; FD_dom of 2000 images), an
+#                  estimate without a measurement there: a step of this 0.9M-parameter model is launch-bound
+#                  (~10-20 ms eager), so ~6000 + 3 × 1000 steps and the scoring take ~300 s                 400 s
+#     fid10k-*     Inception FID of 10k images (vs the first 10k training images): the teacher at 50 Euler steps,
+#                  guidance 1 and 1.5 (the guidance the DMD students learn), and each 1-step student       4 × 30 s
+#   bash benchmarks/gpu_suite.sh data       a fifth call (another session's): real data at ImageNet-like shapes
 #     latent-chain the latent chain end to end on synthetic 256×256 RGB images of mixed sizes (a streamed folder of
 #                  JPEGs, 8 decoding workers): small autoencoder (downsample 8: 32×32×4 latents, 256 tokens at
 #                  patch 2) → encode-latents → Self-Flow size S (bf16, batch 256) → unclipped pairs → reflow,
@@ -73,6 +81,7 @@
 #   run(command="bash benchmarks/gpu_suite.sh", carry=[".carry"], timeout_s=600)
 #   run(command="bash benchmarks/gpu_suite.sh extra", carry=[".carry"], timeout_s=600)
 #   run(command="bash benchmarks/gpu_suite.sh more", carry=[".carry"], timeout_s=600)
+#   run(command="bash benchmarks/gpu_suite.sh onestep", carry=[".carry"], timeout_s=600)
 #   run(command="bash benchmarks/gpu_suite.sh data", timeout_s=600)
 # Each call packs what it wrote into $OUT/<part>.tgz (new docs/benchmarks/ files and the convergence run
 # records, never checkpoints; the more call packs its reports only; unpack here with `tar xzf`) and keeps its whole log in $OUT/<part>.log.
@@ -83,7 +92,7 @@
 # docs/benchmarks: a check of the plumbing before a GPU session is spent on it.
 set -uo pipefail
 part="${1:-main}"
-case "$part" in main|extra|more|data) ;; *) echo "usage: bash benchmarks/gpu_suite.sh [main|extra|more|data]   (got '$part')" >&2; exit 2 ;; esac
+case "$part" in main|extra|more|onestep|data) ;; *) echo "usage: bash benchmarks/gpu_suite.sh [main|extra|more|onestep|data]   (got '$part')" >&2; exit 2 ;; esac
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
@@ -94,6 +103,7 @@ STEPS="${STEPS:-1500}"
 EVAL_EVERY="${EVAL_EVERY:-250}"
 CONV_MINUTES="${CONV_MINUTES:-4}"
 TEXT_STEPS="${TEXT_STEPS:-800}"
+ONE_TEACHER_STEPS="${ONE_TEACHER_STEPS:-6000}"
 if [ "${SMOKE:-0}" = 1 ]; then
     DEV=cpu DOCS=outputs/gpu_suite_smoke WORK=outputs/gpu_suite_smoke_runs/convergence_mnist CONV_OUT=outputs/gpu_suite_smoke/convergence_mnist_smoke OUT="${OUT:-outputs/gpu_suite_smoke_out}"
     STEPS=4 EVAL_EVERY=2 CONV_MINUTES=2 FID_N=20 FID_STEPS=2 TP_LIMIT=150  # compiling on 2 shared cores takes 1-2 minutes
@@ -106,6 +116,9 @@ if [ "${SMOKE:-0}" = 1 ]; then
     TEXT_STEPS=4 TEXT_WORK=outputs/gpu_suite_smoke_runs/t2i_mnist TEXT_NAME=text_to_image_mnist_smoke
     TEXT=(--model-size tiny --batch-size 16 --fd-steps 20 --align-steps 5 --per-prompt 1 --cfg-scales 2 --sample-steps 2
           --captions-per-image 1)
+    ONE=(--teacher-steps 4 --pairs 16 --reflow-steps 2 --distill-steps 2 --dmd-steps 2 --dmd2-steps 5 --num-samples 50 --fd-steps 20
+         --speed-rounds 1 --student-set train.batch_size=8 --teacher-set train.batch_size=8)
+    ONE_WORK=outputs/gpu_suite_smoke_runs/one_step_mnist ONE_OUT=outputs/gpu_suite_smoke/one_step_mnist_smoke
     CHAIN=(--tiny --data synthetic --image-size 32 --channels 3 --autoencoder-downsample 4 --workers 1) CHAIN_WORK=outputs/gpu_suite_smoke_runs/latent_chain
 else
     DEV=cuda DOCS=docs/benchmarks WORK=runs/convergence_mnist_gpu CONV_OUT=docs/benchmarks/convergence_mnist_gpu OUT="${OUT:-outputs/gpu_suite}" FID_N=10000 FID_STEPS=16 TP_LIMIT=90
@@ -115,6 +128,9 @@ else
     MEM_MAX=(--latent --sizes XL L --batches 256 --max-batch 2048 --granularity 64)
     MOD=(--preset gpu --threads 4) MOD_WORK=runs/modalities_gpu MOD_OUT=docs/benchmarks/modalities_gpu
     TEXT_WORK=runs/t2i_mnist_gpu TEXT_NAME=text_to_image_mnist_gpu TEXT=(--model-size S --batch-size 256)
+    ONE=(--teacher-steps "$ONE_TEACHER_STEPS" --teacher-lr 1.5e-3 --pairs 5000 --reflow-steps 1000 --distill-steps 1000 --dmd-steps 1000
+         --dmd2-steps 2500 --num-samples 2000)
+    ONE_WORK=runs/one_step_mnist_gpu ONE_OUT=docs/benchmarks/one_step_mnist_gpu
     CHAIN=(--data synthetic --count 4000 --image-size 256 --channels 3 --autoencoder-downsample 8 --ae-width 32 --ae-steps 300
            --model-size S --batch-size 256 --teacher-steps 300 --teacher-sample-steps 16 --pairs 2048 --student-steps 100
            --samples 2000 --feature-steps 300 --workers 8) CHAIN_WORK=runs/latent_chain_gpu
@@ -162,6 +178,17 @@ suite() {
             --inception "$SELFFLOW_INCEPTION" --device "$DEV" --name "fid${FID_N}_generated_mnist_self_flow_$DEV"
         step memory-max 120 "$PY" benchmarks/memory.py --device "$DEV" "${MEM_MAX[@]}" --options bf16 --method self_flow --find-max \
             --name "memory_${DEV}_largest_batch"
+    elif [ "$part" = onestep ]; then
+        step one-step 400 "$PY" benchmarks/one_step.py --data mnist --data-path "$MNIST" --device "$DEV" --threads 4 --model cpu_teacher \
+            "${ONE[@]}" --seeds 0 --reflow-rounds 1 --only distill1_l2 dmd dmd_noreg dmd2 --work "$ONE_WORK" --out "$ONE_OUT"
+        local r="$ONE_WORK/runs"
+        for spec in teacher:50:1 teacher:50:1.5 distill1_l2_s0:1:1 dmd_s0:1:1 dmd_noreg_s0:1:1 dmd2_s0:1:1; do
+            IFS=: read -r run steps cfg <<< "$spec"
+            [ -d "$r/$run" ] || { echo "no $r/$run: fid10k-$run-$steps-cfg$cfg not run"; failed+=("fid10k-$run(no run)"); continue; }
+            step "fid10k-$run-$steps-cfg$cfg" 30 "$PY" benchmarks/fid_generated.py --ckpt "$r/$run" --n "$FID_N" --sampler euler \
+                --steps "$steps" --cfg-scale "$cfg" --inception "$SELFFLOW_INCEPTION" --device "$DEV" \
+                --cache-dir "$ONE_WORK/fid_cache" --name "fid${FID_N}_one_step_mnist_${run}_euler${steps}_cfg${cfg}_$DEV"
+        done
     elif [ "$part" = data ]; then
         step latent-chain 400 "$PY" benchmarks/latent_chain.py --device "$DEV" "${CHAIN[@]}" --work "$CHAIN_WORK" \
             --out "$DOCS/latent_chain_synthetic256_$DEV"

@@ -5,14 +5,21 @@ stage is a command anyone can rerun) and is resumable: a stage whose run folder 
 ``stage.json`` is skipped, an evaluation whose record exists is not redone.
 
 1. teacher: ``selfflow train`` (Self-Flow config of the data set);
-2. teacher pairs: ``selfflow generate-set --kind pairs --sampler heun --steps 32`` (guidance 1);
+   (or ``--teacher-run``: an existing run, e.g. of ``configs/mnist_teacher_cpu.yaml``);
+2. teacher pairs: ``selfflow generate-set --kind pairs --sampler heun --steps 32`` (guidance ``--pairs-cfg``, 1),
+   and for DMD's regression the same at the real score's guidance ``--guidance`` (1.5);
 3. reflow round 1 (``selfflow distill reflow``, from the teacher, on its pairs), its pairs, and
    (``--reflow-rounds 2``) round 2 from round 1's pairs — straightness is measured for each;
 4. students from the reflowed model and its pairs (InstaFlow): ``selfflow distill one-step`` with
    1, 2 and 4 Euler steps (loss l2, every ``--seeds``) and the 1-step student with pseudo-Huber and
    feature losses (``--loss-seeds``);
-5. ``selfflow distill dmd`` and ``selfflow distill dmd2`` (1 step, and 4 steps with backward
-   simulation) from the teacher, every ``--seeds``.
+5. ``selfflow distill dmd`` (with its regression on the guided pairs: "DMD"; without: "DMD (no
+   regression)") and ``selfflow distill dmd2`` (1 step, and 4 steps with backward simulation) from the
+   teacher, real score at guidance ``--guidance``, every ``--seeds``.
+
+Every student is judged against the teacher it learns — the teacher at the guidance its target was
+made with — at 50 Euler steps (``fd_dom_vs_learned_teacher``; speed-up against that teacher's 50-step
+cost, a guided step costing two evaluations) and at the student's own number of steps.
 
 Every model is then scored on the same noise (image k from seed k, label k mod classes):
 
@@ -47,6 +54,7 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -60,6 +68,8 @@ MODEL_PRESETS = {
     "tiny": ["model.size=tiny", "model.depth=4", "model.hidden_size=64", "model.num_heads=4", "model.patch_size=2"],
     # MNIST on a CPU: a tiny DiT with patch 4 (49 tokens), as docs/benchmarks/convergence_mnist_cpu_p4.md
     "tiny_p4": ["model.size=tiny", "model.depth=4", "model.hidden_size=64", "model.num_heads=4", "model.patch_size=4"],
+    # MNIST on a CPU, the teacher of configs/mnist_teacher_cpu.yaml (--teacher-run): depth 5, width 96, patch 4
+    "cpu_teacher": ["model.size=tiny", "model.depth=5", "model.hidden_size=96", "model.num_heads=4", "model.patch_size=4"],
     # MNIST on a GPU: DiT-S/2 (196 tokens)
     "S": ["model.size=S", "model.depth=null", "model.hidden_size=null", "model.num_heads=null", "model.patch_size=2"],
 }
@@ -69,7 +79,7 @@ DEFAULTS = {
     "mnist": dict(model="tiny_p4", teacher_steps=6000, teacher_lr=1e-3, pairs=10000, reflow_steps=2000, distill_steps=1000,
                   dmd_steps=1000, dmd2_steps=2500, num_samples=2000, fd_steps=3000),
 }
-TEACHER_EULER = [50, 20, 10, 4, 1]
+TEACHER_EULER = [50, 20, 10, 4, 2, 1]
 TEACHER_HEUN = [25, 10, 5, 2]
 
 
@@ -88,6 +98,17 @@ class Chain:
         self.sets = self.work / "sets"
         self.cuda = args.device.startswith("cuda")
         self.data_path = resolve_data_path(args) if args.data == "mnist" else None
+
+    def folder(self, name: str) -> Path:
+        """A run's folder: <work>/runs/<name>, or ``--teacher-run`` for the teacher."""
+        if name == "teacher" and self.args.teacher_run:
+            return Path(self.args.teacher_run).resolve()
+        return self.runs / name
+
+    def done(self, name: str) -> bool:
+        if name == "teacher" and self.args.teacher_run:
+            return (self.folder(name) / "checkpoints").is_dir()
+        return (self.runs / name / "stage.json").is_file()
 
     # ---- common overrides -----------------------------------------------------------------
     def common(self, out_dir: Path, seed: int) -> list[str]:
@@ -137,10 +158,10 @@ class Chain:
             argv += ["--set", item]
         return self.stage(name, out, argv)
 
-    def pairs(self, name: str, ckpt: Path) -> dict:
+    def pairs(self, name: str, ckpt: Path, cfg: float = 1.0) -> dict:
         out = self.sets / name
         argv = ["generate-set", "--ckpt", str(ckpt), "--out", str(out), "--kind", "pairs", "--n", str(self.args.pairs),
-                "--sampler", "heun", "--steps", "32", "--cfg-scale", "1.0", "--device", self.args.device,
+                "--sampler", "heun", "--steps", "32", "--cfg-scale", f"{cfg:g}", "--device", self.args.device,
                 "--batch-size", "1000", "--shard-size", str(min(self.args.pairs, 5000))]
         return self.stage(name, out, argv)
 
@@ -148,23 +169,27 @@ class Chain:
     def student_specs(self) -> list[dict]:
         """Every trained model after the teacher: name, what it is, how it samples."""
         a = self.args
-        specs = [{"name": "reflow1", "method": "1-rectified flow (reflow), no distillation", "group": "reflow1", "seed": 0, "steps": [1, 2, 4]}]
+        pc, g = a.pairs_cfg, a.guidance  # the guidance each student learns: reflow's pairs', DMD's real score's
+        specs = [{"name": "reflow1", "method": "1-rectified flow (reflow), no distillation", "group": "reflow1", "seed": 0, "steps": [1, 2, 4],
+                  "learned_cfg": pc}]
         if a.reflow_rounds >= 2:
             specs.append({"name": "reflow2", "method": "2-rectified flow (reflow twice), no distillation", "group": "reflow2", "seed": 0,
-                          "steps": [1, 2, 4]})
+                          "steps": [1, 2, 4], "learned_cfg": pc})
         for k in (1, 2, 4):
             for seed in a.seeds:
                 specs.append({"name": f"distill{k}_l2_s{seed}", "method": f"reflow + distill, {k} step{'s' if k > 1 else ''} (l2)",
-                              "group": f"distill{k}_l2", "seed": seed, "steps": [k], "k": k, "loss": "l2"})
+                              "group": f"distill{k}_l2", "seed": seed, "steps": [k], "k": k, "loss": "l2", "learned_cfg": pc})
         for loss in ("pseudo_huber", "feature"):
             for seed in a.loss_seeds:
                 specs.append({"name": f"distill1_{loss}_s{seed}", "method": f"reflow + distill, 1 step ({loss})",
-                              "group": f"distill1_{loss}", "seed": seed, "steps": [1], "k": 1, "loss": loss})
+                              "group": f"distill1_{loss}", "seed": seed, "steps": [1], "k": 1, "loss": loss, "learned_cfg": pc})
         for seed in a.seeds:
-            specs.append({"name": f"dmd_s{seed}", "method": "DMD, 1 step", "group": "dmd", "seed": seed, "steps": [1]})
-            specs.append({"name": f"dmd2_s{seed}", "method": "DMD2, 1 step", "group": "dmd2", "seed": seed, "steps": [1]})
+            specs.append({"name": f"dmd_s{seed}", "method": "DMD, 1 step", "group": "dmd", "seed": seed, "steps": [1], "learned_cfg": g})
+            specs.append({"name": f"dmd_noreg_s{seed}", "method": "DMD (no regression), 1 step", "group": "dmd_noreg", "seed": seed,
+                          "steps": [1], "learned_cfg": g})
+            specs.append({"name": f"dmd2_s{seed}", "method": "DMD2, 1 step", "group": "dmd2", "seed": seed, "steps": [1], "learned_cfg": g})
             specs.append({"name": f"dmd2_4step_s{seed}", "method": "DMD2, 4 steps (backward simulation)", "group": "dmd2_4step",
-                          "seed": seed, "steps": [4]})
+                          "seed": seed, "steps": [4], "learned_cfg": g})
         if not a.only:
             return specs
         chosen = [s for s in specs if s["name"] in a.only or s["group"] in a.only]
@@ -175,14 +200,20 @@ class Chain:
     def run_all(self) -> dict:
         a = self.args
         records = {}
-        teacher = self.runs / "teacher"
-        records["teacher"] = self.train("teacher", None, self.config("self_flow"), [
-            f"train.steps={a.teacher_steps}", f"train.lr={a.teacher_lr}", "train.batch_size=64", "train.warmup_steps=200",
-            "train.ema_decay=0.999", *self.data_overrides(), *a.teacher_set])
+        teacher = self.folder("teacher")
+        if a.teacher_run:  # a teacher trained by its own command (configs/mnist_teacher_cpu.yaml): recorded, not rerun
+            records["teacher"] = {"stage": "teacher", "command": f"(an existing run: {teacher}; its config.yaml holds the recipe)",
+                                  "seconds": 0.0}
+        else:
+            records["teacher"] = self.train("teacher", None, self.config("self_flow"), [
+                f"train.steps={a.teacher_steps}", f"train.lr={a.teacher_lr}", "train.batch_size=64", "train.warmup_steps=200",
+                "train.ema_decay=0.999", *self.data_overrides(), *a.teacher_set])
         chosen = self.student_specs()
         reflow = any(s["name"].startswith(("reflow", "distill")) for s in chosen)
         if reflow:
-            records["pairs_teacher"] = self.pairs("pairs_teacher", teacher)
+            records["pairs_teacher"] = self.pairs("pairs_teacher", teacher, a.pairs_cfg)
+        if any(s["group"] == "dmd" for s in chosen):  # DMD's regression: pairs of the real score (the teacher at a.guidance)
+            records["pairs_teacher_guided"] = self.pairs("pairs_teacher_guided", teacher, a.guidance)
         previous, previous_pairs = teacher, self.sets / "pairs_teacher"
         for round_ in range(1, a.reflow_rounds + 1 if reflow else 1):
             name = f"reflow{round_}"
@@ -205,7 +236,10 @@ class Chain:
                 records[name] = self.train(name, "one-step", self.config("distill"), overrides + a.student_set, spec["seed"])
             else:
                 kind = "dmd" if name.startswith("dmd_") else "dmd2"
-                overrides = [f"method.teacher={teacher}", f"train.init_from={teacher}", *self.data_overrides(),
+                data = ([f"data.path={self.sets / 'pairs_teacher_guided'}", "data.name=pairs", f"method.regression_weight={a.regression_weight}"]
+                        if spec["group"] == "dmd" else [*self.data_overrides(), "method.regression_weight=0"] if kind == "dmd"
+                        else self.data_overrides())
+                overrides = [f"method.teacher={teacher}", f"train.init_from={teacher}", f"method.real_cfg={a.guidance}", *data,
                              f"train.steps={a.dmd_steps if kind == 'dmd' else a.dmd2_steps}"]
                 if "4step" in name:
                     overrides += ["method.generator_steps=4", "method.backward_simulation=true", "sample.steps=4"]
@@ -254,7 +288,7 @@ class Evaluator:
         from selfflow.model import load_generator
 
         if name not in self.models:
-            self.models[name] = load_generator(self.chain.runs / name, "ema", self.device)[0].eval()
+            self.models[name] = load_generator(self.chain.folder(name), "ema", self.device)[0].eval()
         return self.models[name]
 
     def images(self, name: str, sampler: str, steps: int, cfg: float, n: int):
@@ -347,7 +381,7 @@ class Evaluator:
         record = json.loads(path.read_text()) if path.is_file() else {}
         n, steps = min(self.args.num_samples, 1000), 32
         for name in names:
-            if name in record or not (self.chain.runs / name / "stage.json").is_file():
+            if name in record or not self.chain.done(name):
                 continue
             model = self.model(name)
             noise = noise_for_seeds(range(n), (model.in_channels, model.image_size, model.image_size), self.device)
@@ -367,7 +401,7 @@ class Evaluator:
         import matplotlib.pyplot as plt
         from selfflow.imageio import make_grid
 
-        entries = [e for e in entries if (self.chain.runs / e[1] / "stage.json").is_file()]
+        entries = [e for e in entries if self.chain.done(e[1])]
         cols = min(4, len(entries))
         rows = math.ceil(len(entries) / cols)
         fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.5 * rows), squeeze=False)
@@ -401,14 +435,14 @@ class Evaluator:
         from selfflow.path import interpolate
         from selfflow.sampling import GuidedVelocity, noise_for_seeds
 
-        names = [n for n in names if (self.chain.runs / n / "stage.json").is_file()]
+        names = [n for n in names if self.chain.done(n)]
         if not names:
             return {}
         teacher = self.model("teacher")
         stats = {}
         fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.4), squeeze=False)
         for ax, name in zip(axes[0], names):
-            folder = resolve_checkpoint(self.chain.runs / name)
+            folder = resolve_checkpoint(self.chain.folder(name))
             config = json.loads((folder / "config.json").read_text())
             method = config["run"]["method"]
             state = load_file(str(folder / "method.safetensors"))
@@ -460,25 +494,29 @@ def mean_sd(values: list[float], digits: int = 3) -> str:
 
 
 def build_rows(chain: Chain, specs: list[dict], evals: list[dict], speed: dict) -> list[dict]:
-    """One row per (method group, sampler, steps, guidance): mean ± sd over seeds."""
+    """One row per (method group, sampler, steps, guidance): mean ± sd over seeds.
+
+    Every row is judged against the teacher it learns: the teacher at the guidance its training
+    target was made with (``learned_cfg``: reflow's pairs', DMD's real score's), at 50 Euler steps
+    (FD ratio and speed-up: that teacher's 50-step cost) and at the row's own number of steps."""
     speed_results = speed.get("results", {})
     by_run = {s["name"]: s for s in specs}
     groups: dict[tuple, list[dict]] = {}
     for e in evals:
         if e["run"] == "teacher":
-            label, group = f"teacher ({e['sampler']}, guidance {e['cfg_scale']:g})", f"teacher_{e['sampler']}_cfg{e['cfg_scale']:g}"
+            label, group, learned = (f"teacher ({e['sampler']}, guidance {e['cfg_scale']:g})", f"teacher_{e['sampler']}_cfg{e['cfg_scale']:g}",
+                                     e["cfg_scale"])
         else:
             spec = by_run[e["run"]]
-            label, group = spec["method"], spec["group"]
-        groups.setdefault((group, e["sampler"], e["steps"], e["cfg_scale"]), []).append({**e, "label": label})
-    teacher50 = next((v[0] for k, v in groups.items() if k == ("teacher_euler_cfg1", "euler", 50, 1.0)), None)
-    guided50 = next((v[0] for k, v in groups.items() if k[0] == "teacher_euler_cfg1.5" and k[2] == 50), None)
-    base_speed = speed_results.get("euler50_cfg1", {})
+            label, group, learned = spec["method"], spec["group"], spec["learned_cfg"]
+        groups.setdefault((group, e["sampler"], e["steps"], e["cfg_scale"]), []).append({**e, "label": label, "learned_cfg": learned})
+    teacher_at = {(k[1], k[2], k[3]): v[0] for k, v in groups.items() if k[0].startswith("teacher")}
     rows = []
     for (group, sampler, steps, cfg), items in groups.items():
         fds = [i["fd_dom"] for i in items]
+        learned = items[0]["learned_cfg"]
         s = speed_results.get(f"{sampler}{steps}_cfg{cfg:g}", {})
-        row = {"method": items[0]["label"], "group": group, "sampler": sampler, "steps": steps, "cfg_scale": cfg,
+        row = {"method": items[0]["label"], "group": group, "sampler": sampler, "steps": steps, "cfg_scale": cfg, "learned_cfg": learned,
                "nfe_per_image": items[0]["nfe_per_image"],
                "seeds": sorted(by_run[i["run"]]["seed"] for i in items) if items[0]["run"] in by_run else [0],
                "fd_dom_values": fds, "fd_dom": statistics.mean(fds), "fd_dom_sd": statistics.stdev(fds) if len(fds) > 1 else None,
@@ -488,28 +526,57 @@ def build_rows(chain: Chain, specs: list[dict], evals: list[dict], speed: dict) 
                "precision_values": [i["precision"] for i in items], "recall_values": [i["recall"] for i in items],
                "pixel_mean": statistics.mean(i["pixel_mean"] for i in items), "pixel_std": statistics.mean(i["pixel_std"] for i in items),
                "images_per_s_b256": s.get("images_per_s_b256"), "ms_per_image_b1": s.get("ms_per_image_b1")}
-        if teacher50:
-            row["fd_dom_vs_teacher50"] = row["fd_dom"] / teacher50["fd_dom"]
-        if guided50:  # DMD's real score is the guided teacher: its own target
-            row["fd_dom_vs_teacher50_guided"] = row["fd_dom"] / guided50["fd_dom"]
+        target = teacher_at.get(("euler", 50, learned))  # the teacher it learns, 50 Euler steps
+        if target:
+            row["learned_teacher"] = {"cfg_scale": learned, "steps": 50, "nfe_per_image": target["nfe_per_image"], "fd_dom": target["fd_dom"],
+                                      "class_accuracy": target["class_accuracy"]}
+            row["fd_dom_vs_learned_teacher"] = row["fd_dom"] / target["fd_dom"]
+        same = teacher_at.get(("euler", steps, learned))  # that teacher at the student's own number of steps
+        if same and not group.startswith("teacher"):
+            row["learned_teacher_same_steps"] = {"steps": steps, "nfe_per_image": same["nfe_per_image"], "fd_dom": same["fd_dom"],
+                                                 "class_accuracy": same["class_accuracy"]}
+            row["fd_dom_vs_learned_teacher_same_steps"] = row["fd_dom"] / same["fd_dom"]
+        unguided = teacher_at.get(("euler", 50, 1.0))
+        if unguided:
+            row["fd_dom_vs_teacher50_guidance1"] = row["fd_dom"] / unguided["fd_dom"]
+        base_speed = speed_results.get(f"euler50_cfg{learned:g}", {})  # the learned teacher's 50-step cost
         if base_speed and s:
             row["speedup_b256_vs_teacher50"] = s["images_per_s_b256"] / base_speed["images_per_s_b256"]
             row["speedup_b1_vs_teacher50"] = base_speed["ms_per_image_b1"] / s["ms_per_image_b1"]
         rows.append(row)
-    order = ["teacher_euler_cfg1", "teacher_heun_cfg1", "teacher_euler_cfg1.5", "reflow1", "reflow2", "distill1_l2", "distill1_pseudo_huber",
-             "distill1_feature", "distill2_l2", "distill4_l2", "dmd", "dmd2", "dmd2_4step"]
-    rows.sort(key=lambda r: (order.index(r["group"]) if r["group"] in order else len(order), -r["nfe_per_image"]))
+    order = ["reflow1", "reflow2", "distill1_l2", "distill1_pseudo_huber", "distill1_feature", "distill2_l2", "distill4_l2", "dmd", "dmd_noreg",
+             "dmd2", "dmd2_4step"]
+    rows.sort(key=lambda r: (not r["group"].startswith("teacher"), r["group"] if r["group"].startswith("teacher") else "",
+                             order.index(r["group"]) if r["group"] in order else len(order), -r["nfe_per_image"]))
     return rows
+
+
+def teacher_summary(rows: list[dict]) -> dict:
+    """The 50-step Euler teacher at each guidance it was scored at: class accuracy and FD_dom."""
+    out = {}
+    for r in rows:
+        if r["group"].startswith("teacher_euler") and r["steps"] == 50:
+            out[f"{r['cfg_scale']:g}"] = {"steps": 50, "sampler": "euler", "cfg_scale": r["cfg_scale"], "nfe_per_image": r["nfe_per_image"],
+                                          "fd_dom": r["fd_dom"], "class_accuracy": r["class_accuracy"], "precision": r["precision"],
+                                          "recall": r["recall"]}
+    first = out.get("1") or next(iter(out.values()), {})
+    return {**{k: first.get(k) for k in ("class_accuracy", "fd_dom", "cfg_scale", "steps", "nfe_per_image")}, "by_guidance": out}
 
 
 def fmt(value, spec=".3f") -> str:
     return "—" if value is None else format(value, spec)
 
 
+def ratio(value) -> str:
+    return "—" if value is None else f"{value:.2f}×"
+
+
 def row_cells(r: dict) -> list[str]:
     n = len(r["fd_dom_values"])
-    return [r["method"], f"{r['sampler']} {r['steps']}", f"{r['nfe_per_image']:g}", mean_sd(r["fd_dom_values"]),
-            fmt(r.get("fd_dom_vs_teacher50"), ".2f") + "×" if r.get("fd_dom_vs_teacher50") is not None else "—",
+    same = r.get("learned_teacher_same_steps")
+    return [r["method"], f"{r['sampler']} {r['steps']}", f"{r['nfe_per_image']:g}", f"{r['learned_cfg']:g}", mean_sd(r["fd_dom_values"]),
+            ratio(r.get("fd_dom_vs_learned_teacher")),
+            (ratio(r.get("fd_dom_vs_learned_teacher_same_steps")) + f" (NFE {same['nfe_per_image']:g})") if same else "—",
             mean_sd(r["class_accuracy_values"]), mean_sd(r["precision_values"]), mean_sd(r["recall_values"]),
             fmt(r.get("images_per_s_b256"), ".0f"), fmt(r.get("ms_per_image_b1"), ".2f"),
             fmt(r.get("speedup_b256_vs_teacher50"), ".1f") + "×" if r.get("speedup_b256_vs_teacher50") else "—",
@@ -521,27 +588,37 @@ def markdown(report: dict) -> str:
     rows = report["rows"]
     lines = [f"# One-step generation on {report['data']} ({report['device']})", "",
              f"Command: `{report['command']}`", "",
+             *([f"Rebuilt from `{report['rebuilt_from']}` (the evaluations and timings of the command above; its runs' records are "
+                f"gone) by `{report['rebuild_command']}`: this version's rows and verdicts.", ""] if report.get("rebuilt_from") else []),
              *([f"Note: {report['note']}", ""] if report.get("note") else []),
              f"Machine: {m.get('gpu', m['cpu'])}, {m['cpu_count']} CPUs, torch {m['torch']}; training {a['threads']} thread(s) "
              f"per command, timing {report['speed'].get('threads')} thread(s), shared with other jobs (ratios are within this run).",
-             f"Chain (every command below, in {report['work']}): teacher Self-Flow {a['teacher_steps']} steps → "
-             f"{a['pairs']} teacher pairs (Heun 32 steps, guidance 1) → reflow {a['reflow_steps']} steps → pairs of the reflowed "
-             f"model → distillation {a['distill_steps']} steps (1, 2, 4 Euler steps); DMD {a['dmd_steps']} steps and DMD2 "
-             f"{a['dmd2_steps']} steps (1 generator update in 5) from the teacher; model {a['model']} ({report['model']}).",
+             f"Chain (every command below, in {report['work']}): teacher Self-Flow "
+             f"{'(' + a['teacher_run'] + ')' if a.get('teacher_run') else str(a['teacher_steps']) + ' steps'} → "
+             f"{a['pairs']} teacher pairs (Heun 32 steps, guidance {a.get('pairs_cfg', 1.0):g}) → reflow {a['reflow_steps']} steps → pairs of the reflowed "
+             f"model → distillation {a['distill_steps']} steps (1, 2, 4 Euler steps); DMD {a['dmd_steps']} steps ("
+             + (f"regression weight {a.get('regression_weight', 0.25):g} on {a['pairs']} pairs of the teacher at guidance "
+                f"{a.get('guidance', 1.5):g}; and without it" if a.get("regression_weight", 0.25) else "without its regression loss")
+             + f") "
+             f"and DMD2 {a['dmd2_steps']} steps (1 generator update in 5) from the teacher, real score at guidance {a.get('guidance', 1.5):g}; model {a['model']} ({report['model']}).",
              f"Metric: **FD_dom** in the 128-d features of the project's FD_dom classifier (`{Path(e['fd_net']).name}`, test "
              f"accuracy {e['fd_net_test_accuracy']:.3f}, sha256 `{e['fd_net_sha256'][:16]}…`) of {e['num_samples']} generated images "
              f"(seeds {e['sample_seeds']}, labels {e['labels']}) against the {e['reference']}; class accuracy under the same "
              f"classifier; k-NN precision/recall (k = 3) in the same features. Real-data floor ({e['floor_count']} test images): "
              f"FD_dom {e['floor_fd_dom']:.3f}. Speed: `selfflow.sampling.generate` on {report['speed'].get('device')}, after a "
              f"warm-up, every setting timed in turns, median of {report['speed'].get('rounds')} rounds; students have the "
-             f"teacher's architecture, so each (sampler, steps, guidance) was timed once, on the teacher. Speed-up and FD ratio "
-             f"are against the teacher at 50 Euler steps, guidance 1. Students: mean ± sd over seeds {a['seeds']}.", ""]
+             f"teacher's architecture, so each (sampler, steps, guidance) was timed once, on the teacher. Students: mean ± sd "
+             f"over seeds {a['seeds']}.", ""]
     target = report.get("target")
     if target:
         lines += ["## Target", "", target["text"], ""]
     lines += ["## All models", "",
-              "| method | sampler, steps | NFE/image | FD_dom | FD_dom / teacher-50 | class acc. | precision | recall | images/s (batch 256) "
-              "| ms/image (batch 1) | speed-up, batch 256 | speed-up, batch 1 | seeds |", "|" + "---|" * 13]
+              "Each row against the teacher it learns: the teacher at the guidance its training target was made with (reflow and "
+              "distillation: the pairs'; DMD/DMD2: the real score's), at 50 Euler steps (FD ratio; speed-up against that teacher's "
+              "50-step cost, a guided step counting two evaluations) and at the row's own number of steps.", "",
+              "| method | sampler, steps | NFE/image | learns guidance | FD_dom | ÷ learned teacher, 50 steps | ÷ learned teacher, same steps "
+              "| class acc. | precision | recall | images/s (batch 256) | ms/image (batch 1) | speed-up, batch 256 | speed-up, batch 1 | seeds |",
+              "|" + "---|" * 15]
     lines += ["| " + " | ".join(row_cells(r)) + " |" for r in rows]
     loss = report.get("loss_comparison")
     if loss:
@@ -597,8 +674,9 @@ def plot(report: dict, path: Path) -> None:
 
     rows = report["rows"]
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    guided = sorted({r["group"] for r in rows if r["group"].startswith("teacher_euler_cfg") and r["group"] != "teacher_euler_cfg1"})
     for group, style, label in (("teacher_euler_cfg1", "o-", "teacher, Euler"), ("teacher_heun_cfg1", "s--", "teacher, Heun"),
-                                ("teacher_euler_cfg1.5", "^:", "teacher, Euler, guidance 1.5"),
+                                *((g, "^:", f"teacher, Euler, guidance {g.rsplit('cfg', 1)[1]}") for g in guided),
                                 ("reflow1", "d-", "1-rectified flow, Euler"), ("reflow2", "d--", "2-rectified flow, Euler")):
         pts = sorted((r["nfe_per_image"], r["fd_dom"]) for r in rows if r["group"] == group)
         if pts:
@@ -626,26 +704,36 @@ def plot(report: dict, path: Path) -> None:
 def analyse(report: dict) -> None:
     """The target check, the loss comparison and the DMD verdict, computed from the records (never typed in)."""
     rows = report["rows"]
-    one_step = [r for r in rows if r["steps"] == 1 and not r["group"].startswith("teacher") and r.get("speedup_b256_vs_teacher50")]
-    lines = ["Target (issue 11): a one-step student ≥ 30× faster than the 50-step teacher with FD_dom ≤ 1.2× the teacher's "
-             "(teacher: Euler 50 steps, guidance 1). Speed-up at batch 256 / at batch 1:", ""]
+    teacher = report["teacher"]
+    one_step = [r for r in rows if r["steps"] == 1 and not r["group"].startswith("teacher") and r.get("speedup_b256_vs_teacher50")
+                and r.get("fd_dom_vs_learned_teacher") is not None]
+    floor = report["evaluation"]["floor_fd_dom"]
+    lines = ["Target (issue 19): a one-step student ≥ 30× faster than the 50-step teacher it learns (same guidance) with FD_dom "
+             "≤ 1.2× that teacher's, over ≥ 2 seeds, from a teacher with ≥ 90 % class accuracy.", "",
+             "Teacher (Euler 50 steps): " + "; ".join(
+                 f"guidance {g}: class accuracy {v['class_accuracy']:.3f}, FD_dom {v['fd_dom']:.3f} ({v['fd_dom'] / floor:.1f}× the real "
+                 f"floor {floor:.3f})" for g, v in teacher["by_guidance"].items()) + ".",
+             f"Teacher ≥ 90 % class accuracy: **{'yes' if (teacher.get('class_accuracy') or 0) >= 0.9 else 'no'}** at guidance 1"
+             + "".join(f", **{'yes' if v['class_accuracy'] >= 0.9 else 'no'}** at guidance {g}" for g, v in teacher["by_guidance"].items()
+                       if g != "1") + ".", "",
+             "One-step students (speed-up at batch 256 / at batch 1 against the learned teacher's 50 steps):", ""]
+    met = []
     for r in one_step:
-        ok = r["speedup_b256_vs_teacher50"] >= 30 and r["fd_dom_vs_teacher50"] <= 1.2
-        lines.append(f"- {r['method']}: {r['speedup_b256_vs_teacher50']:.1f}× / {r.get('speedup_b1_vs_teacher50', float('nan')):.1f}× "
-                     f"faster, FD_dom {r['fd_dom_vs_teacher50']:.2f}× the teacher's → **{'met' if ok else 'not met'}**")
-    guided = next((r for r in rows if r["group"] == "teacher_euler_cfg1.5" and r["steps"] == 50), None)
-    if guided:
-        lines += ["", f"DMD and DMD2 learn the teacher *with guidance {guided['cfg_scale']:g}* (`method.real_cfg`), whose 50-step "
-                  f"FD_dom is {guided['fd_dom']:.3f} at {guided['nfe_per_image']:g} evaluations per image; against that target:"]
-        for r in rows:
-            if r["group"].startswith("dmd") and r.get("fd_dom_vs_teacher50_guided") is not None:
-                lines.append(f"- {r['method']}: FD_dom {r['fd_dom_vs_teacher50_guided']:.2f}× the guided teacher's")
+        ok = r["speedup_b256_vs_teacher50"] >= 30 and r["fd_dom_vs_learned_teacher"] <= 1.2 and len(r["fd_dom_values"]) >= 2
+        met += [r] if ok else []
+        same = r.get("learned_teacher_same_steps")
+        lines.append(f"- {r['method']} (learns guidance {r['learned_cfg']:g}): {r['speedup_b256_vs_teacher50']:.1f}× / "
+                     f"{r.get('speedup_b1_vs_teacher50', float('nan')):.1f}× faster, FD_dom {r['fd_dom']:.3f} = "
+                     f"{r['fd_dom_vs_learned_teacher']:.2f}× the learned teacher's 50-step {r['learned_teacher']['fd_dom']:.3f}"
+                     + (f", {r['fd_dom_vs_learned_teacher_same_steps']:.2f}× its 1-step {same['fd_dom']:.3f}" if same else "")
+                     + f", {len(r['fd_dom_values'])} seed(s) → **{'met' if ok else 'not met'}**")
     if one_step:
-        best = min(one_step, key=lambda r: r["fd_dom"])
-        lines += ["", f"Best one-step model here: {best['method']} (FD_dom {best['fd_dom']:.3f} vs the teacher's "
-                  f"{best['fd_dom'] / best['fd_dom_vs_teacher50']:.3f}). Met by any: "
-                  f"**{'yes' if any(r['speedup_b256_vs_teacher50'] >= 30 and r['fd_dom_vs_teacher50'] <= 1.2 for r in one_step) else 'no'}**."]
-    report["target"] = {"text": "\n".join(lines)}
+        fast = [r for r in one_step if r["speedup_b256_vs_teacher50"] >= 30] or one_step
+        best = min(fast, key=lambda r: r["fd_dom_vs_learned_teacher"])
+        lines += ["", f"Met by any: **{'yes' if met else 'no'}**. Closest one-step model: {best['method']} "
+                  f"(FD_dom {best['fd_dom_vs_learned_teacher']:.2f}× the teacher it learns)."]
+    report["target"] = {"text": "\n".join(lines), "met": [r["method"] for r in met],
+                        "closest": min(one_step, key=lambda r: r["fd_dom_vs_learned_teacher"])["method"] if one_step else None}
 
     loss_rows = []
     for loss in ("l2", "pseudo_huber", "feature"):
@@ -664,6 +752,47 @@ def analyse(report: dict) -> None:
         report["loss_comparison"] = {"rows": loss_rows, "best": best["loss"], "common_seeds": common, "text": text}
 
 
+def rebuild(args) -> int:
+    """--from-report: the earlier report's evaluations and timings under this version's rows and verdicts."""
+    old = json.loads(Path(args.from_report).read_text())
+    without_regression = not any("regression_weight=" in (r or {}).get("command", "") and "regression_weight=0" not in r["command"]
+                                 for name, r in old["stages"].items() if name.startswith("dmd_"))
+    rename = {}
+    if without_regression:  # those runs were DMD without its regression loss
+        rename = {name: "dmd_noreg_" + name[len("dmd_"):] for name in {e["run"] for e in old["evals"]} if name.startswith("dmd_s")}
+    evals = [{**e, "run": rename.get(e["run"], e["run"])} for e in old["evals"]]
+    args.seeds = old["settings"]["seeds"]
+    args.loss_seeds = old["settings"].get("loss_seeds", [0])
+    args.reflow_rounds = old["settings"].get("reflow_rounds", 1)
+    args.only = None
+    real_cfg = [d.get("real_cfg") for d in (old.get("dmd_diagnostics") or {}).values() if d.get("real_cfg")]
+    args.guidance = real_cfg[0] if real_cfg else args.guidance
+    specs = Chain.student_specs(types.SimpleNamespace(args=args))
+    report = {**old, "rebuilt_from": args.from_report, "rebuild_command": " ".join(["python", *map(shlex.quote, sys.argv)]),
+              "out": str(args.out), "evals": evals, "dmd_text": "".join(
+                  (rename.get(w, w) if w.rstrip(":") not in rename else rename[w.rstrip(":")] + ":") for w in
+                  __import__("re").split(r"(\s+)", old.get("dmd_text", ""))) or None,
+              "stages": {rename.get(k, k): v for k, v in old["stages"].items()},
+              "dmd_diagnostics": {rename.get(k, k): v for k, v in (old.get("dmd_diagnostics") or {}).items()},
+              "settings": {**old["settings"], "guidance": args.guidance, "pairs_cfg": 1.0,
+                           "regression_weight": 0.0 if without_regression else old["settings"].get("regression_weight")}}
+    report["rows"] = build_rows(None, specs, evals, old["speed"])
+    report["teacher"] = teacher_summary(report["rows"])
+    for key in ("target", "loss_comparison"):
+        report.pop(key, None)
+    analyse(report)
+    if args.note:
+        report["note"] = args.note
+    if args.notes_file:
+        report["notes"] = [Path(args.notes_file).read_text().strip(), "", f"(Notes from `{args.notes_file}`.)"]
+    out = Path(args.out)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    out.with_suffix(".md").write_text(markdown(report))
+    plot(report, out.with_suffix(".png"))
+    log(f"rebuilt {out.with_suffix('.md')} from {args.from_report}")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -679,6 +808,12 @@ def main(argv=None) -> int:
     for name in ("teacher_steps", "pairs", "reflow_steps", "distill_steps", "dmd_steps", "dmd2_steps", "num_samples", "fd_steps"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=None)
     parser.add_argument("--teacher-lr", type=float, default=None)
+    parser.add_argument("--teacher-run", default=None, help="an existing teacher run folder (e.g. from configs/mnist_teacher_cpu.yaml) "
+                        "instead of training one; --model must name its architecture")
+    parser.add_argument("--guidance", type=float, default=1.5, help="the real score's guidance of DMD/DMD2 (method.real_cfg), and of "
+                        "DMD's regression pairs")
+    parser.add_argument("--pairs-cfg", type=float, default=1.0, help="guidance of the teacher pairs reflow learns")
+    parser.add_argument("--regression-weight", type=float, default=0.25, help="DMD's regression weight (the paper's λ_reg)")
     parser.add_argument("--reflow-rounds", type=int, choices=[1, 2], default=2)
     parser.add_argument("--speed-rounds", type=int, default=5)
     parser.add_argument("--teacher-set", action="append", default=[], metavar="KEY=VALUE", help="extra override for the teacher")
@@ -686,12 +821,17 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="+", default=None, help="train only these student groups (e.g. distill1_l2 dmd)")
     parser.add_argument("--skip-eval", action="store_true", help="train only")
     parser.add_argument("--report-only", action="store_true", help="rebuild the report from the records, run nothing")
+    parser.add_argument("--from-report", default=None, metavar="JSON",
+                        help="rebuild --out's report from an earlier report's evaluations (its runs' records gone): the rows and "
+                        "verdicts of this version; DMD runs made without the regression become 'DMD (no regression)'")
     parser.add_argument("--note", default=None)
     parser.add_argument("--notes-file", default=None, help="Markdown appended as the report's 'Notes' (the reading of the figures)")
     args = parser.parse_args(argv)
     for key, value in DEFAULTS[args.data].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.from_report:
+        return rebuild(args)
     torch.set_num_threads(args.threads)
     chain = Chain(args)
     chain.work.mkdir(parents=True, exist_ok=True)
@@ -701,8 +841,10 @@ def main(argv=None) -> int:
         return 0
     specs = chain.student_specs()
     evaluator = Evaluator(chain)
-    done = lambda name: (chain.runs / name / "stage.json").is_file()  # noqa: E731
-    settings = [("euler", k, 1.0) for k in TEACHER_EULER] + [("heun", k, 1.0) for k in TEACHER_HEUN] + [("euler", k, 1.5) for k in (50, 4, 1)]
+    done = chain.done
+    settings = [("euler", k, 1.0) for k in TEACHER_EULER] + [("heun", k, 1.0) for k in TEACHER_HEUN]
+    for cfg in sorted({args.guidance, args.pairs_cfg} - {1.0}):  # the guided teachers the students learn, at their step counts
+        settings += [("euler", k, cfg) for k in (50, 4, 2, 1)]
     evals = []
     for sampler, steps, cfg in settings if done("teacher") else []:
         path = chain.work / "evals" / f"teacher__{sampler}{steps}_cfg{cfg:g}_n{args.num_samples}.json"
@@ -726,7 +868,8 @@ def main(argv=None) -> int:
                     ("distill 1 step (l2)", f"distill1_l2_s{seed0}", "euler", 1, 1.0),
                     ("distill 2 steps (l2)", f"distill2_l2_s{seed0}", "euler", 2, 1.0),
                     ("distill 4 steps (l2)", f"distill4_l2_s{seed0}", "euler", 4, 1.0),
-                    ("DMD, 1 step", f"dmd_s{seed0}", "euler", 1, 1.0), ("DMD2, 1 step", f"dmd2_s{seed0}", "euler", 1, 1.0),
+                    ("DMD, 1 step", f"dmd_s{seed0}", "euler", 1, 1.0), ("DMD (no regression)", f"dmd_noreg_s{seed0}", "euler", 1, 1.0),
+                    ("DMD2, 1 step", f"dmd2_s{seed0}", "euler", 1, 1.0),
                     ("DMD2, 4 steps", f"dmd2_4step_s{seed0}", "euler", 4, 1.0)]
     if not args.report_only or not out.with_name(out.name + "_samples.png").is_file():
         evaluator.grids(grid_entries, out.with_name(out.name + "_samples.png"))
@@ -734,11 +877,12 @@ def main(argv=None) -> int:
     if args.report_only and dmd_path.is_file():
         dmd = json.loads(dmd_path.read_text())
     else:
-        dmd = evaluator.dmd_diagnostics([f"dmd_s{seed0}", f"dmd2_s{seed0}", f"dmd2_4step_s{seed0}"], out.with_name(out.name + "_dmd.png"))
+        dmd = evaluator.dmd_diagnostics([f"dmd_s{seed0}", f"dmd_noreg_s{seed0}", f"dmd2_s{seed0}", f"dmd2_4step_s{seed0}"],
+                                        out.with_name(out.name + "_dmd.png"))
 
     import yaml
 
-    teacher_yaml = chain.runs / "teacher" / "config.yaml"  # the resolved config the trainer wrote
+    teacher_yaml = chain.folder("teacher") / "config.yaml"  # the resolved config the trainer wrote
     teacher_config = yaml.safe_load(teacher_yaml.read_text()) if teacher_yaml.is_file() else {}
     from convergence import describe_model
 
@@ -753,9 +897,11 @@ def main(argv=None) -> int:
         "machine": speed.get("machine") or machine(args.device), "model": describe_model(teacher_config["model"]) if teacher_config else args.model,
         "settings": {k: getattr(args, k) for k in ("model", "teacher_steps", "teacher_lr", "pairs", "reflow_steps", "distill_steps",
                                                     "dmd_steps", "dmd2_steps", "num_samples", "fd_steps", "seeds", "loss_seeds",
-                                                    "reflow_rounds", "threads", "speed_rounds")},
+                                                    "reflow_rounds", "threads", "speed_rounds", "teacher_run", "guidance",
+                                                    "pairs_cfg", "regression_weight")},
         "evaluation": evaluator.info, "speed": {k: v for k, v in speed.items() if k != "machine"}, "straightness": straight,
-        "dmd_diagnostics": dmd, "stages": all_stages, "evals": evals, "rows": build_rows(chain, specs, evals, speed),
+        "dmd_diagnostics": dmd, "stages": all_stages, "evals": evals, "rows": (rows := build_rows(chain, specs, evals, speed)),
+        "teacher": teacher_summary(rows),
         "wall_seconds_this_invocation": time.time() - started,
         "gpu_command": ("python benchmarks/one_step.py --data mnist --data-path .carry/mnist --device cuda --threads 8 --model S "
                         "--teacher-steps 20000 --teacher-lr 2e-4 --teacher-set train.batch_size=256 --pairs 20000 --reflow-steps 4000 "

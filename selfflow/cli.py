@@ -12,11 +12,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
+from selfflow.arguments import add_ckpt_argument
+
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        from selfflow.arguments import HelpFormatter
+
+        kwargs.setdefault("formatter_class", HelpFormatter)  # every --help shows the defaults
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        if not kwargs.get("help") and kwargs.get("default") not in (None, False, [], argparse.SUPPRESS):
+            kwargs["help"] = "(default: %(default)s)"  # an option without help text still shows its default
+        return super().add_argument(*args, **kwargs)
+
     def error(self, message: str):  # argparse's own errors: one line, exit 2
         self.exit(2, f"selfflow: error: {message} (see {self.prog} --help)\n")
 
@@ -55,12 +69,12 @@ def add_sampling_arguments(p) -> None:
 
 def _add_sample(sub) -> None:
     p = sub.add_parser("sample", help="generate images from a checkpoint (PNG grid + .npz)")
-    p.add_argument("--ckpt", required=True, help="checkpoint folder, run folder, or exported model folder")
+    add_ckpt_argument(p)
     p.add_argument("--n", type=int, default=64, help="number of images")
     p.add_argument("--out", required=True, help="output folder")
     add_sampling_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="image k uses seed (seed + k)")
-    p.add_argument("--labels", default=None, help="comma-separated class labels (cycled); default: k mod classes")
+    p.add_argument("--labels", default=None, help="comma-separated class labels (cycled); default: (seed + k) mod classes")
     p.add_argument("--prompt", action="append", default=None,
                    help="caption-conditioned models: a prompt (repeatable); --n images in all, one grid row per prompt")
     p.add_argument("--prompts", default=None, help="caption-conditioned models: a text file, one prompt per line")
@@ -72,14 +86,17 @@ def _add_sample(sub) -> None:
 
 def _add_export(sub) -> None:
     p = sub.add_parser("export", help="export the generator (EMA weights, no training-only parts) as a model folder")
-    p.add_argument("--ckpt", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--weights", default="ema", choices=["ema", "model"])
+    add_ckpt_argument(p)
+    p.add_argument("--out", required=True, help="model folder to write")
+    p.add_argument("--weights", default="ema", choices=["ema", "model"], help="which weights of a training checkpoint")
+    p.add_argument("--format", default="selfflow", choices=["selfflow", "diffusers"],
+                   help="selfflow: model.safetensors + config.json + model card (selfflow.load reads it); diffusers: a "
+                        "SelfFlowPipeline folder (model_index.json, transformer/, scheduler/; pip install selfflow[diffusers])")
 
 
 def _add_generate_set(sub) -> None:
     p = sub.add_parser("generate-set", help="generate N images (or reflow pairs) into resumable safetensors shards")
-    p.add_argument("--ckpt", required=True, help="checkpoint folder, run folder, or exported model folder")
+    add_ckpt_argument(p)
     p.add_argument("--out", required=True, help="set folder (set.json + shard_NNNNN.safetensors); run again to resume")
     p.add_argument("--n", type=int, required=True, help="number of items")
     p.add_argument("--shard-size", type=int, default=1000)
@@ -137,7 +154,8 @@ def _add_data(sub) -> None:
 
 def _add_import(sub) -> None:
     p = sub.add_parser("import", help="import a SiT, REPA or official Self-Flow checkpoint as a model folder (reads .pt safely)")
-    p.add_argument("file", help="the checkpoint: .pt/.pth (read without running code) or .safetensors")
+    add_ckpt_argument(p, required=False, help="the checkpoint file: .pt/.pth (read without running code) or .safetensors")
+    p.add_argument("file", nargs="?", default=None, help="the checkpoint file, as --ckpt (deprecated: use --ckpt)")
     p.add_argument("--from", dest="source", required=True, choices=["selfflow-official", "sit", "repa"], help="the file's layout")
     p.add_argument("--out", required=True, help="model folder to write (model.safetensors + config.json)")
     p.add_argument("--weights", default="ema", choices=["ema", "model"], help="a training dict's EMA or raw weights")
@@ -149,7 +167,10 @@ def _add_import(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from selfflow import __version__
+
     parser = _Parser(prog="selfflow", description="Self-Flow and friends: flow-matching transformers that learn their own representations.")
+    parser.add_argument("--version", action="version", version=f"selfflow {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_train(sub)
     _add_distill(sub)
@@ -224,18 +245,19 @@ def cmd_sample(args) -> int:
 
     from selfflow.config import ConfigError
     from selfflow.imageio import save_grid, to_uint8
-    from selfflow.model import load_generator
+    from selfflow.loader import folder_kind, load_model
     from selfflow.sampling import generate, parse_labels
     from selfflow.device import autocast_dtype, resolve_device
 
-    from selfflow.text.cli import is_text_checkpoint, sample_prompts
+    from selfflow.text.cli import sample_prompts
 
-    if args.prompt or args.prompts or is_text_checkpoint(args.ckpt):  # captions (selfflow.text)
+    if args.prompt or args.prompts or folder_kind(args.ckpt) == "text":  # captions (selfflow.text)
         return sample_prompts(args, resolved_sampling)
     if args.n <= 0:
         raise ConfigError(f"--n must be positive, got {args.n}")
     device = resolve_device(args.device)
-    model, folder = load_generator(args.ckpt, args.weights, device)
+    loaded = load_model(args.ckpt, args.weights, device, expect="image")
+    model, folder = loaded.model, loaded.folder
     settings = resolved_sampling(args, folder, model)
     values = parse_labels(args.labels, model.num_classes)
     labels = torch.tensor([values[k % len(values)] for k in range(args.n)], dtype=torch.long) if values else None
@@ -266,45 +288,11 @@ def cmd_sample(args) -> int:
     return 0
 
 
-def _run_data(folder: Path, depth: int = 0) -> tuple[dict, dict]:
-    """The run section of a checkpoint's config.json and the data it learned from; a student trained on
-    reflow pairs learned from what its teacher learned from (pairs of a latent teacher are latents)."""
-    try:
-        run = json.loads((Path(folder) / "config.json").read_text()).get("run") or {}
-    except (OSError, json.JSONDecodeError, AttributeError):
-        run = {}
-    data = run.get("data") or {}
-    if data.get("name") == "pairs" and depth < 8:
-        try:
-            source = (json.loads((Path(data.get("path") or "") / "set.json").read_text()).get("source") or {}).get("checkpoint")
-        except (OSError, json.JSONDecodeError, AttributeError):
-            source = None
-        if isinstance(source, str):
-            teacher_run, teacher_data = _run_data(Path(source), depth + 1)
-            if teacher_data.get("name") == "latents":
-                return run, teacher_data
-    return run, data
-
-
 def _latent_autoencoder(folder: Path, given: str | None) -> str | None:
     """None for a pixel model; for a latent model the autoencoder folder, or "" when none is at hand."""
-    from selfflow.errors import ConfigError
+    from selfflow.api import latent_autoencoder
 
-    run, data = _run_data(folder)
-    if given:  # checked before any sampling
-        if run and data.get("name") != "latents":
-            raise ConfigError(f"--autoencoder {given}: {folder} generates pixels, not latents; leave --autoencoder out")
-        if not Path(given).is_dir():
-            raise ConfigError(f"--autoencoder {given}: no such folder")
-        return given
-    if data.get("name") != "latents":
-        return None
-    try:
-        latent_set = json.loads((Path(data.get("path") or "") / "set.json").read_text())
-        path = (latent_set.get("autoencoder") or {}).get("path") or ""
-    except (OSError, json.JSONDecodeError):
-        path = ""
-    return path if path and Path(path).is_dir() else ""
+    return latent_autoencoder(folder, given)
 
 
 def _sample_latent_model(args, model, folder, device, labels, seeds, autoencoder: str) -> int:
@@ -348,25 +336,24 @@ def _sample_latent_model(args, model, folder, device, labels, seeds, autoencoder
 
 
 def cmd_export(args) -> int:
-    from selfflow.model import load_generator
-    from selfflow.text.cli import is_text_checkpoint
+    """Any generator folder → an exported model folder that keeps its kind's sections and the run's sampler settings."""
+    from selfflow.api import export_model
+    from selfflow.config import ConfigError, sample_settings
+    from selfflow.loader import load_model
 
-    from selfflow.modalities.model import is_modality_checkpoint
+    loaded = load_model(args.ckpt, args.weights)
+    settings = sample_settings(loaded.folder)
+    if args.format == "diffusers":
+        from selfflow.api import model_card
 
-    if is_modality_checkpoint(args.ckpt):  # video, audio or a policy: the layout and its run travel with the weights
-        from selfflow.modalities.model import load_token_generator
-
-        model, folder, modality, run = load_token_generator(args.ckpt, args.weights)
-        model.save_pretrained(args.out, modality, run)
-    elif is_text_checkpoint(args.ckpt):  # a caption-conditioned model keeps its text section (the encoder it reads)
-        from selfflow.text.model import load_text_generator
-
-        model, folder, text = load_text_generator(args.ckpt, args.weights)
-        model.save_pretrained(args.out, text)
+        try:
+            from selfflow.hub import save_diffusers
+        except ImportError:
+            raise ConfigError("--format diffusers needs the diffusers package: pip install selfflow[diffusers]") from None
+        save_diffusers(loaded, args.out, settings, model_card(loaded, settings, "diffusers"))
     else:
-        model, folder = load_generator(args.ckpt, args.weights)
-        model.save_pretrained(args.out)
-    print(f"exported {args.weights} weights of {folder} to {args.out}")
+        export_model(loaded, args.out, settings)
+    print(f"exported {args.weights} weights of {loaded.folder} to {args.out}")
     return 0
 
 
@@ -472,9 +459,16 @@ def cmd_import(args) -> int:
     from selfflow.errors import ConfigError
     from selfflow.interop import import_checkpoint, model_overrides
 
+    if args.file and args.ckpt:
+        raise ConfigError(f"the checkpoint is given twice ({args.file} and --ckpt {args.ckpt}); give --ckpt only")
+    if not (args.file or args.ckpt):
+        raise ConfigError("give the checkpoint file with --ckpt FILE")
+    if args.file:
+        print("selfflow: note: the positional checkpoint file is deprecated and will be removed in the next release; "
+              "use --ckpt", file=sys.stderr)
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise ConfigError(f"--out {args.out}: a file is in the way (a folder is written there)")
-    result = import_checkpoint(args.file, args.source, args.out, weights=args.weights, num_heads=args.num_heads,
+    result = import_checkpoint(args.ckpt or args.file, args.source, args.out, weights=args.weights, num_heads=args.num_heads,
                                num_classes=args.num_classes, patch_size=args.patch_size, latent=not args.pixels)
     for note in result["notes"]:
         print(f"  {note}")
@@ -510,6 +504,15 @@ def _check_output_folder(args) -> None:
         raise ConfigError(f"--{flag} {value}: a file is in the way (a folder is written there)")
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush of a closed pipe stays quiet."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # an in-process stdout without a descriptor (tests)
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     from selfflow.errors import USER_ERRORS
 
@@ -519,9 +522,15 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help, or argparse's one-line error: the exit status, also in-process
         return exc.code if isinstance(exc.code, int) else 2
     handler = COMMANDS.get(args.command) or getattr(args, "handler", None)
+    from selfflow.arguments import log_redirect
+
     try:
         _check_output_folder(args)
-        return handler(args)
+        with log_redirect():  # log lines never break a progress bar
+            return handler(args)
+    except BrokenPipeError:  # `selfflow ... | head`: the reader has what it wanted; no error, no traceback at exit
+        _silence_stdout()
+        return 0
     except USER_ERRORS as exc:
         print(f"selfflow: error: {_one_line(str(exc))}", file=sys.stderr)
         return 2

@@ -182,6 +182,7 @@ class TrainConfig:
     init_from: Optional[str] = None  # start model and EMA from this checkpoint/run/exported folder's EMA weights (resume wins)
     num_sample_images: int = 64
     tensorboard: bool = True
+    loggers: tuple[str, ...] = ()  # more loggers beside metrics.jsonl and TensorBoard: wandb (pip install selfflow[wandb]; off by default)
     progress: bool = True
     num_workers: int = 0  # streamed data (folder | webdataset | hf): torch.utils.data workers decoding ahead; 0 decodes in the loop
 
@@ -206,11 +207,14 @@ class TrainConfig:
                 raise ConfigError(f"{where}.{key} must be in [0, 1), got {getattr(self, key)}")
         check_choice(self.precision, PRECISIONS, f"{where}.precision")
         check_choice(self.distributed, DISTRIBUTED_MODES, f"{where}.distributed")
+        for name in self.loggers:
+            check_choice(name, LOGGERS, f"{where}.loggers")
         check_device(self.device, f"{where}.device")
         if not self.out_dir.strip():
             raise ConfigError(f"{where}.out_dir must name a folder, got {self.out_dir!r}")
 
 
+LOGGERS = ("wandb",)  # train.loggers: optional loggers beside metrics.jsonl (always) and TensorBoard (train.tensorboard)
 SAMPLER_NAMES = ("euler", "heun", "sde", "dopri5", "sit_sde")  # selfflow.sampling.SAMPLERS holds these
 NOISE_INJECTING_SAMPLERS = ("sde", "sit_sde")  # cannot make (noise, image) pairs: not a function of the noise
 TEXT_ENCODERS = ("minilm", "hashed")  # selfflow.text.encoders
@@ -456,9 +460,32 @@ class DmdConfig(MethodConfig):
     gan_generator_weight: float = 0.0  # DMD2: 3e-3 (non-saturating GAN on the fake score's middle features)
     gan_discriminator_weight: float = 0.0  # DMD2: 1e-2
     gan_layer: Optional[int] = None  # block of the fake score the GAN head reads, from 1; None: depth // 2
+    # Two AdamW updates with their own settings, as DMD2's code (torch defaults: betas (0.9, 0.999), weight
+    # decay 0.01; gradient norm clipped at 10 for each): the generator's, and the fake score's + GAN head's.
+    # They replace train.beta1/beta2/weight_decay/grad_clip; train.lr's warm-up scales both rates.
+    generator_lr: Optional[float] = None  # None: train.lr
+    generator_beta1: float = 0.9
+    generator_beta2: float = 0.999
+    generator_weight_decay: float = 0.01
+    generator_grad_clip: float = 10.0  # 0: no clipping
+    fake_lr: Optional[float] = None  # None: train.lr
+    fake_beta1: float = 0.9
+    fake_beta2: float = 0.999
+    fake_weight_decay: float = 0.01
+    fake_grad_clip: float = 10.0  # 0: no clipping
 
     def validate(self, where: str) -> None:
         super().validate(where)
+        for part in ("generator", "fake"):
+            lr = getattr(self, f"{part}_lr")
+            if lr is not None and lr <= 0:
+                raise ConfigError(f"{where}.{part}_lr must be positive, got {lr}")
+            for key in ("beta1", "beta2"):
+                if not 0.0 <= getattr(self, f"{part}_{key}") < 1.0:
+                    raise ConfigError(f"{where}.{part}_{key} must be in [0, 1), got {getattr(self, f'{part}_{key}')}")
+            for key in ("weight_decay", "grad_clip"):
+                if getattr(self, f"{part}_{key}") < 0:
+                    raise ConfigError(f"{where}.{part}_{key} must be >= 0, got {getattr(self, f'{part}_{key}')}")
         if not self.teacher:
             raise ConfigError(f"{where}.teacher: DMD needs the teacher's folder (a checkpoint, run or exported model)")
         if self.real_cfg < 0:
@@ -882,8 +909,8 @@ def sample_settings(checkpoint: str | Path | None, *, sampler: Optional[str] = N
                     num_classes: Optional[int] = None) -> SampleConfig:
     """The sampling settings for a checkpoint: its run's ``sample`` section, then the given overrides.
 
-    ``checkpoint`` is a folder holding ``config.json``; an exported model folder (no run config) or
-    None starts from the defaults. Every value is validated, so a bad flag fails before any work;
+    ``checkpoint`` is a folder holding ``config.json`` (a training checkpoint's ``run.sample``, an
+    exported folder's ``sample``); a folder with neither, or None, starts from the defaults. Every value is validated, so a bad flag fails before any work;
     with ``num_classes=0`` (an unconditional model) a guidance scale other than 1 is refused.
     """
     base: dict = {}
@@ -891,10 +918,12 @@ def sample_settings(checkpoint: str | Path | None, *, sampler: Optional[str] = N
         file = Path(checkpoint) / "config.json"
         if file.is_file():
             try:
-                run = json.loads(file.read_text()).get("run") or {}
+                meta = json.loads(file.read_text())
+                run = meta.get("run") or {}
             except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
                 raise ConfigError(f"{file}: not a valid checkpoint config (JSON object expected)") from None
-            base = dict(run.get("sample") or {}) if isinstance(run, dict) else {}
+            # a training checkpoint: its run's sample section; an exported model folder: the one export kept
+            base = dict((run.get("sample") if isinstance(run, dict) else None) or meta.get("sample") or {})
     given = {"sampler": sampler, "steps": steps, "cfg_scale": cfg_scale, "batch_size": batch_size}
     base.update({k: v for k, v in given.items() if v is not None})
     flags = {k for k, v in given.items() if v is not None}

@@ -17,13 +17,16 @@ Every source embeds its time unscaled (τ ∈ [0, 1]; ours embeds 1000·t), so t
 sets ``model.time_scale``/``time_shift``; learned-sigma heads lose their variance channels; the
 release's Linear patch embedding becomes our Conv by a reshape ((c p1 p2) order); a positional
 table that is not our sin-cos table is kept (``model.pos_embed: stored``). Files are read with
-:mod:`selfflow.torch_pickle`, which never runs code from them.
+:func:`load_torch_file` (``torch.load(weights_only=True)``), which never runs code from them.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import pickle
 import re
+import zipfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
@@ -33,7 +36,6 @@ import torch
 from selfflow.config import MODEL_SIZES, ConfigError, ModelConfig
 from selfflow.errors import CheckpointError
 from selfflow.model import DiT, sincos_2d
-from selfflow.torch_pickle import plain_data, read_checkpoint_file
 
 __all__ = ["SOURCES", "unwrap_state", "convert_state", "import_checkpoint", "export_state", "ImportResult"]
 
@@ -45,6 +47,68 @@ GENERATOR_PREFIXES = ("x_embedder.", "t_embedder.", "y_embedder.", "blocks.", "f
 # source time τ = shift + scale·t and the output sign, per source
 CONVENTIONS = {"sit": (1.0, -1.0, -1.0), "selfflow-official": (1.0, -1.0, -1.0), "repa": (0.0, 1.0, 1.0)}
 POS_TOLERANCE = 1e-5  # a positional table within this of our sin-cos table is ours (float64 vs float32 rounding)
+
+
+# --------------------------------------------------------------------------------------------
+# reading a checkpoint file without running code from it
+# --------------------------------------------------------------------------------------------
+# What a published SiT/REPA training dict carries besides tensors and plain containers: its argparse
+# arguments. torch's weights-only unpickler admits tensors, storages, OrderedDict and these; any other
+# global (os.system, builtins.exec, any class) is refused before it is looked up.
+SAFE_GLOBALS = [argparse.Namespace]
+
+
+def load_torch_file(path: str | Path) -> Any:
+    """The object a ``torch.save`` zip file holds, read with ``torch.load(weights_only=True)`` inside
+    ``torch.serialization.safe_globals(SAFE_GLOBALS)``; a refused global is a one-line CheckpointError
+    naming the file and the global."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path}: not a torch zip archive (files saved by torch < 1.6 are not read: re-save them with a newer torch)")
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if found:
+            name = found.group(1) if "." in found.group(1) else f"builtins.{found.group(1)}"
+            raise CheckpointError(f"{path}: refused to load: the file asks for {name}, which is not a tensor, a plain container "
+                                  "or an argparse.Namespace (loading it could run code)") from None
+        raise CheckpointError(f"{path}: corrupt or unsupported torch file ({_first_line(exc)})") from None
+    except (EOFError, ValueError, TypeError, RuntimeError, AttributeError, IndexError, KeyError, zipfile.BadZipFile) as exc:
+        raise CheckpointError(f"{path}: corrupt or unsupported torch file ({type(exc).__name__}: {_first_line(exc)})") from None
+
+
+def _first_line(exc: Exception) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+def read_checkpoint_file(path: str | Path) -> Any:
+    """A ``.pt``/``.pth``/``.bin`` torch file (safely, :func:`load_torch_file`) or a ``.safetensors`` file (a dict)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from selfflow.files import load_tensors
+
+        return load_tensors(path)
+    return load_torch_file(path)
+
+
+def plain_data(value: Any) -> Any:
+    """An ``argparse.Namespace`` (nested in lists, tuples, dicts) as dicts, for JSON records; tensors as shapes."""
+    if isinstance(value, argparse.Namespace):
+        return {k: plain_data(v) for k, v in vars(value).items()}
+    if isinstance(value, dict):
+        return {str(k): plain_data(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_data(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return f"tensor{list(value.shape)}"
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
 
 
 def _is_state(obj: Any) -> bool:

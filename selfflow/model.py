@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from selfflow.checkpoint import load_state_strict  # noqa: F401  (re-exported)
 from selfflow.config import ModelConfig, from_dict
-from selfflow.modalities.tokens import sincos_nd
+from selfflow.modalities.tokens import Layout, Part, sincos_nd
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,6 +188,10 @@ class DiT(nn.Module):
         self.num_classes = config.num_classes
         self.grid = config.image_size // config.patch_size
         self.num_tokens = self.grid * self.grid
+        # an image is a token layout with one 2-D part (the token DiT's layouts have several)
+        self.layout = Layout((Part("image", (config.in_channels, config.image_size, config.image_size),
+                                   (config.patch_size, config.patch_size)),))
+        self.sample_shape = self.layout.sample_shape
         self.activation_checkpointing = False
         self.dedupe_times = True  # compute the conditioning once per distinct (sample, time)
 
@@ -209,34 +213,32 @@ class DiT(nn.Module):
         nn.init.zeros_(self.patch_embed.bias)
         nn.init.normal_(self.label_embed.weight, std=0.02)
 
-    # ---- tokens <-> images ---------------------------------------------------------------
+    # ---- tokens <-> samples: one implementation, the layout's (selfflow.modalities.tokens) ------
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) → (B, N, p·p·C) in the token order of the model."""
-        B, C, H, W = x.shape
-        p = self.patch_size
-        x = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)
-        return x.reshape(B, (H // p) * (W // p), p * p * C)
+        """(B, *sample_shape) → (B, N, d) for a one-part layout; for an image (B, C, H, W) →
+        (B, N, p·p·C), row-major tokens, each patch's values in (p, p, C) order."""
+        if len(self.layout.parts) != 1:
+            raise ValueError("patchify needs a one-part layout; use model.layout.tokens(x) for several parts")
+        return self.layout.tokens(x)[0]
 
     def unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, N, p·p·C) → (B, C, H, W)."""
-        B, N, _ = tokens.shape
-        p, C, g = self.patch_size, self.in_channels, self.grid
-        x = tokens.reshape(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4)
-        return x.reshape(B, C, g * p, g * p)
+        """The inverse of :meth:`patchify`."""
+        return self.layout.untokens([tokens])
 
     def token_groups(self) -> list[tuple[str, slice]]:
-        """(modality, token range) of each part of the sequence: here one image (selfflow.modalities
-        models have several parts)."""
-        return [("image", slice(0, self.num_tokens))]
+        """(modality, token range) of each part of the sequence (an image model: one part)."""
+        return [(p.name, where) for p, where in zip(self.layout.parts, self.layout.token_slices())]
 
     def expand_token_values(self, values: torch.Tensor) -> torch.Tensor:
-        """(B, N) one value per token (a time) → (B, C, H, W), constant on each token's patch."""
-        B, N = values.shape
-        return self.unpatchify(values[..., None].expand(B, N, self.patch_size * self.patch_size * self.in_channels))
+        """(B, N) one value per token (a time) → (B, *sample_shape), constant on each token's values."""
+        return self.layout.expand_token_values(values)
 
-    def token_times(self, t_image: torch.Tensor) -> torch.Tensor:
-        """A per-pixel time map (B, 1, H, W) constant on patches → per-token times (B, N)."""
-        return self.patchify(t_image)[..., 0]
+    def token_times(self, t_sample: torch.Tensor) -> torch.Tensor:
+        """A time map constant on tokens → per-token times (B, N): (B, *sample_shape), or for a one-part
+        layout also one channel (B, 1, *spatial)."""
+        if len(self.layout.parts) == 1 and t_sample.shape[1] == 1:
+            t_sample = t_sample.expand(t_sample.shape[0], *self.layout.sample_shape)
+        return torch.cat([tokens[..., 0] for tokens in self.layout.tokens(t_sample)], dim=1)
 
     # ---- conditioning --------------------------------------------------------------------
     def _conditioning(self, t: torch.Tensor, y: torch.Tensor | None, batch: int):
@@ -320,20 +322,20 @@ class DiT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, weights: str = "model.safetensors", device: str | torch.device = "cpu") -> "DiT":
-        """Load a folder written by :meth:`save_pretrained` or a training checkpoint.
-
-        ``weights="ema.safetensors"`` picks the EMA weights of a training checkpoint.
+        """Load a folder written by :meth:`save_pretrained`, a training checkpoint or a run folder (its
+        newest checkpoint). ``weights="ema.safetensors"`` picks the EMA weights of a training checkpoint.
         """
-        from selfflow.checkpoint import CheckpointError, load_tensors, read_json
+        from selfflow.checkpoint import CheckpointError, load_tensors, read_json, resolve_checkpoint
 
-        directory = Path(directory)
+        directory = resolve_checkpoint(directory)
         meta = read_json(directory / "config.json")
         if "model" not in meta:
             raise CheckpointError(f"{directory / 'config.json'}: no 'model' section")
-        if meta.get("text") or (meta.get("run") or {}).get("text"):  # selfflow.text.model.load_text_generator reads these
+        kind = read_kind(meta)
+        if kind == "text":  # selfflow.loader.load_model reads every kind
             raise CheckpointError(f"{directory}: a caption-conditioned model (text section in config.json); sample it with "
                                   f"selfflow sample --prompt (this command takes class-label models)")
-        if meta.get("modality") or (meta.get("run") or {}).get("modality"):  # selfflow.modalities.model reads these
+        if kind == "modality":
             raise CheckpointError(f"{directory}: a video/audio/action model (modality section in config.json); sample it "
                                   f"with selfflow modality sample")
         fields = meta["model"]
@@ -346,16 +348,45 @@ class DiT(nn.Module):
         return model.to(device)
 
 
-def load_generator(path: str | Path, weights: str = "ema", device: str | torch.device = "cpu") -> tuple[DiT, Path]:
-    """(DiT, folder) from a checkpoint folder, a run folder (its newest checkpoint) or an exported model
-    folder; ``weights`` is ``ema`` or ``model`` (an exported folder holds one set, used for either)."""
-    from selfflow.checkpoint import resolve_checkpoint
+GENERATOR_KINDS = ("image", "text", "modality")
+WEIGHTS = ("ema", "model")
 
+
+def read_kind(meta: dict) -> str:
+    """What a generator folder's ``config.json`` describes, decided here only: ``"modality"`` (a
+    ``modality`` section, top level or in ``run``), ``"text"`` (a ``text`` section), else ``"image"``."""
+    run = meta.get("run") if isinstance(meta.get("run"), dict) else {}
+    if meta.get("modality") or run.get("modality"):
+        return "modality"
+    if meta.get("text") or run.get("text"):
+        return "text"
+    return "image"
+
+
+def open_folder(path: str | Path, weights: str = "ema") -> tuple[Path, dict, Path]:
+    """(checkpoint folder, its config.json, the weights file) of a run, checkpoint or exported folder.
+
+    ``weights``: ``ema`` or ``model`` of a training checkpoint; an exported folder holds one set
+    (``model.safetensors``), used for either. Every generator loader starts here."""
+    from selfflow.checkpoint import CheckpointError, read_json, resolve_checkpoint
+    from selfflow.errors import ConfigError
+
+    if weights not in WEIGHTS:
+        raise ConfigError(f"weights={weights!r}: expected one of {', '.join(WEIGHTS)}")
     folder = resolve_checkpoint(path)
-    file = f"{weights}.safetensors"
-    if not (folder / file).exists() and (folder / "model.safetensors").exists() and not (folder / "ema.safetensors").exists():
-        file = "model.safetensors"
-    return DiT.from_pretrained(folder, weights=file, device=device), folder
+    meta = read_json(folder / "config.json")
+    if not isinstance(meta.get("model"), dict):
+        raise CheckpointError(f"{folder / 'config.json'}: no 'model' section (not a selfflow model folder)")
+    file = folder / f"{weights}.safetensors"
+    if not file.exists() and (folder / "model.safetensors").exists():
+        file = folder / "model.safetensors"
+    return folder, meta, file
+
+
+def load_generator(path: str | Path, weights: str = "ema", device: str | torch.device = "cpu") -> tuple[DiT, Path]:
+    """(DiT, folder) of an image model (class labels or none); ``selfflow.loader.load_model`` reads any kind."""
+    folder, _meta, file = open_folder(path, weights)
+    return DiT.from_pretrained(folder, weights=file.name, device=device), folder
 
 
 def build_model(config: ModelConfig) -> DiT:

@@ -188,10 +188,11 @@ def _student(config: PipelineConfig, folder: Path, markers, device, say) -> dict
                 "note": f"no student trained: the teacher's {sample.sampler} sampler ({sample.steps} steps) stands in"}
     out = {"kind": s.kind}
     if s.kind == "distill":
-        from selfflow.model import load_generator
+        from selfflow.loader import load_model
         from selfflow.sets import generate_set
 
-        model, teacher_folder = load_generator(config.teacher.train.out_dir, "ema", device)
+        teacher = load_model(config.teacher.train.out_dir, "ema", device, expect="image")
+        model, teacher_folder = teacher.model, teacher.folder
         say(f"[pipeline] student: {s.pairs} teacher pairs ({s.pairs_sampler}, {s.pairs_steps} steps)")
         t0 = time.perf_counter()
         generate_set(model, folder / "pairs", num=s.pairs, shard_size=s.pairs, kind="pairs", sampler=s.pairs_sampler,
@@ -225,7 +226,7 @@ def _evaluate(config: PipelineConfig, folder: Path, markers, device, say) -> dic
     from selfflow.evaluation import FeatureStats, extract_features
     from selfflow.evaluation.feature_net import conditional_accuracy, train_feature_net
     from selfflow.imageio import save_grid
-    from selfflow.model import load_generator
+    from selfflow.loader import load_model
     from selfflow.sampling import generate
 
     e, data = config.evaluate, config.teacher.data
@@ -240,7 +241,7 @@ def _evaluate(config: PipelineConfig, folder: Path, markers, device, say) -> dic
     test_accuracy = float((net.predict(x_test) == y_test).float().mean())
     results = []
     for index, g in enumerate(generators(config)):
-        model, _ = load_generator(g["folder"], "ema", device)
+        model = load_model(g["folder"], "ema", device, expect="image").model
         classes = max(int(model.num_classes or 0), 1)
         n = e.num_samples
         labels = (torch.arange(n) // 10) % classes if model.num_classes else None
@@ -272,12 +273,13 @@ def _synth(config: PipelineConfig, folder: Path, markers, device, say) -> dict:
     from selfflow.config import sample_settings
     from selfflow.files import load_tensors
     from selfflow.imageio import save_grid, uint8_to_float
-    from selfflow.model import load_generator
+    from selfflow.loader import load_model
     from selfflow.represent.synth import make_synth_set
 
     s = config.synth
     name, source = synth_source(config)
-    model, model_folder = load_generator(source, "ema", device)
+    source_model = load_model(source, "ema", device, expect="image")
+    model, model_folder = source_model.model, source_model.folder
     settings = sample_settings(model_folder, sampler=s.sampler, steps=s.steps, cfg_scale=s.cfg_scale, num_classes=model.num_classes)
     paths: list[Path] = []
     t0 = time.perf_counter()

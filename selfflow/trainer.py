@@ -21,6 +21,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from selfflow import checkpoint as ckpt
+from selfflow.arguments import TqdmLogHandler
 from selfflow.config import ConfigError, RunConfig
 from selfflow.errors import DataError
 from selfflow.imageio import uint8_to_float
@@ -48,7 +49,7 @@ def setup_logging(out_dir: Path | None, is_main: bool) -> None:
         log.removeHandler(handler)
         handler.close()
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
-    stream = logging.StreamHandler(sys.stdout)
+    stream = TqdmLogHandler(sys.stdout)  # through tqdm.write: a log line never breaks a progress bar
     stream.setFormatter(fmt)
     log.addHandler(stream)
     if out_dir is not None and is_main:
@@ -178,17 +179,20 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.objective = DistributedDataParallel(self.objective, device_ids=ids,
                                                      find_unused_parameters=self.method.leaves_parameters_unused)
-        self.params = [p for p in list(self.model.parameters()) + list(self.method.parameters()) if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
-            self.params, lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay,
-            fused=self.device.type == "cuda" and not self.sharded,
-        )
+        # Parameter groups, each its own AdamW (lr, betas, weight decay) and its own gradient clip: one for
+        # most methods; the generator's and the fake score's for DMD/DMD2 (Method.optimizer_groups).
+        groups = self.method.optimizer_groups(self.model, t)
+        for group in groups:
+            group["base_lr"] = group["lr"]
+        self.params = [p for group in groups for p in group["params"]]
+        self.optimizer = torch.optim.AdamW(groups, fused=self.device.type == "cuda" and not self.sharded)
         self.state = ckpt.TrainingState(model=self.model, ema_model=self.ema.model, method=self.method, optimizer=self.optimizer,
                                         generators={"train": self.generator}, data=self.stream)
         self._saved_step = -1  # the step of the newest checkpoint on disk (not rewritten at the same step)
         self._stop_signal: int | None = None
         self._tb = None
         self._tensorboard = t.tensorboard  # turned off here (never in the config) when tensorboard is missing
+        self._wandb = self._start_wandb() if "wandb" in t.loggers and self.dist.is_main else None
 
     # ---- checkpoints -----------------------------------------------------------------------
     @property
@@ -246,8 +250,8 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         t = self.config.train
         lr = lr_at(self.step, self.config)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for group in self.optimizer.param_groups:  # train.lr's schedule scales every group's own rate
+            group["lr"] = group["base_lr"] * lr / t.lr
         self.objective.train()
         totals: dict[str, torch.Tensor] = {}
         for m, batch in self._micro_batches():
@@ -274,14 +278,16 @@ class Trainer:
                 f"loss is {stats['loss'].item()} at step {self.step + 1}; stopped before updating the weights. "
                 f"The last good checkpoint in {self.ckpt_dir} is untouched. Lower train.lr or check the data for NaN."
             )
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, t.grad_clip if t.grad_clip > 0 else float("inf"))
+        norms = {group["name"]: torch.nn.utils.clip_grad_norm_(group["params"], group["clip"] if group["clip"] > 0 else float("inf"))
+                 for group in self.optimizer.param_groups}  # each group clipped on its own norm
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.method.updates_generator(self.step):  # DMD2's fake-score-only steps leave the model and its EMA as they are
             self.ema.update(self.model, self.step)
         self.step += 1
         out = {k: v.item() for k, v in stats.items()}
-        out["grad_norm"] = float(grad_norm.full_tensor()) if hasattr(grad_norm, "full_tensor") else float(grad_norm)
+        for index, (name, norm) in enumerate(norms.items()):  # the first group's is grad_norm; others grad_norm_<name>
+            out["grad_norm" if index == 0 else f"grad_norm_{name}"] = float(norm.full_tensor()) if hasattr(norm, "full_tensor") else float(norm)
         out["lr"] = lr
         return out
 
@@ -304,7 +310,20 @@ class Trainer:
                 for key, value in record.items():
                     if key != "step" and isinstance(value, (int, float)):
                         self._tb.add_scalar(f"train/{key}", value, record["step"])
+        if self._wandb is not None:
+            self._wandb.log({f"train/{k}": v for k, v in record.items() if k != "step" and isinstance(v, (int, float))},
+                            step=record["step"])
         log.info("step=%d %s", record["step"], " ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "step"))
+
+    def _start_wandb(self):
+        """A wandb run (``train.loggers: [wandb]``) named after the run folder, the resolved config attached;
+        project, entity and mode (online/offline) come from wandb's own WANDB_* variables."""
+        try:
+            import wandb
+        except ImportError:
+            raise ConfigError("train.loggers: wandb is not installed; pip install 'selfflow[wandb]' or leave it out") from None
+        return wandb.init(project="selfflow", name=self.out_dir.name, dir=str(self.out_dir),
+                          config=self.config.to_dict(), resume="allow")
 
     def write_samples(self) -> Path | None:
         if self.config.train.num_sample_images == 0 or not isinstance(self.model, DiT):  # an encoder draws nothing
@@ -383,6 +402,8 @@ class Trainer:
                 signal.signal(s, handler)
             if self._tb is not None:
                 self._tb.close()
+            if self._wandb is not None:
+                self._wandb.finish()
             if self.loader is not None:
                 self.loader.close()
 

@@ -102,10 +102,10 @@ def test_errors_is_a_leaf():
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("selfflow", "selfflow.errors", "selfflow.files", "selfflow.config", "selfflow.distributed",
                     "selfflow.device", "selfflow.path", "selfflow.imageio", "selfflow.ema", "selfflow.shards",
-                    "selfflow.fsdp", "selfflow.checkpoint", "selfflow.represent", "selfflow.torch_pickle",
+                    "selfflow.fsdp", "selfflow.checkpoint", "selfflow.represent", "selfflow.arguments",
                     "selfflow.report")),  # represent: losses, augment
     ("data", ("selfflow.data", "selfflow.text", "selfflow.modalities")),  # text: captions, text encoders, captioned sets
-    ("model", ("selfflow.model", "selfflow.represent.encoders", "selfflow.interop", "selfflow.text.model",
+    ("model", ("selfflow.model", "selfflow.loader", "selfflow.represent.encoders", "selfflow.interop", "selfflow.text.model",
                "selfflow.modalities.model")),  # interop: imported checkpoints
     ("sampling", ("selfflow.sampling", "selfflow.sets", "selfflow.represent.synth", "selfflow.text.generate",
                   "selfflow.modalities.sampling")),  # the trainer draws its sample grids with it
@@ -117,12 +117,15 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("evaluation", ("selfflow.evaluation", "selfflow.represent.probes", "selfflow.text.evaluation",
                     "selfflow.modalities.evaluation")),
     ("pipeline", ("selfflow.pipeline", "selfflow.pipeline_report")),  # every stage above, run in order; its report
+    ("api", ("selfflow.api", "selfflow.hub")),  # the Python API; hub: the diffusers pipeline (load, Generator.sample, train); the package re-exports it
     ("cli", ("selfflow.quickstart", "selfflow.evaluation.cli", "selfflow.represent.cli", "selfflow.text.cli", "selfflow.modalities.cli", "selfflow.cli", "selfflow.__main__")),
 ]
 
 
 def layer_of(module: str) -> int:
     """The layer whose longest matching prefix names the module (``selfflow.data.idx`` → data)."""
+    if module == "selfflow":  # the package's __init__ re-exports the Python API (selfflow.api), on first use
+        return [name for name, _ in LAYERS].index("api")
     best, best_len = None, -1
     for index, (_, prefixes) in enumerate(LAYERS):
         for prefix in prefixes:

@@ -117,6 +117,7 @@ CHOICE_FIELDS = [
     ("data.split", "validation", []),
     ("model.size", "huge", []),
     ("model.pos_embed", "learned", []),
+    ("train.loggers", "mlflow", []),  # a list is expected; "[mlflow]" names an unknown logger (tests/test_trainer.py)
     ("train.device", "gpu", []),
     ("train.device", "cuda:x", []),
     ("train.precision", "fp16", []),

@@ -114,3 +114,38 @@ def test_text_to_image_defaults_keep_the_cpu_configs_and_size_s_resolves():
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 1 and done.stderr.strip().splitlines() == [
             "text_to_image.py: --device='cuda' but CUDA is not available on this machine"]
+
+
+# ---- benchmarks/one_step.py: each student against the teacher it learns --------------------------------
+def test_one_step_rows_judge_each_student_against_the_teacher_it_learns():
+    one_step = pytest.importorskip("one_step")
+
+    def ev(run, steps, cfg, fd, acc=0.9, nfe=None):
+        return {"run": run, "sampler": "euler", "steps": steps, "cfg_scale": cfg, "nfe_per_image": nfe or steps * (2 if cfg != 1 else 1),
+                "fd_dom": fd, "class_accuracy": acc, "precision": 0.5, "recall": 0.5, "pixel_mean": 0.0, "pixel_std": 1.0}
+
+    evals = [ev("teacher", 50, 1.0, 10.0, 0.8), ev("teacher", 1, 1.0, 40.0), ev("teacher", 50, 1.5, 5.2, 0.95), ev("teacher", 1, 1.5, 20.0),
+             ev("reflow1", 1, 1.0, 11.0), ev("dmd_s0", 1, 1.0, 5.5), ev("dmd_s1", 1, 1.0, 6.5)]
+    specs = [{"name": "reflow1", "method": "reflow", "group": "reflow1", "seed": 0, "learned_cfg": 1.0},
+             {"name": "dmd_s0", "method": "DMD, 1 step", "group": "dmd", "seed": 0, "learned_cfg": 1.5},
+             {"name": "dmd_s1", "method": "DMD, 1 step", "group": "dmd", "seed": 1, "learned_cfg": 1.5}]
+    # images/s: the guided 50-step teacher costs twice the unguided one
+    speed = {"results": {"euler50_cfg1": {"images_per_s_b256": 10.0, "ms_per_image_b1": 50.0},
+                         "euler50_cfg1.5": {"images_per_s_b256": 5.0, "ms_per_image_b1": 100.0},
+                         "euler1_cfg1": {"images_per_s_b256": 400.0, "ms_per_image_b1": 1.0},
+                         "euler1_cfg1.5": {"images_per_s_b256": 200.0, "ms_per_image_b1": 2.0}}}
+    rows = {r["group"]: r for r in one_step.build_rows(None, specs, evals, speed) if r["steps"] == 1}
+    dmd, reflow = rows["dmd"], rows["reflow1"]
+    assert dmd["fd_dom_values"] == [5.5, 6.5] and dmd["fd_dom"] == 6.0
+    assert dmd["fd_dom_vs_learned_teacher"] == 6.0 / 5.2  # the guided teacher, not the unguided one (6.0 / 10.0)
+    assert dmd["fd_dom_vs_learned_teacher_same_steps"] == 6.0 / 20.0 and dmd["learned_teacher_same_steps"]["nfe_per_image"] == 2
+    assert dmd["speedup_b256_vs_teacher50"] == 400.0 / 5.0 and dmd["speedup_b1_vs_teacher50"] == 100.0
+    assert reflow["fd_dom_vs_learned_teacher"] == 11.0 / 10.0 and reflow["speedup_b256_vs_teacher50"] == 400.0 / 10.0
+    report = {"rows": one_step.build_rows(None, specs, evals, speed), "evaluation": {"floor_fd_dom": 0.5}}
+    report["teacher"] = one_step.teacher_summary(report["rows"])
+    assert (report["teacher"]["class_accuracy"], report["teacher"]["fd_dom"]) == (0.8, 10.0)
+    assert report["teacher"]["by_guidance"]["1.5"]["class_accuracy"] == 0.95
+    one_step.analyse(report)
+    # reflow: 1.1× its teacher, 40× faster, but one seed; DMD: 1.15× its teacher, 80× faster, two seeds
+    assert report["target"]["met"] == ["DMD, 1 step"]
+    assert "Met by any: **yes**" in report["target"]["text"]

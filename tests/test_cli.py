@@ -79,7 +79,7 @@ def test_sample_rejects_bad_labels(trained_run, tmp_path, capsys):
 
 def test_export_leaves_out_training_state(trained_run, tmp_path):
     assert main(["export", "--ckpt", str(trained_run), "--out", str(tmp_path / "gen")]) == 0
-    assert sorted(p.name for p in (tmp_path / "gen").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "gen").iterdir()) == ["README.md", "config.json", "model.safetensors"]
     assert main(["sample", "--ckpt", str(tmp_path / "gen"), "--n", "2", "--out", str(tmp_path / "s"), "--steps", "2", "--device", "cpu"]) == 0
 
 
@@ -270,3 +270,83 @@ def test_every_command_refuses_bad_input_in_one_line(bad_inputs, trained_run, tm
         assert word.format(**places) in lines[0], (word, lines[0])
     after = {**_tree(trained_run), **_tree(tmp_path), **_tree(places["file"].rsplit("/", 1)[0])}
     assert after == before, sorted(set(after.items()) ^ set(before.items()))
+
+
+# ---- one vocabulary ------------------------------------------------------------------------------
+def _subparsers(parser):
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield name, sub
+                yield from ((f"{name} {n}", s) for n, s in _subparsers(sub))
+
+
+def test_every_command_that_reads_a_model_takes_ckpt_and_every_help_shows_defaults():
+    from selfflow.cli import build_parser
+
+    commands = dict(_subparsers(build_parser()))
+    for name in ("sample", "export", "generate-set", "eval", "synth", "import", "modality sample", "modality eval",
+                 "represent probe"):
+        assert "--ckpt" in commands[name]._option_string_actions, name
+    for name, parser in commands.items():
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if action.option_strings and action.default not in (None, False, [], "==SUPPRESS==") and action.help:
+                assert "default" in formatter._get_help_string(action), (name, action.dest)
+    assert "(default: 64)" in commands["sample"].format_help()  # --n
+    assert "(seed + k) mod classes" in " ".join(commands["sample"].format_help().split())
+
+
+def test_old_checkpoint_flags_still_work_with_a_note(trained_run, tmp_path, capsys):
+    assert main(["synth", "--generator", str(trained_run), "--captions", "classes", "--per-caption", "2", "--n", "4",
+                 "--out", str(tmp_path / "set"), "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "--generator is deprecated" in err and "use --ckpt" in err
+
+
+def test_version():
+    import selfflow
+
+    proc = subprocess.run([sys.executable, "-m", "selfflow", "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"selfflow {selfflow.__version__}"
+
+
+def test_a_closed_pipe_exits_quietly_with_status_0():
+    proc = subprocess.run(f"{sys.executable} -m selfflow train --print-config | head -n 2", shell=True,
+                          capture_output=True, text=True, executable="/bin/bash",
+                          env={**__import__("os").environ, "PYTHONUNBUFFERED": "0"})
+    assert proc.stdout.count("\n") == 2 and proc.stderr == "", proc.stderr
+    code = subprocess.run(f"set -o pipefail; {sys.executable} -m selfflow train --print-config | head -c 1 >/dev/null",
+                          shell=True, executable="/bin/bash", capture_output=True, text=True)
+    assert code.returncode == 0 and code.stderr == "", code.stderr
+
+
+def test_log_lines_go_through_tqdm_and_never_break_a_bar():
+    import io
+    import logging
+
+    from tqdm import tqdm
+
+    from selfflow.arguments import TqdmLogHandler
+
+    stream = io.StringIO()
+    logger = logging.getLogger("selfflow.test_bar")
+    logger.propagate = False
+    logger.addHandler(TqdmLogHandler(stream))
+    try:
+        with tqdm(total=3, file=stream, desc="bar", mininterval=0) as bar:
+            bar.update(1)
+            logger.warning("the line")
+            bar.update(1)
+    finally:
+        logger.handlers.clear()
+    # the bar is cleared before the line and redrawn after it: the line stands alone
+    assert "the line\n" in stream.getvalue()
+    assert any(piece == "the line" for line in stream.getvalue().split("\n") for piece in line.split("\r"))
+    plain = io.StringIO()
+    with tqdm(total=3, file=plain, desc="bar", mininterval=0) as bar:
+        bar.update(1)
+        plain.write("the line\n")  # what a plain StreamHandler does: glued to the bar
+    assert not any(piece == "the line" for line in plain.getvalue().split("\n") for piece in line.split("\r"))

@@ -16,7 +16,7 @@ from selfflow.cli import main
 from selfflow.data import BatchLoader, IndexStream, load_dataset
 from selfflow.data.preprocess import center_crop, prepare_image, random_crop
 from selfflow.errors import DataError
-from support import fit, free_port, join_as_rank, leave_process_group_env, one_line_error, spawn_ranks, tiny_run
+from support import fit, fit_phases, free_port, join_as_rank, leave_process_group_env, one_line_error, spawn_ranks, tiny_run
 
 
 @pytest.fixture(autouse=True)
@@ -216,25 +216,27 @@ def test_streamed_sets_train_and_resume_exactly(tmp_path, kind):
         assert torch.equal(a[key], b[key]), key
 
 
-def _worker(rank, world, port, raw):
-    join_as_rank(rank, world, port)
-    fit(raw)
-
-
-@pytest.mark.parametrize("kind", ["webdataset", "hf"])
-def test_streamed_sets_shard_across_two_processes(tmp_path, kind):
-    path = {"webdataset": make_shards, "hf": make_hf}[kind](tmp_path / "set")
-    data = _data_section(kind, path)
-    threads = torch.get_num_threads()
-    try:
-        _worker(0, 1, free_port(), tiny_run(tmp_path / "one", data=data, train={"steps": 3, "warmup_steps": 1}))
-        leave_process_group_env()
-    finally:
-        torch.set_num_threads(threads)
-    spawn_ranks(_worker, 2, 2, free_port(), tiny_run(tmp_path / "two", data=data, train={"steps": 3, "warmup_steps": 1, "num_workers": 1}))
-    one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
-    for key in one:
-        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=key)
+def test_webdataset_and_hf_shard_across_two_processes(tmp_path):
+    """Each set trained by 2 gloo processes (each reading its half of every batch, 1 decoding worker each) ends
+    where one process ends; both sets in one spawn, one process group each (support.fit_phases)."""
+    phases = []
+    for kind, make in (("webdataset", make_shards), ("hf", make_hf)):
+        data = _data_section(kind, make(tmp_path / kind))
+        one = tiny_run(tmp_path / f"one_{kind}", data=data, train={"steps": 3, "warmup_steps": 1})
+        threads = torch.get_num_threads()
+        try:
+            join_as_rank(0, 1, free_port())
+            fit(one)
+            leave_process_group_env()
+        finally:
+            torch.set_num_threads(threads)
+        phases.append((free_port(), tiny_run(tmp_path / f"two_{kind}", data=data,
+                                             train={"steps": 3, "warmup_steps": 1, "num_workers": 1})))
+    spawn_ranks(fit_phases, 2, 2, phases)
+    for kind in ("webdataset", "hf"):
+        one, two = _weights(tmp_path / f"one_{kind}"), _weights(tmp_path / f"two_{kind}")
+        for key in one:
+            torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=f"{kind}: {key}")
 
 
 # ---- formats: what they hold, and bad ones ----------------------------------------------------------

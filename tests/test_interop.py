@@ -1,4 +1,4 @@
-"""Importing SiT, REPA and official Self-Flow checkpoints (selfflow.interop, selfflow.torch_pickle).
+"""Importing SiT, REPA and official Self-Flow checkpoints (selfflow.interop).
 
 The source networks are written here from the published description of their layout (parameter
 names, shapes, time conventions; docs/methods.md#imported-checkpoints), not copied: a minimal
@@ -17,9 +17,8 @@ from torch import nn
 
 from selfflow.cli import main
 from selfflow.errors import CheckpointError
-from selfflow.interop import convert_state, export_state, import_checkpoint, unwrap_state
+from selfflow.interop import convert_state, export_state, import_checkpoint, load_torch_file, read_checkpoint_file, unwrap_state
 from selfflow.model import DiT
-from selfflow.torch_pickle import PickledNamespace, load_torch_file, read_checkpoint_file
 from support import one_line_error
 
 torch.set_num_threads(1)
@@ -157,7 +156,7 @@ def test_a_pickle_with_a_namespace_loads_as_plain_data(tmp_path):
     path = tmp_path / "train.pt"
     save_namespace_training_dict(path, source.state_dict(), source.state_dict(), steps=7)
     loaded = load_torch_file(path)
-    assert isinstance(loaded["args"], PickledNamespace) and loaded["args"].num_classes == CLASSES
+    assert isinstance(loaded["args"], argparse.Namespace) and loaded["args"].num_classes == CLASSES
     assert loaded["steps"] == 7 and loaded["opt"]["param_groups"][0]["lr"] == 1e-4
     for key, value in source.state_dict().items():
         assert torch.equal(loaded["ema"][key], value)
@@ -198,16 +197,16 @@ def test_a_pickle_with_a_payload_is_refused_and_never_runs(tmp_path, kind, refus
         load_torch_file(path)
     assert "\n" not in str(info.value) and str(path) in str(info.value)
     assert not marker.exists()
-    assert main(["import", str(path), "--from", "sit", "--out", str(tmp_path / "out")]) == 2
+    assert main(["import", "--ckpt", str(path), "--from", "sit", "--out", str(tmp_path / "out")]) == 2
     assert not marker.exists() and not (tmp_path / "out").exists()
 
 
 def test_not_a_torch_file_is_one_line_error(tmp_path, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a zip at all")
-    assert main(["import", str(bad), "--from", "sit", "--out", str(tmp_path / "o")]) == 2
+    assert main(["import", "--ckpt", str(bad), "--from", "sit", "--out", str(tmp_path / "o")]) == 2
     one_line_error(capsys, "bad.pt", "not a torch zip archive")
-    assert main(["import", str(tmp_path / "missing.pt"), "--from", "repa", "--out", str(tmp_path / "o")]) == 2
+    assert main(["import", "--ckpt", str(tmp_path / "missing.pt"), "--from", "repa", "--out", str(tmp_path / "o")]) == 2
     one_line_error(capsys, "missing.pt", "no such file")
 
 
@@ -310,7 +309,7 @@ def test_bad_layouts_are_named(tmp_path):
 def test_cli_import_then_sample(tmp_path, capsys):
     source = SourceSiT()
     torch.save({"ema": source.state_dict(), "args": argparse.Namespace(model="tiny")}, tmp_path / "s.pt")
-    assert main(["import", str(tmp_path / "s.pt"), "--from", "sit", "--out", str(tmp_path / "m"), "--num-heads", str(HEADS)]) == 0
+    assert main(["import", "--ckpt", str(tmp_path / "s.pt"), "--from", "sit", "--out", str(tmp_path / "m"), "--num-heads", str(HEADS)]) == 0
     out = capsys.readouterr().out
     assert "learned-sigma" in out and "--set model.time_scale=-1.0" in out
     assert main(["sample", "--ckpt", str(tmp_path / "m"), "--n", "2", "--out", str(tmp_path / "s"), "--steps", "3",
@@ -320,7 +319,7 @@ def test_cli_import_then_sample(tmp_path, capsys):
     from selfflow.files import load_tensors
 
     assert load_tensors(tmp_path / "s" / "latents.safetensors")["latents"].shape == (2, CHANNELS, SIZE, SIZE)
-    assert main(["import", str(tmp_path / "s.pt"), "--from", "dit", "--out", str(tmp_path / "x")]) == 2
+    assert main(["import", "--ckpt", str(tmp_path / "s.pt"), "--from", "dit", "--out", str(tmp_path / "x")]) == 2
 
 
 def test_read_checkpoint_file_reads_both_kinds(tmp_path):

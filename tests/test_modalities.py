@@ -232,10 +232,10 @@ def test_audio_video_trains_samples_and_evaluates_from_the_command_line(tmp_path
     assert main(["train", "--config", _write(tmp_path, raw_run(run, "audio_video", num_sample_images=2))]) == 0
     assert (run / "samples" / "step_0000004.gif").is_file() and (run / "samples" / "step_0000004_0.wav").is_file()
     capsys.readouterr()
-    assert main(["modality", "sample", "--checkpoint", str(run), "--n", "2", "--given", "audio", "--out", str(tmp_path / "s")]) == 0
+    assert main(["modality", "sample", "--ckpt", str(run), "--n", "2", "--given", "audio", "--out", str(tmp_path / "s")]) == 0
     assert (tmp_path / "s" / "samples.gif").is_file() and (tmp_path / "s" / "real_0.wav").is_file()
     out = tmp_path / "report.json"
-    assert main(["modality", "eval", "--checkpoint", str(run), "--n", "8", "--judge-steps", "5", "--out", str(out)]) == 0
+    assert main(["modality", "eval", "--ckpt", str(run), "--n", "8", "--judge-steps", "5", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     for key in ("agreement", "video_given_audio_accuracy", "audio_given_video_accuracy"):
         assert 0.0 <= report[key] <= 1.0
@@ -247,7 +247,7 @@ def test_a_policy_trains_and_reports_its_success_rate(tmp_path, capsys):
     assert main(["train", "--config", _write(tmp_path, raw_run(run, "actions"))]) == 0
     capsys.readouterr()
     out = tmp_path / "r.json"
-    assert main(["modality", "eval", "--checkpoint", str(run), "--n", "3", "--out", str(out)]) == 0
+    assert main(["modality", "eval", "--ckpt", str(run), "--n", "3", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["episodes"] == 3 and 0.0 <= result["success_rate"] <= 1.0
 
@@ -258,13 +258,13 @@ def test_modality_commands_refuse_bad_input_in_one_line(tmp_path, capsys):
     video_run = tmp_path / "video"
     fit(raw_run(video_run, "video", steps=2))
     capsys.readouterr()
-    assert main(["modality", "sample", "--checkpoint", str(image_run), "--out", str(tmp_path / "o")]) == 2
+    assert main(["modality", "sample", "--ckpt", str(image_run), "--out", str(tmp_path / "o")]) == 2
     one_line_error(capsys, "not a modality model")
     assert main(["sample", "--ckpt", str(video_run), "--out", str(tmp_path / "o")]) == 2
     one_line_error(capsys, "selfflow modality sample")
-    assert main(["modality", "sample", "--checkpoint", str(video_run), "--given", "audio", "--out", str(tmp_path / "o")]) == 2
+    assert main(["modality", "sample", "--ckpt", str(video_run), "--given", "audio", "--out", str(tmp_path / "o")]) == 2
     one_line_error(capsys, "--given audio", "video")
-    assert main(["modality", "eval", "--checkpoint", str(video_run), "--n", "0"]) == 2
+    assert main(["modality", "eval", "--ckpt", str(video_run), "--n", "0"]) == 2
     one_line_error(capsys, "--n")
     assert not (tmp_path / "o").exists()
 
@@ -305,5 +305,5 @@ def test_an_exported_modality_model_samples_and_evaluates_like_its_checkpoint(tm
     assert torch.equal(a(x, torch.full((3,), 0.3), obs), b(x, torch.full((3,), 0.3), obs))
     capsys.readouterr()
     out = tmp_path / "r.json"
-    assert main(["modality", "eval", "--checkpoint", str(tmp_path / "exported"), "--n", "2", "--out", str(out)]) == 0
+    assert main(["modality", "eval", "--ckpt", str(tmp_path / "exported"), "--n", "2", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["episodes"] == 2

@@ -155,3 +155,16 @@ def test_bad_arguments_raise_a_one_line_data_error(call, name):
     with pytest.raises(DataError) as caught:
         call()
     assert str(caught.value).startswith(name + ":") and "\n" not in str(caught.value)
+
+
+def test_without_gymnasium_the_actions_task_is_a_one_line_error(monkeypatch):
+    """gymnasium is the [actions] extra: the core install runs without it, an actions run says what to install."""
+    import importlib
+    import sys
+
+    from selfflow.errors import ConfigError
+
+    monkeypatch.setitem(sys.modules, "gymnasium", None)
+    monkeypatch.delitem(sys.modules, "selfflow.modalities.actions")
+    with pytest.raises(ConfigError, match=r"selfflow\[actions\]"):
+        importlib.import_module("selfflow.modalities.actions")

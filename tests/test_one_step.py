@@ -342,6 +342,32 @@ def test_a_dmd_step_moves_the_generator_from_fake_towards_real():
     assert (cosine > 0.5).all(), cosine  # measured 0.78 … 0.93 per sample; an uphill step gives the opposite sign
 
 
+# ---- DMD v1: the regression on pairs made at the real score's guidance ---------------------------------
+def test_dmd_regression_reads_pairs_made_at_the_real_scores_guidance(tmp_path):
+    from selfflow.data.pairs import load_pairs
+    from selfflow.methods.dmd import Dmd
+
+    generator, teacher, _ = _dmd_method(0.0)
+    generate_set(teacher, tmp_path / "cfg1.5", num=6, shard_size=6, kind="pairs", sampler="euler", steps=3, cfg_scale=1.5)
+    generate_set(teacher, tmp_path / "cfg1", num=6, shard_size=6, kind="pairs", sampler="euler", steps=3)
+    method = Dmd(DmdConfig(teacher="given", real_cfg=1.5, regression_weight=0.25), generator, teacher=teacher)
+    pairs = load_pairs(tmp_path / "cfg1.5")
+    method.bind_data(pairs)
+    x0, y = pairs.get_batch(list(range(6)))
+    noise = pairs.get_noise(list(range(6)))
+    batch = Batch(x0=x0, y=y, noise=noise, random=BatchRandom(torch.Generator().manual_seed(0), 6, slice(0, 6)))
+    _, logs = method.loss(generator, batch)
+    with torch.no_grad():  # the L2 distance of G(ε_pair) to the guided teacher's solve from that ε
+        expected = (euler_steps(generator, noise, y, 1) - x0).pow(2).mean()
+    torch.testing.assert_close(logs["loss_regression"], expected, rtol=1e-6, atol=0)
+    with pytest.raises(ConfigError, match=r"guidance 1, but the real score uses method.real_cfg=1.5.*--cfg-scale 1.5"):
+        method.bind_data(load_pairs(tmp_path / "cfg1"))
+    from selfflow.data import load_dataset
+
+    with pytest.raises(ConfigError, match="needs the teacher's pairs"):
+        method.bind_data(load_dataset("digits", split="train"))
+
+
 # ---- DMD2: fake-only steps --------------------------------------------------------------------------
 def test_fake_only_steps_leave_the_generator_and_its_ema_alone(teacher_and_pairs, tmp_path):
     teacher, pairs = teacher_and_pairs
@@ -369,11 +395,52 @@ def test_fake_only_steps_leave_the_generator_and_its_ema_alone(teacher_and_pairs
     trainer.close()
 
 
+# ---- DMD/DMD2: the generator's and the fake score's AdamW, each clipped on its own ----------------------
+def test_the_generators_update_does_not_depend_on_the_fake_scores_gradient_scale(teacher_and_pairs, tmp_path):
+    """fake_weight × 1000 scales only the fake score's gradient (G's loss reads the fake score without its
+    weights' gradients, the fake loss reads G's samples detached). With one clip over both, that norm would
+    shrink G's step; with a clip per group G's first update is bit-identical."""
+    teacher, pairs = teacher_and_pairs
+    after, logs = {}, {}
+    for scale in (1.0, 1000.0):
+        method = {"name": "dmd2", "teacher": str(teacher), "fake_weight": scale, "fake_updates_per_generator": 1}
+        trainer = Trainer(config_from_dict(one_step_run(tmp_path / f"w{scale:g}", teacher, pairs, method, steps=1, warmup_steps=0)))
+        groups = {g["name"]: g for g in trainer.optimizer.param_groups}
+        assert list(groups) == ["generator", "fake"]
+        for g in groups.values():  # DMD2's published defaults: torch's AdamW, clip 10 each
+            assert (tuple(g["betas"]), g["weight_decay"], g["clip"], g["lr"]) == ((0.9, 0.999), 0.01, 10.0, 1e-3)
+        assert {id(p) for p in groups["generator"]["params"]} == {id(p) for p in trainer.model.parameters()}
+        assert {id(p) for p in groups["fake"]["params"]} == {id(p) for p in trainer.method.parameters()}
+        logs[scale] = trainer.train_step()
+        after[scale] = states(trainer)
+        trainer.close()
+    assert logs[1000.0]["grad_norm_fake"] > 10.0  # the fake score's clip acts …
+    assert logs[1000.0]["grad_norm"] == logs[1.0]["grad_norm"]  # … G's norm is its own
+    for key, value in after[1.0].items():
+        if key.startswith(("model.", "ema.")):
+            assert torch.equal(value, after[1000.0][key]), key
+    assert any(not torch.equal(v, after[1000.0][k]) for k, v in after[1.0].items() if k.startswith("method.fake."))
+
+
+def test_dmd_optimizer_settings_are_per_group(teacher_and_pairs, tmp_path):
+    teacher, pairs = teacher_and_pairs
+    method = {"name": "dmd", "teacher": str(teacher), "generator_lr": 2e-4, "fake_lr": 4e-4, "generator_beta1": 0.0,
+              "fake_grad_clip": 0.0, "generator_weight_decay": 0.0}
+    trainer = Trainer(config_from_dict(one_step_run(tmp_path / "d", teacher, pairs, method, steps=1, warmup_steps=2)))
+    trainer.train_step()  # warm-up step 0 of 2: every rate at half its own
+    generator, fake = trainer.optimizer.param_groups
+    assert (generator["lr"], tuple(generator["betas"]), generator["weight_decay"]) == (1e-4, (0.0, 0.999), 0.0)
+    assert (fake["lr"], fake["clip"]) == (2e-4, 0.0)
+    trainer.close()
+    with pytest.raises(ConfigError, match="fake_beta2"):
+        DmdConfig(teacher="t", fake_beta2=1.0).validate("method")
+
+
 # ---- resume of every distillation is bit-identical ----------------------------------------------------
 RESUMABLE = {
     "reflow": {"name": "reflow"},
     "distill": {"name": "distill", "steps": 2, "loss": "pseudo_huber"},
-    "dmd": {"name": "dmd", "regression_weight": 0.25, "real_cfg": 1.5},
+    "dmd": {"name": "dmd", "regression_weight": 0.25},  # the fixture's pairs are the teacher's at guidance 1
     "dmd2": {"name": "dmd2", "fake_updates_per_generator": 2, "generator_steps": 2, "backward_simulation": True},
 }
 

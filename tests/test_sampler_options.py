@@ -84,7 +84,7 @@ def test_generate_set_passes_and_records_the_options(run, tmp_path):
 
 
 def test_synth_records_the_options_and_instances_refuse_them(run, tmp_path, capsys):
-    base = ["synth", "--generator", str(run), "--per-caption", "2", "--n", "4"]
+    base = ["synth", "--ckpt", str(run), "--per-caption", "2", "--n", "4"]
     assert main([*base, "--captions", "classes", "--out", str(tmp_path / "c"), *SIT, *FLAGS]) == 0
     assert json.loads((tmp_path / "c" / "set.json").read_text())["sampler_options"] == OPTIONS
     capsys.readouterr()

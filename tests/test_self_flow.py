@@ -208,7 +208,7 @@ def test_head_is_in_the_checkpoint_and_not_in_the_exported_model(tiny_config, tm
     exported = load_file(str(tmp_path / "exported" / "model.safetensors"))
     assert not any("head" in k for k in exported)
     assert set(exported) == set(trainer.model.state_dict())
-    assert sorted(p.name for p in (tmp_path / "exported").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "exported").iterdir()) == ["README.md", "config.json", "model.safetensors"]  # README: the model card
     reloaded = DiT.from_pretrained(tmp_path / "exported")
     for key, value in trainer.ema.model.state_dict().items():
         assert torch.equal(reloaded.state_dict()[key], value)

@@ -205,7 +205,7 @@ def test_synth_refuses_text_captions_naming_the_file(tmp_path, capsys, generator
 
     captions = tmp_path / "captions.txt"
     captions.write_text("a photo of a seven\na thin one\n")
-    argv = ["synth", "--generator", str(generator_dir), "--captions", str(captions), "--per-caption", "2", "--n", "4",
+    argv = ["synth", "--ckpt", str(generator_dir), "--captions", str(captions), "--per-caption", "2", "--n", "4",
             "--out", str(tmp_path / "s"), "--device", "cpu"]
     assert main(argv) == 2
     one_line_error(capsys, str(captions), "2 text captions", "caption-conditioned generator")
@@ -225,7 +225,7 @@ def test_synth_then_represent_train_and_probe(tmp_path, capsys, generator_dir):
 
     from selfflow.cli import main
 
-    assert main(["synth", "--generator", str(generator_dir), "--captions", "classes", "--per-caption", "2", "--n", "40",
+    assert main(["synth", "--ckpt", str(generator_dir), "--captions", "classes", "--per-caption", "2", "--n", "40",
                  "--out", str(tmp_path / "s"), "--steps", "2", "--device", "cpu"]) == 0
     raw = _encoder_run(tmp_path / "run", "stablerep", {"name": "synth", "path": str(tmp_path / "s")}, steps=2)
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))

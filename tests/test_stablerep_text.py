@@ -37,7 +37,7 @@ def text_set(tmp_path_factory):
             p.add_(0.05 * torch.randn_like(p))
     model.save_pretrained(root / "gen", text)
     (root / "captions.txt").write_text("\n".join(LINES) + "\n\n")
-    assert main(["synth", "--generator", str(root / "gen"), "--captions", str(root / "captions.txt"), "--per-caption", "2",
+    assert main(["synth", "--ckpt", str(root / "gen"), "--captions", str(root / "captions.txt"), "--per-caption", "2",
                  "--n", "12", "--shard-size", "5", "--sampler", "euler", "--steps", "2", "--cfg-scale", "1",
                  "--out", str(root / "set"), "--device", "cpu"]) == 0
     return root, model, text

@@ -426,7 +426,7 @@ def test_commands_check_the_text_section_against_the_model_in_one_line(tmp_path,
         for argv in (["sample", "--ckpt", str(folder), "--out", str(tmp_path / "s"), "--prompt", "a seven", "--n", "1"],
                      ["export", "--ckpt", str(folder), "--out", str(tmp_path / "e")],
                      ["generate-set", "--ckpt", str(folder), "--out", str(tmp_path / "g"), "--n", "1", "--prompt", "a seven"],
-                     ["synth", "--generator", str(folder), "--captions", str(tmp_path / "captions.txt"), "--per-caption", "1",
+                     ["synth", "--ckpt", str(folder), "--captions", str(tmp_path / "captions.txt"), "--per-caption", "1",
                       "--n", "1", "--out", str(tmp_path / "y")]):
             capsys.readouterr()
             assert main(argv + ["--device", "cpu"] * (argv[0] != "export")) == 2, argv

@@ -118,3 +118,40 @@ def test_time_limit_stops_with_a_checkpoint(tiny_config, tmp_path):
     trainer, result = run(tiny_config(tmp_path, train={"steps": 1000, "time_limit_minutes": 1e-6}))
     assert result["status"] == "time_limit" and result["step"] == 1
     assert ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints").name == ckpt.step_dir_name(1)
+
+
+def test_wandb_logs_what_metrics_jsonl_holds_and_is_off_by_default(tmp_path, monkeypatch):
+    """train.loggers: [wandb] sends every logged scalar (train/<key> at its step); without the package it is
+    a one-line ConfigError before training. A stand-in module records the calls (no account, no network)."""
+    import sys
+    import types
+
+    from selfflow.config import ConfigError, config_from_dict
+    from support import tiny_run, train_config
+
+    calls = {"log": [], "finish": 0}
+
+    class Run:
+        def log(self, values, step):
+            calls["log"].append((step, values))
+
+        def finish(self):
+            calls["finish"] += 1
+
+    def init(**kwargs):
+        calls["init"] = kwargs
+        return Run()
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    assert config_from_dict(tiny_run(tmp_path / "off")).train.loggers == ()
+    train_config(config_from_dict(tiny_run(tmp_path / "run", train={"steps": 3, "loggers": ["wandb"]})))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [step for step, _ in calls["log"]] == [r["step"] for r in records] == [1, 2, 3]
+    for (step, values), record in zip(calls["log"], records):
+        assert values == {f"train/{k}": v for k, v in record.items() if k != "step"}
+    assert calls["finish"] == 1 and calls["init"]["name"] == "run" and list(calls["init"]["config"]["train"]["loggers"]) == ["wandb"]
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
+    with pytest.raises(ConfigError, match="wandb is not installed"):
+        train_config(config_from_dict(tiny_run(tmp_path / "run2", train={"loggers": ["wandb"]})))
+    with pytest.raises(ConfigError, match="train.loggers"):
+        config_from_dict(tiny_run(tmp_path / "run3", train={"loggers": ["mlflow"]}))

@@ -166,9 +166,10 @@ def cmd_eval(args) -> int:
     if args.ckpt:
         from selfflow.config import sample_settings
         from selfflow.files import read_json
-        from selfflow.model import load_generator
+        from selfflow.loader import load_model
 
-        model, folder = load_generator(args.ckpt, "ema", device)
+        loaded = load_model(args.ckpt, "ema", device, expect="image")
+        model, folder = loaded.model, loaded.folder
         if "acc" in metrics and not model.num_classes and args.metrics is None:
             metrics.remove("acc")  # the default set, less what needs classes
         elif "acc" in metrics and not model.num_classes:

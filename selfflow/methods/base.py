@@ -87,6 +87,14 @@ class Method(nn.Module):
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
+    def optimizer_groups(self, model: nn.Module, train) -> list[dict]:
+        """The trained parameters in AdamW parameter groups, each with its own ``lr``, ``betas``,
+        ``weight_decay`` and gradient-norm ``clip`` (0: none), and a ``name`` for the log. AdamW's update
+        is per parameter, so each group is exactly an AdamW of its own. Default: one group, ``train``'s."""
+        params = [p for p in list(model.parameters()) + list(self.parameters()) if p.requires_grad]
+        return [{"name": "all", "params": params, "lr": train.lr, "betas": (train.beta1, train.beta2),
+                 "weight_decay": train.weight_decay, "clip": train.grad_clip}]
+
     def updates_generator(self, step: int) -> bool:
         """Whether step ``step`` trains the model (the generator); when not, the trainer leaves its EMA alone."""
         return True

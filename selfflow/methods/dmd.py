@@ -88,6 +88,35 @@ class Dmd(Method):
     def teacher(self) -> nn.Module:
         return self._teacher[0]
 
+    def bind_data(self, dataset) -> None:
+        """DMD's regression needs pairs made by the real score: the teacher at guidance ``real_cfg``
+        (its ODE's (ε, x0) coupling — generate-set refuses noise-injecting samplers)."""
+        if self.config.regression_weight <= 0:
+            return
+        from selfflow.errors import ConfigError
+
+        manifest = getattr(dataset, "manifest", None)
+        if manifest is None or manifest.get("kind") != "pairs":
+            raise ConfigError(f"method.regression_weight={self.config.regression_weight:g} needs the teacher's pairs: "
+                              "data: {name: pairs, path: SET} (selfflow generate-set --kind pairs --cfg-scale REAL_CFG)")
+        made_at = float(manifest.get("cfg_scale", 1.0))
+        if self.teacher.num_classes and made_at != self.config.real_cfg:
+            raise ConfigError(f"{getattr(dataset, 'source', 'data.path')}: pairs made at guidance {made_at:g}, but the real score "
+                              f"uses method.real_cfg={self.config.real_cfg:g}; make them with --cfg-scale {self.config.real_cfg:g}")
+
+    def optimizer_groups(self, model: nn.Module, train) -> list[dict]:
+        """Two AdamW updates, each clipped on its own (DMD2's code): the generator's, and the fake
+        score's with the GAN head's — so the fake loss's far larger gradients never scale G's step."""
+        c = self.config
+
+        def group(name, module, lr, beta1, beta2, weight_decay, clip):
+            return {"name": name, "params": [p for p in module.parameters() if p.requires_grad], "lr": train.lr if lr is None else lr,
+                    "betas": (beta1, beta2), "weight_decay": weight_decay, "clip": clip}
+
+        return [group("generator", model, c.generator_lr, c.generator_beta1, c.generator_beta2, c.generator_weight_decay,
+                      c.generator_grad_clip),
+                group("fake", self, c.fake_lr, c.fake_beta1, c.fake_beta2, c.fake_weight_decay, c.fake_grad_clip)]
+
     def updates_generator(self, step: int) -> bool:
         return step % self.config.fake_updates_per_generator == 0
 

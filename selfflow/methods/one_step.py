@@ -24,17 +24,12 @@ def load_teacher(path: str, where: str, device: torch.device | str = "cpu"):
     """A frozen DiT (EMA weights) from a checkpoint, run or exported-model folder; errors name ``where``.
 
     A caption-conditioned folder gives its :class:`selfflow.text.model.TextDiT` (without a caption bank)."""
-    from selfflow.checkpoint import resolve_checkpoint
-    from selfflow.model import load_generator
-    from selfflow.text.model import load_text_generator, text_config_of
+    from selfflow.loader import folder_kind, load_model
 
     if not Path(path).exists():
         raise ConfigError(f"{where}={path!r}: no such folder")
     try:
-        if text_config_of(resolve_checkpoint(path)) is not None:
-            model = load_text_generator(path, "ema", device)[0]
-        else:
-            model, _folder = load_generator(path, "ema", device)
+        model = load_model(path, "ema", device, expect="text" if folder_kind(path) == "text" else "image").model
     except (CheckpointError, ValueError) as exc:
         raise ConfigError(f"{where}={path!r}: {exc}") from None
     return model.eval().requires_grad_(False)

@@ -16,7 +16,12 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-import gymnasium
+try:
+    import gymnasium
+except ImportError:  # the [actions] extra: the core install does not need it
+    from selfflow.errors import ConfigError
+
+    raise ConfigError("modality.kind=actions needs gymnasium: pip install 'selfflow[actions]'") from None
 import numpy as np
 import torch
 from tqdm import tqdm

@@ -1,9 +1,9 @@
 """``selfflow modality sample|eval``: sample and evaluate video, audio, audio-video and action models.
 
     selfflow train --config configs/video_self_flow.yaml                      # training is selfflow train
-    selfflow modality sample --checkpoint runs/video_self_flow --n 16 --out samples/video
-    selfflow modality sample --checkpoint runs/audio_video_self_flow --given audio --out samples/av_from_sound
-    selfflow modality eval --checkpoint runs/video_self_flow --n 256 [--out report.json]
+    selfflow modality sample --ckpt runs/video_self_flow --n 16 --out samples/video
+    selfflow modality sample --ckpt runs/audio_video_self_flow --given audio --out samples/av_from_sound
+    selfflow modality eval --ckpt runs/video_self_flow --n 256 [--out report.json]
 
 ``sample`` writes a GIF (+ a PNG of frames) for video, spectrograms (PNG) and WAVs for audio, both for
 audio-video; for a policy, a GIF of seeded episodes. ``--given video|audio`` (audio-video only) takes
@@ -14,12 +14,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from selfflow.arguments import add_ckpt_argument
+
 
 def add_parsers(sub) -> None:
     p = sub.add_parser("modality", help="sample or evaluate a video, audio, audio-video or action model")
     msub = p.add_subparsers(dest="modality_command", required=True)
     s = msub.add_parser("sample", help="samples as GIF / spectrogram PNG / WAV files (a policy: episodes as a GIF)")
-    s.add_argument("--checkpoint", required=True, help="checkpoint or run folder")
+    add_ckpt_argument(s, "--checkpoint")
     s.add_argument("--out", required=True, help="folder for the files")
     s.add_argument("--n", type=int, default=16)
     s.add_argument("--labels", default=None, help="comma-separated digits (default: seed %% 10)")
@@ -29,7 +31,7 @@ def add_parsers(sub) -> None:
     s.add_argument("--device", default="auto")
     s.set_defaults(handler=cmd_sample)
     e = msub.add_parser("eval", help="the modality's measures (FD, classifier accuracy, agreement, success rate)")
-    e.add_argument("--checkpoint", required=True, help="checkpoint or run folder")
+    add_ckpt_argument(e, "--checkpoint")
     e.add_argument("--n", type=int, default=256, help="samples (episodes for a policy)")
     e.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's sample.steps)")
     e.add_argument("--given-mode", default="clean", choices=["clean", "replace"], help="audio_video: cross-modal generation")
@@ -55,14 +57,15 @@ def cmd_sample(args) -> int:
     from selfflow.device import resolve_device
     from selfflow.errors import ConfigError
     from selfflow.modalities.evaluation.run import run_config_of
-    from selfflow.modalities.model import load_token_generator
+    from selfflow.loader import load_model
     from selfflow.modalities.sampling import generate_given, make_policy, sample_conditioned, write_media
     from selfflow.sampling import parse_labels
 
     _positive(args.n, "--n")
     _positive(args.steps, "--steps")
     device = resolve_device(args.device, "--device")
-    model, folder, modality, run = load_token_generator(args.checkpoint, device=device)
+    loaded = load_model(args.ckpt, device=device, expect="modality")
+    model, folder, modality, run = loaded.model, loaded.folder, loaded.modality, loaded.run
     config = run_config_of(run, folder)
     if args.steps:
         config = dataclasses.replace(config, sample=dataclasses.replace(config.sample, steps=args.steps))
@@ -106,7 +109,7 @@ def cmd_eval(args) -> int:
     _positive(args.steps, "--steps")
     _positive(args.judge_steps, "--judge-steps")
     device = resolve_device(args.device, "--device")
-    report = evaluate_modality(args.checkpoint, n=args.n, work_dir=args.work, device=device, steps=args.steps,
+    report = evaluate_modality(args.ckpt, n=args.n, work_dir=args.work, device=device, steps=args.steps,
                                given_mode=args.given_mode, judge_steps=args.judge_steps or JUDGE_STEPS)
     if args.out:
         write_json(report, Path(args.out))

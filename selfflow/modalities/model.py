@@ -66,26 +66,7 @@ class TokenDiT(DiT):
             if table is not None:
                 nn.init.normal_(table.weight, std=0.02)
 
-    # ---- tokens ------------------------------------------------------------------------------
-    def patchify(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, *sample_shape) → (B, N, d) for a one-part layout (several parts have several widths:
-        see ``layout.tokens``)."""
-        if len(self.layout.parts) != 1:
-            raise ValueError("patchify needs a one-part layout; use model.layout.tokens(x) for several parts")
-        return self.layout.tokens(x)[0]
-
-    def unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.layout.untokens([tokens])
-
-    def token_groups(self) -> list[tuple[str, slice]]:
-        return [(p.name, where) for p, where in zip(self.layout.parts, self.layout.token_slices())]
-
-    def expand_token_values(self, values: torch.Tensor) -> torch.Tensor:
-        return self.layout.expand_token_values(values)
-
-    def token_times(self, t_sample: torch.Tensor) -> torch.Tensor:
-        """A time per value of the sample (constant on tokens) → per-token times (B, N)."""
-        return torch.cat([tokens[..., 0] for tokens in self.layout.tokens(t_sample)], dim=1)
+    # patchify, unpatchify, token_groups, expand_token_values, token_times: the DiT's, over self.layout
 
     # ---- forward -----------------------------------------------------------------------------
     def _conditioning(self, t: torch.Tensor, y: torch.Tensor | None, batch: int):
@@ -135,33 +116,28 @@ def build_token_model(model: ModelConfig, modality: ModalityConfig) -> TokenDiT:
 def is_modality_checkpoint(path: str | Path) -> bool:
     """Whether ``path`` (checkpoint, run or exported folder) holds a modality model; False when unreadable
     (the loader that runs next says what is wrong)."""
-    from selfflow.checkpoint import read_json, resolve_checkpoint
     from selfflow.errors import USER_ERRORS
+    from selfflow.model import open_folder, read_kind
 
     try:
-        meta = read_json(resolve_checkpoint(path) / "config.json")
+        return read_kind(open_folder(path)[1]) == "modality"
     except (OSError, ValueError, *USER_ERRORS):
         return False
-    run = meta.get("run") if isinstance(meta, dict) else None
-    return isinstance(meta, dict) and bool(meta.get("modality") or (run or {}).get("modality"))
 
 
 def load_token_generator(path: str | Path, weights: str = "ema", device: str | torch.device = "cpu"):
     """(TokenDiT, folder, ModalityConfig, run config dict or None) from a checkpoint, run or exported folder."""
-    from selfflow.checkpoint import CheckpointError, load_state_strict, load_tensors, read_json, resolve_checkpoint
+    from selfflow.checkpoint import CheckpointError, load_state_strict, load_tensors
+    from selfflow.model import open_folder
 
-    folder = resolve_checkpoint(path)
-    meta = read_json(folder / "config.json")
+    folder, meta, file = open_folder(path, weights)
     run = meta.get("run") if isinstance(meta.get("run"), dict) else None
     raw = meta.get("modality") or (run or {}).get("modality")
-    if not isinstance(raw, dict) or not isinstance(meta.get("model"), dict):
+    if not isinstance(raw, dict):
         raise CheckpointError(f"{folder}: not a modality model (no modality section in config.json); "
                               f"sample image models with selfflow sample")
     modality = from_dict(ModalityConfig, raw, f"{folder / 'config.json'}:modality")
     config = from_dict(ModelConfig, meta["model"], f"{folder / 'config.json'}:model")
     model = build_token_model(config, modality)
-    file = folder / f"{weights}.safetensors"
-    if not file.exists() and (folder / "model.safetensors").exists():
-        file = folder / "model.safetensors"
     load_state_strict(model, load_tensors(file, device="cpu"), file)
     return model.to(device).eval(), folder, modality, run

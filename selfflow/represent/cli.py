@@ -1,8 +1,8 @@
 """``selfflow synth`` and ``selfflow represent train|probe`` (docs/methods.md#stablerep).
 
-    selfflow synth --generator runs/teacher --captions classes --per-caption 4 --n 1500 --out sets/digits_classes
-    selfflow synth --generator runs/teacher --captions instances --per-caption 4 --n 1500 --sampler sde --out sets/inst
-    selfflow synth --generator runs/text_teacher --captions captions.txt --per-caption 4 --n 1200 --out sets/text
+    selfflow synth --ckpt runs/teacher --captions classes --per-caption 4 --n 1500 --out sets/digits_classes
+    selfflow synth --ckpt runs/teacher --captions instances --per-caption 4 --n 1500 --sampler sde --out sets/inst
+    selfflow synth --ckpt runs/text_teacher --captions captions.txt --per-caption 4 --n 1200 --out sets/text
     selfflow represent train --config configs/digits_stablerep.yaml [--set data.path=sets/inst]
     selfflow represent probe --config configs/digits_stablerep.yaml [--ckpt RUN] [--out DIR]
 
@@ -14,10 +14,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from selfflow.arguments import add_ckpt_argument
+
 
 def add_parsers(sub, add_sampling_arguments) -> None:
     p = sub.add_parser("synth", help="generate a captioned synthetic set for StableRep (resumable shards)")
-    p.add_argument("--generator", required=True, help="checkpoint, run or exported model folder (a teacher or a one-step student)")
+    add_ckpt_argument(p, "--generator", help="checkpoint, run or exported model folder (a teacher or a one-step student)")
     p.add_argument("--captions", required=True, help="classes | instances | FILE (text captions, one per line)")
     p.add_argument("--per-caption", type=int, required=True, help="m: images per caption, generated together")
     p.add_argument("--n", type=int, required=True, help="number of images (a multiple of --per-caption)")
@@ -56,20 +58,16 @@ def cmd_synth(args) -> int:
     from selfflow.config import sample_settings
     from selfflow.device import autocast_dtype, resolve_device
     from selfflow.errors import ConfigError
-    from selfflow.model import load_generator
+    from selfflow.loader import folder_kind, load_model
     from selfflow.represent.synth import make_synth_set, plan
-    from selfflow.text.cli import is_text_checkpoint
-    from selfflow.text.model import load_text_generator
 
     for name in ("n", "shard_size", "per_caption"):
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     device = resolve_device(args.device)
-    text = None
-    if is_text_checkpoint(args.generator):  # a caption-conditioned generator: --captions FILE (selfflow.text)
-        model, folder, text = load_text_generator(args.generator, args.weights, device)
-    else:
-        model, folder = load_generator(args.generator, args.weights, device)
+    # a caption-conditioned generator takes --captions FILE (selfflow.text); a label or unconditional one any captions
+    loaded = load_model(args.ckpt, args.weights, device, expect="text" if folder_kind(args.ckpt) == "text" else "image")
+    model, folder, text = loaded.model, loaded.folder, loaded.text
     classes = 0 if text is not None else int(model.num_classes or 0)
     s = sample_settings(folder, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale, batch_size=args.batch_size,
                         num_classes=None if text is not None else model.num_classes)  # text: guidance on the null caption

@@ -8,13 +8,10 @@ from selfflow.errors import ConfigError
 
 
 def is_text_checkpoint(path) -> bool:
-    from selfflow.checkpoint import resolve_checkpoint
-    from selfflow.text.model import text_config_of
+    """Whether ``path`` holds a caption-conditioned model (False when unreadable: the loader says why)."""
+    from selfflow.loader import folder_kind
 
-    try:
-        return text_config_of(resolve_checkpoint(path)) is not None
-    except Exception:  # the ordinary loader reports a bad folder with its own message
-        return False
+    return folder_kind(path) == "text"
 
 
 def prompts_of(args) -> list[str]:
@@ -37,16 +34,17 @@ def load_set_generator(args, device):
     """``generate-set``'s model: (model, folder, prompts, text section), prompts and text None for a class-label model.
 
     A caption-conditioned model gets its prompts installed as its caption bank (so guidance is checked as for labels)."""
-    from selfflow.model import load_generator
+    from selfflow.loader import load_model
     from selfflow.text.data import make_encoder
-    from selfflow.text.model import load_text_generator
 
     if not is_text_checkpoint(args.ckpt):
         if args.prompt or args.prompts:
             raise ConfigError(f"--prompt/--prompts: {args.ckpt} is a class-label model (no text section); use --labels")
-        return (*load_generator(args.ckpt, args.weights, device), None, None)
+        loaded = load_model(args.ckpt, args.weights, device, expect="image")
+        return loaded.model, loaded.folder, None, None
     prompts = prompts_of(args)
-    model, folder, text = load_text_generator(args.ckpt, args.weights, device)
+    loaded = load_model(args.ckpt, args.weights, device, expect="text")
+    model, folder, text = loaded.model, loaded.folder, loaded.text
     model.set_bank(make_encoder(text).encode(prompts))
     return model, folder, prompts, text
 
@@ -59,13 +57,14 @@ def sample_prompts(args, resolved_sampling) -> int:
     from selfflow.imageio import save_grid, to_uint8
     from selfflow.text.data import make_encoder
     from selfflow.text.generate import generate_from_prompts
-    from selfflow.text.model import load_text_generator
+    from selfflow.loader import load_model
 
     prompts = prompts_of(args)
     if args.n <= 0:
         raise ConfigError(f"--n must be positive, got {args.n}")
     device = resolve_device(args.device)
-    model, folder, text = load_text_generator(args.ckpt, args.weights, device)
+    loaded = load_model(args.ckpt, args.weights, device, expect="text")
+    model, folder, text = loaded.model, loaded.folder, loaded.text
     model.set_bank(make_encoder(text).encode(prompts[:1]))  # a bank, so guidance settings are checked as for labels
     settings = resolved_sampling(args, folder, model)
     per_prompt = max(1, -(-args.n // len(prompts)))  # --n images in all, rounded up to whole rows

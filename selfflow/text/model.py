@@ -187,21 +187,18 @@ def build_text_model(config: ModelConfig, text: TextConfig) -> TextDiT:
 
 def load_text_generator(path: str | Path, weights: str = "ema", device: str | torch.device = "cpu") -> tuple[TextDiT, Path, TextConfig]:
     """(TextDiT, folder, text config) from a checkpoint, run or exported folder of a caption-conditioned model."""
-    from selfflow.checkpoint import CheckpointError, load_state_strict, load_tensors, read_json, resolve_checkpoint
+    from selfflow.checkpoint import CheckpointError, load_state_strict, load_tensors
+    from selfflow.model import open_folder
 
-    folder = resolve_checkpoint(path)
+    folder, meta, file = open_folder(path, weights)
     text = text_config_of(folder)
     if text is None:
         raise CheckpointError(f"{folder}: a class-label model, not a caption-conditioned one (no text section in config.json)")
-    file = f"{weights}.safetensors"
-    if not (folder / file).exists() and (folder / "model.safetensors").exists():
-        file = "model.safetensors"
-    meta = read_json(folder / "config.json")
     config = from_dict(ModelConfig, meta["model"], f"{folder / 'config.json'}:model")
-    state = load_tensors(folder / file)
-    check_text_width(text, state, folder / "config.json", folder / file)
+    state = load_tensors(file)
+    check_text_width(text, state, folder / "config.json", file)
     model = build_text_model(config, text)
-    load_state_strict(model, state, folder / file)
+    load_state_strict(model, state, file)
     return model.to(device), folder, text
 
 

@@ -28,7 +28,7 @@ from selfflow.errors import CheckpointError
 from selfflow.evaluation.feature_net import FeatureNet, conditional_accuracy, load_feature_net
 from selfflow.modalities.data import TokenDataset, modality_samples
 from selfflow.modalities.evaluation.video import clip_classes
-from selfflow.modalities.model import load_token_generator
+from selfflow.loader import load_model
 from selfflow.modalities.sampling import generate_given, make_policy, sample_conditioned
 from selfflow.modalities.tokens import Layout
 
@@ -75,7 +75,8 @@ def evaluate_modality(path: str | Path, *, n: int = 256, work_dir: str | Path | 
                       steps: int | None = None, given_mode: str = "clean", judge_steps: int = JUDGE_STEPS,
                       progress: bool = True) -> dict:
     """The modality's measures for the checkpoint at ``path`` (a checkpoint or run folder)."""
-    model, folder, modality, run = load_token_generator(path, device=device)
+    loaded = load_model(path, device=device, expect="modality")
+    model, folder, modality, run = loaded.model, loaded.folder, loaded.modality, loaded.run
     config = run_config_of(run, folder)
     if steps is not None:
         import dataclasses

@@ -1,0 +1,82 @@
+"""One loader for every generator folder: a run folder (its newest checkpoint), a training checkpoint
+or an exported model folder, of any kind. ``config.json`` says what the folder holds
+(:func:`selfflow.model.read_kind`, the one place that decides):
+
+    a ``modality`` section (top level or in ``run``)   → ``"modality"``: video, audio, audio-video, a policy
+    a ``text`` section (top level or in ``run``)       → ``"text"``: caption-conditioned images
+    neither                                            → ``"image"``: class-conditional or unconditional images
+
+:func:`load_model` opens the folder once (:func:`selfflow.model.open_folder`), builds the network of
+that kind, loads the chosen weights strictly and returns it with everything saved beside it. Every
+command that reads a generator goes through it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from selfflow.config import ModalityConfig, TextConfig
+from selfflow.errors import USER_ERRORS, CheckpointError
+from selfflow.model import GENERATOR_KINDS, WEIGHTS, open_folder, read_kind  # noqa: F401  (re-exported)
+
+# what each command that reads one kind says about a folder of another kind
+WRONG_KIND = {
+    ("image", "text"): "a caption-conditioned model (text section in config.json); sample it with selfflow sample --prompt "
+                       "(this command takes class-label models)",
+    ("image", "modality"): "a video/audio/action model (modality section in config.json); sample it with selfflow modality sample",
+    ("text", "image"): "a class-label model, not a caption-conditioned one (no text section in config.json)",
+    ("text", "modality"): "a video/audio/action model, not a caption-conditioned one (modality section in config.json)",
+    ("modality", "image"): "not a modality model (no modality section in config.json); sample image models with selfflow sample",
+    ("modality", "text"): "not a modality model (a caption-conditioned one); sample it with selfflow sample --prompt",
+}
+
+
+@dataclass
+class LoadedGenerator:
+    """A generator network and what its folder says about it."""
+
+    model: nn.Module
+    folder: Path  # the checkpoint or exported folder the weights came from
+    kind: str  # one of GENERATOR_KINDS
+    weights: Path  # the safetensors file that was loaded
+    meta: dict = field(repr=False)  # config.json as read
+    text: Optional[TextConfig] = None  # kind "text": the caption encoder the model reads
+    modality: Optional[ModalityConfig] = None  # kind "modality": the layout and condition
+    run: Optional[dict[str, Any]] = field(default=None, repr=False)  # the run's resolved config (training checkpoints)
+
+
+def folder_kind(path: str | Path) -> Optional[str]:
+    """The kind of generator in ``path``; None when the folder cannot be read (the loader says why)."""
+    try:
+        return read_kind(open_folder(path)[1])
+    except (OSError, ValueError, *USER_ERRORS):
+        return None
+
+
+def load_model(path: str | Path, weights: str = "ema", device: str | torch.device = "cpu",
+               expect: Optional[str] = None) -> LoadedGenerator:
+    """The generator in ``path`` (run, checkpoint or exported folder) in eval mode on ``device``;
+    ``expect`` (a kind) refuses a folder of another kind with one line saying what it holds."""
+    folder, meta, file = open_folder(path, weights)
+    run = meta.get("run") if isinstance(meta.get("run"), dict) else None
+    kind = read_kind(meta)
+    if expect is not None and kind != expect:
+        raise CheckpointError(f"{folder}: {WRONG_KIND[(expect, kind)]}")
+    if kind == "modality":
+        from selfflow.modalities.model import load_token_generator
+
+        model, folder, modality, run = load_token_generator(folder, weights, device)
+        return LoadedGenerator(model.eval(), folder, kind, file, meta, modality=modality, run=run)
+    if kind == "text":
+        from selfflow.text.model import load_text_generator
+
+        model, folder, text = load_text_generator(folder, weights, device)
+        return LoadedGenerator(model.eval(), folder, kind, file, meta, text=text, run=run)
+    from selfflow.model import DiT
+
+    model = DiT.from_pretrained(folder, weights=file.name, device=device)
+    return LoadedGenerator(model.eval(), folder, kind, file, meta, run=run)
