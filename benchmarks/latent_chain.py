@@ -156,13 +156,13 @@ def chain(args) -> dict:
                      "sample_and_decode_s": round(seconds, 2), "train_s": round(times.get(name, 0.0), 1),
                      "train_images_per_s": images_per_s(run_dir), "peak_gpu_mib": PEAK_GPU_MIB.get(name, "")})
 
-    # The autoencoder's floor: its reconstructions of the first images against the folder.
+    # The autoencoder's floor: its reconstructions of images spread over the folder, against the folder.
     from selfflow.autoencoders import load_autoencoder
     from selfflow.imageio import to_uint8
 
     ae = load_autoencoder(autoencoder, device)
     with torch.no_grad():
-        x, _ = images.get_batch(torch.arange(min(args.samples, len(images))))
+        x, _ = images.get_batch(torch.linspace(0, len(images) - 1, min(args.samples, len(images))).long())  # every class, not the first folders
         mean, _ = ae.encode(x.to(device))
         recon = ae.decode(mean).clamp(-1, 1).cpu()
     floor = work / "samples" / "reconstructions" / "samples.npz"
