@@ -106,8 +106,8 @@ class Chain:
         return self.runs / name
 
     def done(self, name: str) -> bool:
-        if name == "teacher" and self.args.teacher_run:
-            return (self.folder(name) / "checkpoints").is_dir()
+        if name == "teacher" and self.args.teacher_run:  # a run folder or one of its checkpoints
+            return self.folder(name).is_dir()
         return (self.runs / name / "stage.json").is_file()
 
     # ---- common overrides -----------------------------------------------------------------
@@ -161,7 +161,7 @@ class Chain:
     def pairs(self, name: str, ckpt: Path, cfg: float = 1.0) -> dict:
         out = self.sets / name
         argv = ["generate-set", "--ckpt", str(ckpt), "--out", str(out), "--kind", "pairs", "--n", str(self.args.pairs),
-                "--sampler", "heun", "--steps", "32", "--cfg-scale", f"{cfg:g}", "--device", self.args.device,
+                "--sampler", "heun", "--steps", str(self.args.pairs_steps), "--cfg-scale", f"{cfg:g}", "--device", self.args.device,
                 "--batch-size", "1000", "--shard-size", str(min(self.args.pairs, 5000))]
         return self.stage(name, out, argv)
 
@@ -595,20 +595,24 @@ def markdown(report: dict) -> str:
              f"per command, timing {report['speed'].get('threads')} thread(s), shared with other jobs (ratios are within this run).",
              f"Chain (every command below, in {report['work']}): teacher Self-Flow "
              f"{'(' + a['teacher_run'] + ')' if a.get('teacher_run') else str(a['teacher_steps']) + ' steps'} → "
-             f"{a['pairs']} teacher pairs (Heun 32 steps, guidance {a.get('pairs_cfg', 1.0):g}) → reflow {a['reflow_steps']} steps → pairs of the reflowed "
+             f"{a['pairs']} teacher pairs (Heun {a.get('pairs_steps', 32)} steps, guidance {a.get('pairs_cfg', 1.0):g}) → reflow {a['reflow_steps']} steps → pairs of the reflowed "
              f"model → distillation {a['distill_steps']} steps (1, 2, 4 Euler steps); DMD {a['dmd_steps']} steps ("
              + (f"regression weight {a.get('regression_weight', 0.25):g} on {a['pairs']} pairs of the teacher at guidance "
                 f"{a.get('guidance', 1.5):g}; and without it" if a.get("regression_weight", 0.25) else "without its regression loss")
              + f") "
              f"and DMD2 {a['dmd2_steps']} steps (1 generator update in 5) from the teacher, real score at guidance {a.get('guidance', 1.5):g}; model {a['model']} ({report['model']}).",
+             *([f"Students trained in this run (`--only`): {', '.join(a['only'])}; the others in the chain above were not run.", ""]
+               if a.get("only") else []),
              f"Metric: **FD_dom** in the 128-d features of the project's FD_dom classifier (`{Path(e['fd_net']).name}`, test "
              f"accuracy {e['fd_net_test_accuracy']:.3f}, sha256 `{e['fd_net_sha256'][:16]}…`) of {e['num_samples']} generated images "
              f"(seeds {e['sample_seeds']}, labels {e['labels']}) against the {e['reference']}; class accuracy under the same "
              f"classifier; k-NN precision/recall (k = 3) in the same features. Real-data floor ({e['floor_count']} test images): "
-             f"FD_dom {e['floor_fd_dom']:.3f}. Speed: `selfflow.sampling.generate` on {report['speed'].get('device')}, after a "
-             f"warm-up, every setting timed in turns, median of {report['speed'].get('rounds')} rounds; students have the "
-             f"teacher's architecture, so each (sampler, steps, guidance) was timed once, on the teacher. Students: mean ± sd "
-             f"over seeds {a['seeds']}.", ""]
+             f"FD_dom {e['floor_fd_dom']:.3f}. "
+             + (f"Speed: {report['speed']['note']}. " if report["speed"].get("note") else
+                f"Speed: `selfflow.sampling.generate` on {report['speed'].get('device')}, after a "
+                f"warm-up, every setting timed in turns, median of {report['speed'].get('rounds')} rounds; students have the "
+                f"teacher's architecture, so each (sampler, steps, guidance) was timed once, on the teacher. ")
+             + f"Students: mean ± sd over seeds {a['seeds']}.", ""]
     target = report.get("target")
     if target:
         lines += ["## Target", "", target["text"], ""]
@@ -813,6 +817,12 @@ def main(argv=None) -> int:
     parser.add_argument("--guidance", type=float, default=1.5, help="the real score's guidance of DMD/DMD2 (method.real_cfg), and of "
                         "DMD's regression pairs")
     parser.add_argument("--pairs-cfg", type=float, default=1.0, help="guidance of the teacher pairs reflow learns")
+    parser.add_argument("--pairs-steps", type=int, default=32, help="Heun steps of every pair set")
+    parser.add_argument("--no-heun", action="store_true", help="score the teacher with Euler only (saves CPU time)")
+    parser.add_argument("--teacher-euler", type=int, nargs="+", default=TEACHER_EULER, help="Euler steps the teacher is scored at")
+    parser.add_argument("--guided-euler", type=int, nargs="+", default=[50, 4, 2, 1],
+                        help="Euler steps the guided teachers (--guidance, --pairs-cfg) are scored at")
+    parser.add_argument("--no-speed", action="store_true", help="skip the timing (no images/s, latency or speed-up columns)")
     parser.add_argument("--regression-weight", type=float, default=0.25, help="DMD's regression weight (the paper's λ_reg)")
     parser.add_argument("--reflow-rounds", type=int, choices=[1, 2], default=2)
     parser.add_argument("--speed-rounds", type=int, default=5)
@@ -842,9 +852,9 @@ def main(argv=None) -> int:
     specs = chain.student_specs()
     evaluator = Evaluator(chain)
     done = chain.done
-    settings = [("euler", k, 1.0) for k in TEACHER_EULER] + [("heun", k, 1.0) for k in TEACHER_HEUN]
+    settings = [("euler", k, 1.0) for k in args.teacher_euler] + ([] if args.no_heun else [("heun", k, 1.0) for k in TEACHER_HEUN])
     for cfg in sorted({args.guidance, args.pairs_cfg} - {1.0}):  # the guided teachers the students learn, at their step counts
-        settings += [("euler", k, cfg) for k in (50, 4, 2, 1)]
+        settings += [("euler", k, cfg) for k in args.guided_euler]
     evals = []
     for sampler, steps, cfg in settings if done("teacher") else []:
         path = chain.work / "evals" / f"teacher__{sampler}{steps}_cfg{cfg:g}_n{args.num_samples}.json"
@@ -858,8 +868,9 @@ def main(argv=None) -> int:
             if not args.report_only or path.is_file():
                 evals.append(evaluator.score(spec["name"], "euler", steps, 1.0))
     speed_settings = sorted({(e["sampler"], e["steps"], e["cfg_scale"]) for e in evals})
-    speed = evaluator.speed(speed_settings)
-    straight = evaluator.straightness(["teacher", "reflow1", "reflow2"])
+    speed = {"results": {}, "note": "not timed (--no-speed)"} if args.no_speed else evaluator.speed(speed_settings)
+    # straightness compares the teacher with its reflowed models: only where one was trained
+    straight = evaluator.straightness(["teacher", "reflow1", "reflow2"]) if any(done(n) for n in ("reflow1", "reflow2")) else {}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     seed0 = args.seeds[0]
@@ -898,7 +909,7 @@ def main(argv=None) -> int:
         "settings": {k: getattr(args, k) for k in ("model", "teacher_steps", "teacher_lr", "pairs", "reflow_steps", "distill_steps",
                                                     "dmd_steps", "dmd2_steps", "num_samples", "fd_steps", "seeds", "loss_seeds",
                                                     "reflow_rounds", "threads", "speed_rounds", "teacher_run", "guidance",
-                                                    "pairs_cfg", "regression_weight")},
+                                                    "pairs_cfg", "pairs_steps", "regression_weight", "only")},
         "evaluation": evaluator.info, "speed": {k: v for k, v in speed.items() if k != "machine"}, "straightness": straight,
         "dmd_diagnostics": dmd, "stages": all_stages, "evals": evals, "rows": (rows := build_rows(chain, specs, evals, speed)),
         "teacher": teacher_summary(rows),

@@ -302,7 +302,7 @@ def model_card(loaded: LoadedGenerator, settings: SampleConfig, fmt: str = "self
     else:
         usage = ("```python\nimport selfflow\n\ng = selfflow.load(\"THIS_FOLDER\")\n"
                  "x = g.sample(16, seed=0)  # (16, C, H, W) in [-1, 1], the settings below\n```\n")
-    tags = ["selfflow", "flow-matching", method.replace("_", "-")]
+    tags = list(dict.fromkeys(["selfflow", "flow-matching", method.replace("_", "-")]))  # flow_matching: once
     pipeline_tag = "unconditional-image-generation" if loaded.kind == "image" and not config.num_classes else (
         "text-to-image" if loaded.kind == "text" else "image-generation")
     lines = [

@@ -1,8 +1,8 @@
 """The Python API (``selfflow.load``, ``Generator.sample``, ``save_pretrained``): sample k equals
 ``selfflow sample``'s image k for the same folder and seed, for every kind of generator folder, and the
 README's "Python API" snippets run as written."""
+import importlib.util
 import json
-import os
 import re
 from pathlib import Path
 
@@ -78,7 +78,7 @@ def test_an_exported_folder_keeps_the_sampler_settings(image_run, tmp_path):
         assert torch.equal(exported.sample(3, seed=4), g.sample(3, seed=4))  # heun, 3 steps: not the Euler default
 
 
-def test_text_runs_sample_from_prompts(tmp_path):
+def test_text_runs_sample_from_prompts(tmp_path, capsys):
     from selfflow.config import config_from_dict
     from selfflow.trainer import train
     from support import tiny_run
@@ -97,6 +97,11 @@ def test_text_runs_sample_from_prompts(tmp_path):
     assert torch.equal(selfflow.load(tmp_path / "exported", device="cpu").sample(4, prompt=prompts, seed=3), x)
     with pytest.raises(selfflow.api.ConfigError, match="prompt"):
         g.sample(2)
+    if importlib.util.find_spec("diffusers") is not None:  # the pipeline takes label/unconditional pixel models only
+        capsys.readouterr()
+        assert main(["export", "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "d"), "--format", "diffusers"]) == 2
+        one_line_error(capsys, "--format diffusers", "text model")
+        assert not (tmp_path / "d").exists()
 
 
 def test_bad_arguments_are_one_line_errors(image_run, capsys):
@@ -179,3 +184,17 @@ def test_a_video_run_samples_what_the_modality_command_samples(tmp_path):
     assert x.shape == (3, *g.sample_shape) and torch.equal(x, expected)
     g.save_pretrained(tmp_path / "exported")
     assert torch.equal(selfflow.load(tmp_path / "exported", device="cpu").sample(3, labels=[4, 2, 7]), x)
+
+
+def test_a_one_step_student_samples_as_the_command_line_does(tmp_path):
+    from selfflow.sets import generate_set
+    from support import fit, tiny_run
+
+    fit(tiny_run(tmp_path / "teacher", train={"steps": 2}))
+    generate_set(selfflow.load(tmp_path / "teacher", device="cpu").model, tmp_path / "pairs", num=16, shard_size=16,
+                 kind="pairs", sampler="euler", steps=2)
+    fit(tiny_run(tmp_path / "student", data={"name": "pairs", "path": str(tmp_path / "pairs")}, method={"name": "distill", "steps": 1},
+                 train={"steps": 2, "init_from": str(tmp_path / "teacher")}))
+    g = selfflow.load(tmp_path / "student", device="cpu")
+    x = g.sample(3, seed=2)
+    assert np.array_equal(to_uint8(x).numpy(), _cli_images(tmp_path / "student", tmp_path / "s", "--n", "3", "--seed", "2"))

@@ -328,15 +328,19 @@ def test_encode_latents_streams_a_folder_and_a_kill_9_resumes_to_identical_shard
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     assert subprocess.run(command(tmp_path / "whole", 0), env=env, capture_output=True).returncode == 0
-    process = subprocess.Popen(command(tmp_path / "killed", 2), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Its own process group, killed whole: the decoding workers share the set folder's lock and die with it.
+    process = subprocess.Popen(command(tmp_path / "killed", 2), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
     deadline = time.time() + 120
     while not (tmp_path / "killed" / "shard_00000.safetensors").exists() and time.time() < deadline and process.poll() is None:
         time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
+    os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+    time.sleep(0.5)
     done = sorted(p.name for p in (tmp_path / "killed").glob("shard_*.safetensors"))
     assert 1 <= len(done) < 15  # killed part-way
-    assert subprocess.run(command(tmp_path / "killed", 2), env=env, capture_output=True).returncode == 0
+    again = subprocess.run(command(tmp_path / "killed", 2), env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
     whole = sorted((tmp_path / "whole").glob("shard_*.safetensors"))
     assert len(whole) == 15
     for shard in whole:

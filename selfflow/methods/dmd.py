@@ -15,8 +15,13 @@ The generator's loss, in x0 form (float32), for t ~ U[t_min, t_max] and fresh ε
     L_G = ½·mean((x − sg(x − g))²)          (∂L_G/∂x = g / numel: a step moves x from fake to real)
 
 Both losses go into one backward pass: the fake score's predictions inside L_G run under
-``no_grad`` and G's samples enter the fake loss detached, so one optimizer step updates both and
-neither loss leaks into the other network.
+``no_grad`` and G's samples enter the fake loss detached, so neither loss leaks into the other
+network. The two networks are then updated as DMD2's code does, by AdamW each with its own rate,
+betas, weight decay and gradient clip (:meth:`Dmd.optimizer_groups`: the generator's group and
+the fake score's + GAN head's), so the fake loss's larger gradients never scale G's step.
+
+DMD v1's regression (``regression_weight`` > 0) reads (ε, x0) pairs of the real score — the
+teacher's ODE solve at guidance ``real_cfg`` — checked in :meth:`Dmd.bind_data`.
 
 DMD2 options: ``regression_weight = 0``; ``fake_updates_per_generator = r`` — G trains on steps
 with step mod r = 0 only; on the other steps L_G is not computed, G's gradients stay None, AdamW

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from selfflow.config import ModelConfig, TextConfig, from_dict
-from selfflow.model import Block, DiT, modulate, rows_to_tokens
+from selfflow.model import Block, DiT, init_transformer, modulate, rows_to_tokens
 from selfflow.text.encoders import TextEmbedding, encoder_dim
 
 
@@ -87,25 +87,15 @@ class TextDiT(DiT):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """The DiT's initialisation (:func:`selfflow.model.init_transformer`, same draws in the same order),
+        then the text parts: cross-attention outputs at zero (a fresh text block is the DiT block), the null
+        condition and the register token N(0, 0.02)."""
         if not hasattr(self, "text_pool"):  # DiT.__init__ calls this before the text parts exist
             return
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
-        w = self.patch_embed.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.patch_embed.bias)
-        for layer in self.time_embed.mlp:
-            if isinstance(layer, nn.Linear):
-                nn.init.normal_(layer.weight, std=0.02)
+        init_transformer(self, [self.final], self._init_inputs)
         for block in self.blocks:
-            nn.init.zeros_(block.adaLN[-1].weight)
-            nn.init.zeros_(block.adaLN[-1].bias)
-            nn.init.zeros_(block.cross.proj.weight)  # a fresh text block is the DiT block
+            nn.init.zeros_(block.cross.proj.weight)
             nn.init.zeros_(block.cross.proj.bias)
-        for p in (self.final.adaLN[-1].weight, self.final.adaLN[-1].bias, self.final.linear.weight, self.final.linear.bias):
-            nn.init.zeros_(p)
         nn.init.normal_(self.null_cond, std=0.02)
         nn.init.normal_(self.register, std=0.02)
 
