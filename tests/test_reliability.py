@@ -6,6 +6,7 @@
 - no code from files: the FID Inception's weights are read as data into our own network;
 - one-line errors, bounds checked before allocation, no silent wrong numbers.
 """
+import contextlib
 import json
 import os
 import re
@@ -204,6 +205,39 @@ def test_a_second_writer_is_refused_naming_the_first_and_kill_9_releases_it(comm
         holder.wait()
     if command != "pipeline":
         assert main(args) == 0  # the lock died with its holder
+
+
+FORKING_HOLDER = """
+import os, sys, time
+sys.path.insert(0, {repo!r})
+from selfflow.files import lock_folder
+lock_folder(sys.argv[1]).__enter__()
+child = os.fork()  # a forked data worker inherits the descriptors of its parent
+if child == 0:
+    time.sleep(120)
+    os._exit(0)
+print(child, flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_forked_worker_does_not_keep_the_lock_after_its_parent_is_killed(tmp_path):
+    """Data workers are forked from the writer; kill -9 of the writer frees the folder at once."""
+    from selfflow.files import lock_folder
+
+    folder = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", FORKING_HOLDER.format(repo=str(REPO)), str(folder)],
+                              stdout=subprocess.PIPE, text=True)
+    child = int(holder.stdout.readline())
+    try:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+        os.kill(child, 0)  # the worker is still alive
+        with lock_folder(folder):
+            pass
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
 
 
 def test_second_trainer_in_one_process_sequence_is_fine(tmp_path):
