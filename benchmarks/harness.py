@@ -73,6 +73,15 @@ def write_result(name: str, rows: list[dict], columns: list[str], title: str, no
     return path
 
 
+def write_report(out: str | Path, report: dict, markdown: str) -> None:
+    """``<out>.json`` (the report) and ``<out>.md`` (its Markdown), and the Markdown on stdout."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    out.with_suffix(".md").write_text(markdown)
+    print(markdown)
+
+
 def describe_machine(m: dict) -> str:
     text = f"{m['cpu']} ({m['cpu_threads']} threads), torch {m['torch']}"
     if m.get("gpu"):

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from harness import machine, resolve_data_path
+from harness import machine, resolve_data_path, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {
@@ -271,11 +271,7 @@ def main(argv=None) -> int:
             "fresh process per variant during --steps steps, and that peak minus the RSS before them (only with --rss)"
         ),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(args.out, report, markdown(report))
     return 0
 
 

@@ -120,7 +120,7 @@ def label_step(trainer, labels: Labels) -> None:
         labels.hook(module, "adaLN", only_with_grad=True)
     labels.wrap(model, "_conditioning", "conditioning")
     labels.wrap(method, "drop_labels", "draw")
-    for name in ("draw_dual_timesteps", "draw_flow_inputs", "interpolate", "velocity_target", "paint_token_times",
+    for name in ("draw_dual_timesteps", "draw_flow", "interpolate", "velocity_target", "paint_token_times",
                  "mixed_inputs"):
         labels.wrap(sf_module, name, "draw")
         labels.wrap(fm_module, name, "draw")

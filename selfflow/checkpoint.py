@@ -133,8 +133,42 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise CheckpointError(f"no checkpoint found at {path} (expected a folder with config.json, or a run folder with checkpoints/)")
 
 
+MAX_TENSOR_ELEMENTS = 1 << 28  # 1 GiB of float32: larger than any tensor of the largest model size (XL), by far
+MAX_STATE_ELEMENTS = 1 << 32  # 16 GiB of float32 in all
+
+
+def check_state_bounds(state: dict, source: Path | str) -> None:
+    """Every key a string, every value a tensor, and the element counts the tensors declare within
+    bounds: checked on shapes alone, before anything is copied (a zero-stride tensor can declare
+    gigabytes over a few bytes of storage)."""
+    total = 0
+    for key, value in state.items():
+        if not isinstance(key, str):
+            raise CheckpointError(f"{source}: a key that is not text ({type(key).__name__} {str(key)[:40]!r})")
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{source}: {key} is a {type(value).__name__}, not a tensor")
+        count = value.numel()
+        if count and value.untyped_storage().nbytes() < count * value.element_size():
+            raise CheckpointError(f"{source}: {key} declares shape {tuple(value.shape)} over a storage of "
+                                  f"{value.untyped_storage().nbytes()} bytes (zero or overlapping strides); refusing to build it")
+        if count > MAX_TENSOR_ELEMENTS:
+            raise CheckpointError(f"{source}: {key} declares shape {tuple(value.shape)} ({count:,} elements, over the "
+                                  f"limit of {MAX_TENSOR_ELEMENTS:,}); refusing to build it")
+        total += count
+    if total > MAX_STATE_ELEMENTS:
+        raise CheckpointError(f"{source}: the tensors declare {total:,} elements in all, over the limit of {MAX_STATE_ELEMENTS:,}")
+
+
+def check_finite(state: dict[str, torch.Tensor], source: Path | str, keys=None) -> None:
+    """Refuse NaN or infinite values (in ``keys``, default every floating-point tensor), naming the first key."""
+    for key in (state if keys is None else keys):
+        value = state[key]
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"{source}: {key} holds NaN or infinite values; refusing weights that would sample garbage")
+
+
 def load_state_strict(module: nn.Module, state: dict[str, torch.Tensor], source: Path | str) -> None:
-    """``load_state_dict`` whose errors name the file, the key and both shapes."""
+    """``load_state_dict`` whose errors name the file, the key and both shapes; NaN/inf parameters refused."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -149,6 +183,7 @@ def load_state_strict(module: nn.Module, state: dict[str, torch.Tensor], source:
                 f"{source}: tensor {key!r} has shape {tuple(value.shape)}, the model expects {tuple(own[key].shape)} "
                 "(a checkpoint of a different model size?)"
             )
+    check_finite(state, source, [name for name, _ in module.named_parameters()])
     module.load_state_dict(state)
 
 
@@ -200,7 +235,7 @@ def save_training_checkpoint(state: TrainingState, target: Path, *, run: dict, d
     problem = None
     if dist.is_main:
         try:
-            with atomic_directory(target) as tmp:
+            with atomic_directory(target, replace=True) as tmp:
                 save_tensors(state.model.state_dict(), tmp / "model.safetensors")
                 save_tensors(state.ema_model.state_dict(), tmp / "ema.safetensors")
                 method_state = state.method.state_dict()

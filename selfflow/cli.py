@@ -189,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     from selfflow.quickstart import add_pipeline_parser
 
     add_pipeline_parser(sub)
+    from selfflow.serve.cli import add_parser as add_serve_parser
+
+    add_serve_parser(sub)  # serve (FastAPI and uvicorn load only when it runs)
+    _add_force_flags(parser)
     return parser
 
 
@@ -453,8 +457,6 @@ def cmd_import(args) -> int:
     if args.file:
         print("selfflow: note: the positional checkpoint file is deprecated and will be removed in the next release; "
               "use --ckpt", file=sys.stderr)
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise ConfigError(f"--out {args.out}: a file is in the way (a folder is written there)")
     result = import_checkpoint(args.ckpt or args.file, args.source, args.out, weights=args.weights, num_heads=args.num_heads,
                                num_classes=args.num_classes, patch_size=args.patch_size, latent=not args.pixels)
     for note in result["notes"]:
@@ -475,20 +477,80 @@ def _one_line(message: str) -> str:
     return " | ".join(parts)
 
 
-# Flags that name an output folder: a file already there is refused before any work.
-OUTPUT_FOLDERS = {"sample": "out", "export": "out", "generate-set": "out", "encode-latents": "out", "quickstart": "out",
-                  "data": "to", "synth": "out"}
+# The output-folder rule (selfflow.files.check_output_folder), per command: the flag naming the folder,
+# the purpose its marker records, the flags naming what the command reads (never written into), and
+# entries that mark a folder the command wrote before markers existed. Checked before any work.
+MODEL_FILES = ("model.safetensors", "model_index.json")  # a model folder (ours, or diffusers'), ready for the Hub: no marker
+OUTPUT_RULES = {
+    "sample": ("out", "sample", ("ckpt",), ("samples.json",)),
+    "export": ("out", "model", ("ckpt",), MODEL_FILES),
+    "import": ("out", "model", ("file", "ckpt"), MODEL_FILES),
+    "generate-set": ("out", "set", ("ckpt",), ("set.json",)),
+    "encode-latents": ("out", "latents", ("data_path", "autoencoder"), ("set.json",)),
+    "synth": ("out", "set", ("ckpt",), ("set.json",)),
+    "data fetch": ("to", "data", (), ("train-images-idx3-ubyte.gz", "train-images-idx3-ubyte")),
+    "eval train-feature-net": ("out", "feature-net", ("ckpt",), ()),
+    "modality sample": ("out", "modality-samples", ("ckpt",), ()),
+    "modality eval": ("work", "judges", (), ()),
+    "represent probe": ("out", "probe", (), ("probe.json",)),
+}
+LOCKED_SETS = ("generate-set", "synth", "encode-latents")  # resumable writers: a second one into the folder is refused
+OUTPUT_FILES = {"eval run": ("out", "eval"), "modality eval": ("out", "modality-eval")}  # report files: flag, purpose
 
 
-def _check_output_folder(args) -> None:
-    from selfflow.errors import ConfigError
+def _command_path(args) -> str:
+    """"sample", "data fetch", "eval run", "modality sample", ...: the command and its action."""
+    for sub in ("data_command", "action", "modality_command", "represent_command"):
+        if getattr(args, sub, None):
+            return f"{args.command} {getattr(args, sub)}"
+    return args.command
 
-    flag = OUTPUT_FOLDERS.get(args.command)
-    if args.command == "eval" and getattr(args, "action", None) == "train-feature-net":
-        flag = "out"
-    value = getattr(args, flag, None) if flag else None
-    if value and Path(value).exists() and not Path(value).is_dir():
-        raise ConfigError(f"--{flag} {value}: a file is in the way (a folder is written there)")
+
+def _add_force_flags(parser) -> None:
+    """--force on every command that takes an output folder or report file (OUTPUT_RULES, OUTPUT_FILES)."""
+    actions = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for path in sorted({p.split()[0] if p.split()[0] == "eval" else p for p in (*OUTPUT_RULES, *OUTPUT_FILES)}):
+        words = path.split()
+        p = actions[words[0]]
+        for word in words[1:]:
+            p = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction)).choices[word]
+        p.add_argument("--force", action="store_true",
+                       help="write into an output folder that holds other files: this command's files replace their "
+                            "namesakes, nothing else is deleted")
+
+
+def _check_output_folder(args) -> tuple[str, str, bool] | None:
+    """Apply the output rule before any work; (folder, purpose, owned whole) for :func:`_mark_output_folder`."""
+    from selfflow.files import check_output_file, check_output_folder
+
+    path = _command_path(args)
+    force = bool(getattr(args, "force", False))
+    if path in OUTPUT_FILES and getattr(args, OUTPUT_FILES[path][0], None):
+        flag, purpose = OUTPUT_FILES[path]
+        check_output_file(getattr(args, flag), purpose, force=force, flag=f"--{flag}")
+    if path not in OUTPUT_RULES:
+        return None
+    flag, purpose, reads, recognise = OUTPUT_RULES[path]
+    value = getattr(args, flag, None)
+    if not value:
+        return None
+    fresh = check_output_folder(value, purpose, force=force, reads=tuple(getattr(args, r, None) for r in reads),
+                                recognise=recognise, also=("run",) if path == "represent probe" else (), flag=f"--{flag}")
+    if path in ("data fetch", "export", "import"):  # known by their files' names; nothing extra in a data or model folder
+        return None
+    return value, purpose, fresh
+
+
+def _mark_output_folder(claim, succeeded: bool) -> None:
+    """Record the purpose in the folder: after success, or after a failure that left files in a folder the
+    command found absent or empty (a resumable set, killed or stopped halfway)."""
+    from selfflow.files import mark_output_folder
+
+    if claim is not None and (succeeded or (claim[2] and Path(claim[0]).is_dir() and any(Path(claim[0]).iterdir()))):
+        try:
+            mark_output_folder(claim[0], claim[1])
+        except OSError:
+            pass  # a read-only or full disk: the command's own error says so
 
 
 def _silence_stdout() -> None:
@@ -511,10 +573,18 @@ def main(argv: list[str] | None = None) -> int:
     handler = COMMANDS.get(args.command) or getattr(args, "handler", None)
     from selfflow.arguments import log_redirect
 
+    claim, status = None, 1
     try:
-        _check_output_folder(args)
+        claim = _check_output_folder(args)
         with log_redirect():  # log lines never break a progress bar
-            return handler(args)
+            if args.command in LOCKED_SETS:  # one writer per set folder (files.lock_folder)
+                from selfflow.files import lock_folder
+
+                with lock_folder(args.out, "set folder"):
+                    status = handler(args)
+            else:
+                status = handler(args)
+        return status
     except BrokenPipeError:  # `selfflow ... | head`: the reader has what it wanted; no error, no traceback at exit
         _silence_stdout()
         return 0
@@ -528,6 +598,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("selfflow: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _mark_output_folder(claim, status == 0)
 
 
 if __name__ == "__main__":

@@ -123,6 +123,9 @@ class ModelConfig:
 
 PRECISIONS = ("auto", "fp32", "bf16")
 DISTRIBUTED_MODES = ("ddp", "fsdp")
+# torch.compile modes: reduce-overhead adds CUDA graphs, max-autotune searches kernels (and adds CUDA graphs)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 DEVICE_NAMES = ("auto", "cpu", "cuda", "cuda:N")
 
 
@@ -153,6 +156,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     compile: bool = False
+    compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
     activation_checkpointing: bool = False
     distributed: str = "ddp"  # ddp | fsdp  (used when launched with torchrun)
     out_dir: str = "runs/default"
@@ -188,6 +192,7 @@ class TrainConfig:
                 raise ConfigError(f"{where}.{key} must be in [0, 1), got {getattr(self, key)}")
         check_choice(self.precision, PRECISIONS, f"{where}.precision")
         check_choice(self.distributed, DISTRIBUTED_MODES, f"{where}.distributed")
+        check_choice(self.compile_mode, COMPILE_MODES, f"{where}.compile_mode")
         for name in self.loggers:
             check_choice(name, LOGGERS, f"{where}.loggers")
         check_device(self.device, f"{where}.device")
@@ -529,14 +534,31 @@ class RepresentConfig:
 
 @dataclass(frozen=True)
 class StableRepConfig(RepresentConfig):
-    """Multi-positive contrastive loss over caption ids (data: a synth set, or labelled images = class captions)."""
+    """Multi-positive contrastive loss with caption rows as identities (data: a synth set; its groups)."""
 
-    caption_weight: float = 0.0  # StableRep+: weight of the image–caption contrastive term (0.5 when on); needs a text synth set
+    caption_weight: float = 0.0  # StableRep+: weight of the image–caption term (the paper: 1); 0: plain StableRep
+    images_per_caption: int = 0  # k of the set's m images per caption row in each batch, drawn at random; 0: all m
 
     def validate(self, where: str) -> None:
         super().validate(where)
         if self.caption_weight < 0:
             raise ConfigError(f"{where}.caption_weight must be >= 0, got {self.caption_weight}")
+        if self.images_per_caption < 0 or self.images_per_caption == 1:
+            raise ConfigError(f"{where}.images_per_caption must be 0 (all) or >= 2 (an anchor needs a positive), "
+                              f"got {self.images_per_caption}")
+
+
+@dataclass(frozen=True)
+class SupConConfig(RepresentConfig):
+    """Supervised contrastive learning: the multi-positive loss with *class labels* as identities (real labelled
+    images, or a synth set's classes) — label-supervised, compared with supervised training, not with SimCLR."""
+
+    images_per_caption: int = 0  # on a synth set: k of its m images per row in each batch; 0: all m
+
+    def validate(self, where: str) -> None:
+        super().validate(where)
+        if self.images_per_caption < 0:
+            raise ConfigError(f"{where}.images_per_caption must be >= 0, got {self.images_per_caption}")
 
 
 @dataclass(frozen=True)
@@ -549,7 +571,7 @@ class SupervisedConfig(RepresentConfig):
     """Cross-entropy on the class labels through a linear classifier on the encoder's features."""
 
 
-REPRESENT_METHODS = ("stablerep", "simclr", "supervised")
+REPRESENT_METHODS = ("stablerep", "supcon", "simclr", "supervised")
 
 
 @dataclass(frozen=True)
@@ -559,9 +581,9 @@ class ProbeConfig:
     data: str = "digits"  # a data.name with train and test splits
     path: Optional[str] = None
     weights: str = "model"  # model | ema
-    epochs: int = 100  # linear probe: full-batch AdamW epochs on the frozen features
-    lr: float = 0.01
-    weight_decay: float = 1e-4
+    max_iter: int = 1000  # linear probe: L-BFGS iterations at most (it stops earlier once converged)
+    weight_decays: tuple[float, ...] = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # the L2 strengths tried on held-out train images
+    holdout: float = 0.1  # the share of the train split held out to choose the L2 strength (never the test split)
     knn_k: int = 20
     knn_temperature: float = 0.07
     few_shot: tuple[int, ...] = (1, 5, 10)  # labelled images per class
@@ -576,11 +598,13 @@ class ProbeConfig:
         if self.data != "digits" and not self.path:
             raise ConfigError(f"{where}.path: {where}.data={self.data} needs a path")
         check_choice(self.weights, ("model", "ema"), f"{where}.weights")
-        for key in ("epochs", "lr", "knn_k", "knn_temperature", "few_shot_trials"):
+        for key in ("max_iter", "knn_k", "knn_temperature", "few_shot_trials"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{where}.{key} must be positive, got {getattr(self, key)}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"{where}.weight_decay must be >= 0, got {self.weight_decay}")
+        if not self.weight_decays or any(wd < 0 for wd in self.weight_decays):
+            raise ConfigError(f"{where}.weight_decays: one or more L2 strengths >= 0, got {list(self.weight_decays)}")
+        if not 0.0 < self.holdout < 1.0:
+            raise ConfigError(f"{where}.holdout must be in (0, 1), got {self.holdout}")
         if any(k <= 0 for k in self.few_shot):
             raise ConfigError(f"{where}.few_shot: labels per class must be positive, got {list(self.few_shot)}")
         check_device(self.device, f"{where}.device")
@@ -591,7 +615,8 @@ PAIR_METHODS = ("reflow", "distill")  # methods that train on stored pairs only
 METHOD_CONFIGS: dict[str, type] = {"flow_matching": FlowMatchingConfig, "self_flow": SelfFlowConfig, "repa": RepaConfig,
                                    "regression": RegressionConfig,
                                    "reflow": ReflowConfig, "distill": DistillConfig, "dmd": DmdConfig, "dmd2": Dmd2Config,
-                                   "stablerep": StableRepConfig, "simclr": SimClrConfig, "supervised": SupervisedConfig}
+                                   "stablerep": StableRepConfig, "supcon": SupConConfig, "simclr": SimClrConfig,
+                                   "supervised": SupervisedConfig}
 
 
 def method_name_of(config: Any) -> str:
@@ -646,6 +671,10 @@ class RunConfig:
         if method == "supervised" and data.name == "synth":
             raise ConfigError("method.name=supervised trains on class labels of real images; a synth set's captions are not "
                               "labels (use method.name=stablerep on it)")
+        if method == "stablerep" and data.name != "synth":
+            raise ConfigError(f"method.name=stablerep: its positives are the images of one caption row of a synthetic set "
+                              f"(data.name=synth), not data.name={data.name}; with class labels as positives use "
+                              f"method.name=supcon")
         if method in REPRESENT_METHODS and self.train.init_from:
             raise ConfigError(f"train.init_from: method.name={method} trains an encoder from scratch; leave it unset")
         if method in ("distill", "dmd", "dmd2") and not self.train.init_from:
@@ -990,7 +1019,7 @@ class SynthStage:
     """The synthetic set (selfflow.represent.synth.make_synth_set) the encoder trains on."""
 
     generator: str = "student"  # student | teacher (the teacher with sampler/steps below)
-    captions: str = "classes"  # classes | instances (sampler sde, steps >= 2)
+    captions: str = "classes"  # classes | variations (sampler sde, steps >= 2)
     per_caption: int = 4
     num: int = 1000
     sampler: Optional[str] = None  # None: the generator's own sample section
@@ -1001,7 +1030,7 @@ class SynthStage:
 
     def validate(self, where: str) -> None:
         check_choice(self.generator, ("student", "teacher"), f"{where}.generator")
-        check_choice(self.captions, ("classes", "instances"), f"{where}.captions")
+        check_choice(self.captions, ("classes", "variations"), f"{where}.captions")
         if self.per_caption < 1:
             raise ConfigError(f"{where}.per_caption must be positive, got {self.per_caption}")
         if self.num < 1 or self.num % self.per_caption:
@@ -1128,9 +1157,9 @@ def pipeline_config_from_dict(raw: Any, where: str = "pipeline config") -> Pipel
     if synth.num // synth.per_caption < encoder.train.batch_size:
         raise ConfigError(f"synth.num={synth.num} makes {synth.num // synth.per_caption} captions of {synth.per_caption} images, "
                           f"fewer than encoder.train.batch_size={encoder.train.batch_size} (captions per batch)")
-    if encoder.method_name() != "stablerep":
+    if encoder.method_name() not in ("stablerep", "supcon"):
         raise ConfigError(f"encoder.method.name={encoder.method_name()}: the pipeline trains a StableRep encoder on the "
-                          f"synthetic set; use stablerep")
+                          f"synthetic set; use stablerep (caption rows as positives) or supcon (classes as positives)")
     probes_raw = raw.get("probes") if raw.get("probes") is not None else {}
     if not isinstance(probes_raw, dict):
         raise ConfigError(f"probes: expected a mapping of keys, got {probes_raw!r}")

@@ -33,8 +33,17 @@ class EMA:
         """ema ← d·ema + (1 − d)·θ for every parameter; buffers are copied."""
         d = self.decay_at(step)
         ema_params = dict(self.model.named_parameters())
+        targets, sources = [], []
         for name, param in model.named_parameters():
-            ema_params[name].lerp_(param.detach().to(ema_params[name].dtype), 1 - d)
+            targets.append(ema_params[name])
+            sources.append(param.detach().to(ema_params[name].dtype))
+        if all(type(t) in (torch.Tensor, nn.Parameter) for t in targets + sources):
+            # multi-tensor kernels instead of one launch per parameter: what counts on a GPU; a wash on a CPU
+            # (docs/benchmarks/step_extras_cpu.md)
+            torch._foreach_lerp_(targets, sources, 1 - d)
+        else:  # tensor subclasses (FSDP's DTensors): one parameter at a time
+            for target, source in zip(targets, sources):
+                target.lerp_(source, 1 - d)
         ema_buffers = dict(self.model.named_buffers())
         for name, buf in model.named_buffers():
             ema_buffers[name].copy_(buf)

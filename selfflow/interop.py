@@ -34,6 +34,7 @@ from typing import Any, Optional
 import torch
 
 from selfflow.config import MODEL_SIZES, ConfigError, ModelConfig
+from selfflow.checkpoint import check_finite, check_state_bounds
 from selfflow.errors import CheckpointError
 from selfflow.model import DiT, sincos_2d
 
@@ -46,6 +47,7 @@ WRAPPERS = {"ema": ("ema", "model", "state_dict", "model_state_dict", "module"),
 GENERATOR_PREFIXES = ("x_embedder.", "t_embedder.", "y_embedder.", "blocks.", "final_layer.", "pos_embed")
 # source time τ = shift + scale·t and the output sign, per source
 CONVENTIONS = {"sit": (1.0, -1.0, -1.0), "selfflow-official": (1.0, -1.0, -1.0), "repa": (0.0, 1.0, 1.0)}
+MAX_WIDTH, MAX_DEPTH = 8192, 256  # far above SiT-XL (1152, 28): anything larger is refused before it is built
 POS_TOLERANCE = 1e-5  # a positional table within this of our sin-cos table is ours (float64 vs float32 rounding)
 
 
@@ -143,6 +145,8 @@ def unwrap_state(obj: Any, where: str, weights: str = "ema") -> tuple[dict[str, 
         raise CheckpointError(f"{where}: no state dict of tensors found")
     state = {}
     for name, value in obj.items():
+        if not isinstance(name, str):
+            raise CheckpointError(f"{where}: a key that is not text ({type(name).__name__} {str(name)[:40]!r})")
         for prefix in ("module.", "_orig_mod."):
             while name.startswith(prefix):
                 name = name[len(prefix):]
@@ -182,6 +186,10 @@ def convert_state(state: dict[str, torch.Tensor], source: str, where: str, *, ar
     if source not in SOURCES:
         raise ConfigError(f"--from {source!r}: unknown source; choose one of {', '.join(SOURCES)}")
     notes: list[str] = []
+    check_state_bounds(state, where)  # before any copy: a few kB of zero-stride tensors can declare gigabytes
+    odd = sorted(k for k in state if re.match(r"(decoder_)?blocks\.", k) and not re.match(r"(decoder_)?blocks\.\d+\.", k))
+    if odd:
+        raise CheckpointError(f"{where}: {odd[0]}: block parameters are named blocks.<number>.<name>")
     state = {k: v.detach().to(torch.float32) if v.is_floating_point() else v for k, v in state.items()}
     # REPA --legacy: blocks 0..k−1 under "blocks", the rest under "decoder_blocks" numbered from 0
     if any(k.startswith("decoder_blocks.") for k in state):
@@ -203,10 +211,13 @@ def convert_state(state: dict[str, torch.Tensor], source: str, where: str, *, ar
         raise CheckpointError(f"{where}: {unsupported[0]}: affine norms and qk-norm are not part of selfflow's DiT")
 
     patch_w = state["x_embedder.proj.weight"]
-    hidden = patch_w.shape[0]
+    hidden = patch_w.shape[0] if patch_w.dim() else 0
+    if not 0 < hidden <= MAX_WIDTH:
+        raise CheckpointError(f"{where}: x_embedder.proj.weight {list(patch_w.shape)} gives width {hidden}; "
+                              f"expected 1..{MAX_WIDTH}")
     pos = state.get("pos_embed")
-    tokens = pos.reshape(-1, hidden).shape[0] if pos is not None else None
-    out_rows = state["final_layer.linear.weight"].shape[0]
+    tokens = pos.numel() // hidden if pos is not None else None
+    out_rows = _shape(state, "final_layer.linear.weight", where, 2)[0]
     if patch_w.dim() == 4:  # Conv2d [D, C, p, p]
         channels, p = patch_w.shape[1], patch_w.shape[2]
         conv = patch_w
@@ -233,8 +244,11 @@ def convert_state(state: dict[str, torch.Tensor], source: str, where: str, *, ar
     depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
     if sorted(int(i) for i in {k.split(".")[1] for k in state if k.startswith("blocks.")}) != list(range(depth)):
         raise CheckpointError(f"{where}: the blocks are not numbered 0..{depth - 1}")
+    if depth > MAX_DEPTH:
+        raise CheckpointError(f"{where}: {depth} blocks; expected at most {MAX_DEPTH}")
+    mlp_hidden = _shape(state, "blocks.0.mlp.fc1.weight", where, 2)[0]
+    check_source_shapes(state, where, hidden, mlp_hidden, out_rows, depth)
     heads = _heads(hidden, args or {}, num_heads, where)
-    mlp_hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
     freq = state["t_embedder.mlp.0.weight"].shape[1]
     if freq != 256:
         raise CheckpointError(f"{where}: t_embedder.mlp.0.weight takes {freq} frequency features; selfflow's takes 256")
@@ -252,6 +266,8 @@ def convert_state(state: dict[str, torch.Tensor], source: str, where: str, *, ar
 
     if tokens is None:
         raise CheckpointError(f"{where}: no pos_embed: the number of tokens is unknown")
+    if pos.numel() % hidden or pos.shape[-1] != hidden:
+        raise CheckpointError(f"{where}: pos_embed has shape {list(pos.shape)}; expected (1, tokens, {hidden})")
     grid = math.isqrt(tokens)
     if grid * grid != tokens:
         raise CheckpointError(f"{where}: pos_embed has {tokens} tokens, not a square grid")
@@ -304,6 +320,36 @@ def convert_state(state: dict[str, torch.Tensor], source: str, where: str, *, ar
     return config, ours, notes
 
 
+def _shape(state: dict, key: str, where: str, dims: int) -> tuple[int, ...]:
+    if key not in state:
+        raise CheckpointError(f"{where}: missing {key}")
+    if state[key].dim() != dims:
+        raise CheckpointError(f"{where}: {key} has shape {list(state[key].shape)}; expected {dims} dimensions")
+    return tuple(state[key].shape)
+
+
+def check_source_shapes(state: dict, where: str, hidden: int, mlp_hidden: int, out_rows: int, depth: int) -> None:
+    """Every generator tensor of a SiT-layout state present with the shape the width ``hidden``, MLP width
+    and output rows imply (one line naming the key otherwise), before any network is built."""
+    if not 0 < mlp_hidden <= 8 * hidden:
+        raise CheckpointError(f"{where}: blocks.0.mlp.fc1.weight gives MLP width {mlp_hidden} for width {hidden}")
+    wanted = {"x_embedder.proj.bias": (hidden,), "t_embedder.mlp.0.weight": (hidden, 256), "t_embedder.mlp.0.bias": (hidden,),
+              "t_embedder.mlp.2.weight": (hidden, hidden), "t_embedder.mlp.2.bias": (hidden,),
+              "final_layer.linear.weight": (out_rows, hidden), "final_layer.linear.bias": (out_rows,),
+              "final_layer.adaLN_modulation.1.weight": (2 * hidden, hidden), "final_layer.adaLN_modulation.1.bias": (2 * hidden,)}
+    for i in range(depth):
+        for name, rows, cols in (("attn.qkv", 3 * hidden, hidden), ("attn.proj", hidden, hidden), ("mlp.fc1", mlp_hidden, hidden),
+                                 ("mlp.fc2", hidden, mlp_hidden), ("adaLN_modulation.1", 6 * hidden, hidden)):
+            wanted[f"blocks.{i}.{name}.weight"], wanted[f"blocks.{i}.{name}.bias"] = (rows, cols), (rows,)
+    for key, shape in wanted.items():
+        if tuple(_shape(state, key, where, len(shape))) != shape:
+            raise CheckpointError(f"{where}: {key} has shape {list(state[key].shape)}; width {hidden} needs {list(shape)}")
+    table = _shape(state, "y_embedder.embedding_table.weight", where, 2)
+    if table[1] != hidden or table[0] < 1:
+        raise CheckpointError(f"{where}: y_embedder.embedding_table.weight has shape {list(table)}; expected (classes + 1, {hidden})")
+    check_finite(state, where)
+
+
 def _source_model_name(args: dict) -> Optional[str]:
     return str(args.get("model")) if isinstance(args, dict) and args.get("model") else None
 
@@ -331,8 +377,11 @@ def import_checkpoint(file: str | Path, source: str, out: str | Path, *, weights
         if value is not None and value <= 0:
             raise ConfigError(f"{flag} must be positive, got {value}")
     file = Path(file)
-    obj = read_checkpoint_file(file)
-    state, record = unwrap_state(obj, str(file), weights)
+    try:
+        obj = read_checkpoint_file(file)
+        state, record = unwrap_state(obj, str(file), weights)
+    except RecursionError:  # e.g. args nested 200 000 deep
+        raise CheckpointError(f"{file}: nested too deeply to read (a crafted or corrupt file?)") from None
     config, ours, notes = convert_state(state, source, str(file), args=record.get("args"), num_heads=num_heads,
                                         num_classes=num_classes, patch_size=patch_size)
     model = DiT(config)

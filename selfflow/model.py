@@ -7,6 +7,12 @@ Every token carries its own time. The conditioning of token i of sample b is
 Cost: the modulation MLP would run on B·N rows. A sample rarely has more than two distinct times
 (Self-Flow: t and s; inference: one), so the conditioning is computed once per distinct
 ``(sample, time)`` pair and gathered back to tokens. With a (B,) time tensor this is exactly DiT.
+
+Two ways to give per-token times: a (B, N) tensor, whose distinct times per sample are found at run
+time (:func:`distinct_times`: data-dependent shapes), or :class:`TimeRows` — K time rows per sample
+and each token's row, K fixed by the caller (Self-Flow: 2) — whose conditioning has static shapes, so
+``torch.compile`` traces it into one graph (docs/methods.md#static-shape-conditioning). Both give the
+same numbers.
 """
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ import json
 import math
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +82,35 @@ def distinct_times(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     inverse = torch.empty_like(row_sorted).scatter_(1, order, row_sorted)
     sample = torch.repeat_interleave(torch.arange(B, device=t.device), counts)
     return values[new], sample, inverse
+
+
+class TimeRows(NamedTuple):
+    """Per-token times as K time rows per sample plus each token's row: shapes fixed by K, not by data.
+
+    ``times`` (B, K) float and ``index`` (B, N) int64 in [0, K): token i of sample b has time
+    ``times[b, index[b, i]]``. Self-Flow: K = 2, ``times = (t, s)``, ``index = mask`` (1 where the token
+    gets s). A row no token uses costs one extra modulation row and changes nothing else.
+    """
+
+    times: torch.Tensor  # (B, K)
+    index: torch.Tensor  # (B, N) int64
+
+    @property
+    def device(self) -> torch.device:
+        return self.times.device
+
+    def per_token(self) -> torch.Tensor:
+        """The (B, N) per-token times these rows stand for."""
+        return self.times.gather(1, self.index)
+
+
+def time_rows_conditioning(time_embed: nn.Module, rows: TimeRows, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Conditioning rows (B·K, D) = time_embed(times[b, k]) + label[b], ordered by sample then k, and
+    each token's row ``b·K + index[b, i]`` (B, N): static shapes — no unique, sort or repeat_interleave."""
+    B, K = rows.times.shape
+    cond = (time_embed(rows.times.reshape(B * K)).view(B, K, -1) + label[:, None]).reshape(B * K, -1)
+    first_row = torch.arange(B, device=rows.index.device)[:, None] * K  # (B, 1)
+    return cond, rows.index + first_row
 
 
 def rows_to_tokens(mod: torch.Tensor, index: torch.Tensor | None, parts: int) -> list[torch.Tensor]:
@@ -169,8 +204,8 @@ def init_transformer(model: nn.Module, finals: Sequence[FinalLayer], init_inputs
 class DiT(nn.Module):
     """Flow transformer predicting the velocity ``v = ε − x0`` (docs/methods.md#conventions).
 
-    ``forward(x, t, y)``: x (B, C, H, W); t (B,) or (B, N) with N = (H/p)·(W/p) tokens in
-    row-major order; y (B,) int64 labels, ``num_classes`` is the null label (None: all null).
+    ``forward(x, t, y)``: x (B, C, H, W); t (B,), (B, N) with N = (H/p)·(W/p) tokens in
+    row-major order, or :class:`TimeRows` (the same per-token times in static shapes); y (B,) int64 labels, ``num_classes`` is the null label (None: all null).
     """
 
     def __init__(self, config: ModelConfig):
@@ -249,9 +284,15 @@ class DiT(nn.Module):
             y = torch.full((batch,), self.num_classes, dtype=torch.long, device=t.device)
         return self.time_conditioning(t, self.label_embed(y), batch)
 
-    def time_conditioning(self, t: torch.Tensor, label: torch.Tensor, batch: int):
+    def time_conditioning(self, t: torch.Tensor | TimeRows, label: torch.Tensor, batch: int):
         """:meth:`_conditioning` for a given per-sample condition vector ``label`` (B, D) (a label's
-        embedding, or a caption's in the TextDiT): time embedding plus it, once per distinct time."""
+        embedding, or a caption's in the TextDiT): time embedding plus it, once per distinct time
+        ((B, N) times) or once per time row (:class:`TimeRows`, static shapes)."""
+        if isinstance(t, TimeRows):
+            if t.times.dim() != 2 or t.times.shape[0] != batch or t.index.shape != (batch, self.num_tokens):
+                raise ValueError(f"TimeRows must hold times (B, K) and index (B, N) = ({batch}, {self.num_tokens}), "
+                                 f"got {tuple(t.times.shape)} and {tuple(t.index.shape)}")
+            return time_rows_conditioning(self.time_embed, t, label)
         if t.dim() == 0:
             t = t.expand(batch)
         if t.dim() == 1:
@@ -271,7 +312,7 @@ class DiT(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        t: torch.Tensor,
+        t: torch.Tensor | TimeRows,
         y: torch.Tensor | None = None,
         return_layers: Sequence[int] = (),
         stop_after: int | None = None,

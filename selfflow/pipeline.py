@@ -20,8 +20,12 @@ commands use (the one trainer, ``generate_set``, ``make_synth_set``, ``run_probe
 Resumable stage by stage: a finished stage writes ``<stage>/stage.json`` holding a hash of its
 settings and of its inputs' markers. A stage whose marker matches is skipped; a changed setting
 changes its hash, so the stage re-runs (its folder is cleared first) and so does every stage that
-reads it. A stage interrupted with the same settings resumes (the trainer from its checkpoint, a
-synthetic set from its finished shards). The report is rebuilt on every run.
+reads it. Evaluation-only settings (the ``sample`` sections, ``evaluate.*``) are settings of the stages
+that sample, never of a training stage. A stage interrupted with the same settings resumes (the trainer
+from its checkpoint, a synthetic set from its finished shards). A training stage cut by its
+``train.time_limit_minutes`` records that (status ``time_limit``, the step reached, the limit); a run
+with a larger limit (or none) continues it from its checkpoint instead of accepting it, and the stages
+reading it re-run (they see its hash and its step). The report is rebuilt on every run.
 """
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ import torch
 
 from selfflow.config import PipelineConfig
 from selfflow.errors import ConfigError
-from selfflow.files import write_json
+from selfflow.files import check_output_folder, lock_folder, mark_output_folder, write_json
 
 STAGES = ("teacher", "student", "evaluate", "synth", "encoder", "probes")
 INPUTS = {"teacher": (), "student": ("teacher",), "evaluate": ("teacher", "student"), "synth": ("teacher", "student"),
@@ -47,32 +51,67 @@ MARKER, PENDING = "stage.json", "stage.pending.json"
 # --------------------------------------------------------------------------------------------
 # markers
 # --------------------------------------------------------------------------------------------
-def _without_progress(run: dict | None) -> dict | None:
-    """A run dict without train.progress (whether a bar is drawn changes no result)."""
+def _training_settings(run: dict | None) -> dict | None:
+    """What a training stage's weights depend on: its run dict without train.progress (a progress bar),
+    train.time_limit_minutes (a cut stage records it and continues under a larger limit) and the sample
+    section (how the model is sampled afterwards: read by the stages that sample it)."""
     if run is None:
         return None
     run = json.loads(json.dumps(run))
     run.get("train", {}).pop("progress", None)
+    run.get("train", {}).pop("time_limit_minutes", None)
+    run.pop("sample", None)
     return run
+
+
+def _sample_of(d: dict, generator: str) -> dict | None:
+    """The sample section of the teacher's or the student's run in the pipeline dict ``d``."""
+    if generator == "teacher":
+        return d["teacher"].get("sample")
+    return (d["student"].get("run") or {}).get("sample")
 
 
 def stage_settings(config: PipelineConfig, stage: str) -> dict:
     """What a stage's result depends on, besides its inputs. Paths inside the pipeline's folder are
-    written relative to it (``<out_dir>/teacher``), so a moved or copied pipeline folder stays valid."""
+    written relative to it (``<out_dir>/teacher``), so a moved or copied pipeline folder stays valid.
+    Evaluation-only settings (the teacher's and student's ``sample`` sections) belong to the stages that
+    sample (evaluate, synth), not to the training stages."""
     d = json.loads(json.dumps(config.to_dict()).replace(json.dumps(str(Path(config.pipeline.out_dir)))[1:-1], "<out_dir>"))
     if stage == "teacher":
-        return _without_progress(d["teacher"])
+        return _training_settings(d["teacher"])
     if stage == "student":
-        return {**d["student"], "run": _without_progress(d["student"]["run"])}
+        return {**d["student"], "run": _training_settings(d["student"]["run"])}
     if stage == "evaluate":
-        return d["evaluate"]
+        return {**d["evaluate"], "teacher_sample": _sample_of(d, "teacher"), "student_sample": _sample_of(d, "student")}
     if stage == "synth":
-        return d["synth"]
+        return {**d["synth"], "generator_sample": _sample_of(d, d["synth"]["generator"])}
     if stage == "encoder":
-        return _without_progress(d["encoder"])
+        return _training_settings(d["encoder"])
     if stage == "probes":
         return d["probes"]
     raise KeyError(stage)
+
+
+TRAINING_STAGES = {"teacher": lambda c: c.teacher, "student": lambda c: c.student.run, "encoder": lambda c: c.encoder}
+
+
+def time_limit(config: PipelineConfig, stage: str) -> float:
+    """The training stage's train.time_limit_minutes (0: none, and for stages that do not train)."""
+    run = TRAINING_STAGES[stage](config) if stage in TRAINING_STAGES else None
+    return float(run.train.time_limit_minutes or 0) if run is not None else 0.0
+
+
+def continues(done: dict, limit: float) -> bool:
+    """Whether a stage its time limit cut (``done``, its marker) goes on under the limit ``limit`` (0: none)."""
+    if (done.get("result") or {}).get("status") != "time_limit":
+        return False
+    return limit == 0 or limit > float(done.get("time_limit_minutes") or 0)
+
+
+def output_id(marker: dict) -> str:
+    """What the stages reading this one see of it: its hash, and the step it reached (a continued stage changes it)."""
+    steps = (marker.get("result") or {}).get("steps")
+    return marker["hash"] if steps is None else f"{marker['hash']}@{steps}"
 
 
 def stage_hash(stage: str, settings: dict, inputs: dict[str, str]) -> str:
@@ -96,15 +135,15 @@ def run_pipeline(config: PipelineConfig, say: Callable[[str], None] = print) -> 
     from selfflow.device import resolve_device
 
     out = Path(config.pipeline.out_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"pipeline.out_dir={str(out)!r}: a file is in the way (a folder is written there)")
+    check_output_folder(out, "pipeline", recognise=("pipeline.json",), flag="pipeline.out_dir")
     device = resolve_device(config.pipeline.device)
-    out.mkdir(parents=True, exist_ok=True)
     threads = torch.get_num_threads()
     if config.pipeline.threads:
         torch.set_num_threads(config.pipeline.threads)
     try:
-        return _run(config, out, device, say)
+        with lock_folder(out, "pipeline folder"):  # one pipeline per folder; its stages lock their own run folders
+            mark_output_folder(out, "pipeline")
+            return _run(config, out, device, say)
     finally:
         torch.set_num_threads(threads)
 
@@ -116,13 +155,22 @@ def _run(config: PipelineConfig, out: Path, device, say) -> Path:
     started = time.perf_counter()
     for stage in STAGES:
         folder = config.stage_dir(stage)
-        inputs = {name: markers[name]["hash"] for name in INPUTS[stage]}
+        inputs = {name: output_id(markers[name]) for name in INPUTS[stage]}
         digest = stage_hash(stage, stage_settings(config, stage), inputs)
         done = read_marker(folder)
+        limit = time_limit(config, stage)
         if done is not None and done["hash"] == digest:
-            say(f"[pipeline] {stage}: done before ({done.get('seconds', 0):.0f} s, settings unchanged) — skipped")
-            markers[stage], ran[stage] = done, False
-            continue
+            if not continues(done, limit):
+                cut = (done.get("result") or {}).get("cut")
+                say(f"[pipeline] {stage}: done before ({done.get('seconds', 0):.0f} s, settings unchanged) — skipped"
+                    + (f"; {cut} (raise it to continue)" if cut else ""))
+                markers[stage], ran[stage] = done, False
+                continue
+            say(f"[pipeline] {stage}: {done['result'].get('cut', 'cut by its time limit')}; continuing under "
+                f"train.time_limit_minutes={limit:g}")
+            (folder / MARKER).unlink()
+            write_json({"hash": digest, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "continues": True}, folder / PENDING)
+            done = None
         _prepare(folder, digest, done)
         say(f"[pipeline] {stage}: running")
         t0 = time.perf_counter()
@@ -130,6 +178,8 @@ def _run(config: PipelineConfig, out: Path, device, say) -> Path:
         seconds = time.perf_counter() - t0
         marker = {"stage": stage, "hash": digest, "inputs": inputs, "settings": stage_settings(config, stage),
                   "seconds": round(seconds, 2), "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "result": result}
+        if stage in TRAINING_STAGES:
+            marker["time_limit_minutes"] = limit
         write_json(marker, folder / MARKER)
         (folder / PENDING).unlink(missing_ok=True)
         markers[stage], ran[stage] = marker, True
@@ -161,6 +211,8 @@ def _train_summary(run_config, result: dict) -> dict:
     t = run_config.train
     summary = {"status": result["status"], "steps": result["step"], "steps_planned": t.steps,
                "final_loss": result["last"].get("loss"), "method": run_config.method_name(), "batch_size": t.batch_size}
+    if "positives" in result["last"]:  # contrastive encoders: positives per anchor in the last logged batch
+        summary["positives_per_anchor"] = result["last"]["positives"]
     if result["status"] == "time_limit":
         summary["cut"] = (f"stopped at step {result['step']} of {t.steps} by train.time_limit_minutes="
                           f"{t.time_limit_minutes:g}")
@@ -280,7 +332,10 @@ def _synth(config: PipelineConfig, folder: Path, markers, device, say) -> dict:
     name, source = synth_source(config)
     source_model = load_model(source, "ema", device, expect="image")
     model, model_folder = source_model.model, source_model.folder
-    settings = sample_settings(model_folder, sampler=s.sampler, steps=s.steps, cfg_scale=s.cfg_scale, num_classes=model.num_classes)
+    own = config.teacher.sample if s.generator == "teacher" else config.student.run.sample  # the pipeline's, not the checkpoint's
+    settings = sample_settings(None, sampler=s.sampler or own.sampler, steps=s.steps or own.steps,
+                               cfg_scale=own.cfg_scale if s.cfg_scale is None else s.cfg_scale, batch_size=own.batch_size,
+                               num_classes=model.num_classes)
     paths: list[Path] = []
     t0 = time.perf_counter()
     make_synth_set(model, folder / "set", captions=s.captions, per_caption=s.per_caption, num=s.num, shard_size=s.num, seed=s.seed,
@@ -299,16 +354,15 @@ def _synth(config: PipelineConfig, folder: Path, markers, device, say) -> dict:
 def _encoder(config: PipelineConfig, folder: Path, markers, device, say) -> dict:
     summary = _train(config.encoder)
     m = config.encoder.method
-    summary.update({"encoder": m.encoder, "embed_dim": m.embed_dim, "temperature": m.temperature})
+    summary.update({"encoder": m.encoder, "embed_dim": m.embed_dim, "temperature": m.temperature, "method": config.encoder.method_name()})
     return summary
 
 
 def _probes(config: PipelineConfig, folder: Path, markers, device, say) -> dict:
     from selfflow.config import config_from_dict
     from selfflow.data import load_dataset
-    from selfflow.imageio import uint8_to_float
     from selfflow.represent.encoders import build_encoder
-    from selfflow.represent.probes import knn_probe, linear_probe, load_encoder, run_probes
+    from selfflow.represent.probes import load_encoder, raw_pixel_probes, run_probes
 
     p = config.probes
     encoder, _, run = load_encoder(config.encoder.train.out_dir, p.weights, device)
@@ -318,11 +372,7 @@ def _probes(config: PipelineConfig, folder: Path, markers, device, say) -> dict:
     torch.manual_seed(config.encoder.train.seed)
     untrained = build_encoder(config_from_dict(run, "encoder")).to(device).eval().requires_grad_(False)
     result["untrained_encoder"] = run_probes(untrained, train, test, p, device)
-    a = uint8_to_float(train.images).flatten(1)
-    b = uint8_to_float(test.images).flatten(1)
-    n = train.num_classes
-    result["raw_pixels"] = {"linear": linear_probe(a, train.labels, b, test.labels, n, epochs=p.epochs, lr=p.lr, weight_decay=p.weight_decay),
-                            "knn": knn_probe(a, train.labels, b, test.labels, n, k=p.knn_k, temperature=p.knn_temperature)}
+    result["raw_pixels"] = raw_pixel_probes(train, test, p)
     return result
 
 

@@ -49,6 +49,38 @@ def _command() -> str:
     return f"run_pipeline() called from {Path(argv[0]).name or 'Python'}"
 
 
+def positives_in_words(config, encoder: dict, real_train_images) -> str:
+    """What defined the encoder's positives, and what real data its generator saw, in words."""
+    sy, t = config.synth, config.teacher
+    m = sy.per_caption
+    k = getattr(config.encoder.method, "images_per_caption", 0) or m
+    measured = encoder.get("positives_per_anchor")
+    seen = f" (measured in the last logged batch: {measured:g} per anchor)" if measured is not None else ""
+    if config.encoder.method_name() == "supcon":
+        words = (f"Positives: every image of the anchor's class in the batch — supervised contrastive learning (supcon): the "
+                 f"class labels define the positives{seen}. Compare it with supervised training, not with SimCLR.")
+    else:
+        row = ("independent draws of one class label, each from its own noise seed" if sy.captions == "classes" else
+               "SDE variations of one shared initial noise (an augmentation of one image)")
+        drawn = f"{k} of them drawn per row and batch, " if k < m else ""
+        words = (f"Positives: the images of one caption row — a row's {m} images are {row}; {drawn}so {k - 1} positives per "
+                 f"anchor{seen}. Every other row is a negative, rows of the same class included: no label defines a positive.")
+    images = f"{real_train_images} " if real_train_images else ""
+    labels = "with their class labels as its condition" if t.data.class_conditional else "without labels"
+    return (f"{words} What the generator saw: the teacher was trained on the {images}real {t.data.name} train images "
+            f"{labels}; the synthetic set comes from it{' through the student' if sy.generator == 'student' else ''}. "
+            f"The encoder itself sees no real image and no label until the probes.")
+
+
+def _selection(result: dict) -> str:
+    """How the linear probe's L2 strength was chosen, in words."""
+    chosen = result.get("linear_selection") or {}
+    if not chosen:
+        return "not recorded"
+    return (f"λ = {chosen['weight_decay']:g}, {chosen['iterations']} iterations"
+            f"{'' if chosen.get('converged') else ' (not converged)'}")
+
+
 def _pct(value) -> str:
     return "" if value is None else f"{100 * value:.1f} %"
 
@@ -72,7 +104,8 @@ def write_report(config: PipelineConfig, markers: dict[str, dict], ran: dict[str
     report.paragraph(
         f"Real data ({t.data.name}) → {t.method_name()} teacher → "
         f"{'one-step student (' + st.kind + ')' if st.run is not None else 'no student (the teacher sampler)'} → "
-        f"synthetic set ({config.synth.num} images) → StableRep encoder → probes on the real {config.probes.data}. "
+        f"synthetic set ({config.synth.num} images) → {'SupCon' if config.encoder.method_name() == 'supcon' else 'StableRep'} "
+        f"encoder → probes on the real {config.probes.data}. "
         f"Written {time.strftime('%Y-%m-%d %H:%M:%S')}; this run took {seconds:.0f} s "
         f"({sum(ran.values())} of {len(STAGES)} stages ran, the rest were reused).")
     report.paragraph(f"Command: {_command()} · Machine: {info['cpu']}, "
@@ -168,6 +201,7 @@ def write_report(config: PipelineConfig, markers: dict[str, dict], ran: dict[str
         f"{e.model.patch_size}) trained with the multi-positive contrastive loss (τ = {en['temperature']:g}, embedding "
         f"{en['embed_dim']}) on the synthetic set: {en['steps']} of {en['steps_planned']} steps of {e.train.batch_size} captions × "
         f"{sy['per_caption']} images, lr {e.train.lr:g}, seed {e.train.seed}; status {en['status']}.")
+    report.paragraph(positives_in_words(config, en, r["evaluate"].get("train_images")))
     plot = _loss_plot(e.train.out_dir, "encoder training loss", figures / "loss_encoder.svg")
     if plot:
         report.image(f"figures/{plot.name}", "Encoder loss (multi-positive cross-entropy).")
@@ -186,7 +220,9 @@ def write_report(config: PipelineConfig, markers: dict[str, dict], ran: dict[str
     report.paragraph(
         f"Protocol: the frozen encoder's features (before the head, no augmentation) of the {probes['encoder']['train_images']} "
         f"real train and {probes['encoder']['test_images']} real test images of {p.data}; accuracy on the test images. Linear: "
-        f"logistic regression on standardised features, full-batch AdamW, {p.epochs} epochs, lr {p.lr:g}. k-NN: k = {p.knn_k}, "
+        f"logistic regression on standardised features, L-BFGS to convergence (at most {p.max_iter} iterations), its L2 "
+        f"strength chosen from {list(p.weight_decays)} on {p.holdout:.0%} of the train images held out (the test images "
+        f"take no part): {_selection(probes['encoder'])} for the encoder. k-NN: k = {p.knn_k}, "
         f"cosine, τ = {p.knn_temperature:g}. Few-shot: the linear probe on k labelled train images per class, {p.few_shot_trials} "
         f"random draws (seed {p.seed}), mean ± spread. One test image is {100 / probes['encoder']['test_images']:.2f} points.")
 

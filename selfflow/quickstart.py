@@ -2,8 +2,9 @@
 
 The quickstart is the pipeline (:mod:`selfflow.pipeline`) on scikit-learn's bundled 8×8 digits (no
 download), sized for 2 CPU cores and under 4 minutes: a Self-Flow teacher, a one-step student
-distilled from the teacher's pairs, a synthetic set from the student, a StableRep encoder trained
-on it, and probes on the real digits — one HTML report (and ``report.md``) at the end. Every
+distilled from the teacher's pairs, a synthetic set from the student, a label-free StableRep encoder
+trained on it (positives: the 4 independent draws of one caption row; other rows, of the same class
+too, are negatives), and probes on the real digits — one HTML report (and ``report.md``) at the end. Every
 training stage has a time limit (``train.time_limit_minutes``), so a slow machine still finishes,
 and the report says what was cut. ``configs/digits_pipeline.yaml`` is the same pipeline as a file.
 """
@@ -45,7 +46,7 @@ QUICKSTART_PIPELINE = {
                   "time_limit_minutes": 1.0, "precision": "fp32", "log_every": 10, "ckpt_every": 0, "num_sample_images": 0,
                   "tensorboard": False},
     },
-    "probes": {"data": "digits", "epochs": 100, "few_shot": [1, 5, 10], "few_shot_trials": 5, "seed": 0},
+    "probes": {"data": "digits", "max_iter": 1000, "few_shot": [1, 5, 10], "few_shot_trials": 5, "seed": 0},
 }
 
 # --tiny: every stage a few steps (tests, a smoke check of an installation; seconds, not minutes).
@@ -56,7 +57,7 @@ TINY_OVERRIDES = [
     "student.train.log_every=1",
     "evaluate.num_samples=100", "evaluate.feature_net_steps=5",
     "synth.num=40", "encoder.train.steps=3", "encoder.train.batch_size=4", "encoder.train.log_every=1",
-    "probes.epochs=5", "probes.few_shot_trials=1",
+    "probes.max_iter=20", "probes.few_shot_trials=1",
 ]
 
 

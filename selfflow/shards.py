@@ -210,6 +210,11 @@ class ShardSet:
         for i, part in enumerate(parts):
             if set(part) != keys:
                 raise ShardError(f"{self.path(i)}: keys {sorted(part)} differ from {sorted(keys)}")
+            for key in keys:
+                if part[key].shape[1:] != parts[0][key].shape[1:] or part[key].dtype != parts[0][key].dtype:
+                    raise ShardError(f"{self.path(i)}: {key} has items of shape {tuple(part[key].shape[1:])} ({part[key].dtype}), "
+                                     f"{self.path(0).name} of {tuple(parts[0][key].shape[1:])} ({parts[0][key].dtype}); "
+                                     f"one set, one shape")
         return {k: torch.cat([p[k] for p in parts]) for k in sorted(keys)}
 
 

@@ -121,6 +121,7 @@ CHOICE_FIELDS = [
     ("train.device", "gpu", []),
     ("train.device", "cuda:x", []),
     ("train.precision", "fp16", []),
+    ("train.compile_mode", "fastest", []),
     ("train.distributed", "horovod", []),
     ("sample.sampler", "eulr", []),
     ("method.name", "magic", []),

@@ -408,7 +408,7 @@ def test_disk_full_during_set_generation_keeps_whole_shards(reference, tmp_path,
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "No space left on device" in err and "shard_00001.safetensors" in err and "Traceback" not in err
-    assert sorted(p.name for p in out.iterdir()) == ["set.json", "shard_00000.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [".selfflow-output.json", ".selfflow.lock", "set.json", "shard_00000.safetensors"]
     first = (out / "shard_00000.safetensors").read_bytes()
     monkeypatch.undo()
     assert main(args) == 0

@@ -91,7 +91,7 @@ def test_train_and_sample_on_latents(latent_set, tmp_path):
     assert (run / "samples" / "step_0000002.png").is_file() and (run / "samples" / "step_0000002.safetensors").is_file()
     out = tmp_path / "samples"
     assert main(["sample", "--ckpt", str(run), "--n", "3", "--out", str(out), "--steps", "2", "--device", "cpu"]) == 0
-    assert {p.name for p in out.iterdir()} == {"latents.safetensors", "grid.png", "samples.npz", "samples.json"}
+    assert {p.name for p in out.iterdir()} == {"latents.safetensors", "grid.png", "samples.npz", "samples.json", ".selfflow-output.json"}
     assert np.load(out / "samples.npz")["images"].shape == (3, 1, 8, 8)
 
 

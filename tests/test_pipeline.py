@@ -117,6 +117,58 @@ def test_finished_stages_are_skipped_and_a_change_reruns_what_follows(tmp_path, 
     assert fake_stages == list(pipeline.STAGES)  # the teacher changed: everything after it
 
 
+def test_evaluation_only_settings_do_not_invalidate_training_stages(tmp_path, fake_stages):
+    run = lambda *o: pipeline.run_pipeline(_config(tmp_path, *o), say=lambda m: None)  # noqa: E731
+    run()
+    fake_stages.clear()
+    run("teacher.sample.steps=7")
+    assert fake_stages == ["evaluate"]  # the synthetic set comes from the student: only the evaluation samples the teacher
+    fake_stages.clear()
+    run("teacher.sample.steps=7", "student.sample.cfg_scale=1.5", "evaluate.seed=3")
+    assert fake_stages == ["evaluate", "synth", "encoder", "probes"]  # the student's sampling makes the set
+    fake_stages.clear()
+    run("teacher.sample.steps=7", "student.sample.cfg_scale=1.5", "evaluate.seed=3", "synth.generator=teacher")
+    assert fake_stages == ["synth", "encoder", "probes"]
+    fake_stages.clear()
+    run("teacher.sample.steps=9", "student.sample.cfg_scale=1.5", "evaluate.seed=3", "synth.generator=teacher")
+    assert fake_stages == ["evaluate", "synth", "encoder", "probes"]  # now the teacher samples the set: never retrained
+    marker = json.loads((tmp_path / "p" / "teacher" / "stage.json").read_text())
+    assert "sample" not in marker["settings"] and "time_limit_minutes" not in marker["settings"]["train"]
+
+
+def test_a_stage_cut_by_its_time_limit_continues_under_a_larger_one(tmp_path, fake_stages, monkeypatch):
+    seen = []
+
+    def teacher(config, folder, markers, device, say):
+        seen.append(sorted(p.name for p in folder.iterdir()))
+        (folder / f"checkpoint_{len(seen)}").write_text("weights")
+        limit = config.teacher.train.time_limit_minutes
+        if limit < 5:
+            return {"status": "time_limit", "steps": 3, "cut": f"stopped at step 3 of 4 by train.time_limit_minutes={limit:g}"}
+        return {"status": "finished", "steps": 4}
+
+    monkeypatch.setitem(pipeline.STAGE_FUNCTIONS, "teacher", teacher)
+    messages = []
+    run = lambda *o: pipeline.run_pipeline(_config(tmp_path, *o), say=messages.append)  # noqa: E731
+    run("teacher.train.time_limit_minutes=2")
+    marker = json.loads((tmp_path / "p" / "teacher" / "stage.json").read_text())
+    assert marker["result"]["status"] == "time_limit" and marker["time_limit_minutes"] == 2
+    fake_stages.clear()
+    run("teacher.train.time_limit_minutes=2")  # the same limit: nothing more to do, and it says why
+    assert len(seen) == 1 and fake_stages == []
+    assert any("time_limit_minutes=2" in m and "raise it to continue" in m for m in messages)
+    run("teacher.train.time_limit_minutes=1")  # a smaller one does not undo the work
+    assert len(seen) == 1 and fake_stages == []
+    run("teacher.train.time_limit_minutes=10")  # larger: the teacher goes on in its folder, and what reads it re-runs
+    assert seen == [["stage.pending.json"], ["checkpoint_1", "stage.pending.json"]]
+    assert fake_stages == ["student", "evaluate", "synth", "encoder", "probes"]
+    marker = json.loads((tmp_path / "p" / "teacher" / "stage.json").read_text())
+    assert marker["result"]["status"] == "finished" and marker["time_limit_minutes"] == 10
+    fake_stages.clear()
+    run("teacher.train.time_limit_minutes=20")  # finished: a limit changes nothing
+    assert len(seen) == 2 and fake_stages == []
+
+
 def test_a_copied_pipeline_folder_keeps_its_finished_stages(tmp_path, fake_stages):
     import shutil
 
@@ -160,7 +212,7 @@ def test_an_interrupted_stage_resumes_in_its_folder(tmp_path, fake_stages, monke
 def test_a_foreign_folder_in_the_way_is_refused(tmp_path, fake_stages):
     (tmp_path / "p" / "teacher").mkdir(parents=True)
     (tmp_path / "p" / "teacher" / "mine.txt").write_text("someone's files")
-    with pytest.raises(ConfigError, match="teacher: in the way"):
+    with pytest.raises(ConfigError, match=r"p: holds teacher \(not written by selfflow\)"):
         pipeline.run_pipeline(_config(tmp_path), say=lambda m: None)
     assert (tmp_path / "p" / "teacher" / "mine.txt").exists()
 
@@ -239,7 +291,7 @@ def test_a_real_rerun_reuses_stages_and_reruns_a_changed_one(tiny_run, capsys):
     out, argv = tiny_run
     before = {s: (out / s / "stage.json").stat().st_mtime_ns for s in pipeline.STAGES}
     capsys.readouterr()
-    assert main(argv + ["--set", "probes.epochs=6"]) == 0
+    assert main(argv + ["--set", "probes.max_iter=30"]) == 0
     printed = capsys.readouterr().out
     assert printed.count("skipped") == 5 and "probes: running" in printed
     after = {s: (out / s / "stage.json").stat().st_mtime_ns for s in pipeline.STAGES}

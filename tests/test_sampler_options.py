@@ -88,10 +88,10 @@ def test_synth_records_the_options_and_instances_refuse_them(run, tmp_path, caps
     assert main([*base, "--captions", "classes", "--out", str(tmp_path / "c"), *SIT, *FLAGS]) == 0
     assert json.loads((tmp_path / "c" / "set.json").read_text())["sampler_options"] == OPTIONS
     capsys.readouterr()
-    argv = [*base, "--captions", "instances", "--out", str(tmp_path / "i"), "--sampler", "sde", "--steps", "4",
+    argv = [*base, "--captions", "variations", "--out", str(tmp_path / "i"), "--sampler", "sde", "--steps", "4",
             "--sampler-option", "diffusion_norm=0.5"]
     assert main(argv) == 2
-    one_line_error(capsys, "--sampler-option diffusion_norm", "--captions instances")
+    one_line_error(capsys, "--sampler-option diffusion_norm", "--captions variations")
     assert not (tmp_path / "i").exists()
 
 

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from selfflow import checkpoint as ckpt
 from selfflow.represent.losses import info_nce, multi_positive_loss, stablerep_loss
@@ -89,7 +90,7 @@ def test_linear_probe_and_knn_on_separable_features_are_perfect():
     y_train, y_test = torch.arange(300) % 3, torch.arange(90) % 3
     x_train = centres[y_train] + 0.5 * torch.randn(300, 4, generator=g)
     x_test = centres[y_test] + 0.5 * torch.randn(90, 4, generator=g)
-    assert linear_probe(x_train, y_train, x_test, y_test, 3) == 1.0
+    assert linear_probe(x_train, y_train, x_test, y_test, 3)["accuracy"] == 1.0
     assert knn_probe(x_train, y_train, x_test, y_test, 3, k=5) == 1.0
 
 
@@ -98,8 +99,45 @@ def test_linear_probe_reaches_the_bayes_accuracy_of_two_overlapping_gaussians():
     g = torch.Generator().manual_seed(0)
     y = torch.arange(20000) % 2
     x = (2.0 * y - 1.0)[:, None] + torch.randn(20000, 1, generator=g)
-    accuracy = linear_probe(x[:10000], y[:10000], x[10000:], y[10000:], 2, epochs=200, lr=0.05)
-    assert accuracy == pytest.approx(0.5 * (1 + math.erf(1 / math.sqrt(2))), abs=0.012)
+    result = linear_probe(x[:10000], y[:10000], x[10000:], y[10000:], 2)
+    assert result["converged"]
+    assert result["accuracy"] == pytest.approx(0.5 * (1 + math.erf(1 / math.sqrt(2))), abs=0.012)
+
+
+def test_the_lbfgs_fit_is_the_regularised_optimum():
+    """At the minimum of mean CE + λ/2‖W‖² the gradient vanishes: X^T (softmax − onehot)/n + λW = 0, Σ_i (p_i − y_i) = 0."""
+    from selfflow.represent.probes import fit_logistic
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(400, 6, generator=g, dtype=torch.float64)
+    y = (x[:, :3] + 0.8 * torch.randn(400, 3, generator=g, dtype=torch.float64)).argmax(1)
+    weight, bias, iterations = fit_logistic(x, y, 3, 1e-2, tolerance=1e-9)
+    residual = torch.softmax(x @ weight + bias, 1) - F.one_hot(y, 3).double()
+    assert 0 < iterations < 1000
+    torch.testing.assert_close(x.T @ residual / 400 + 1e-2 * weight, torch.zeros(6, 3, dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(residual.mean(0), torch.zeros(3, dtype=torch.float64), atol=1e-6, rtol=0)
+
+
+def test_the_probe_chooses_its_l2_strength_on_held_out_train_images_never_on_test():
+    from selfflow.represent.probes import fit_logistic, standardise
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(700, 20, generator=g)
+    y = (x[:, :4] + 1.5 * torch.randn(700, 4, generator=g)).argmax(1)  # noisy: the L2 strength matters
+    train_x, train_y, test_x, test_y = x[:500], y[:500], x[500:], y[500:]
+    decays = (1e-4, 1e-2, 1.0, 10.0)
+    result = linear_probe(train_x, train_y, test_x, test_y, 4, weight_decays=decays)
+    assert set(result["holdout_accuracy"]) == set(decays) and result["holdout_images"] == 50
+    assert result["holdout_accuracy"][result["weight_decay"]] == max(result["holdout_accuracy"].values())
+    # the test split changes nothing of the choice: other test labels, other test features
+    for other_x, other_y in ((test_x, test_y.flip(0)), (torch.randn(200, 20, generator=g), torch.randint(0, 4, (200,), generator=g))):
+        again = linear_probe(train_x, train_y, other_x, other_y, 4, weight_decays=decays)
+        assert {k: again[k] for k in ("weight_decay", "holdout_accuracy", "iterations")} == \
+               {k: result[k] for k in ("weight_decay", "holdout_accuracy", "iterations")}
+    # the test accuracy is that of the refit on the whole train split with the chosen strength
+    a, b = standardise(train_x, test_x)
+    weight, bias, _ = fit_logistic(a, train_y, 4, result["weight_decay"])
+    assert result["accuracy"] == float(((b.double() @ weight + bias).argmax(1) == test_y).float().mean())
 
 
 # ---- synthetic sets --------------------------------------------------------------------------
@@ -108,7 +146,7 @@ def test_instances_share_their_initial_noise_and_differ_by_the_sde_churn(tmp_pat
     from selfflow.represent.synth import make_synth_set
 
     model = perturbed_dit()
-    common = dict(captions="instances", per_caption=3, num=12, shard_size=6, sampler="sde", steps=6, batch_size=4)
+    common = dict(captions="variations", per_caption=3, num=12, shard_size=6, sampler="sde", steps=6, batch_size=4)
     make_synth_set(model, tmp_path / "calm", churn=1e-6, **common)  # no step has t <= churn: no SDE noise
     make_synth_set(model, tmp_path / "churn", churn=1.0, **common)
     calm, churn = load_synth(tmp_path / "calm"), load_synth(tmp_path / "churn")
@@ -137,6 +175,63 @@ def test_a_synth_set_resumed_after_a_lost_shard_is_bit_identical(tmp_path):
     assert (tmp_path / "b" / "shard_00001.safetensors").read_bytes() == whole  # independent of the batch
 
 
+# ---- caption identity ------------------------------------------------------------------------
+def _positives(method_name: str, data, groups, **method):
+    """The positives per anchor that ``method_name``'s loss sees in a real batch of ``groups`` of ``data``."""
+    from selfflow.config import config_from_dict
+    from selfflow.methods import Batch, BatchRandom, build_method, build_network
+    from selfflow.trainer import resolve_config
+
+    raw = tiny_run("unused", method={"name": method_name, "encoder": "vit", "head_hidden": 16, "embed_dim": 8, **method},
+                   data={"name": "synth", "path": data.source}, train={"batch_size": len(groups)})
+    config = resolve_config(config_from_dict(raw), data)
+    torch.manual_seed(0)
+    encoder = build_network(config)
+    m = build_method(config.method, encoder)
+    m.bind_data(data)
+    x0, ids = data.get_batch(torch.as_tensor(groups))
+    _, logs = m.loss(encoder, Batch(x0=x0, y=ids, random=BatchRandom(torch.Generator().manual_seed(0), len(groups), slice(0, len(groups)))))
+    return float(logs["positives"]), ids
+
+
+@pytest.mark.parametrize("captions,sampler", [("classes", "euler"), ("variations", "sde")])
+def test_a_caption_row_is_one_identity_with_m_minus_1_positives(tmp_path, captions, sampler):
+    """40 rows of m = 4 images from a 10-class generator: a batch of 30 rows holds several rows of each class,
+    yet every anchor has exactly m − 1 = 3 positives (its own row's other draws); SupCon, on the same batch,
+    counts the whole class."""
+    from selfflow.data.synth import load_synth
+    from selfflow.represent.synth import make_synth_set
+
+    make_synth_set(perturbed_dit(), tmp_path / "set", captions=captions, per_caption=4, num=160, sampler=sampler, steps=2)
+    data = load_synth(tmp_path / "set")
+    groups = list(range(3, 33))
+    positives, ids = _positives("stablerep", data, groups)
+    assert positives == 3.0
+    assert ids.tolist() == [[g] * 4 for g in groups]
+    per_class = torch.bincount(data.group_labels[groups], minlength=10).float()
+    assert per_class.max() >= 3  # rows of one class share a batch: the class is not the identity
+    if captions == "classes":
+        expected = float((per_class[data.group_labels[groups]] * 4 - 1).mean())  # every image of the anchor's class
+        assert _positives("supcon", data, groups)[0] == expected > 3
+        # k = 2 of the m = 4 images per row and batch: one positive each
+        assert _positives("stablerep", data, groups, images_per_caption=2)[0] == 1.0
+
+
+def test_the_old_instances_name_is_refused_with_its_new_name():
+    from selfflow.errors import ConfigError
+    from selfflow.represent.synth import plan
+
+    with pytest.raises(ConfigError, match="renamed variations"):
+        plan("instances", 4, 8, 10, "sde", 4)
+
+
+def test_stablerep_refuses_labelled_images_and_points_to_supcon():
+    from selfflow.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match="supcon"):
+        config_from_dict({"method": {"name": "stablerep"}, "data": {"name": "digits"}})
+
+
 # ---- training ------------------------------------------------------------------------------
 def _synth(tmp_path):
     from selfflow.represent.synth import make_synth_set
@@ -162,7 +257,7 @@ def test_represent_resume_is_bit_identical(tmp_path):
     assert torch.equal(straight.generator.get_state(), resumed.generator.get_state())
 
 
-@pytest.mark.parametrize("method,encoder", [("simclr", "resnet"), ("supervised", "resnet"), ("stablerep", "vit")])
+@pytest.mark.parametrize("method,encoder", [("simclr", "resnet"), ("supervised", "resnet"), ("supcon", "vit")])
 def test_each_method_lowers_its_loss_on_digits(tmp_path, method, encoder):
     raw = _encoder_run(tmp_path, method, steps=30, batch_size=32, lr=3e-3, log_every=1)
     raw["method"].update(encoder=encoder, width=8)
@@ -210,9 +305,9 @@ def test_synth_refuses_text_captions_naming_the_file(tmp_path, capsys, generator
     assert main(argv) == 2
     one_line_error(capsys, str(captions), "2 text captions", "caption-conditioned generator")
     assert not (tmp_path / "s").exists()
-    argv[argv.index("--captions") + 1] = "instances"
+    argv[argv.index("--captions") + 1] = "variations"
     assert main(argv + ["--sampler", "euler"]) == 2
-    one_line_error(capsys, "--captions instances", "--sampler sde")
+    one_line_error(capsys, "--captions variations", "--sampler sde")
     argv[argv.index("--n") + 1] = "5"
     assert main(argv) == 2
     one_line_error(capsys, "--n 5", "--per-caption 2")
@@ -230,7 +325,7 @@ def test_synth_then_represent_train_and_probe(tmp_path, capsys, generator_dir):
     raw = _encoder_run(tmp_path / "run", "stablerep", {"name": "synth", "path": str(tmp_path / "s")}, steps=2)
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
     assert main(["represent", "train", "--config", str(tmp_path / "c.yaml")]) == 0
-    assert main(["represent", "probe", "--config", str(tmp_path / "c.yaml"), "--epochs", "5", "--few-shot", "1,2",
+    assert main(["represent", "probe", "--config", str(tmp_path / "c.yaml"), "--max-iter", "30", "--few-shot", "1,2",
                  "--device", "cpu"]) == 0
     result = json.loads((tmp_path / "run" / "probe.json").read_text())
     assert 0 <= result["linear"] <= 1 and set(result["few_shot"]) == {"1", "2"}
@@ -247,8 +342,6 @@ def test_represent_config_errors_name_the_key(key, value, needle):
     from selfflow.config import ConfigError, config_from_dict
     from selfflow.config import apply_overrides
 
-    raw = apply_overrides({"method": {"name": "stablerep"}}, [f"{key}={value}"])
-    if key == "data.name":
-        raw["data"]["path"] = "somewhere"
+    raw = apply_overrides({"method": {"name": "stablerep"}, "data": {"name": "synth", "path": "somewhere"}}, [f"{key}={value}"])
     with pytest.raises(ConfigError, match=needle):
         config_from_dict(raw)

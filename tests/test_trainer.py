@@ -114,6 +114,23 @@ def test_ema_tracks_the_average():
     assert ema.model.weight.item() == pytest.approx(0.75)
 
 
+def test_ema_multi_tensor_update_equals_one_parameter_at_a_time():
+    """The foreach update gives, bit for bit, θ_ema.lerp_(θ, 1 − d) per parameter."""
+    from selfflow.ema import EMA
+    from support import perturbed_dit
+
+    model = perturbed_dit()
+    ema = EMA(model, decay=0.9, warmup=True)
+    expected = {n: p.detach().clone() for n, p in ema.model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    ema.update(model, step=3)
+    d = ema.decay_at(3)
+    for name, param in model.named_parameters():
+        assert torch.equal(ema.model.get_parameter(name), expected[name].lerp_(param, 1 - d)), name
+
+
 def test_time_limit_stops_with_a_checkpoint(tiny_config, tmp_path):
     trainer, result = run(tiny_config(tmp_path, train={"steps": 1000, "time_limit_minutes": 1e-6}))
     assert result["status"] == "time_limit" and result["step"] == 1

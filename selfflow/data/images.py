@@ -25,6 +25,7 @@ and ``channels`` (1 or 3) and applies them through :func:`finish_images`.
 from __future__ import annotations
 
 import os
+import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -331,8 +332,8 @@ def read_npz(file: Path, what: str = "npz file") -> dict[str, np.ndarray]:
     try:
         with np.load(file, allow_pickle=False) as archive:
             return {key: archive[key] for key in archive.files}
-    except (OSError, ValueError, zlib.error, EOFError) as error:
-        raise DataError(f"{file}: cannot read as .npz (without pickle): {str(error).splitlines()[0]}") from None
+    except (OSError, ValueError, zlib.error, EOFError, zipfile.BadZipFile) as error:  # BadZipFile: a truncated file
+        raise DataError(f"{file}: cannot read as .npz (without pickle): {(str(error).splitlines() or [type(error).__name__])[0]}") from None
 
 
 def load_npz(path: str | os.PathLike, split: str = "train", image_size: int | None = None,

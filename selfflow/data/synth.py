@@ -1,16 +1,18 @@
 """Synthetic sets with caption ids as training data (``selfflow synth``; docs/methods.md#stablerep).
 
-A set holds ``n`` images written caption by caption: images ``[g·m, (g+1)·m)`` are the ``m``
-(``per_caption``) images of one generation group, which share a caption. ``set.json`` records the
-captions: ``{"kind": "classes" | "instances" | "text", "per_caption": m, "table": [...]}`` (``table``:
-the caption text of each id, for text captions). Per image the shards hold ``images`` (uint8),
-``labels`` (the class it was generated for, −1 when none), ``captions`` (its caption id: the class
-for ``classes``, the group for ``instances``, the line of the caption file for ``text``) and
-``seeds``.
+A set holds ``n`` images written caption row by caption row: images ``[g·m, (g+1)·m)`` are the ``m``
+(``per_caption``) images of group g, generated from one caption row. ``set.json`` records the
+captions: ``{"kind": "classes" | "variations" | "text", "per_caption": m, "table": [...]}`` (``table``:
+the caption text of each line, for text captions). Per image the shards hold ``images`` (uint8),
+``labels`` (the class it was generated for, −1 when none), ``captions`` (the row's condition: the class
+for ``classes``, the line of the caption file for ``text``, the group for ``variations``) and ``seeds``.
 
 :class:`SynthDataset` serves *groups*: item g is the group's m images, so a batch of B items holds
-B·m images, m per caption — the batches StableRep trains on. ``get_batch`` returns images
-(B, m, C, H, W) and caption ids (B, m).
+B·m images, m per caption row. ``get_batch`` returns images (B, m, C, H, W) and the **group index**
+(B, m) as the identity: StableRep's positives are the m images of one row, and two rows of the same
+class or caption text are negatives of each other (the paper's caption identity). The row's class
+and caption line stay available per group (``group_labels``, ``group_captions``) for the methods that
+need them (SupCon's class positives, StableRep+'s caption texts).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from selfflow.imageio import uint8_to_float
 from selfflow.shards import MANIFEST, ShardSet
 
 KIND = "captioned-images"
-CAPTION_KINDS = ("classes", "instances", "text")
+CAPTION_KINDS = ("classes", "variations", "text")
 
 
 class SynthDataset:
@@ -71,10 +73,20 @@ class SynthDataset:
         index = torch.as_tensor(indices, dtype=torch.int64)
         return index[:, None] * self.per_caption + torch.arange(self.per_caption)
 
+    @property
+    def group_labels(self) -> torch.Tensor:
+        """(groups,) the class each group was generated for (−1: none)."""
+        return self.labels[:: self.per_caption]
+
+    @property
+    def group_captions(self) -> torch.Tensor:
+        """(groups,) each group's caption id (the class, the caption line, or the group itself)."""
+        return self.captions[:: self.per_caption]
+
     def get_batch(self, indices, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images (B, m, C, H, W) float32 in [−1, 1] and caption ids (B, m) int64 of groups ``indices``."""
+        """Images (B, m, C, H, W) float32 in [−1, 1] and identities (B, m) int64 of groups ``indices``: the group index."""
         rows = self.rows(indices)
-        x0, ids = uint8_to_float(self.images[rows]), self.captions[rows]
+        x0, ids = uint8_to_float(self.images[rows]), rows // self.per_caption
         return (x0.to(device), ids.to(device)) if device is not None else (x0, ids)
 
 

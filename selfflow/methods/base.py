@@ -85,7 +85,28 @@ class Method(nn.Module):
         of the data than its batches (StableRep+'s caption texts) take it here, parameters included."""
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss, logs) of one micro-batch; a method with a split step is ``compute(draw(...))``."""
+        if not self.splits_step:
+            raise NotImplementedError
+        return self.compute(model, batch.x0, self.draw(model, batch))
+
+    # A split step: every random number first (eager), then the rest as a pure function of them, which
+    # the trainer compiles whole with fullgraph=True — the draws stay bit-identical to eager ones, and
+    # the compiled part sees static shapes and no generator (docs/methods.md#compiling-the-step).
+    def draw(self, model: nn.Module, batch: Batch):
+        """Every random number of the step (label dropout, times, noise, masks), from ``batch.random``."""
         raise NotImplementedError
+
+    def compute(self, model: nn.Module, x0: torch.Tensor, drawn) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss, logs) from the clean batch x0 (B, C, H, W) and :meth:`draw`'s output: no random
+        draws, no host synchronisation, shapes fixed by the batch — one graph under torch.compile."""
+        raise NotImplementedError
+
+    @property
+    def splits_step(self) -> bool:
+        """True when the method implements :meth:`draw` and :meth:`compute` (the trainer then compiles
+        :meth:`compute` alone, with fullgraph=True)."""
+        return type(self).compute is not Method.compute
 
     def optimizer_groups(self, model: nn.Module, train) -> list[dict]:
         """The trained parameters in AdamW parameter groups, each with its own ``lr``, ``betas``,
@@ -128,12 +149,18 @@ def draw_time(config, batch: Batch) -> torch.Tensor:
 
 
 class Objective(nn.Module):
-    """Model + method in one module, so DDP/FSDP see (and synchronise) every trained parameter."""
+    """Model + method in one module, so DDP/FSDP see (and synchronise) every trained parameter.
 
-    def __init__(self, model: nn.Module, method: Method):
+    ``compute``: the method's :meth:`Method.compute` compiled (``torch.compile(method.compute, ...)``);
+    the draws then run eagerly and the rest of the step as that one graph."""
+
+    def __init__(self, model: nn.Module, method: Method, compute=None):
         super().__init__()
         self.model = model
         self.method = method
+        self._compute = [compute] if compute is not None else []  # a plain list: not a submodule
 
     def forward(self, batch: Batch):
-        return self.method.loss(self.model, batch)
+        if not self._compute:
+            return self.method.loss(self.model, batch)
+        return self._compute[0](self.model, batch.x0, self.method.draw(self.model, batch))

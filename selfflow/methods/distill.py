@@ -66,11 +66,15 @@ class Distill(Method):
         with torch.autocast(pred.device.type, enabled=False):
             return (net.features(pred.float()) - net.features(target.float())).pow(2).sum(1).mean()
 
-    def loss(self, model, batch: Batch):
+    def draw(self, model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the pair's stored ε, labels after dropout)."""
         noise = require_pairs(batch, self.name).to(batch.x0.device)
-        y = self.drop_labels(batch.y, self.config.class_dropout_prob, model.num_classes, batch.random)
+        return noise, self.drop_labels(batch.y, self.config.class_dropout_prob, model.num_classes, batch.random)
+
+    def compute(self, model, x0: torch.Tensor, drawn: tuple[torch.Tensor, torch.Tensor]):
+        noise, y = drawn
         pred = self.student(model, noise, y)
-        loss = self.distance(pred, batch.x0)
+        loss = self.distance(pred, x0)
         with torch.no_grad():
-            mse = (pred.float() - batch.x0.float()).pow(2).mean()
+            mse = (pred.float() - x0.float()).pow(2).mean()
         return loss, {f"loss_{self.config.loss}": loss.detach(), "mse": mse}

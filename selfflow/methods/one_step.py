@@ -69,13 +69,20 @@ def copy_of(model):
 # --------------------------------------------------------------------------------------------
 # the few-step map and straightness
 # --------------------------------------------------------------------------------------------
+@torch._dynamo.assume_constant_result
+def grid_times(steps: int) -> list[float]:
+    """``time_grid(steps)`` as Python floats; a constant of ``steps`` alone, so torch.compile takes it as
+    one instead of breaking the graph at ``tolist``."""
+    return time_grid(steps).tolist()
+
+
 def euler_steps(fn: Callable, noise: Tensor, y: Optional[Tensor], steps: int, start: int = 0) -> Tensor:
     """The Euler path of ``fn`` from ``noise`` at t = 1 over ``time_grid(steps)``, differentiable.
 
     ``start=j`` runs only steps j..k−1 from a state ``noise`` already at ``times[j]``. One step from
     t = 1 is G(ε, y) = ε − v(ε, 1, y), the one-step generator.
     """
-    times = time_grid(steps).tolist()
+    times = grid_times(steps)
     x = noise
     for i in range(start, steps):
         t = torch.full((x.shape[0],), times[i], dtype=torch.float32, device=x.device)

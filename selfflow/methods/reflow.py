@@ -13,7 +13,7 @@ from __future__ import annotations
 from selfflow.config import ConfigError, ReflowConfig
 from selfflow.methods import register
 from selfflow.methods.base import Batch, Method, draw_time
-from selfflow.path import interpolate, velocity_target
+from selfflow.methods.flow_matching import FlowDraw, FlowMatching
 
 
 def require_pairs(batch: Batch, method: str):
@@ -28,10 +28,10 @@ class Reflow(Method):
     name = "reflow"
     Config = ReflowConfig
 
-    def loss(self, model, batch: Batch):
+    def draw(self, model, batch: Batch) -> FlowDraw:
+        """Flow matching's draws with the pair's stored ε in place of a fresh one."""
         noise = require_pairs(batch, self.name).to(batch.x0.device)
         y = self.drop_labels(batch.y, self.config.class_dropout_prob, model.num_classes, batch.random)
-        t = draw_time(self.config, batch)
-        pred = model(interpolate(batch.x0, noise, t), t, y)
-        loss = (pred.float() - velocity_target(batch.x0, noise)).pow(2).mean()
-        return loss, {"loss_fm": loss.detach()}
+        return FlowDraw(y=y, t=draw_time(self.config, batch), noise=noise)
+
+    compute = FlowMatching.compute

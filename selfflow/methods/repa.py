@@ -21,9 +21,8 @@ from torch import nn
 from selfflow.config import ConfigError, RepaConfig
 from selfflow.methods import register
 from selfflow.methods.base import Batch, Method
-from selfflow.methods.flow_matching import draw_flow_inputs
+from selfflow.methods.flow_matching import FlowDraw, draw_flow, flow_matching_loss
 from selfflow.methods.self_flow import default_layers, representation_loss
-from selfflow.path import velocity_target
 
 
 def build_projector(dim: int, hidden: int, out_dim: int) -> nn.Sequential:
@@ -69,11 +68,11 @@ class Repa(Method):
             encoder.to(x0.device)
         return features_to_tokens(encoder(x0), grid)
 
-    def loss(self, model, batch: Batch):
-        x0 = batch.x0
-        y, t, noise, x_t = draw_flow_inputs(self, model, batch)
-        pred, hiddens = model(x_t, t, y, return_layers=(self.student_layer,))
-        loss_fm = (pred.float() - velocity_target(x0, noise)).pow(2).mean()
+    def draw(self, model, batch: Batch) -> FlowDraw:
+        return draw_flow(self, model, batch)
+
+    def compute(self, model, x0: torch.Tensor, drawn: FlowDraw):
+        loss_fm, hiddens = flow_matching_loss(model, x0, drawn, return_layers=(self.student_layer,))
         target = self.target_features(x0, model.grid)
         loss_align = representation_loss(self.projector(hiddens[self.student_layer]), target)
         loss = loss_fm + self.config.align_weight * loss_align

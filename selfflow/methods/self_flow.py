@@ -33,6 +33,7 @@ from torch import nn
 from selfflow.config import MASK_MODES, ConfigError, SelfFlowConfig  # noqa: F401  (MASK_MODES re-exported)
 from selfflow.methods import register
 from selfflow.methods.base import Batch, Method, draw_time
+from selfflow.model import TimeRows
 from selfflow.path import interpolate, velocity_target
 
 def default_layers(depth: int) -> tuple[int, int]:
@@ -155,18 +156,29 @@ class SelfFlow(Method):
             raise RuntimeError("Self-Flow needs a teacher: call method.bind_teacher(ema_model) first (the trainer does)")
         return self._teacher[0]
 
-    def loss(self, model, batch: Batch):
-        x0 = batch.x0
+    def draw(self, model, batch: Batch) -> tuple[torch.Tensor, DualTimesteps]:
+        """(labels after dropout (B,), the dual timesteps, mask and noise)."""
         y = self.drop_labels(batch.y, self.config.class_dropout_prob, model.num_classes, batch.random)
-        draw = draw_dual_timesteps(self.config, batch, model)
+        return y, draw_dual_timesteps(self.config, batch, model)
+
+    def student_times(self, model, draw: DualTimesteps) -> torch.Tensor | TimeRows:
+        """The student's per-token times in static shapes: K = 2 rows (t, s) per sample, the mask picking
+        s; with every mask ratio 0 (single timestep) the (B,) times t, DiT's broadcast path."""
+        if all(mask_ratio(self.config, modality) == 0 for modality, _ in model.token_groups()):
+            return draw.t
+        return TimeRows(torch.stack([draw.t, draw.s], dim=1), draw.mask.long())
+
+    def compute(self, model, x0: torch.Tensor, drawn: tuple[torch.Tensor, DualTimesteps]):
+        y, draw = drawn
         x_mixed = interpolate(x0, draw.noise, draw.pixel_times)
         target = velocity_target(x0, draw.noise)
+        times = self.student_times(model, draw)
         if not self.uses_teacher:
-            pred = model(x_mixed, draw.token_times, y)
+            pred = model(x_mixed, times, y)
             loss_fm = (pred.float() - target).pow(2).mean()
             return loss_fm, {"loss_fm": loss_fm.detach()}
 
-        pred, hiddens = model(x_mixed, draw.token_times, y, return_layers=(self.student_layer,))
+        pred, hiddens = model(x_mixed, times, y, return_layers=(self.student_layer,))
         loss_fm = (pred.float() - target).pow(2).mean()
         with torch.no_grad():
             # One time per sample: the teacher's modulation runs on B rows, and it stops at l_t.

@@ -112,6 +112,6 @@ def cmd_eval(args) -> int:
     report = evaluate_modality(args.ckpt, n=args.n, work_dir=args.work, device=device, steps=args.steps,
                                given_mode=args.given_mode, judge_steps=args.judge_steps or JUDGE_STEPS)
     if args.out:
-        write_json(report, Path(args.out))
+        write_json({"written_by": "modality-eval", **report}, Path(args.out))  # --out's rule reads written_by
     print(json.dumps(report, indent=2))
     return 0

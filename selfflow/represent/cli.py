@@ -1,7 +1,7 @@
 """``selfflow synth`` and ``selfflow represent train|probe`` (docs/methods.md#stablerep).
 
     selfflow synth --ckpt runs/teacher --captions classes --per-caption 4 --n 1500 --out sets/digits_classes
-    selfflow synth --ckpt runs/teacher --captions instances --per-caption 4 --n 1500 --sampler sde --out sets/inst
+    selfflow synth --ckpt runs/teacher --captions variations --per-caption 4 --n 1500 --sampler sde --out sets/var
     selfflow synth --ckpt runs/text_teacher --captions captions.txt --per-caption 4 --n 1200 --out sets/text
     selfflow represent train --config configs/digits_stablerep.yaml [--set data.path=sets/inst]
     selfflow represent probe --config configs/digits_stablerep.yaml [--ckpt RUN] [--out DIR]
@@ -20,12 +20,12 @@ from selfflow.arguments import add_ckpt_argument
 def add_parsers(sub, add_sampling_arguments) -> None:
     p = sub.add_parser("synth", help="generate a captioned synthetic set for StableRep (resumable shards)")
     add_ckpt_argument(p, "--generator", help="checkpoint, run or exported model folder (a teacher or a one-step student)")
-    p.add_argument("--captions", required=True, help="classes | instances | FILE (text captions, one per line)")
+    p.add_argument("--captions", required=True, help="classes | variations | FILE (text captions, one per line)")
     p.add_argument("--per-caption", type=int, required=True, help="m: images per caption, generated together")
     p.add_argument("--n", type=int, required=True, help="number of images (a multiple of --per-caption)")
     p.add_argument("--out", required=True, help="set folder; run again to resume")
     p.add_argument("--shard-size", type=int, default=1000)
-    p.add_argument("--churn", type=float, default=0.6, help="instances: SDE noise acts while t <= churn (0 < churn <= 1)")
+    p.add_argument("--churn", type=float, default=0.6, help="variations: SDE noise acts while t <= churn (0 < churn <= 1)")
     add_sampling_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
@@ -46,7 +46,7 @@ def add_parsers(sub, add_sampling_arguments) -> None:
     q.add_argument("--data", default="digits", help="real labelled images with train and test splits: digits | mnist | ...")
     q.add_argument("--data-path", default=None)
     q.add_argument("--weights", default="model", choices=["model", "ema"])
-    q.add_argument("--epochs", type=int, default=100, help="linear probe epochs (full batch)")
+    q.add_argument("--max-iter", type=int, default=1000, help="linear probe: L-BFGS iterations at most (stops once converged)")
     q.add_argument("--few-shot", default="1,5,10", help="labelled images per class, comma-separated")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--device", default="auto")
@@ -74,7 +74,7 @@ def cmd_synth(args) -> int:
     plan(args.captions, args.per_caption, args.n, classes, s.sampler, s.steps, text is not None)  # refuse before any work
     from selfflow.sampling import parse_sampler_options
 
-    options = parse_sampler_options(args.sampler_option, s.sampler, s.steps)  # instances refuse them (make_synth_set)
+    options = parse_sampler_options(args.sampler_option, s.sampler, s.steps)  # variations refuse them (make_synth_set)
     shards = make_synth_set(
         model, args.out, captions=args.captions, per_caption=args.per_caption, num=args.n, shard_size=args.shard_size,
         seed=args.seed, sampler=s.sampler, steps=s.steps, cfg_scale=s.cfg_scale, churn=args.churn, batch_size=s.batch_size,
@@ -119,12 +119,12 @@ def cmd_represent_probe(args) -> int:
         shots = [int(v) for v in args.few_shot.split(",") if v.strip()]
     except ValueError:
         raise ConfigError(f"--few-shot {args.few_shot!r}: expected comma-separated integers, e.g. 1,5,10") from None
-    values = {"data": args.data, "path": args.data_path, "weights": args.weights, "epochs": args.epochs, "few_shot": shots,
+    values = {"data": args.data, "path": args.data_path, "weights": args.weights, "max_iter": args.max_iter, "few_shot": shots,
               "seed": args.seed, "device": args.device}
     try:
         probe = from_dict(ProbeConfig, values, "probe")
     except ConfigError as exc:
-        flags = {"data": "--data", "path": "--data-path", "epochs": "--epochs", "few_shot": "--few-shot", "device": "--device"}
+        flags = {"data": "--data", "path": "--data-path", "max_iter": "--max-iter", "few_shot": "--few-shot", "device": "--device"}
         message = str(exc)
         for key, flag in flags.items():
             message = message.replace(f"probe.{key}", flag)
@@ -133,6 +133,10 @@ def cmd_represent_probe(args) -> int:
     encoder, folder, _ = load_encoder(args.ckpt or config.train.out_dir, probe.weights, device)
     train_set = load_dataset(probe.data, path=probe.path, split="train", image_size=encoder.image_size, channels=encoder.in_channels)
     test_set = load_dataset(probe.data, path=probe.path, split="test", image_size=encoder.image_size, channels=encoder.in_channels)
+    if train_set.name in ("folder", "npz") and train_set.source == test_set.source:  # the path is the split: one set for both
+        raise ConfigError(f"--data {probe.data} --data-path {probe.path}: one file or folder is one split, so the probe would "
+                          f"test on its training images (a leaked accuracy); use a data set with train and test splits "
+                          f"(digits, mnist, fashion-mnist, idx)")
     result = {"checkpoint": str(folder), "method": config.method_name(), "probe": probe.__dict__ | {"few_shot": shots},
               **run_probes(encoder, train_set, test_set, probe, device)}
     out = Path(args.out) if args.out else folder.parent.parent

@@ -99,22 +99,27 @@ def stablerep_loss(embeddings: torch.Tensor, caption_ids: torch.Tensor, temperat
 
 
 def image_text_loss(images: torch.Tensor, texts: torch.Tensor, text_index: torch.Tensor,
-                    temperature: float = TEMPERATURE) -> torch.Tensor:
+                    scale: torch.Tensor | float = 1 / TEMPERATURE) -> torch.Tensor:
     """StableRep+'s CLIP-style term for (n, d) image embeddings and (K, d) embeddings of the batch's K
     distinct captions; image i's caption is ``texts[text_index[i]]`` and every caption has an image.
 
-    Both are L2-normalised, s_ic = u_i · w_c / τ, and the loss is the mean of the two directions:
-    image → text, cross-entropy over the K captions; text → image, for each caption a softmax over the
-    n images with a target uniform over its own images (CLIP's InfoNCE when captions and images pair
-    one to one)."""
+    Both are L2-normalised, s_ic = scale · u_i · w_c (``scale``: the learned logit scale, a tensor with
+    gradient, or a number), and the loss is the mean of the two directions: image → text,
+    cross-entropy over the K captions; text → image, for each caption a softmax over the n images with
+    a target uniform over its own images (CLIP's InfoNCE when captions and images pair one to one)."""
     u = F.normalize(images.float(), dim=-1)
     w = F.normalize(texts.float(), dim=-1)
-    logits = u @ w.T / temperature  # (n, K)
+    logits = scale * (u @ w.T)  # (n, K)
     image_to_text = F.cross_entropy(logits, text_index)
     own = (text_index[None, :] == torch.arange(len(w), device=w.device)[:, None]).float()  # (K, n)
     target = own / own.sum(dim=1, keepdim=True)
     text_to_image = -(target * torch.log_softmax(logits.T, dim=1)).sum(dim=1).mean()
     return 0.5 * (image_to_text + text_to_image)
+
+
+def positives_per_anchor(ids: torch.Tensor) -> torch.Tensor:
+    """The mean number of other images sharing an anchor's id in a batch of (n,) ids: m − 1 for groups of m."""
+    return ((ids[:, None] == ids[None, :]).sum(dim=1) - 1).float().mean()
 
 
 def info_nce(view1: torch.Tensor, view2: torch.Tensor, temperature: float = TEMPERATURE) -> torch.Tensor:

@@ -1,26 +1,30 @@
 """Synthetic sets with caption ids for StableRep (``selfflow synth``; docs/methods.md#stablerep).
 
-Image k belongs to group g = k // m (m = ``per_caption``); a group's m images share a caption:
+Image k belongs to group g = k // m (m = ``per_caption``). A group is one sampled *caption row*: its m
+images are generated from that row's caption, and **the group is the identity StableRep trains on**
+(:class:`selfflow.data.synth.SynthDataset` serves the group index as the id): the m images of a group
+are each other's positives and every other group is a negative, even a group of the same class or the
+same caption text — as in the paper, where each caption row of a batch is its own identity.
 
-``classes``    caption = the class label, g mod num_classes. Image k starts from the noise of seed
-               ``seed + k`` and runs the chosen sampler (any: an ODE sampler, the SDE, or a one-step
-               student's single step) — the images of one caption are independent draws of the class.
-``instances``  caption = the group: its m images share the class (g mod num_classes, or none for an
-               unconditional generator) **and** the initial noise (seed ``seed + g``) and differ only
-               by the SDE's noise. The churn: the ``sde`` sampler (Euler–Maruyama, diffusion
-               w(t) = t) injects noise only while t ≤ ``churn`` (w(t) = 0 above it, plain Euler), the
-               noise of image k drawn from its own generator seeded ``seed + CHURN_SEED_OFFSET + k``.
-               ``churn = 1`` lets the noise act from the start; a smaller churn keeps the coarse
-               layout the shared noise decides and varies the details. Needs ``--sampler sde`` and at
-               least 2 steps (the SDE's last step is deterministic).
-``text``       a caption file (one UTF-8 caption per line; caption id = line number from 0), recorded
-               as ``captions.table`` in set.json with the generator's text section (``text``), for a
-               caption-conditioned generator (:class:`selfflow.text.model.TextDiT`): group g uses
-               line g mod L, and image k starts from the noise of seed ``seed + k`` (as ``classes``).
+``classes``    the row's caption is a class label, g mod num_classes. Image k starts from the noise of
+               seed ``seed + k`` and runs the chosen sampler (any: an ODE sampler, the SDE, or a one-step
+               student's single step): a group is m independent draws of one class.
+``text``       a caption file (one UTF-8 caption per line), recorded as ``captions.table`` in set.json
+               with the generator's text section (``text``), for a caption-conditioned generator
+               (:class:`selfflow.text.model.TextDiT`): group g uses line g mod L, and image k starts from
+               the noise of seed ``seed + k`` (as ``classes``): m independent draws of one caption.
+``variations`` not independent draws: the m images of a group share the class (g mod num_classes, or
+               none for an unconditional generator) **and** the initial noise (seed ``seed + g``) and
+               differ only by the SDE's noise — variations of one image, an augmentation. The churn: the
+               ``sde`` sampler (Euler–Maruyama, diffusion w(t) = t) injects noise only while t ≤ ``churn``
+               (w(t) = 0 above it, plain Euler), the noise of image k drawn from its own generator seeded
+               ``seed + CHURN_SEED_OFFSET + k``. Needs ``--sampler sde`` and at least 2 steps (the SDE's
+               last step is deterministic). (Called ``instances`` before; renamed for what it is.)
 
 Shards (:class:`selfflow.shards.ShardSet`, resumable, bit-identical after any interruption) hold
-``images`` uint8, ``labels`` (−1: none), ``captions``, ``seeds`` (initial noise) and, for instances,
-``churn_seeds``; the reader is :mod:`selfflow.data.synth`.
+``images`` uint8, ``labels`` (−1: none), ``captions`` (the row's condition: the class, the caption
+line, or the group for variations), ``seeds`` (initial noise) and, for variations, ``churn_seeds``; the
+reader is :mod:`selfflow.data.synth`.
 """
 from __future__ import annotations
 
@@ -39,14 +43,14 @@ from selfflow.sampling import GuidedVelocity, generate, get_sampler, noise_for_s
 from selfflow.sets import install_prompts
 from selfflow.shards import ShardSet
 
-CHURN_SEED_OFFSET = 1_000_000_007  # instance images' SDE noise: seeds far from every initial-noise seed
+CHURN_SEED_OFFSET = 1_000_000_007  # variations' SDE noise: seeds far from every initial-noise seed
 
 
 def read_caption_file(path: str | os.PathLike) -> list[str]:
     """The captions of a text file, one per non-empty line (stripped); ConfigError naming the file."""
     file = Path(path)
     if not file.is_file():
-        raise ConfigError(f"--captions {file}: not classes, instances or a caption file")
+        raise ConfigError(f"--captions {file}: not classes, variations or a caption file")
     try:
         lines = [line.strip() for line in file.read_text(encoding="utf-8").splitlines()]
     except UnicodeDecodeError:
@@ -69,18 +73,21 @@ def plan(captions: str, per_caption: int, num: int, num_classes: int, sampler: s
         if text_model:
             raise ConfigError("--captions classes: the generator is caption-conditioned (no class labels); give a caption file")
         if num_classes < 1:
-            raise ConfigError("--captions classes: the generator is unconditional (no class labels); use --captions instances")
-        return {"kind": "classes", "per_caption": per_caption}
+            raise ConfigError("--captions classes: the generator is unconditional (no class labels); use --captions variations")
+        return {"kind": "classes", "per_caption": per_caption, "identity": "group"}
     if captions == "instances":
+        raise ConfigError("--captions instances was renamed variations (m SDE variations of one shared initial noise, "
+                          "not independent draws); for independent draws of a class use classes")
+    if captions == "variations":
         if sampler != "sde" or steps < 2:
-            raise ConfigError(f"--captions instances: the images of an instance differ only by SDE noise; use --sampler sde "
+            raise ConfigError(f"--captions variations: the images of a group differ only by SDE noise; use --sampler sde "
                               f"with --steps >= 2 (got --sampler {sampler} --steps {steps})")
-        return {"kind": "instances", "per_caption": per_caption}
+        return {"kind": "variations", "per_caption": per_caption, "identity": "group"}
     table = read_caption_file(captions)
     if not text_model:
         raise ConfigError(f"--captions {captions}: {len(table)} text captions, but the generator is conditioned on {num_classes} "
-                          f"class labels; use classes or instances, or a caption-conditioned generator (a run with a text section)")
-    return {"kind": "text", "per_caption": per_caption, "table": table}
+                          f"class labels; use classes or variations, or a caption-conditioned generator (a run with a text section)")
+    return {"kind": "text", "per_caption": per_caption, "table": table, "identity": "group"}
 
 
 def item_plan(k: torch.Tensor, kind: str, per_caption: int, num_classes: int, seed: int, num_texts: int = 0) -> dict[str, torch.Tensor]:
@@ -94,9 +101,9 @@ def item_plan(k: torch.Tensor, kind: str, per_caption: int, num_classes: int, se
     return {"labels": labels, "captions": group, "seeds": seed + group, "churn_seeds": seed + CHURN_SEED_OFFSET + k}
 
 
-def _instances(model, items: dict, *, steps: int, cfg_scale: float, churn: float, batch_size: int, device,
+def _variations(model, items: dict, *, steps: int, cfg_scale: float, churn: float, batch_size: int, device,
                autocast_dtype) -> torch.Tensor:
-    """Images of instance items: shared initial noise, per-image SDE noise while t ≤ churn."""
+    """Images of variation items: shared initial noise, per-image SDE noise while t ≤ churn."""
     num_classes = int(getattr(model, "num_classes", 0) or 0)
     shape = (model.in_channels, model.image_size, model.image_size)
     velocity = GuidedVelocity(model, cfg_scale, null_label=num_classes) if num_classes else model
@@ -127,7 +134,7 @@ def make_synth_set(model, folder: str | os.PathLike, *, captions: str, per_capti
     """Generate (or finish) a captioned set of ``num`` images in ``folder``; see the module doc.
 
     ``text``: the caption-conditioned generator's text section (:class:`selfflow.config.TextConfig`).
-    ``sampler_options`` go to the sampler and into ``set.json`` (classes and text captions; instances run their
+    ``sampler_options`` go to the sampler and into ``set.json`` (classes and text captions; variations run their
     own churned SDE and refuse them)."""
     text_model = bool(getattr(model, "conditions_on_text", False))
     num_classes = 0 if text_model else int(getattr(model, "num_classes", 0) or 0)
@@ -139,10 +146,10 @@ def make_synth_set(model, folder: str | os.PathLike, *, captions: str, per_capti
         raise ConfigError(f"--shard-size must be positive, got {shard_size}")
     if not 0.0 < churn <= 1.0:
         raise ConfigError(f"--churn must be in (0, 1], got {churn}")
-    if record["kind"] == "instances":
+    if record["kind"] == "variations":
         record["churn"] = churn
         if sampler_options:
-            raise ConfigError(f"--sampler-option {next(iter(sampler_options))}: --captions instances runs its own SDE "
+            raise ConfigError(f"--sampler-option {next(iter(sampler_options))}: --captions variations runs its own SDE "
                               f"(noise while t <= --churn) and takes no sampler options")
     manifest = {
         "kind": KIND, "num": num, "shard_size": shard_size, "seed": seed, "sampler": sampler, "steps": steps,
@@ -164,7 +171,7 @@ def make_synth_set(model, folder: str | os.PathLike, *, captions: str, per_capti
                               image_shape=(model.in_channels, model.image_size, model.image_size),
                               autocast_dtype=autocast_dtype, sampler_options=sampler_options, progress=False).images
         else:
-            images = _instances(model, items, steps=steps, cfg_scale=cfg_scale, churn=churn, batch_size=batch_size,
+            images = _variations(model, items, steps=steps, cfg_scale=cfg_scale, churn=churn, batch_size=batch_size,
                                 device=device, autocast_dtype=autocast_dtype)
         return {"images": to_uint8(images), **items}
 
