@@ -19,8 +19,8 @@ commands use (the one trainer, ``generate_set``, ``make_synth_set``, ``run_probe
 
 Resumable stage by stage: a finished stage writes ``<stage>/stage.json`` holding a hash of its
 settings and of its inputs' markers. A stage whose marker matches is skipped; a changed setting
-changes its hash, so the stage re-runs (its folder is cleared first) and so does every stage that
-reads it. Evaluation-only settings (the ``sample`` sections, ``evaluate.*``) are settings of the stages
+changes its hash, so the stage re-runs (the files it wrote are removed first, nothing else) and so
+does every stage that reads it. Evaluation-only settings (the ``sample`` sections, ``evaluate.*``) are settings of the stages
 that sample, never of a training stage. A stage interrupted with the same settings resumes (the trainer
 from its checkpoint, a synthetic set from its finished shards). A training stage cut by its
 ``train.time_limit_minutes`` records that (status ``time_limit``, the step reached, the limit); a run
@@ -202,7 +202,7 @@ def _run(config: PipelineConfig, out: Path, device, say) -> Path:
 # names (what the trainer, the set writers and the stages write) that were not there when it started.
 # Anything else in a stage folder (a user's notes) is never deleted.
 STAGE_OUTPUTS = ("checkpoints", "samples", "tensorboard", "wandb", "pairs", "set", "metrics.jsonl", "config.yaml",
-                 "train.log", "samples.png", "samples_*.png", "probes.json", ".selfflow-output.json", ".selfflow.lock",
+                 "train.log", "samples.png", "samples_*.png", ".selfflow-output.json", ".selfflow.lock",
                  MARKER, PENDING)
 
 
@@ -232,6 +232,8 @@ def _clear(folder: Path, marker: dict, say: Callable[[str], None]) -> None:
     written = _written(folder, marker)
     for name in sorted(written, reverse=True):
         path = folder / name
+        if ".." in Path(name).parts or Path(name).is_absolute():  # a marker edited by hand: never outside the folder
+            continue
         if path.is_file() or path.is_symlink():
             path.unlink()
             for parent in path.parents:

@@ -203,7 +203,8 @@ def test_a_changed_stage_removes_only_what_it_wrote(tmp_path, fake_stages, monke
     assert pipeline._files(synth) == ["NOTES.txt", "mine/plot.png", "new.txt", "stage.json"] and len(seen) == 2
 
 
-def test_a_changed_interrupted_stage_removes_only_what_it_wrote(tmp_path, fake_stages, monkeypatch):
+def _interrupt_synth(tmp_path, monkeypatch) -> Path:
+    """Run the pipeline with a synth stage that writes a file and is interrupted; returns its folder."""
     def fail(config, folder, markers, device, say):
         (folder / "partial").write_text("half done")
         raise KeyboardInterrupt
@@ -211,7 +212,11 @@ def test_a_changed_interrupted_stage_removes_only_what_it_wrote(tmp_path, fake_s
     monkeypatch.setitem(pipeline.STAGE_FUNCTIONS, "synth", fail)
     with pytest.raises(KeyboardInterrupt):
         pipeline.run_pipeline(_config(tmp_path), say=lambda m: None)
-    synth = tmp_path / "p" / "synth"
+    return tmp_path / "p" / "synth"
+
+
+def test_a_changed_interrupted_stage_removes_only_what_it_wrote(tmp_path, fake_stages, monkeypatch):
+    synth = _interrupt_synth(tmp_path, monkeypatch)
     (synth / "NOTES.txt").write_text("a user's notes")
     seen = []
     monkeypatch.setitem(pipeline.STAGE_FUNCTIONS, "synth", lambda c, folder, *a: seen.append(pipeline._files(folder)) or {})
@@ -233,15 +238,17 @@ def test_after_a_hard_kill_a_changed_stage_removes_only_its_known_outputs(tmp_pa
     assert (teacher / "NOTES.txt").read_text() == "a user's notes"
 
 
-def test_an_interrupted_stage_resumes_in_its_folder(tmp_path, fake_stages, monkeypatch):
-    def fail(config, folder, markers, device, say):
-        (folder / "partial").write_text("half done")
-        raise KeyboardInterrupt
+def test_a_marker_naming_files_outside_its_folder_deletes_nothing_there(tmp_path, fake_stages):
+    pipeline.run_pipeline(_config(tmp_path), say=lambda m: None)
+    outside = tmp_path / "thesis.txt"
+    outside.write_text("chapter 1")
+    marker = json.loads((tmp_path / "p" / "synth" / "stage.json").read_text())
+    pipeline.write_json({**marker, "written": ["../../thesis.txt", "output.txt"]}, tmp_path / "p" / "synth" / "stage.json")
+    pipeline.run_pipeline(_config(tmp_path, "synth.seed=3"), say=lambda m: None)
+    assert outside.read_text() == "chapter 1"
 
-    monkeypatch.setitem(pipeline.STAGE_FUNCTIONS, "synth", fail)
-    with pytest.raises(KeyboardInterrupt):
-        pipeline.run_pipeline(_config(tmp_path), say=lambda m: None)
-    synth = tmp_path / "p" / "synth"
+def test_an_interrupted_stage_resumes_in_its_folder(tmp_path, fake_stages, monkeypatch):
+    synth = _interrupt_synth(tmp_path, monkeypatch)
     assert (synth / "stage.pending.json").exists() and not (synth / "stage.json").exists()
     seen = []
     monkeypatch.setitem(pipeline.STAGE_FUNCTIONS, "synth", lambda c, folder, *a: seen.append((folder / "partial").exists()) or {})
