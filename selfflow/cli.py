@@ -189,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     from selfflow.quickstart import add_pipeline_parser
 
     add_pipeline_parser(sub)
+    from selfflow.serve.cli import add_parser as add_serve_parser
+
+    add_serve_parser(sub)  # serve (FastAPI and uvicorn load only when it runs)
     _add_force_flags(parser)
     return parser
 

@@ -29,4 +29,12 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; no checkpoint was written for that state."""
 
 
+class RequestError(ValueError):
+    """A bad request to ``selfflow serve``: answered with an HTTP 4xx status and this one line."""
+
+    def __init__(self, message: str, status: int = 422):
+        super().__init__(message)
+        self.status = status
+
+
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, CheckpointError, TrainingDiverged)

@@ -118,7 +118,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                     "selfflow.modalities.evaluation")),
     ("pipeline", ("selfflow.pipeline", "selfflow.pipeline_report")),  # every stage above, run in order; its report
     ("api", ("selfflow.api", "selfflow.hub")),  # the Python API; hub: the diffusers pipeline (load, Generator.sample, train); the package re-exports it
-    ("cli", ("selfflow.quickstart", "selfflow.evaluation.cli", "selfflow.represent.cli", "selfflow.text.cli", "selfflow.modalities.cli", "selfflow.cli", "selfflow.__main__")),
+    ("serve", ("selfflow.serve",)),  # a generator behind HTTP (the command itself is selfflow.serve.cli)
+    ("cli", ("selfflow.quickstart", "selfflow.evaluation.cli", "selfflow.represent.cli", "selfflow.text.cli", "selfflow.modalities.cli", "selfflow.serve.cli", "selfflow.cli", "selfflow.__main__")),
 ]
 
 

@@ -1,0 +1,306 @@
+"""Load on ``selfflow serve``: latency, throughput, errors and memory under concurrent clients, against the
+model's own batched ``generate`` throughput measured in the same run.
+
+For each model (a one-step student and its multi-step teacher) a server is started on 127.0.0.1 in a
+child process; for each concurrency level c, c clients send ``--requests`` requests in all (each waits
+for its answer before sending the next; every request its own seed), then stop. Recorded: p50/p99
+latency, images/s, errors (non-200 or no answer), requests lost (sent − answered), the images per
+forward pass the server formed, and the server's resident memory (peak after the first 100 requests
+and at the end: memory is flat when they agree). The reference is :func:`selfflow.sampling.generate`
+on the same model and settings in batches of min(clients × n, --max-batch) images, timed in this process while the
+server idles, right before and right after each row (the faster of the two, at the fullest pass the
+clients can make, so the ratio errs low): ``ratio = served images/s ÷ batched images/s``.
+
+The models: ``--student``/``--teacher`` folders, or (default) the quickstart's ``runs/quickstart/student``
+and ``teacher`` (``--work``), made by the quickstart pipeline when absent (about 4 minutes on 2 cores;
+``--tiny`` for the seconds-long smoke version whose models are smaller).
+
+    python benchmarks/serve_load.py --concurrency 1,16,32 --requests 500
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import harness  # noqa: E402
+
+COLUMNS = ["model", "sampler", "clients", "n", "requests", "ok", "errors", "lost", "p50_ms", "p99_ms", "images_per_s",
+           "pass_images", "batched_batch", "batched_images_per_s", "batched_spread", "ratio", "server_cpu_ms_per_image", "batched_cpu_ms_per_image", "cpu_ratio", "rss_mib_at_100", "rss_mib_end"]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def models(args) -> dict:
+    if args.student and args.teacher:
+        return {"student": Path(args.student), "teacher": Path(args.teacher)}
+    root = Path(args.work)
+    if not (root / "student").is_dir():
+        from selfflow.quickstart import run_quickstart
+
+        print(f"training the quickstart teacher and student into {root} …", flush=True)
+        run_quickstart(out_dir=str(root), device="cpu", tiny=args.tiny, say=lambda *a: None)
+    return {"student": root / "student", "teacher": root / "teacher"}
+
+
+class Server:
+    """``selfflow serve`` in a child process, with its resident memory sampled every 20 ms."""
+
+    def __init__(self, ckpt: Path, args):
+        import httpx
+        import psutil
+
+        self.port = free_port()
+        env = dict(os.environ, PYTHONPATH=str(harness.ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                   OMP_NUM_THREADS=str(args.threads))
+        self.proc = subprocess.Popen([sys.executable, "-m", "selfflow", "serve", "--ckpt", str(ckpt), "--port", str(self.port),
+                                      "--device", "cpu", "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue),
+                                      "--window-ms", str(args.window_ms), "--max-n", str(max(args.n))],
+                                     env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.time() + 120
+        while True:
+            if self.proc.poll() is not None or time.time() > deadline:
+                raise SystemExit(f"the server did not start: {self.proc.stderr.read() if self.proc.poll() is not None else 'timeout'}")
+            try:
+                self.health = httpx.get(self.url + "/health", timeout=2).json()
+                break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        self._process = psutil.Process(self.proc.pid)
+        self.peak_rss = 0
+        self._stop = threading.Event()
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.peak_rss = max(self.peak_rss, self._process.memory_info().rss)
+            except Exception:
+                return
+            time.sleep(0.02)
+
+    def cpu_seconds(self) -> float:
+        """CPU time the server process has used (all its threads, user + system)."""
+        times = self._process.cpu_times()
+        return times.user + times.system
+
+    def close(self) -> int:
+        self._stop.set()
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(60)
+
+
+class Connection:
+    """A minimal keep-alive HTTP/1.1 client for the load (httpx costs the shared CPU several times more
+    per request than the server's own parsing, and would measure the client)."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.reader = self.writer = None
+
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        try:
+            self.writer.write(b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                              b"Content-Length: %d\r\n\r\n%s" % (path.encode(), len(body), body))
+            head = await self.reader.readuntil(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            fields = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+            data = await self.reader.readexactly(int(fields.get("content-length", 0)))
+            if fields.get("connection", "").lower() == "close":
+                self.close()
+            return int(lines[0].split()[1]), data
+        except (OSError, asyncio.IncompleteReadError, ValueError):
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+
+async def load(server: Server, clients: int, requests: int, n: int, classes: int) -> dict:
+    """``clients`` closed-loop clients (one connection each), ``requests`` requests in all; per-request seeds."""
+    import httpx
+
+    latencies, statuses = [], []
+    sent, rss_at_100 = 0, None
+
+    async def client():
+        nonlocal sent, rss_at_100
+        connection = Connection(server.port)
+        while sent < requests:
+            k = sent
+            sent += 1
+            body = {"n": n, "seed": 1000 * k}
+            if classes:
+                body["labels"] = [k % classes]
+            start = time.perf_counter()
+            try:
+                status, data = await connection.post("/v1/generate", json.dumps(body).encode())
+                if status == 200 and len(json.loads(data)["images"]) != n:
+                    status = "short answer"
+                statuses.append(status)
+            except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+                statuses.append(type(exc).__name__)
+            latencies.append(time.perf_counter() - start)
+            if len(statuses) == 100:
+                rss_at_100 = server.peak_rss
+        connection.close()
+
+    before = httpx.get(server.url + "/health").json()["queue"]
+    cpu_before = server.cpu_seconds()
+    start = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    wall = time.perf_counter() - start
+    after = httpx.get(server.url + "/health").json()["queue"]
+    cpu = server.cpu_seconds() - cpu_before
+    ok = sum(1 for s in statuses if s == 200)
+    latencies.sort()
+    images = after["images"] - before["images"]
+    return {"requests": sent, "ok": ok, "errors": len(statuses) - ok, "lost": sent - len(statuses),
+            "p50_ms": 1000 * latencies[len(latencies) // 2], "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+            "images_per_s": ok * n / wall, "pass_images": images / max(1, after["passes"] - before["passes"]),
+            "rss_mib_at_100": (rss_at_100 or server.peak_rss) / 2**20, "rss_mib_end": server.peak_rss / 2**20, "wall_s": wall,
+            "server_cpu_ms_per_image": 1000 * cpu / max(1, ok * n)}
+
+
+def batched_throughput(engine, batch: int, seconds: float) -> tuple[float, float]:
+    """(images/s, CPU ms per image) of ``generate`` on the server's model and saved settings, ``batch``
+    images per call (this process's CPU time: one torch thread, nothing else running in it)."""
+    import torch
+
+    from selfflow.sampling import generate
+
+    model, settings = engine.model, engine.settings
+    labels = torch.arange(batch) % model.num_classes if model.num_classes else None
+
+    def once(seed):
+        generate(model, num_samples=batch, seeds=range(seed, seed + batch), labels=labels, sampler=settings.sampler,
+                 steps=settings.steps, cfg_scale=settings.cfg_scale, batch_size=batch,
+                 image_shape=engine.generator.sample_shape, progress=False)
+
+    once(0)
+    calls, start, cpu = 0, time.perf_counter(), time.process_time()
+    while time.perf_counter() - start < seconds or calls < 3:
+        once(batch * (calls + 1))
+        calls += 1
+    images = calls * batch
+    return images / (time.perf_counter() - start), 1000 * (time.process_time() - cpu) / images
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for (model, n), colour in zip(sorted({(r["model"], r["n"]) for r in rows}), ["C0", "C1", "C2", "C3", "C4", "C5"]):
+        mine = [r for r in rows if r["model"] == model and r["n"] == n]
+        clients = [r["clients"] for r in mine]
+        right.plot(clients, [r["images_per_s"] for r in mine], "o-", color=colour, label=f"{model}, n={n}: served")
+        right.plot(clients, [r["batched_images_per_s"] for r in mine], "x--", color=colour, label=f"{model}, n={n}: batched generate")
+        left.plot(clients, [r["p50_ms"] for r in mine], "o-", color=colour, label=f"{model}, n={n}: p50")
+        left.plot(clients, [r["p99_ms"] for r in mine], "^:", color=colour, label=f"{model}, n={n}: p99")
+    for axis, label in ((left, "latency (ms)"), (right, "images / s")):
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_xlabel("concurrent clients")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    fig.suptitle("selfflow serve under load (CPU)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--student", default=None)
+    parser.add_argument("--teacher", default=None)
+    parser.add_argument("--work", default="runs/quickstart", help="the quickstart run to serve (made there when absent)")
+    parser.add_argument("--tiny", action="store_true", help="make the quickstart's --tiny models (a smoke run; use another --work)")
+    parser.add_argument("--concurrency", default="1,16,32", help="comma-separated client counts")
+    parser.add_argument("--n", default="1", help="comma-separated images per request")
+    parser.add_argument("--requests", type=int, default=500, help="requests per (model, clients, n)")
+    parser.add_argument("--teacher-requests", type=int, default=None, help="requests for the teacher (default: --requests)")
+    parser.add_argument("--max-batch", type=int, default=64)
+    parser.add_argument("--max-queue", type=int, default=1024)
+    parser.add_argument("--window-ms", type=float, default=5.0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the server and of the batched reference")
+    parser.add_argument("--reference-seconds", type=float, default=3.0)
+    parser.add_argument("--name", default="serve_load_cpu")
+    args = parser.parse_args()
+    args.n = [int(v) for v in args.n.split(",")]
+    concurrency = [int(v) for v in args.concurrency.split(",")]
+    import torch
+
+    torch.set_num_threads(args.threads)
+    rows, rss_notes = [], []
+    from selfflow.serve.engine import Engine
+
+    for role, ckpt in models(args).items():
+        server = Server(ckpt, args)
+        engine = Engine.load(ckpt, device="cpu")  # the reference's copy of the same model, in this process
+        model = server.health["model"]
+        requests = args.teacher_requests if role == "teacher" and args.teacher_requests else args.requests
+        for n in args.n:
+            for clients in concurrency:
+                print(f"{role}: {clients} clients × n={n}, {requests} requests …", flush=True)
+                # the reference right before and right after the row, while the server idles (the shared
+                # CPU's load changes by the minute); the faster of the two, at the fullest pass the
+                # clients can make (at least the pass the server formed): the ratio errs low, not high
+                batch = min(clients * n, args.max_batch)
+                before, cpu_before = batched_throughput(engine, batch, args.reference_seconds)
+                result = asyncio.run(load(server, clients, requests, n, model["classes"] or 0))
+                after, cpu_after = batched_throughput(engine, batch, args.reference_seconds)
+                reference, batched_cpu = max(before, after), min(cpu_before, cpu_after)
+                rows.append({"model": role, "sampler": f"{model['sampler']} {model['steps']}", "clients": clients, "n": n,
+                             **result, "batched_batch": batch, "batched_images_per_s": reference,
+                             "batched_spread": min(before, after) / reference, "ratio": result["images_per_s"] / reference,
+                             "batched_cpu_ms_per_image": batched_cpu,
+                             "cpu_ratio": batched_cpu / result["server_cpu_ms_per_image"]})
+                print(json.dumps(rows[-1]), flush=True)
+        rss_notes.append(f"{role}: server exit status {server.close()} after SIGTERM")
+    name = args.name
+    harness.DOCS.mkdir(parents=True, exist_ok=True)
+    path = harness.DOCS / f"{name}.png"
+    plot(rows, path)
+    notes = ("ratio = served images/s ÷ batched_images_per_s, the images/s of `generate` on the same model and settings in "
+             "batches of batched_batch = min(clients × n, max batch) images (the fullest pass the clients can make; "
+             "pass_images is the mean pass the server formed), measured right before and right after each row while the "
+             "server idled, the faster of the two (batched_spread = slower ÷ faster shows how much the shared CPU moved "
+             "meanwhile). Because the CPU is shared with other work, the CPU time per image is given too: "
+             "server_cpu_ms_per_image is the server process's CPU time (every thread: HTTP, JSON, PNG, the network) per "
+             "image served, batched_cpu_ms_per_image the reference's (the lower of the two measurements), and "
+             "cpu_ratio = batched ÷ served: the throughput ratio a server with the cores to itself would reach, the "
+             "load generator's own CPU left out. "
+             "Latency is per request (n images), from send to the parsed answer, on 127.0.0.1 with the load generator "
+             "on the same CPU. rss_mib_at_100: the server's peak resident memory after the first 100 requests of the row "
+             "(cumulative over the server's life); rss_mib_end: the peak at the end of the row. "
+             + "; ".join(rss_notes) + f". Plot: [{path.name}]({path.name}).")
+    md = harness.write_result(name, rows, COLUMNS, "selfflow serve under load", notes=notes)
+    print(f"wrote {md} and {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""``selfflow serve --ckpt PATH``: the application under uvicorn, bound to 127.0.0.1 unless told otherwise.
+
+SIGTERM (or Ctrl-C) stops taking connections, lets every request in flight finish (``--drain-seconds``
+at most), then exits with status 0."""
+from __future__ import annotations
+
+import signal
+import socket
+
+from selfflow.errors import ConfigError
+
+
+def add_parser(sub) -> None:
+    from selfflow.serve.engine import Limits
+
+    d = Limits()
+    p = sub.add_parser("serve", help="serve a generator over HTTP: /v1/generate, /health, a web page at /")
+    p.add_argument("--ckpt", required=True, help="checkpoint folder, run folder, or exported model folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--weights", default="ema", choices=["ema", "model"], help="which weights of a training checkpoint")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="network precision: auto = bf16 autocast on CUDA, fp32 on the CPU (as selfflow sample)")
+    p.add_argument("--max-batch", type=int, default=d.max_batch, help="images in one forward pass")
+    p.add_argument("--max-queue", type=int, default=d.max_queue, help="images that may wait; beyond: 503 with Retry-After")
+    p.add_argument("--max-n", type=int, default=d.max_n, help="images one request may ask for")
+    p.add_argument("--max-steps", type=int, default=d.max_steps)
+    p.add_argument("--max-cfg-scale", type=float, default=d.max_cfg_scale)
+    p.add_argument("--max-prompt-chars", type=int, default=d.max_prompt_chars)
+    p.add_argument("--window-ms", type=float, default=d.window_ms, help="how long a pass waits for company when idle")
+    p.add_argument("--drain-seconds", type=float, default=60.0, help="on SIGTERM, how long requests in flight may take")
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(handler=cmd_serve)
+
+
+def limits_of(args):
+    from selfflow.serve.engine import Limits
+
+    limits = Limits(max_n=args.max_n, max_steps=args.max_steps, max_cfg_scale=args.max_cfg_scale,
+                    max_prompt_chars=args.max_prompt_chars, max_batch=args.max_batch, max_queue=args.max_queue,
+                    window_ms=args.window_ms)
+    limits.validate()
+    return limits
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads: a taken port is a one-line error."""
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port {port}: must lie in [0, 65535]")
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        raise ConfigError(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc})") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def cmd_serve(args) -> int:
+    try:
+        import uvicorn
+
+        from selfflow.serve.app import create_app
+    except ImportError as exc:
+        raise ConfigError(f"selfflow serve needs FastAPI and uvicorn ({exc.name} is missing): "
+                          f"pip install 'selfflow[serve]'") from None
+    from selfflow.serve.engine import Engine
+
+    limits = limits_of(args)
+    sock = bind(args.host, args.port)
+    engine = Engine.load(args.ckpt, args.weights, args.device, args.precision)
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, limits), log_level=args.log_level,
+                                           timeout_graceful_shutdown=args.drain_seconds))
+    host, port = sock.getsockname()[:2]
+    model = engine.describe()
+    print(f"serving {model['kind']} model {model['checkpoint']} ({model['sampler']}, {model['steps']} step(s)) "
+          f"on http://{host}:{port}/ — SIGTERM or Ctrl-C drains and stops", flush=True)
+    # uvicorn re-raises the signal that stopped it once it has drained; ours records it, so a drained
+    # shutdown returns 0 instead of dying by the signal.
+    stopped = []
+    previous = {sig: signal.signal(sig, lambda number, frame: stopped.append(number)) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.run(sockets=[sock])
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        sock.close()
+    print(f"stopped after {server.server_state.total_requests} request(s)", flush=True)
+    return 0

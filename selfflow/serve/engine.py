@@ -1,0 +1,338 @@
+"""The model side of ``selfflow serve``: one generator (:func:`selfflow.load`), the requests it answers, and the batcher.
+
+A request for ``n`` images with seed ``s`` asks for images ``s, s+1, …, s+n−1`` exactly as ``selfflow
+sample --seed s --n n`` makes them: image k starts from ``noise_for_seeds([s + k])`` and its label is
+``labels[k mod len(labels)]`` (``seed mod classes`` when no labels are given). Because every image owns
+its seed, concurrent requests with the same sampler settings are concatenated into one
+:func:`selfflow.sampling.generate` call (one forward pass per solver step for the whole crowd) and
+split again afterwards; an image is the same alone or in a crowd (tests/test_serve.py).
+
+Caption-conditioned models share a forward pass only between requests with the same prompt: the
+caption bank pads its tokens to the longest caption it holds, so mixing prompts would change the
+padding (and the last bits of the attention sums) with the company a request keeps.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import dataclasses
+import struct
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from selfflow.errors import ConfigError, RequestError
+
+MAX_SEED = 2**62  # seeds are int64 for torch.Generator; the bound leaves room for seed + n
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for, and how much work may wait (``selfflow serve --max-…`` flags)."""
+
+    max_n: int = 16  # images per request
+    max_steps: int = 250
+    max_cfg_scale: float = 20.0
+    max_prompt_chars: int = 200
+    max_batch: int = 64  # images in one forward pass
+    max_queue: int = 512  # images waiting for a forward pass; beyond it: 503 + Retry-After
+    window_ms: float = 5.0  # how long an idle batcher waits for company after the first request
+
+    def validate(self) -> None:
+        for name, value in asdict(self).items():
+            if value < 0 or (value == 0 and name != "window_ms"):
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if self.max_n > self.max_batch:
+            raise ConfigError(f"--max-n {self.max_n} exceeds --max-batch {self.max_batch}: a request must fit one forward pass")
+        if self.max_queue < self.max_n:
+            raise ConfigError(f"--max-queue {self.max_queue} is smaller than --max-n {self.max_n}")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One request, checked: the images it asks for and the settings they share."""
+
+    seeds: tuple
+    labels: Optional[tuple]  # per image; None: an unconditional or caption model
+    prompt: Optional[str]
+    sampler: str
+    steps: int
+    cfg_scale: float
+
+    @property
+    def key(self) -> tuple:
+        """Jobs with equal keys may share a forward pass. dopri5 never shares: its error control
+        measures the whole batch, so an image would depend on its company."""
+        alone = id(self) if self.sampler == "dopri5" else None
+        return self.sampler, self.steps, self.cfg_scale, self.prompt, alone
+
+
+@dataclass
+class Output:
+    images: list  # base64 PNG strings
+    nfe: float  # network evaluations per image
+    batch: int  # images in the forward pass that made them
+
+
+def png_base64(image) -> str:
+    """(H, W, C) uint8 numpy array → base64 PNG: grey for one channel, RGB for three (8 bits, no filter,
+    zlib level 1).
+
+    Written directly (signature, IHDR, one IDAT, IEND; the PNG specification's chunk layout) rather
+    than through Pillow: for the small images one-step models make, Pillow's per-image set-up costs
+    more than the network's forward pass per image."""
+    height, width, channels = image.shape
+    if channels not in (1, 3):
+        raise ValueError(f"a PNG holds 1 or 3 channels here, got {channels}")
+    raw = np.zeros((height, 1 + width * channels), dtype=np.uint8)  # filter type 0 before each row
+    raw[:, 1:] = image.reshape(height, width * channels)
+    raw = raw.tobytes()
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0 if channels == 1 else 2, 0, 0, 0)
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 1)) + chunk(b"IEND", b"")
+    return base64.b64encode(png).decode("ascii")
+
+
+class Engine:
+    """A generator loaded for serving (:func:`selfflow.load`): what it is (``describe``), request checking
+    (``job``), and one batched forward pass over jobs with the same key (``run``)."""
+
+    def __init__(self, generator, precision: str = "auto"):
+        from selfflow.api import latent_autoencoder
+
+        if generator.kind == "modality":
+            raise ConfigError(f"--ckpt {generator.folder}: a {generator.modality.kind} model; selfflow serve serves images")
+        autoencoder = latent_autoencoder(generator.folder, None)
+        if autoencoder == "":
+            raise ConfigError(f"--ckpt {generator.folder}: a latent-space model whose autoencoder is not at hand "
+                              f"(the latent set names none that exists here)")
+        self.generator, self.model, self.folder = generator, generator.model, generator.folder
+        self.settings, self.device, self.text, self.precision = generator.settings, generator.device, generator.text, precision
+        self.decoder = None
+        if autoencoder:
+            from selfflow.autoencoders import load_autoencoder
+
+            self.decoder = load_autoencoder(autoencoder, self.device).decode
+        self.encoder = None
+        if self.text is not None:
+            from selfflow.text.data import make_encoder
+
+            self.encoder = make_encoder(self.text)
+        self.num_classes = generator.num_classes
+        self.kind = "text" if self.text is not None else ("class" if self.num_classes else "unconditional")
+
+    @classmethod
+    def load(cls, path: str | Path, weights: str = "ema", device: str = "auto", precision: str = "auto") -> "Engine":
+        """Any generator folder ``selfflow sample --ckpt`` takes: a run, a checkpoint or an exported model."""
+        from selfflow.api import load
+
+        return cls(load(path, weights, device), precision)
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "classes": self.num_classes or None, "prompts": self.kind == "text",
+                "image_size": int(self.model.image_size), "channels": int(self.model.in_channels),
+                "sampler": self.settings.sampler, "steps": self.settings.steps, "cfg_scale": self.settings.cfg_scale,
+                "checkpoint": str(self.folder), "device": str(self.device)}
+
+    def job(self, limits: Limits, *, n: int = 1, labels=None, prompt=None, seed: int = 0, steps=None, sampler=None,
+            cfg_scale=None) -> Job:
+        """Check one request against the model and the limits; a :class:`RequestError` names the field."""
+        if not 1 <= n <= limits.max_n:
+            raise RequestError(f"n={n}: must lie in [1, {limits.max_n}]")
+        if not 0 <= seed <= MAX_SEED:
+            raise RequestError(f"seed={seed}: must lie in [0, 2^62]")
+        if steps is not None and not 1 <= steps <= limits.max_steps:
+            raise RequestError(f"steps={steps}: must lie in [1, {limits.max_steps}]")
+        if cfg_scale is not None and not 0 <= cfg_scale <= limits.max_cfg_scale:
+            raise RequestError(f"cfg_scale={cfg_scale}: must lie in [0, {limits.max_cfg_scale:g}]")
+        if self.kind == "text":
+            if labels is not None:
+                raise RequestError("labels: a caption-conditioned model takes a prompt, not class labels")
+            if prompt is None or not prompt.strip():
+                raise RequestError("prompt: a caption-conditioned model needs a non-empty prompt")
+            if len(prompt) > limits.max_prompt_chars:
+                raise RequestError(f"prompt: {len(prompt)} characters, at most {limits.max_prompt_chars}")
+        elif prompt is not None:
+            raise RequestError(f"prompt: this is a {'class-conditional' if self.num_classes else 'unconditional'} model; "
+                               f"it takes {'labels' if self.num_classes else 'no condition'}, not a prompt")
+        if labels is not None:
+            if not self.num_classes:
+                raise RequestError("labels: this model is unconditional; leave labels out")
+            if not 1 <= len(labels) <= n:
+                raise RequestError(f"labels: give 1 to n={n} labels (cycled over the images), got {len(labels)}")
+            bad = [value for value in labels if not 0 <= value < self.num_classes]
+            if bad:
+                raise RequestError(f"labels: {bad[0]} is out of range [0, {self.num_classes - 1}]")
+        # the saved settings with the request's on top, checked as selfflow sample checks its flags (the
+        # run's config.json was read once, at load)
+        given = {key: value for key, value in (("sampler", sampler), ("steps", steps), ("cfg_scale", cfg_scale)) if value is not None}
+        settings = dataclasses.replace(self.settings, **given)
+        try:
+            settings.validate("sample")
+        except ConfigError as exc:
+            raise RequestError(str(exc).replace("sample.", "")) from None
+        if self.kind == "unconditional" and settings.cfg_scale != 1.0:
+            raise RequestError(f"cfg_scale={settings.cfg_scale}: classifier-free guidance needs a conditional model; "
+                               f"this one is unconditional (use 1)")
+        seeds = tuple(range(seed, seed + n))
+        per_image = None
+        if self.num_classes:
+            per_image = tuple(labels[k % len(labels)] for k in range(n)) if labels else tuple(s % self.num_classes for s in seeds)
+        return Job(seeds, per_image, prompt, settings.sampler, settings.steps, float(settings.cfg_scale))
+
+    def run(self, jobs: list[Job]) -> list[Output]:
+        """One :func:`generate` call for jobs sharing a key; each job's images as base64 PNGs."""
+        from selfflow.device import autocast_dtype
+        from selfflow.imageio import to_uint8
+        from selfflow.sampling import generate
+
+        first = jobs[0]
+        assert all(job.key == first.key for job in jobs), "jobs in one pass share their settings"
+        seeds = [s for job in jobs for s in job.seeds]
+        labels = None
+        if self.kind == "class":
+            labels = torch.tensor([value for job in jobs for value in job.labels], dtype=torch.long)
+        elif self.kind == "text":
+            self.model.set_bank(self.encoder.encode([first.prompt]))
+            labels = torch.zeros(len(seeds), dtype=torch.long)
+        result = generate(self.model, num_samples=len(seeds), seeds=seeds, labels=labels, sampler=first.sampler,
+                          steps=first.steps, cfg_scale=first.cfg_scale, batch_size=len(seeds), device=self.device,
+                          image_shape=self.generator.sample_shape, clip=self.decoder is None,
+                          autocast_dtype=autocast_dtype(self.precision, self.device), progress=False)
+        images = result.images
+        if self.decoder is not None:  # a latent model: its autoencoder makes the pixels (as selfflow sample)
+            from selfflow.autoencoders import decode_latents
+
+            images = decode_latents(self.decoder, images, len(seeds), self.device)
+        pixels = to_uint8(images).permute(0, 2, 3, 1).numpy()  # (N, H, W, C), once for the whole pass
+        outputs, start = [], 0
+        for job in jobs:
+            count = len(job.seeds)
+            outputs.append(Output([png_base64(image) for image in pixels[start:start + count]], result.nfe_per_sample, len(seeds)))
+            start += count
+        return outputs
+
+
+class QueueFull(Exception):
+    """More images wait than ``Limits.max_queue``: the request is refused (503 + Retry-After)."""
+
+    def __init__(self, retry_after_s: int):
+        super().__init__(f"the server is busy ({retry_after_s} s estimated); retry later")
+        self.retry_after_s = retry_after_s
+
+
+GATHER_WINDOWS = 8
+
+
+class Batcher:
+    """Gathers jobs into forward passes on one worker thread.
+
+    The first job of a pass waits ``window_ms`` for company, and another window as long as the last
+    one brought a request (at most 8 windows; none once the pass is full): an idle server answers a
+    lone request after one window, a busy one fills its passes. The pass
+    takes the oldest job and, in arrival order, every waiting job with the same key while the images
+    fit ``max_batch``. Jobs with other keys wait for a later pass; the oldest job is always served next,
+    so none starves. At most ``max_queue`` images wait; :meth:`submit` refuses beyond that.
+    """
+
+    def __init__(self, engine: Engine, limits: Limits):
+        self.engine, self.limits = engine, limits
+        self._waiting: collections.deque = collections.deque()  # (job, future)
+        self._waiting_images = 0
+        self._wake = asyncio.Event()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="selfflow-serve")
+        self._task: Optional[asyncio.Task] = None
+        self._pass_seconds = 0.05  # a running estimate of one pass, for Retry-After
+        self.passes = 0
+        self.images = 0
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        """After the server stopped taking requests: the waiting jobs are finished first."""
+        while self._waiting:
+            await asyncio.sleep(0.01)
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self._pool.shutdown(wait=True)
+
+    @property
+    def waiting_images(self) -> int:
+        return self._waiting_images
+
+    def submit(self, job: Job) -> asyncio.Future:
+        count = len(job.seeds)
+        if self._waiting_images + count > self.limits.max_queue:
+            passes = self._waiting_images / self.limits.max_batch + 1
+            raise QueueFull(max(1, round(passes * self._pass_seconds + 0.5)))
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append((job, future))
+        self._waiting_images += count
+        self._wake.set()
+        return future
+
+    def _take(self) -> list:
+        first_job, _ = self._waiting[0]
+        taken, kept, images = [], collections.deque(), 0
+        for job, future in self._waiting:
+            if job.key == first_job.key and images + len(job.seeds) <= self.limits.max_batch:
+                taken.append((job, future))
+                images += len(job.seeds)
+            else:
+                kept.append((job, future))
+        self._waiting = kept
+        self._waiting_images -= images
+        return taken
+
+    async def _gather(self) -> None:
+        """Wait for company while it keeps coming: one more window each time the last one brought a
+        request, at most ``GATHER_WINDOWS`` windows, never once a pass is full."""
+        window = self.limits.window_ms / 1000
+        for _ in range(GATHER_WINDOWS):
+            if window <= 0 or self._waiting_images >= self.limits.max_batch:
+                return
+            before = len(self._waiting)
+            await asyncio.sleep(window)
+            if len(self._waiting) == before:
+                return
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._waiting:
+                await self._gather()
+                taken = [(job, future) for job, future in self._take() if not future.cancelled()]
+                jobs = [job for job, _ in taken]
+                if not jobs:
+                    continue
+                start = time.perf_counter()
+                try:
+                    outputs = await loop.run_in_executor(self._pool, self.engine.run, jobs)
+                except Exception as exc:  # a failed pass fails its requests, never the server
+                    for _, future in taken:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                self._pass_seconds = 0.8 * self._pass_seconds + 0.2 * (time.perf_counter() - start)
+                self.passes += 1
+                self.images += sum(len(job.seeds) for job in jobs)
+                for (job, future), output in zip(taken, outputs):
+                    if not future.done():  # a request whose client left was cancelled meanwhile
+                        future.set_result(output)

@@ -1,0 +1,285 @@
+"""selfflow serve: the HTTP API against `selfflow sample`, batching, limits, bad input, SIGTERM drain."""
+import base64
+import copy
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi", reason="selfflow serve needs the [serve] extra (fastapi, uvicorn)")
+pytest.importorskip("httpx", reason="the API tests use httpx (FastAPI's TestClient)")
+from fastapi.testclient import TestClient  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import selfflow  # noqa: E402
+from selfflow.cli import main  # noqa: E402
+from selfflow.imageio import to_uint8  # noqa: E402
+from selfflow.serve.app import create_app  # noqa: E402
+from selfflow.serve.engine import Engine, Limits  # noqa: E402
+from support import REPO, TINY_RUN, fit, free_port, one_line_error, tiny_run  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def class_run(tmp_path_factory):
+    """A class-conditional 8×8 digits model, 2 training steps (its saved sampler: euler, 4 steps)."""
+    out = tmp_path_factory.mktemp("serve") / "run"
+    fit(tiny_run(out, train={"steps": 2}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def engine(class_run):
+    return Engine.load(class_run, device="cpu")
+
+
+def pixels(b64: str) -> np.ndarray:
+    picture = Image.open(io.BytesIO(base64.b64decode(b64)))
+    assert picture.format == "PNG"
+    return np.asarray(picture)
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 8), (3, 5, 7), (1, 1, 1)])
+def test_png_encoding_is_lossless(shape):
+    import torch
+
+    from selfflow.serve.engine import png_base64
+
+    image = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    expected = image.permute(1, 2, 0).numpy()
+    decoded = pixels(png_base64(expected))
+    assert np.array_equal(decoded.reshape(expected.shape), expected)
+
+
+def test_health_describes_the_model_and_its_saved_sampler(engine):
+    with TestClient(create_app(engine)) as client:
+        health = client.get("/health").json()
+    assert health["status"] == "ok"
+    assert {k: health["model"][k] for k in ("kind", "classes", "prompts", "image_size", "channels", "sampler", "steps")} == \
+        {"kind": "class", "classes": 10, "prompts": False, "image_size": 8, "channels": 1, "sampler": TINY_RUN["sample"].get("sampler", "euler"),
+         "steps": TINY_RUN["sample"]["steps"]}
+
+
+@pytest.mark.parametrize("settings", [{"steps": 3, "sampler": "heun", "labels": [3, 7]},
+                                      {},  # the run's saved sampler and steps, labels seed mod 10
+                                      {"steps": 2, "cfg_scale": 2.5, "labels": [4]}])
+def test_image_k_equals_selfflow_sample(engine, class_run, tmp_path, settings):
+    flags = ["--steps", str(settings["steps"])] if "steps" in settings else []
+    flags += ["--sampler", settings["sampler"]] if "sampler" in settings else []
+    flags += ["--cfg-scale", str(settings["cfg_scale"])] if "cfg_scale" in settings else []
+    flags += ["--labels", ",".join(map(str, settings["labels"]))] if "labels" in settings else []
+    assert main(["sample", "--ckpt", str(class_run), "--n", "6", "--seed", "11", "--out", str(tmp_path / "s"), "--device", "cpu", *flags]) == 0
+    expected = np.load(tmp_path / "s" / "samples.npz")
+    with TestClient(create_app(engine)) as client:
+        reply = client.post("/v1/generate", json={"n": 6, "seed": 11, **settings}).json()
+    assert reply["seeds"] == list(range(11, 17)) and reply["labels"] == expected["labels"].tolist()
+    assert reply["nfe"] == (2 if reply["sampler"] == "heun" else 1) * reply["steps"] * (2 if reply.get("cfg_scale", 1) != 1 else 1)
+    from_api = to_uint8(selfflow.load(class_run, device="cpu").sample(6, seed=11, **settings)).numpy()
+    assert np.array_equal(from_api, expected["images"])
+    for k, image in enumerate(reply["images"]):
+        assert np.array_equal(pixels(image), expected["images"][k, 0]), f"image {k}"
+
+
+def test_an_image_is_the_same_alone_or_in_a_crowd(engine):
+    """One pass over three requests equals three passes; and through the server, a crowd of concurrent
+    requests shares passes (batch > n) while each answer equals the same request made alone."""
+    limits = Limits()
+    jobs = [engine.job(limits, n=2, seed=5, labels=[1]), engine.job(limits, n=3, seed=40), engine.job(limits, n=1, seed=5, labels=[1])]
+    together = engine.run(jobs)
+    assert [out.batch for out in together] == [6, 6, 6]
+    for job, crowd in zip(jobs, together):
+        assert crowd.images == engine.run([job])[0].images
+    assert together[0].images[0] == together[2].images[0]  # seed 5, label 1 twice in one batch
+
+    bodies = [{"n": 1 + k % 3, "seed": 100 * k, "labels": [k % 10]} for k in range(12)]
+    with TestClient(create_app(engine, Limits(window_ms=150))) as client:
+        alone = [client.post("/v1/generate", json=body).json() for body in bodies]
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            crowd = list(pool.map(lambda body: client.post("/v1/generate", json=body).json(), bodies))
+    assert max(reply["batch"] for reply in crowd) > 3  # requests shared a forward pass
+    assert all(reply["batch"] == body["n"] for reply, body in zip(alone, bodies))
+    for a, c in zip(alone, crowd):
+        assert a["images"] == c["images"] and a["seeds"] == c["seeds"]
+
+
+BAD_BODIES = [
+    ('{"n": 2', 400, "malformed JSON"),
+    ("[1, 2]", 422, "JSON object"),
+    ('{"n": "4"}', 422, "n:"),
+    ('{"n": true}', 422, "n:"),
+    ('{"seed": 1.5}', 422, "seed:"),
+    ('{"labels": "3"}', 422, "labels"),
+    ('{"nn": 4}', 422, "unknown field 'nn'"),
+    ('{"labels": [10]}', 422, "labels: 10 is out of range [0, 9]"),
+    ('{"labels": [-1]}', 422, "labels: -1"),
+    ('{"n": 2, "labels": [1, 2, 3]}', 422, "labels: give 1 to n=2"),
+    ('{"prompt": "a thick seven"}', 422, "prompt: this is a class-conditional model"),
+    ('{"n": 0}', 422, "n=0"),
+    ('{"n": 17}', 422, "n=17: must lie in [1, 16]"),
+    ('{"steps": 251}', 422, "steps=251"),
+    ('{"cfg_scale": 21}', 422, "cfg_scale=21.0"),
+    ('{"sampler": "rk9"}', 422, "sampler"),
+    ('{"seed": -3}', 422, "seed=-3"),
+    ('{"labels": [' + "1," * 40000 + "1]}", 413, "exceeds"),
+]
+
+
+@pytest.mark.parametrize("body,status,words", BAD_BODIES, ids=[b[:24] for b, _, _ in BAD_BODIES])
+def test_bad_input_is_one_json_line_and_the_server_keeps_serving(engine, body, status, words):
+    with TestClient(create_app(engine), raise_server_exceptions=False) as client:
+        reply = client.post("/v1/generate", content=body, headers={"content-type": "application/json"})
+        assert reply.status_code == status, reply.text
+        error = reply.json()["error"]
+        assert words in error and "\n" not in error and "Traceback" not in reply.text
+        assert client.post("/v1/generate", json={"n": 1}).status_code == 200
+
+
+def test_wrong_paths_and_methods_are_json_errors(engine):
+    with TestClient(create_app(engine)) as client:
+        form = client.post("/v1/generate", content=b'{"n": 2}', headers={"content-type": "application/x-www-form-urlencoded"})
+        assert form.status_code == 200 and len(form.json()["images"]) == 2  # curl -d without -H
+        assert client.post("/v1/generate").json()["seeds"] == [0]  # no body: the defaults
+        schema = client.get("/openapi.json").json()
+        body = schema["paths"]["/v1/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert set(body["properties"]) == {"n", "labels", "prompt", "seed", "steps", "sampler", "cfg_scale"}
+        assert client.get("/nowhere").json() == {"error": "Not Found"}
+        assert client.get("/v1/generate").status_code == 405
+        assert client.get("/").text.count("<script>") == 1
+
+
+def test_a_full_queue_answers_503_with_retry_after(engine):
+    """While one pass runs, at most max_queue images wait; the next request is refused, not queued."""
+    release, running = threading.Event(), threading.Event()
+    real_run = engine.run
+
+    def slow_run(jobs):
+        running.set()
+        release.wait(30)
+        return real_run(jobs)
+
+    limits = Limits(max_n=4, max_batch=4, max_queue=4, window_ms=0)
+    app = create_app(engine, limits)
+    with TestClient(app) as client, ThreadPoolExecutor(2) as pool:
+        engine.run = slow_run
+        try:
+            first = pool.submit(client.post, "/v1/generate", json={"n": 4, "seed": 0})
+            assert running.wait(30)
+            second = pool.submit(client.post, "/v1/generate", json={"n": 4, "seed": 4})
+            deadline = time.time() + 30
+            while client.get("/health").json()["queue"]["waiting_images"] < 4 and time.time() < deadline:
+                time.sleep(0.01)
+            refused = client.post("/v1/generate", json={"n": 1})
+            assert refused.status_code == 503 and int(refused.headers["Retry-After"]) >= 1
+            assert "busy" in refused.json()["error"]
+        finally:
+            release.set()
+            engine.run = real_run
+        assert first.result().status_code == 200 and second.result().status_code == 200
+        assert client.post("/v1/generate", json={"n": 1}).status_code == 200
+
+
+def test_a_caption_model_takes_prompts_not_labels(tmp_path):
+    from selfflow.config import config_from_dict
+    from support import train_config
+
+    raw = copy.deepcopy(TINY_RUN)
+    raw["text"] = {"encoder": "hashed", "hashed_dim": 32, "captions_per_image": 2, "cache_dir": str(tmp_path / "cache")}
+    raw["train"].update({"out_dir": str(tmp_path / "text"), "steps": 1})
+    train_config(config_from_dict(raw))
+    assert main(["sample", "--ckpt", str(tmp_path / "text"), "--prompt", "a thick seven", "--n", "3", "--seed", "2",
+                 "--steps", "2", "--out", str(tmp_path / "s"), "--device", "cpu"]) == 0
+    expected = np.load(tmp_path / "s" / "samples.npz")["images"]
+    engine = Engine.load(tmp_path / "text", device="cpu")
+    with TestClient(create_app(engine)) as client:
+        assert client.get("/health").json()["model"]["prompts"] is True
+        reply = client.post("/v1/generate", json={"n": 3, "seed": 2, "steps": 2, "prompt": "a thick seven"}).json()
+        assert all(np.array_equal(pixels(image), expected[k, 0]) for k, image in enumerate(reply["images"]))
+        assert "prompt" in client.post("/v1/generate", json={"n": 1}).json()["error"]
+        assert "labels" in client.post("/v1/generate", json={"labels": [1], "prompt": "x"}).json()["error"]
+        assert "201 characters" in client.post("/v1/generate", json={"prompt": "x" * 201}).json()["error"]
+
+
+def test_serve_refuses_bad_flags_in_one_line(class_run, tmp_path, capsys):
+    assert main(["serve", "--ckpt", str(tmp_path / "missing"), "--port", "0"]) == 2
+    one_line_error(capsys, "missing")
+    assert main(["serve", "--ckpt", str(class_run), "--max-n", "100", "--max-batch", "8"]) == 2
+    one_line_error(capsys, "--max-n 100", "--max-batch 8")
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert main(["serve", "--ckpt", str(class_run), "--port", str(taken.getsockname()[1])]) == 2
+        one_line_error(capsys, "--port")
+
+
+def start_server(ckpt, port: int, *flags) -> subprocess.Popen:
+    """``python -m selfflow serve`` on 127.0.0.1:port, returned once /health answers."""
+    import httpx
+
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "selfflow", "serve", "--ckpt", str(ckpt), "--port", str(port),
+                             "--device", "cpu", *flags], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited: {proc.communicate()}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("server did not answer /health in 60 s")
+
+
+def test_sigterm_drains_requests_in_flight_and_exits_0(class_run):
+    import httpx
+
+    port = free_port()
+    proc = start_server(class_run, port, "--window-ms", "1500")
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            in_flight = pool.submit(httpx.post, f"http://127.0.0.1:{port}/v1/generate", json={"n": 3, "steps": 50}, timeout=60)
+            deadline, waiting = time.time() + 30, 0  # until the request waits in the batcher's window
+            while waiting < 3 and time.time() < deadline:
+                waiting = httpx.get(f"http://127.0.0.1:{port}/health").json()["queue"]["waiting_images"]
+            assert waiting == 3
+            proc.send_signal(signal.SIGTERM)
+            reply = in_flight.result()
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert reply.status_code == 200 and len(reply.json()["images"]) == 3
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "stopped after" in out
+
+
+def test_an_unconditional_model_takes_no_labels_and_no_guidance(tmp_path):
+    fit(tiny_run(tmp_path / "run", data={"name": "digits", "class_conditional": False}, train={"steps": 1}))
+    assert main(["sample", "--ckpt", str(tmp_path / "run"), "--n", "2", "--seed", "4", "--out", str(tmp_path / "s"), "--device", "cpu"]) == 0
+    expected = np.load(tmp_path / "s" / "samples.npz")["images"]
+    with TestClient(create_app(Engine.load(tmp_path / "run", device="cpu"))) as client:
+        assert client.get("/health").json()["model"] | {"kind": "unconditional", "classes": None} == client.get("/health").json()["model"]
+        reply = client.post("/v1/generate", json={"n": 2, "seed": 4}).json()
+        assert reply["labels"] is None
+        assert all(np.array_equal(pixels(image), expected[k, 0]) for k, image in enumerate(reply["images"]))
+        assert "unconditional" in client.post("/v1/generate", json={"labels": [1]}).json()["error"]
+        assert "cfg_scale=2.0" in client.post("/v1/generate", json={"cfg_scale": 2}).json()["error"]
+        assert client.post("/v1/generate", json={"prompt": "a seven"}).status_code == 422
+
+
+def test_dopri5_requests_never_share_a_pass(engine):
+    """dopri5's step size is chosen for the whole batch, so its requests run alone; fixed-step ones share."""
+    limits = Limits()
+    assert engine.job(limits, seed=1, sampler="dopri5").key != engine.job(limits, seed=1, sampler="dopri5").key
+    assert engine.job(limits, seed=1, sampler="heun").key == engine.job(limits, seed=9, sampler="heun", labels=[2]).key
+    assert engine.job(limits, seed=1, steps=3).key != engine.job(limits, seed=1, steps=4).key
