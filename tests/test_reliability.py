@@ -508,10 +508,11 @@ def test_a_probe_on_a_one_split_data_set_is_refused(tmp_path, capsys):
     run_dir = tmp_path / "enc"
     assert main(["represent", "train", "--config", config, "--set", "train.steps=1", "--set", "train.batch_size=8",
                  "--set", f"train.out_dir={run_dir}", "--set", "train.device=cpu", "--set", "train.progress=false",
-                 "--set", "train.tensorboard=false", "--set", "data.name=digits", "--set", "data.path=null"]) == 0
+                 "--set", "train.tensorboard=false", "--set", "data.name=digits", "--set", "data.path=null",
+                 "--set", "method.name=supcon"]) == 0  # class labels as positives (stablerep needs a synthetic set)
     capsys.readouterr()
     assert main(["represent", "probe", "--config", config, "--set", f"train.out_dir={run_dir}", "--data", "npz",
-                 "--data-path", str(data), "--device", "cpu", "--epochs", "1"]) == 2
+                 "--data-path", str(data), "--device", "cpu", "--max-iter", "5"]) == 2
     one_line_error(capsys, str(data), "leaked accuracy")
     assert not (run_dir / "probe.json").exists()
 
