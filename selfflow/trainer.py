@@ -24,7 +24,7 @@ from selfflow import checkpoint as ckpt
 from selfflow.arguments import TqdmLogHandler
 from selfflow.config import CUDA_GRAPH_MODES, ConfigError, RunConfig
 from selfflow.errors import DataError
-from selfflow.files import lock_folder, mark_output_folder
+from selfflow.files import check_output_folder, lock_folder, mark_output_folder
 from selfflow.imageio import uint8_to_float
 from selfflow.distributed import DistInfo, all_reduce_mean, any_rank, cleanup, init_distributed
 from selfflow.ema import EMA, decay_from_half_life
@@ -41,6 +41,10 @@ from selfflow.errors import TrainingDiverged  # noqa: E402,F401  (re-exported)
 # set-up helpers
 # --------------------------------------------------------------------------------------------
 from selfflow.device import autocast_dtype, resolve_device  # noqa: E402,F401  (moved; re-exported)
+
+
+# A run folder written before markers existed is known by these; a pipeline stage folder by its stage marker.
+RUN_FILES = ("checkpoints", "metrics.jsonl", "config.yaml", "train.log", "stage.pending.json", "stage.json")
 
 
 def setup_logging(out_dir: Path | None, is_main: bool) -> None:
@@ -141,6 +145,8 @@ class Trainer:
             )
         self.out_dir = Path(t.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
+        if self.dist.is_main:  # the output-folder rule, before anything is loaded or written
+            check_output_folder(self.out_dir, "run", recognise=RUN_FILES, flag="train.out_dir")
         self.amp_dtype = autocast_dtype(t.precision, self.device)
 
         # Data, model and method first: a bad data path or encoder file fails before the run folder exists.

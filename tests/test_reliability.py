@@ -80,6 +80,44 @@ def test_every_output_folder_with_a_user_file_is_refused_and_kept(command, run, 
     assert _listing(out) == {"NOTES.txt": NOTES.encode()}
 
 
+TRAINERS = {  # the commands that train into train.out_dir (the rule is checked before data, model or logging)
+    "train": ["train", "--config", str(REPO / "configs" / "digits_flow_matching.yaml")],
+    "distill": ["distill", "reflow", "--config", str(REPO / "configs" / "digits_reflow.yaml")],
+    "represent train": ["represent", "train", "--config", str(REPO / "configs" / "digits_stablerep.yaml")],
+}
+
+
+@pytest.mark.parametrize("command", list(TRAINERS))
+def test_training_into_a_folder_with_a_user_file_is_refused_and_kept(command, tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    (out / "NOTES.txt").write_text(NOTES)
+    (out / "sub" / "data.bin").write_bytes(b"\x00")
+    assert main(TRAINERS[command] + ["--set", f"train.out_dir={out}", "--set", "train.device=cpu"]) == 2
+    one_line_error(capsys, f"train.out_dir {out}", "NOTES.txt", "not written by selfflow")
+    assert _listing(out) == {"NOTES.txt": NOTES.encode(), "sub/data.bin": b"\x00"}  # no train.log, lock or marker
+
+
+def test_a_run_folder_resumes_with_a_user_file_in_it_and_a_folder_of_another_command_is_refused(tmp_path, capsys):
+    from selfflow.checkpoint import step_dir_name
+    from selfflow.files import OUTPUT_MARKER
+
+    out = tmp_path / "run"
+    assert main(_train_args(out, steps=1)) == 0
+    (out / "NOTES.txt").write_text(NOTES)  # the user's notes in their own run folder: it stays a run folder
+    assert main(_train_args(out, steps=2)) == 0
+    assert (out / "NOTES.txt").read_text() == NOTES and (out / "checkpoints" / step_dir_name(2)).is_dir()
+    (out / OUTPUT_MARKER).unlink()  # a run folder written before markers existed: known by its checkpoints
+    assert main(_train_args(out, steps=3)) == 0 and (out / "checkpoints" / step_dir_name(3)).is_dir()
+    generated = tmp_path / "set"
+    assert main(["generate-set", "--ckpt", str(out), "--n", "2", "--steps", "1", "--device", "cpu", "--out", str(generated)]) == 0
+    before = _listing(generated)
+    capsys.readouterr()
+    assert main(_train_args(generated, steps=1)) == 2  # a set folder is not a run folder
+    one_line_error(capsys, f"train.out_dir {generated}", "written by `set`")
+    assert _listing(generated) == before
+
+
 @pytest.mark.parametrize("command", ["eval", "modality eval"])
 def test_a_report_file_that_is_not_ours_is_refused(command, run, tmp_path, capsys):
     report = tmp_path / "thesis.json"
@@ -504,10 +542,11 @@ def test_a_probe_on_a_one_split_data_set_is_refused(tmp_path, capsys):
     run_dir = tmp_path / "enc"
     assert main(["represent", "train", "--config", config, "--set", "train.steps=1", "--set", "train.batch_size=8",
                  "--set", f"train.out_dir={run_dir}", "--set", "train.device=cpu", "--set", "train.progress=false",
-                 "--set", "train.tensorboard=false", "--set", "data.name=digits", "--set", "data.path=null"]) == 0
+                 "--set", "train.tensorboard=false", "--set", "data.name=digits", "--set", "data.path=null",
+                 "--set", "method.name=supcon"]) == 0  # class labels as positives (stablerep needs a synthetic set)
     capsys.readouterr()
     assert main(["represent", "probe", "--config", config, "--set", f"train.out_dir={run_dir}", "--data", "npz",
-                 "--data-path", str(data), "--device", "cpu", "--epochs", "1"]) == 2
+                 "--data-path", str(data), "--device", "cpu", "--max-iter", "5"]) == 2
     one_line_error(capsys, str(data), "leaked accuracy")
     assert not (run_dir / "probe.json").exists()
 
