@@ -50,6 +50,13 @@
 #                  (~10-20 ms eager), so ~6000 + 3 × 1000 steps and the scoring take ~300 s                 400 s
 #     fid10k-*     Inception FID of 10k images (vs the first 10k training images): the teacher at 50 Euler steps,
 #                  guidance 1 and 1.5 (the guidance the DMD students learn), and each 1-step student       4 × 30 s
+#   bash benchmarks/gpu_suite.sh data       a fifth call (another session's): real data at ImageNet-like shapes
+#     latent-chain the latent chain end to end on synthetic 256×256 RGB images of mixed sizes (a streamed folder of
+#                  JPEGs, 8 decoding workers): small autoencoder (downsample 8: 32×32×4 latents, 256 tokens at
+#                  patch 2) → encode-latents → Self-Flow size S (bf16, batch 256) → unclipped pairs → reflow,
+#                  one-step, DMD students → decoded samples → FD_dom; per stage: time, training images/s, peak GPU
+#                  memory (benchmarks/latent_chain.py --data synthetic; 4000 images, 300 teacher steps, an estimate:
+#                  ~40 s writing the JPEGs, ~30 ms per S step at 256 tokens)                      400 s
 #
 # Where the CUDA tests go: the main call's figures already run the CUDA paths (bf16 training of three
 # methods, checkpoints, sampling, Inception FID), so a broken path shows there as a failed step; the tests
@@ -86,6 +93,7 @@
 #   run(command="bash benchmarks/gpu_suite.sh extra", carry=[".carry"], timeout_s=600)
 #   run(command="bash benchmarks/gpu_suite.sh more", carry=[".carry"], timeout_s=600)
 #   run(command="bash benchmarks/gpu_suite.sh onestep", carry=[".carry"], timeout_s=600)
+#   run(command="bash benchmarks/gpu_suite.sh data", timeout_s=600)
 # Each call packs what it wrote into $OUT/<part>.tgz (new docs/benchmarks/ files and the convergence run
 # records, never checkpoints; the more call packs its reports only; unpack here with `tar xzf`) and keeps its whole log in $OUT/<part>.log.
 # The records (FD_dom network, reference statistics, per-method results: about 1 MB) also go into
@@ -95,7 +103,7 @@
 # docs/benchmarks: a check of the plumbing before a GPU session is spent on it.
 set -uo pipefail
 part="${1:-main}"
-case "$part" in main|extra|more|onestep|metaworld) ;; *) echo "usage: bash benchmarks/gpu_suite.sh [main|extra|more|onestep|metaworld]   (got '$part')" >&2; exit 2 ;; esac
+case "$part" in main|extra|more|onestep|data|metaworld) ;; *) echo "usage: bash benchmarks/gpu_suite.sh [main|extra|more|onestep|data|metaworld]   (got '$part')" >&2; exit 2 ;; esac
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
@@ -125,6 +133,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
          --speed-rounds 1 --student-set train.batch_size=8 --teacher-set train.batch_size=8)
     ONE_WORK=outputs/gpu_suite_smoke_runs/one_step_mnist ONE_OUT=outputs/gpu_suite_smoke/one_step_mnist_smoke
     ONE_LIMIT=1200 ONE_THREADS=1  # ~10 commands of ~45 s start-up each on the loaded 2-core machine; run it with BUDGET=1500
+    CHAIN=(--tiny --data synthetic --image-size 32 --channels 3 --autoencoder-downsample 4 --workers 1) CHAIN_WORK=outputs/gpu_suite_smoke_runs/latent_chain
 else
     DEV=cuda DOCS=docs/benchmarks WORK=runs/convergence_mnist_gpu CONV_OUT=docs/benchmarks/convergence_mnist_gpu OUT="${OUT:-outputs/gpu_suite}" FID_N=10000 FID_STEPS=16 TP_LIMIT=120
     CONV_EXTRA=(--num-samples 2000 --sample-steps 16)
@@ -137,6 +146,9 @@ else
     ONE=(--teacher-steps "$ONE_TEACHER_STEPS" --teacher-lr 1.5e-3 --pairs 5000 --reflow-steps 1000 --distill-steps 1000 --dmd-steps 1000
          --dmd2-steps 2500 --num-samples 2000)
     ONE_WORK=runs/one_step_mnist_gpu ONE_OUT=docs/benchmarks/one_step_mnist_gpu
+    CHAIN=(--data synthetic --count 4000 --image-size 256 --channels 3 --autoencoder-downsample 8 --ae-width 32 --ae-steps 300
+           --model-size S --batch-size 256 --teacher-steps 300 --teacher-sample-steps 16 --pairs 2048 --student-steps 100
+           --samples 2000 --feature-steps 300 --workers 8) CHAIN_WORK=runs/latent_chain_gpu
 fi
 RECORDS="$DOCS/results/$(basename "$CONV_OUT")_records.tgz"  # the convergence records a later extra call builds on
 mkdir -p "$OUT" "$DOCS/results"
@@ -162,7 +174,7 @@ step() {  # step NAME SECONDS COMMAND...: a time limit, cut to what is left of t
 }
 
 suite() {
-    [ -d "$MNIST" ] || [ "$part" = metaworld ] && { [ "$part" = more ] || [ "$part" = metaworld ] || [ -f "$SELFFLOW_INCEPTION" ]; } || {
+    [ "$part" = data ] || [ "$part" = metaworld ] || [ -d "$MNIST" ] && { [ "$part" = more ] || [ "$part" = data ] || [ "$part" = metaworld ] || [ -f "$SELFFLOW_INCEPTION" ]; } || {
         echo "missing $MNIST or $SELFFLOW_INCEPTION: copy the MNIST IDX files and fid_inception_v3_fp16.pt into .carry/"; return 2; }
     echo "gpu_suite $part, budget ${BUDGET}s, $(date)"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
@@ -197,6 +209,9 @@ suite() {
                 --steps "$steps" --cfg-scale "$cfg" --inception "$SELFFLOW_INCEPTION" --device "$DEV" \
                 --cache-dir "$ONE_WORK/fid_cache" --name "fid${FID_N}_one_step_mnist_${run}_euler${steps}_cfg${cfg}_$DEV"
         done
+    elif [ "$part" = data ]; then
+        step latent-chain 400 "$PY" benchmarks/latent_chain.py --device "$DEV" "${CHAIN[@]}" --work "$CHAIN_WORK" \
+            --out "$DOCS/latent_chain_synthetic256_$DEV"
     elif [ "$part" = more ]; then
         step modalities 250 "$PY" benchmarks/modalities.py --device "$DEV" "${MOD[@]}" --work "$MOD_WORK" --out "$MOD_OUT"
         step text 250 "$PY" benchmarks/text_to_image.py --data mnist --data-path "$MNIST" --device "$DEV" "${TEXT[@]}" \
@@ -222,7 +237,7 @@ suite() {
 
     # pack what this call wrote: new benchmark files and the convergence records (no checkpoints)
     local files
-    files=$( (find "$DOCS" -type f -newer "$stamp"; [ "$part" = more ] || records) | sort -u)
+    files=$( (find "$DOCS" -type f -newer "$stamp"; [ "$part" = more ] || [ "$part" = data ] || records) | sort -u)
     if [ -n "$files" ]; then
         tar czf "$OUT/$part.tgz" $files && echo "packed $(echo "$files" | wc -l) files into $OUT/$part.tgz:" && echo "$files" | sed 's/^/  /'
     else

@@ -213,6 +213,20 @@ def export_model(loaded: LoadedGenerator, directory: str | Path, settings: Sampl
     return Path(directory)
 
 
+def _pairs_teacher_data(data: dict, depth: int = 0) -> Optional[dict]:
+    """The data section of the teacher whose checkpoint made these pairs (set.json's source), followed through
+    pairs of pairs; None when it cannot be read. Pairs of a latent teacher are latents."""
+    try:
+        source = (json.loads((Path(data.get("path") or "") / "set.json").read_text()).get("source") or {}).get("checkpoint")
+        teacher = json.loads((Path(source) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError, AttributeError, TypeError):
+        return None
+    found = (teacher.get("run") or {}).get("data") or teacher.get("data") or {}
+    if found.get("name") == "pairs" and depth < 8:
+        return _pairs_teacher_data(found, depth + 1)
+    return found
+
+
 def latent_autoencoder(folder: Path, given: Optional[str]) -> Optional[str]:
     """None for a pixel model; for a latent model the autoencoder folder, or "" when none is at hand."""
     try:
@@ -221,6 +235,8 @@ def latent_autoencoder(folder: Path, given: Optional[str]) -> Optional[str]:
     except (OSError, json.JSONDecodeError, AttributeError):
         meta, run = {}, {}
     data = run.get("data") or meta.get("data") or {}
+    if data.get("name") == "pairs":  # a student of reflow pairs learned from what its teacher learned from
+        data = _pairs_teacher_data(data) or data
     if given:  # checked before any sampling
         if (run or meta.get("data")) and data.get("name") != "latents":
             raise ConfigError(f"--autoencoder {given}: {folder} generates pixels, not latents; leave --autoencoder out")

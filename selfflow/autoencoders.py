@@ -100,7 +100,8 @@ class SmallAutoencoder(nn.Module):
         return model.eval()
 
     def describe(self, directory: Optional[Path] = None) -> dict:
-        out = {"kind": self.kind, "latent_channels": self.latent_channels, "downsample": self.downsample, "scaling_factor": 1.0}
+        out = {"kind": self.kind, "latent_channels": self.latent_channels, "downsample": self.downsample, "scaling_factor": 1.0,
+               "shift_factor": 0.0}
         if directory is not None:
             out.update(path=str(Path(directory).resolve()), sha256=sha256_file(Path(directory) / "model.safetensors"))
         return out

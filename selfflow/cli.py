@@ -118,6 +118,13 @@ def _add_encode_latents(sub) -> None:
     p.add_argument("--split", default="train")
     p.add_argument("--image-size", type=int, default=None, help="resize images to this size first (e.g. 256)")
     p.add_argument("--channels", type=int, default=None, help="1 or 3; default: what the autoencoder takes")
+    p.add_argument("--crop", default=None, choices=["center", "resize"],
+                   help="folder / webdataset / hf: center (default; ADM's centre crop) or resize (squash)")
+    p.add_argument("--on-bad-image", default="error", choices=["error", "skip"],
+                   help="folder / webdataset / hf: an unreadable image stops the run (error) or is left out (skip)")
+    p.add_argument("--image-column", default=None, help="hf: the image column (default image); webdataset: the image's extension")
+    p.add_argument("--label-column", default=None, help="hf: the label column (default label); webdataset: the label's extension (cls)")
+    p.add_argument("--num-workers", type=int, default=0, help="folder / webdataset / hf: processes decoding images ahead")
     p.add_argument("--autoencoder", required=True, help="a diffusers AutoencoderKL folder or a selfflow autoencoder folder")
     p.add_argument("--out", required=True, help="latent set folder (set.json + shards); run again to resume")
     p.add_argument("--shard-size", type=int, default=10000)
@@ -323,7 +330,7 @@ def _sample_latent_model(args, model, folder, device, labels, seeds, autoencoder
         written += [out / "grid.png", out / "samples.npz"]
     info = {"checkpoint": str(folder), "weights": args.weights, "n": args.n, "sampler": args.sampler, "steps": args.steps,
             "cfg_scale": args.cfg_scale, "precision": args.precision, "seeds": [seeds[0], seeds[-1]], "latent": True, "autoencoder": autoencoder or None,
-            "device": str(device)}
+            "nfe_per_sample": result.nfe_per_sample, "device": str(device)}
     if args.sampler_options:
         info["sampler_options"] = args.sampler_options
     (out / "samples.json").write_text(json.dumps(info, indent=2))
@@ -393,6 +400,8 @@ def cmd_encode_latents(args) -> int:
     from selfflow.latents import encode_dataset
     from selfflow.device import resolve_device
 
+    if args.num_workers < 0:
+        raise ConfigError(f"--num-workers must be >= 0, got {args.num_workers}")
     for name in ("shard_size", "batch_size"):
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -400,10 +409,11 @@ def cmd_encode_latents(args) -> int:
     device = resolve_device(args.device)
     autoencoder = load_autoencoder(args.autoencoder, device)
     dataset = load_dataset(args.data, path=args.data_path, split=args.split, image_size=args.image_size,
-                           channels=args.channels or autoencoder.in_channels)
+                           channels=args.channels or autoencoder.in_channels, crop=args.crop, on_bad_image=args.on_bad_image,
+                           image_column=args.image_column, label_column=args.label_column)
     shards = encode_dataset(
         dataset, autoencoder, args.out, autoencoder_dir=args.autoencoder, shard_size=args.shard_size, batch_size=args.batch_size,
-        posterior=args.posterior, seed=args.seed, dtype=getattr(torch, args.dtype), device=device,
+        posterior=args.posterior, seed=args.seed, dtype=getattr(torch, args.dtype), device=device, num_workers=args.num_workers,
         on_shard=lambda index, path: print(f"wrote {path}", flush=True), progress=True,
     )
     shape = "x".join(str(v) for v in shards.manifest["latent_shape"])
@@ -416,8 +426,11 @@ def _check_data_flags(args) -> None:
     from selfflow.config import DataConfig, from_dict
     from selfflow.errors import ConfigError
 
-    flags = {"name": "--data", "path": "--data-path", "split": "--split", "image_size": "--image-size", "channels": "--channels"}
-    values = {"name": args.data, "path": args.data_path, "split": args.split, "image_size": args.image_size, "channels": args.channels}
+    flags = {"name": "--data", "path": "--data-path", "split": "--split", "image_size": "--image-size", "channels": "--channels",
+             "crop": "--crop", "on_bad_image": "--on-bad-image", "image_column": "--image-column", "label_column": "--label-column"}
+    attributes = {"name": "data", "path": "data_path"}
+    values = {key: getattr(args, attributes.get(key, key), None) for key in flags}
+    values = {key: value for key, value in values.items() if value is not None}
     try:
         from_dict(DataConfig, values, "data")
     except ConfigError as exc:

@@ -35,7 +35,10 @@ def check_choice(value: Any, choices: tuple, where: str) -> None:
 # --------------------------------------------------------------------------------------------
 # sections
 # --------------------------------------------------------------------------------------------
-DATA_NAMES = ("digits", "mnist", "fashion-mnist", "idx", "folder", "npz", "latents", "pairs", "synth")  # selfflow.data.load_dataset
+DATA_NAMES = ("digits", "mnist", "fashion-mnist", "idx", "folder", "npz", "latents", "pairs", "synth", "webdataset", "hf")  # selfflow.data.load_dataset
+STREAMED_DATA = ("folder", "webdataset", "hf")  # listed once, decoded per batch (selfflow.data.source)
+CROPS = ("center", "resize", "random")  # selfflow.data.preprocess
+BAD_IMAGE_POLICIES = ("error", "skip")
 DATA_SPLITS = ("train", "test", "all")
 
 
@@ -47,6 +50,11 @@ class DataConfig:
     image_size: Optional[int] = None  # resize to this size; None keeps the native size
     channels: Optional[int] = None  # folder data: 1 or 3; None infers it
     class_conditional: bool = True
+    # Streamed sources (folder | webdataset | hf) only:
+    crop: Optional[str] = None  # center (ADM; the default) | resize (squash) | random (ADM random crop + flip)
+    on_bad_image: str = "error"  # error: stop naming the file | skip: leave it out (a warning names it)
+    image_column: Optional[str] = None  # hf: the image column (default image); webdataset: the image's extension
+    label_column: Optional[str] = None  # hf: the label column (default label); webdataset: the label's extension (cls)
 
     def validate(self, where: str) -> None:
         check_choice(self.name, DATA_NAMES, f"{where}.name")
@@ -61,6 +69,16 @@ class DataConfig:
             raise ConfigError(f"{where}.image_size must be positive, got {self.image_size}")
         if self.channels is not None and self.channels not in (1, 3):
             raise ConfigError(f"{where}.channels must be 1 or 3, got {self.channels}")
+        if self.crop is not None:
+            check_choice(self.crop, CROPS, f"{where}.crop")
+        check_choice(self.on_bad_image, BAD_IMAGE_POLICIES, f"{where}.on_bad_image")
+        streamed_only = {"crop": self.crop, "image_column": self.image_column, "label_column": self.label_column,
+                         "on_bad_image": None if self.on_bad_image == "error" else self.on_bad_image}
+        given = [f"{where}.{key}" for key, value in streamed_only.items() if value is not None]
+        if given and self.name not in STREAMED_DATA:
+            raise ConfigError(f"{', '.join(given)}: for data.name {' | '.join(STREAMED_DATA)} only, not {self.name}")
+        if self.name == "folder" and (self.image_column is not None or self.label_column is not None):
+            raise ConfigError(f"{where}.image_column / label_column: a folder's labels are its class sub-folders; leave them unset")
 
 
 MODEL_SIZES: dict[str, tuple[int, int, int]] = {
@@ -170,13 +188,14 @@ class TrainConfig:
     tensorboard: bool = True
     loggers: tuple[str, ...] = ()  # more loggers beside metrics.jsonl and TensorBoard: wandb (pip install selfflow[wandb]; off by default)
     progress: bool = True
+    num_workers: int = 0  # streamed data (folder | webdataset | hf): torch.utils.data workers decoding ahead; 0 decodes in the loop
 
     def validate(self, where: str) -> None:
         positive = ("steps", "batch_size", "grad_accum", "lr", "log_every", "keep_last")
         for key in positive:
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{where}.{key} must be positive, got {getattr(self, key)}")
-        for key in ("warmup_steps", "sample_every", "ckpt_every", "weight_decay", "grad_clip", "num_sample_images"):
+        for key in ("warmup_steps", "sample_every", "ckpt_every", "weight_decay", "grad_clip", "num_sample_images", "num_workers"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{where}.{key} must be >= 0, got {getattr(self, key)}")
         if self.batch_size % self.grad_accum != 0:

@@ -281,11 +281,31 @@ def mark_output_folder(folder: str | Path, purpose: str) -> None:
             tmp.write_text(json.dumps({"purpose": purpose}) + "\n")
 
 
+_HELD_LOCKS: set[int] = set()  # descriptors of the folder locks this process holds
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (a data worker), close the inherited lock descriptors.
+
+    A flock belongs to the open file description, so a forked worker would otherwise keep the folder
+    locked after its parent is killed; closing the child's copy leaves the parent's lock in place.
+    """
+    for fd in list(_HELD_LOCKS):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
 class FolderLock:
     """An exclusive ``fcntl.flock`` on ``folder/.selfflow.lock`` for the life of the holder.
 
     The OS drops the lock when the process ends in any way (kill -9 included), so a stale lock file
-    never blocks. A second holder is refused with one line naming the first one's process id.
+    never blocks; forked workers close their inherited copy, so they never outlive it with the lock.
+    A second holder is refused with one line naming the first one's process id.
     """
 
     def __init__(self, folder: str | Path, what: str = "run folder") -> None:
@@ -310,10 +330,12 @@ class FolderLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
+        _HELD_LOCKS.add(fd)
         return self
 
     def __exit__(self, *exc) -> None:
         if self._fd is not None:
+            _HELD_LOCKS.discard(self._fd)
             os.close(self._fd)  # closing drops the flock; the file stays (removing it would race a new holder)
             self._fd = None
             if self._created and [p.name for p in self.folder.iterdir()] == [LOCK_FILE]:  # nothing written: as before

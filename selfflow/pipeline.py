@@ -19,8 +19,8 @@ commands use (the one trainer, ``generate_set``, ``make_synth_set``, ``run_probe
 
 Resumable stage by stage: a finished stage writes ``<stage>/stage.json`` holding a hash of its
 settings and of its inputs' markers. A stage whose marker matches is skipped; a changed setting
-changes its hash, so the stage re-runs (its folder is cleared first) and so does every stage that
-reads it. Evaluation-only settings (the ``sample`` sections, ``evaluate.*``) are settings of the stages
+changes its hash, so the stage re-runs (the files it wrote are removed first, nothing else) and so
+does every stage that reads it. Evaluation-only settings (the ``sample`` sections, ``evaluate.*``) are settings of the stages
 that sample, never of a training stage. A stage interrupted with the same settings resumes (the trainer
 from its checkpoint, a synthetic set from its finished shards). A training stage cut by its
 ``train.time_limit_minutes`` records that (status ``time_limit``, the step reached, the limit); a run
@@ -29,9 +29,10 @@ reading it re-run (they see its hash and its step). The report is rebuilt on eve
 """
 from __future__ import annotations
 
+import contextlib
+import fnmatch
 import hashlib
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -169,15 +170,22 @@ def _run(config: PipelineConfig, out: Path, device, say) -> Path:
             say(f"[pipeline] {stage}: {done['result'].get('cut', 'cut by its time limit')}; continuing under "
                 f"train.time_limit_minutes={limit:g}")
             (folder / MARKER).unlink()
-            write_json({"hash": digest, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "continues": True}, folder / PENDING)
+            write_json({"hash": digest, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "continues": True,
+                        "before": done.get("before", [])}, folder / PENDING)
             done = None
-        _prepare(folder, digest, done)
+        _prepare(folder, digest, done, say)
         say(f"[pipeline] {stage}: running")
         t0 = time.perf_counter()
-        result = STAGE_FUNCTIONS[stage](config, folder, markers, device, say)
+        before = set(read_marker(folder, PENDING).get("before", []))
+        try:
+            result = STAGE_FUNCTIONS[stage](config, folder, markers, device, say)
+        except BaseException:  # interrupted or failed: record what the stage wrote so far (a changed stage removes just that)
+            _record_written(folder, before)
+            raise
         seconds = time.perf_counter() - t0
         marker = {"stage": stage, "hash": digest, "inputs": inputs, "settings": stage_settings(config, stage),
-                  "seconds": round(seconds, 2), "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "result": result}
+                  "seconds": round(seconds, 2), "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "result": result,
+                  "before": sorted(before), "written": sorted(set(_files(folder)) - before - {PENDING})}
         if stage in TRAINING_STAGES:
             marker["time_limit_minutes"] = limit
         write_json(marker, folder / MARKER)
@@ -189,8 +197,58 @@ def _run(config: PipelineConfig, out: Path, device, say) -> Path:
     return write_report(config, markers, ran, device, time.perf_counter() - started)
 
 
-def _prepare(folder: Path, digest: str, done: dict | None) -> None:
-    """Clear a stage folder left by other settings; keep one interrupted with these (to resume)."""
+# What a stage wrote, to remove when its settings change: the marker's "written" list (recorded when
+# it finished, or when it was interrupted in this process); after a hard kill, the files under these
+# names (what the trainer, the set writers and the stages write) that were not there when it started.
+# Anything else in a stage folder (a user's notes) is never deleted.
+STAGE_OUTPUTS = ("checkpoints", "samples", "tensorboard", "wandb", "pairs", "set", "metrics.jsonl", "config.yaml",
+                 "train.log", "samples.png", "samples_*.png", ".selfflow-output.json", ".selfflow.lock",
+                 MARKER, PENDING)
+
+
+def _files(folder: Path) -> list[str]:
+    """Every file under ``folder``, as paths relative to it."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir())
+
+
+def _record_written(folder: Path, before: set[str]) -> None:
+    pending = read_marker(folder, PENDING)
+    if pending is not None:
+        with contextlib.suppress(OSError):
+            write_json({**pending, "written": sorted(set(_files(folder)) - before - {PENDING})}, folder / PENDING)
+
+
+def _written(folder: Path, marker: dict) -> set[str]:
+    """The files of ``folder`` the stage wrote (``marker``: its finished or pending marker)."""
+    if isinstance(marker.get("written"), list):
+        return {str(name) for name in marker["written"]} | {MARKER, PENDING}
+    before = set(marker.get("before", []))
+    return {name for name in _files(folder) if name not in before
+            and any(fnmatch.fnmatch(name.split("/")[0], pattern) for pattern in STAGE_OUTPUTS)}
+
+
+def _clear(folder: Path, marker: dict, say: Callable[[str], None]) -> None:
+    """Remove what the stage wrote (files, then the folders they leave empty); keep everything else."""
+    written = _written(folder, marker)
+    for name in sorted(written, reverse=True):
+        path = folder / name
+        if ".." in Path(name).parts or Path(name).is_absolute():  # a marker edited by hand: never outside the folder
+            continue
+        if path.is_file() or path.is_symlink():
+            path.unlink()
+            for parent in path.parents:
+                if parent == folder or any(parent.iterdir()):
+                    break
+                parent.rmdir()
+    kept = _files(folder)
+    if kept:
+        say(f"[pipeline] {folder}: kept {', '.join(kept[:4])}{f' and {len(kept) - 4} more' if len(kept) > 4 else ''} "
+            f"(not written by the stage)")
+
+
+def _prepare(folder: Path, digest: str, done: dict | None, say: Callable[[str], None] = print) -> None:
+    """Clear what a stage wrote with other settings; keep a stage interrupted with these (to resume) and
+    every file the stage did not write."""
     pending = read_marker(folder, PENDING)
     if folder.exists():
         if done is None and pending is None:
@@ -198,10 +256,11 @@ def _prepare(folder: Path, digest: str, done: dict | None) -> None:
                 raise ConfigError(f"{folder}: in the way (not a stage folder of this pipeline); move it or choose another "
                                   f"pipeline.out_dir")
         elif done is not None or pending["hash"] != digest:
-            shutil.rmtree(folder)
+            _clear(folder, done if done is not None else pending, say)
     folder.mkdir(parents=True, exist_ok=True)
-    if read_marker(folder, PENDING) is None:
-        write_json({"hash": digest, "started": time.strftime("%Y-%m-%d %H:%M:%S")}, folder / PENDING)
+    if read_marker(folder, PENDING) is None:  # what is here now (kept files) is not the stage's
+        write_json({"hash": digest, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "before": _files(folder)},
+                   folder / PENDING)
 
 
 # --------------------------------------------------------------------------------------------

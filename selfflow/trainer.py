@@ -24,7 +24,8 @@ from selfflow import checkpoint as ckpt
 from selfflow.arguments import TqdmLogHandler
 from selfflow.config import CUDA_GRAPH_MODES, ConfigError, RunConfig
 from selfflow.errors import DataError
-from selfflow.files import lock_folder, mark_output_folder
+from selfflow.files import check_output_folder, lock_folder, mark_output_folder
+from selfflow.imageio import uint8_to_float
 from selfflow.distributed import DistInfo, all_reduce_mean, any_rank, cleanup, init_distributed
 from selfflow.ema import EMA, decay_from_half_life
 from selfflow.methods import Batch, BatchRandom, Objective, build_method, build_network
@@ -40,6 +41,10 @@ from selfflow.errors import TrainingDiverged  # noqa: E402,F401  (re-exported)
 # set-up helpers
 # --------------------------------------------------------------------------------------------
 from selfflow.device import autocast_dtype, resolve_device  # noqa: E402,F401  (moved; re-exported)
+
+
+# A run folder written before markers existed is known by these; a pipeline stage folder by its stage marker.
+RUN_FILES = ("checkpoints", "metrics.jsonl", "config.yaml", "train.log", "stage.pending.json", "stage.json")
 
 
 def setup_logging(out_dir: Path | None, is_main: bool) -> None:
@@ -71,7 +76,8 @@ def load_data(config: RunConfig):
         from selfflow.text.data import load_captioned
 
         return load_captioned(config.text, d.name, d.path, d.split, d.image_size, d.channels)
-    dataset = load_dataset(d.name, path=d.path, split=d.split, image_size=d.image_size, channels=d.channels)
+    dataset = load_dataset(d.name, path=d.path, split=d.split, image_size=d.image_size, channels=d.channels, crop=d.crop,
+                           on_bad_image=d.on_bad_image, image_column=d.image_column, label_column=d.label_column)
     if getattr(dataset, "texts", None) is not None:
         raise DataError(f"data.path={d.path}: pairs made from caption prompts (prompts in set.json), but the run has no "
                         f"text section; add the teacher's text section (and train.init_from the teacher)")
@@ -139,6 +145,8 @@ class Trainer:
             )
         self.out_dir = Path(t.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
+        if self.dist.is_main:  # the output-folder rule, before anything is loaded or written
+            check_output_folder(self.out_dir, "run", recognise=RUN_FILES, flag="train.out_dir")
         self.amp_dtype = autocast_dtype(t.precision, self.device)
 
         # Data, model and method first: a bad data path or encoder file fails before the run folder exists.
@@ -174,9 +182,11 @@ class Trainer:
         # One generator draws every training random number (times, noise, masks, label drop);
         # the same seed on every process — see BatchRandom.
         self.generator = torch.Generator(device=self.device).manual_seed(t.seed + 1)
-        from selfflow.data import IndexStream
+        from selfflow.data import BatchLoader, IndexStream
 
         self.stream = IndexStream(len(self.dataset), t.batch_size, seed=t.seed, rank=self.dist.rank, world_size=self.dist.world_size)
+        # Sets decoded per batch (folder, webdataset, hf) are read ahead in workers; the stream stays the position's authority.
+        self.loader = BatchLoader(self.dataset, self.stream, t.num_workers) if getattr(self.dataset, "streamed", False) else None
 
         self.sharded = self.dist.enabled and t.distributed == "fsdp"
         self.objective = compiled_objective(self.model, self.method, t, whole_step=not self.sharded)
@@ -242,11 +252,17 @@ class Trainer:
     # ---- one optimisation step ----------------------------------------------------------------
     def _micro_batches(self):
         t = self.config.train
-        indices = self.stream.next_batch()  # this process's share of the global batch
+        if self.loader is not None:  # decoded ahead (uint8), this process's share of the global batch
+            indices, images, labels = self.loader.next_batch()
+        else:
+            indices = self.stream.next_batch()  # this process's share of the global batch
         local = len(indices) // t.grad_accum
         for m in range(t.grad_accum):
             chunk = indices[m * local : (m + 1) * local]
-            x0, y = self.dataset.get_batch(chunk)
+            if self.loader is not None:
+                x0, y = uint8_to_float(images[m * local : (m + 1) * local]), labels[m * local : (m + 1) * local]
+            else:
+                x0, y = self.dataset.get_batch(chunk)
             noise = self.dataset.get_noise(chunk).to(self.device) if hasattr(self.dataset, "get_noise") else None  # reflow pairs
             rows = slice(self.dist.rank * local, (self.dist.rank + 1) * local)
             yield m, Batch(x0=x0.to(self.device, non_blocking=True), y=y.to(self.device), random=BatchRandom(self.generator, local * self.dist.world_size, rows),
@@ -419,6 +435,8 @@ class Trainer:
                 self._tb.close()
             if self._wandb is not None:
                 self._wandb.finish()
+            if self.loader is not None:
+                self.loader.close()
 
     def _loop(self) -> dict:
         t = self.config.train

@@ -134,10 +134,13 @@ CHOICE_FIELDS = [
     ("modality.kind", "smell", []),
     ("modality.audio_source", "tape", ["modality.kind=audio"]),
     ("text.encoder", "bert", []),
+    ("data.crop", "middle", ["data.name=folder", "data.path=."]),
+    ("data.on_bad_image", "ignore", ["data.name=folder", "data.path=."]),
 ]
 # str fields whose value is not a choice: paths and the like.
 FREE_TEXT_FIELDS = {"data.path", "train.out_dir", "train.init_from", "method.encoder_path", "method.feature_net", "method.teacher",
-                    "modality.cache_dir", "text.captions", "text.cache_dir"}
+                    "modality.cache_dir", "text.captions", "text.cache_dir",
+                    "data.image_column", "data.label_column"}  # column names / tar extensions of the user's set
 
 
 def _str_fields():

@@ -152,3 +152,6 @@ def test_one_step_rows_judge_each_student_against_the_teacher_it_learns():
     # reflow: 1.1× its teacher, 40× faster, but one seed; DMD: 1.15× its teacher, 80× faster, two seeds
     assert report["target"]["met"] == ["DMD, 1 step"]
     assert "Met by any: **yes**" in report["target"]["text"]
+    report["rows"] = one_step.build_rows(None, specs, [{**e, "class_accuracy": 0.5} if e["run"] == "teacher" else e for e in evals], speed)
+    one_step.analyse(report)  # the same students of a teacher that cannot draw (class accuracy 0.5): nothing is met
+    assert report["target"]["met"] == [] and "teacher's class accuracy 0.500 < 0.9" in report["target"]["text"]

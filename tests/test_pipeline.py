@@ -180,18 +180,31 @@ def test_a_copied_pipeline_folder_keeps_its_finished_stages(tmp_path, fake_stage
     assert fake_stages == [] and config.student.run.train.init_from == str(tmp_path / "q" / "teacher")
 
 
-def test_a_changed_stage_starts_from_an_empty_folder(tmp_path, fake_stages):
+def test_a_changed_stage_removes_only_what_it_wrote(tmp_path, fake_stages, monkeypatch):
     pipeline.run_pipeline(_config(tmp_path), say=lambda m: None)
-    (tmp_path / "p" / "synth" / "left_over").write_text("old settings")
+    synth = tmp_path / "p" / "synth"
+    (synth / "NOTES.txt").write_text("a user's notes")  # put there after the stage finished: not the stage's
+    (synth / "mine").mkdir()
+    (synth / "mine" / "plot.png").write_bytes(b"user")
     (tmp_path / "p" / "teacher" / "kept").write_text("unchanged stage")
-    pipeline.run_pipeline(_config(tmp_path, "synth.seed=3"), say=lambda m: None)
-    assert not (tmp_path / "p" / "synth" / "left_over").exists() and (tmp_path / "p" / "teacher" / "kept").exists()
-    marker = json.loads((tmp_path / "p" / "synth" / "stage.json").read_text())
+    seen, messages = [], []
+    monkeypatch.setitem(pipeline.STAGE_FUNCTIONS, "synth",
+                        lambda c, folder, *a: seen.append(pipeline._files(folder)) or (folder / "new.txt").write_text("x") and {})
+    pipeline.run_pipeline(_config(tmp_path, "synth.seed=3"), say=messages.append)
+    assert seen == [["NOTES.txt", "mine/plot.png", "stage.pending.json"]]  # its old output.txt went, the user's files stayed
+    assert (synth / "NOTES.txt").read_text() == "a user's notes" and (synth / "mine" / "plot.png").read_bytes() == b"user"
+    assert (tmp_path / "p" / "teacher" / "kept").exists()
+    assert any("kept NOTES.txt, mine/plot.png (not written by the stage)" in m for m in messages)
+    marker = json.loads((synth / "stage.json").read_text())
     assert marker["settings"]["seed"] == 3 and marker["inputs"]["teacher"] == json.loads(
         (tmp_path / "p" / "teacher" / "stage.json").read_text())["hash"]
+    assert marker["before"] == ["NOTES.txt", "mine/plot.png"] and marker["written"] == ["new.txt"]
+    pipeline.run_pipeline(_config(tmp_path, "synth.seed=4"), say=lambda m: None)  # and again: still the user's
+    assert pipeline._files(synth) == ["NOTES.txt", "mine/plot.png", "new.txt", "stage.json"] and len(seen) == 2
 
 
-def test_an_interrupted_stage_resumes_in_its_folder(tmp_path, fake_stages, monkeypatch):
+def _interrupt_synth(tmp_path, monkeypatch) -> Path:
+    """Run the pipeline with a synth stage that writes a file and is interrupted; returns its folder."""
     def fail(config, folder, markers, device, say):
         (folder / "partial").write_text("half done")
         raise KeyboardInterrupt
@@ -199,7 +212,43 @@ def test_an_interrupted_stage_resumes_in_its_folder(tmp_path, fake_stages, monke
     monkeypatch.setitem(pipeline.STAGE_FUNCTIONS, "synth", fail)
     with pytest.raises(KeyboardInterrupt):
         pipeline.run_pipeline(_config(tmp_path), say=lambda m: None)
-    synth = tmp_path / "p" / "synth"
+    return tmp_path / "p" / "synth"
+
+
+def test_a_changed_interrupted_stage_removes_only_what_it_wrote(tmp_path, fake_stages, monkeypatch):
+    synth = _interrupt_synth(tmp_path, monkeypatch)
+    (synth / "NOTES.txt").write_text("a user's notes")
+    seen = []
+    monkeypatch.setitem(pipeline.STAGE_FUNCTIONS, "synth", lambda c, folder, *a: seen.append(pipeline._files(folder)) or {})
+    pipeline.run_pipeline(_config(tmp_path, "synth.seed=3"), say=lambda m: None)
+    assert seen == [["NOTES.txt", "stage.pending.json"]] and (synth / "NOTES.txt").read_text() == "a user's notes"
+
+
+def test_after_a_hard_kill_a_changed_stage_removes_only_its_known_outputs(tmp_path, fake_stages):
+    pipeline.run_pipeline(_config(tmp_path), say=lambda m: None)
+    teacher = tmp_path / "p" / "teacher"
+    (teacher / "stage.json").unlink()  # as a kill -9 mid-training leaves it: a pending marker, no list of what was written
+    pipeline.write_json({"hash": "old", "started": "then"}, teacher / "stage.pending.json")
+    (teacher / "checkpoints" / "step_00000002").mkdir(parents=True)
+    (teacher / "checkpoints" / "step_00000002" / "model.safetensors").write_bytes(b"w")
+    (teacher / "metrics.jsonl").write_text("{}\n")
+    (teacher / "NOTES.txt").write_text("a user's notes")
+    pipeline.run_pipeline(_config(tmp_path), say=lambda m: None)
+    assert pipeline._files(teacher) == ["NOTES.txt", "output.txt", "stage.json"]
+    assert (teacher / "NOTES.txt").read_text() == "a user's notes"
+
+
+def test_a_marker_naming_files_outside_its_folder_deletes_nothing_there(tmp_path, fake_stages):
+    pipeline.run_pipeline(_config(tmp_path), say=lambda m: None)
+    outside = tmp_path / "thesis.txt"
+    outside.write_text("chapter 1")
+    marker = json.loads((tmp_path / "p" / "synth" / "stage.json").read_text())
+    pipeline.write_json({**marker, "written": ["../../thesis.txt", "output.txt"]}, tmp_path / "p" / "synth" / "stage.json")
+    pipeline.run_pipeline(_config(tmp_path, "synth.seed=3"), say=lambda m: None)
+    assert outside.read_text() == "chapter 1"
+
+def test_an_interrupted_stage_resumes_in_its_folder(tmp_path, fake_stages, monkeypatch):
+    synth = _interrupt_synth(tmp_path, monkeypatch)
     assert (synth / "stage.pending.json").exists() and not (synth / "stage.json").exists()
     seen = []
     monkeypatch.setitem(pipeline.STAGE_FUNCTIONS, "synth", lambda c, folder, *a: seen.append((folder / "partial").exists()) or {})

@@ -6,6 +6,7 @@
 - no code from files: the FID Inception's weights are read as data into our own network;
 - one-line errors, bounds checked before allocation, no silent wrong numbers.
 """
+import contextlib
 import json
 import os
 import re
@@ -77,6 +78,44 @@ def test_every_output_folder_with_a_user_file_is_refused_and_kept(command, run, 
     assert main(args) == 2
     one_line_error(capsys, str(out), "NOTES.txt")
     assert _listing(out) == {"NOTES.txt": NOTES.encode()}
+
+
+TRAINERS = {  # the commands that train into train.out_dir (the rule is checked before data, model or logging)
+    "train": ["train", "--config", str(REPO / "configs" / "digits_flow_matching.yaml")],
+    "distill": ["distill", "reflow", "--config", str(REPO / "configs" / "digits_reflow.yaml")],
+    "represent train": ["represent", "train", "--config", str(REPO / "configs" / "digits_stablerep.yaml")],
+}
+
+
+@pytest.mark.parametrize("command", list(TRAINERS))
+def test_training_into_a_folder_with_a_user_file_is_refused_and_kept(command, tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    (out / "NOTES.txt").write_text(NOTES)
+    (out / "sub" / "data.bin").write_bytes(b"\x00")
+    assert main(TRAINERS[command] + ["--set", f"train.out_dir={out}", "--set", "train.device=cpu"]) == 2
+    one_line_error(capsys, f"train.out_dir {out}", "NOTES.txt", "not written by selfflow")
+    assert _listing(out) == {"NOTES.txt": NOTES.encode(), "sub/data.bin": b"\x00"}  # no train.log, lock or marker
+
+
+def test_a_run_folder_resumes_with_a_user_file_in_it_and_a_folder_of_another_command_is_refused(tmp_path, capsys):
+    from selfflow.checkpoint import step_dir_name
+    from selfflow.files import OUTPUT_MARKER
+
+    out = tmp_path / "run"
+    assert main(_train_args(out, steps=1)) == 0
+    (out / "NOTES.txt").write_text(NOTES)  # the user's notes in their own run folder: it stays a run folder
+    assert main(_train_args(out, steps=2)) == 0
+    assert (out / "NOTES.txt").read_text() == NOTES and (out / "checkpoints" / step_dir_name(2)).is_dir()
+    (out / OUTPUT_MARKER).unlink()  # a run folder written before markers existed: known by its checkpoints
+    assert main(_train_args(out, steps=3)) == 0 and (out / "checkpoints" / step_dir_name(3)).is_dir()
+    generated = tmp_path / "set"
+    assert main(["generate-set", "--ckpt", str(out), "--n", "2", "--steps", "1", "--device", "cpu", "--out", str(generated)]) == 0
+    before = _listing(generated)
+    capsys.readouterr()
+    assert main(_train_args(generated, steps=1)) == 2  # a set folder is not a run folder
+    one_line_error(capsys, f"train.out_dir {generated}", "written by `set`")
+    assert _listing(generated) == before
 
 
 @pytest.mark.parametrize("command", ["eval", "modality eval"])
@@ -204,6 +243,39 @@ def test_a_second_writer_is_refused_naming_the_first_and_kill_9_releases_it(comm
         holder.wait()
     if command != "pipeline":
         assert main(args) == 0  # the lock died with its holder
+
+
+FORKING_HOLDER = """
+import os, sys, time
+sys.path.insert(0, {repo!r})
+from selfflow.files import lock_folder
+lock_folder(sys.argv[1]).__enter__()
+child = os.fork()  # a forked data worker inherits the descriptors of its parent
+if child == 0:
+    time.sleep(120)
+    os._exit(0)
+print(child, flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_forked_worker_does_not_keep_the_lock_after_its_parent_is_killed(tmp_path):
+    """Data workers are forked from the writer; kill -9 of the writer frees the folder at once."""
+    from selfflow.files import lock_folder
+
+    folder = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", FORKING_HOLDER.format(repo=str(REPO)), str(folder)],
+                              stdout=subprocess.PIPE, text=True)
+    child = int(holder.stdout.readline())
+    try:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+        os.kill(child, 0)  # the worker is still alive
+        with lock_folder(folder):
+            pass
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
 
 
 def test_second_trainer_in_one_process_sequence_is_fine(tmp_path):
@@ -470,10 +542,11 @@ def test_a_probe_on_a_one_split_data_set_is_refused(tmp_path, capsys):
     run_dir = tmp_path / "enc"
     assert main(["represent", "train", "--config", config, "--set", "train.steps=1", "--set", "train.batch_size=8",
                  "--set", f"train.out_dir={run_dir}", "--set", "train.device=cpu", "--set", "train.progress=false",
-                 "--set", "train.tensorboard=false", "--set", "data.name=digits", "--set", "data.path=null"]) == 0
+                 "--set", "train.tensorboard=false", "--set", "data.name=digits", "--set", "data.path=null",
+                 "--set", "method.name=supcon"]) == 0  # class labels as positives (stablerep needs a synthetic set)
     capsys.readouterr()
     assert main(["represent", "probe", "--config", config, "--set", f"train.out_dir={run_dir}", "--data", "npz",
-                 "--data-path", str(data), "--device", "cpu", "--epochs", "1"]) == 2
+                 "--data-path", str(data), "--device", "cpu", "--max-iter", "5"]) == 2
     one_line_error(capsys, str(data), "leaked accuracy")
     assert not (run_dir / "probe.json").exists()
 

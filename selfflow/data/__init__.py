@@ -25,21 +25,24 @@ import os
 from selfflow.data.idx import IDX_FILES, MNIST_SHA256, NAMED_SETS, load_idx, load_mnist, read_idx
 from selfflow.data.images import SPLITS, ImageDataset, check_split, load_digits, load_folder, load_npz
 from selfflow.data.latents import LatentDataset, load_latents
+from selfflow.data.loader import BatchLoader
+from selfflow.data.source import STREAMED_SOURCES, StreamedImageSet, load_streamed
 from selfflow.data.stream import IndexStream
 from selfflow.errors import DataError
 from selfflow.imageio import uint8_to_float
 
 __all__ = [
-    "DataError", "ImageDataset", "LatentDataset", "IndexStream", "DATASET_NAMES", "SPLITS", "IDX_FILES",
+    "DataError", "ImageDataset", "LatentDataset", "IndexStream", "BatchLoader", "StreamedImageSet", "DATASET_NAMES", "SPLITS", "IDX_FILES",
     "MNIST_SHA256", "NAMED_SETS", "load_dataset", "load_digits", "load_idx", "load_mnist", "load_folder",
     "load_npz", "load_latents", "read_idx", "uint8_to_float",
 ]
 
-DATASET_NAMES = ("digits", "mnist", "fashion-mnist", "idx", "folder", "npz", "latents", "pairs", "synth")
+DATASET_NAMES = ("digits", "mnist", "fashion-mnist", "idx", "folder", "npz", "latents", "pairs", "synth", "webdataset", "hf")
 
 
 def load_dataset(name: str, path: str | os.PathLike | None = None, split: str = "train",
-                 image_size: int | None = None, channels: int | None = None):
+                 image_size: int | None = None, channels: int | None = None, *, crop: str | None = None,
+                 on_bad_image: str = "error", image_column: str | None = None, label_column: str | None = None):
     """Load a data set by name.
 
     Args:
@@ -48,15 +51,19 @@ def load_dataset(name: str, path: str | os.PathLike | None = None, split: str = 
             (class sub-folders), ``npz`` (a file), ``latents`` (an encoded set or ``.npy`` files).
         path: folder or file; unused by ``digits``.
         split: ``"train"``, ``"test"`` or ``"all"``.
-        image_size: resize every image to ``image_size × image_size`` (bilinear; antialiased
-            when shrinking). None keeps the stored size.
+        image_size: make every image ``image_size × image_size`` (streamed sources: by ``crop``;
+            the in-memory sets: bilinear, antialiased when shrinking). None keeps the stored size.
         channels: 1 or 3. Grey -> RGB repeats the channel; RGB -> grey uses the ITU-R 601
             luma weights. None keeps the source's own (``folder``: 1 if every image is grey,
             else 3).
+        crop, on_bad_image, image_column, label_column: for the streamed sources ``folder``,
+            ``webdataset`` and ``hf`` only (:mod:`selfflow.data.source`): ``center`` (default),
+            ``random`` or ``resize``; ``error`` or ``skip``; the columns (or tar extensions) read.
 
     Returns:
         :class:`ImageDataset` with uint8 images ``(N, C, H, W)`` and int64 labels ``(N,)``, or a
-        :class:`LatentDataset` for ``latents``.
+        :class:`LatentDataset` for ``latents``, or a :class:`StreamedImageSet` for ``folder``,
+        ``webdataset`` and ``hf``.
     """
     if name not in DATASET_NAMES:
         raise DataError(f"unknown data set {name!r}; known: {', '.join(DATASET_NAMES)}")
@@ -72,6 +79,13 @@ def load_dataset(name: str, path: str | os.PathLike | None = None, split: str = 
     if path is None:
         hint = f" (download it with: selfflow data fetch {name} --to DIR)" if name in NAMED_SETS else ""
         raise DataError(f"data set {name!r} needs a path{hint}")
+    streamed_only = {"crop": crop, "image_column": image_column, "label_column": label_column,
+                     "on_bad_image": None if on_bad_image == "error" else on_bad_image}
+    given = [key for key, value in streamed_only.items() if value is not None]
+    if name in STREAMED_SOURCES:
+        return load_streamed(name, path, split, image_size, channels, crop, on_bad_image, image_column, label_column)
+    if given:
+        raise DataError(f"{', '.join(given)}: for the streamed sources ({', '.join(STREAMED_SOURCES)}) only, not {name!r}")
     if name == "pairs":  # reflow pairs (selfflow.data.pairs)
         if image_size is not None or channels is not None:
             raise DataError("pairs are used as stored: leave data.image_size and data.channels unset")
@@ -90,6 +104,4 @@ def load_dataset(name: str, path: str | os.PathLike | None = None, split: str = 
         return load_latents(path, split)
     if name in NAMED_SETS or name == "idx":
         return load_idx(path, split, image_size, channels, name=name)
-    if name == "folder":
-        return load_folder(path, split, image_size, channels)
     return load_npz(path, split, image_size, channels)

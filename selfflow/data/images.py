@@ -13,6 +13,8 @@ labels int64 (the "null" label for guidance is ``num_classes``).
     A folder with one sub-folder per class; class names are the sub-folder names in sorted order
     and label ``k`` is ``class_names[k]``. Images are found recursively inside each class
     folder (hidden files skipped). A folder with images and no sub-folders is one class.
+    Not held in memory: :func:`load_folder` returns a :class:`selfflow.data.source.StreamedImageSet`
+    that decodes per batch, with the crops of :mod:`selfflow.data.preprocess`.
 ``npz``
     A ``.npz`` file (loaded with ``allow_pickle=False``); see :func:`load_npz` for the keys,
     layouts and value ranges it accepts.
@@ -35,14 +37,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from selfflow.data.source import IMAGE_EXTENSIONS
 from selfflow.errors import DataError
 from selfflow.imageio import to_uint8, uint8_to_float
 
 SPLITS = ("train", "test", "all")
 DIGITS_TRAIN_COUNT = 1500
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
-                    ".pgm")
-_GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,84 +240,17 @@ def _image_files(folder: Path) -> list[Path]:
 
 
 def load_folder(path: str | os.PathLike, split: str = "train", image_size: int | None = None,
-                channels: int | None = None) -> ImageDataset:
-    """Images from ``path/<class name>/**/<image>``: uint8 ``(N, C, H, W)``, labels by class.
+                channels: int | None = None, crop: str | None = None, on_bad_image: str = "error"):
+    """Images from ``path/<class name>/**/<image>``, listed once and decoded per batch.
 
-    Without ``image_size`` every image must have the same size. ``channels`` None means 1 when
-    every image is grey (PIL modes 1, L, LA, I, I;16, F) and 3 otherwise; alpha is dropped.
+    Returns a :class:`selfflow.data.source.StreamedImageSet`: without ``image_size`` every image
+    must have the same size; ``crop`` (``center`` by default) makes mixed sizes square.
+    ``channels`` None means 1 when every image is grey and 3 otherwise; alpha is dropped.
     """
-    from PIL import Image, UnidentifiedImageError
+    from selfflow.data.source import load_streamed
 
     check_split(split)
-    root = Path(path)
-    if not root.is_dir():
-        raise DataError(f"{root}: image folder not found")
-    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if class_dirs:
-        classes = [(d.name, _image_files(d)) for d in class_dirs]
-        stray = [f for f in root.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS]
-        if stray:
-            raise DataError(f"{root}: image {stray[0].name} lies beside the class sub-folders; "
-                            "put every image inside its class folder")
-        empty = [name for name, files in classes if not files]
-        if empty:
-            raise DataError(f"{root}: class folder(s) with no images: {', '.join(empty)} "
-                            f"(extensions read: {' '.join(IMAGE_EXTENSIONS)})")
-    else:
-        classes = [(root.name, _image_files(root))]
-        if not classes[0][1]:
-            raise DataError(f"{root}: no images and no class sub-folders "
-                            f"(extensions read: {' '.join(IMAGE_EXTENSIONS)})")
-
-    pictures = []  # (file, label, PIL image fully decoded)
-    for label, (_, files) in enumerate(classes):
-        for file in files:
-            try:
-                with Image.open(file) as handle:
-                    handle.load()
-                    picture = handle.copy()
-            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-                raise DataError(f"{file}: cannot read image: {error}") from error
-            pictures.append((file, label, picture))
-
-    if channels is None:
-        channels = 1 if all(p.mode in _GREY_MODES for _, _, p in pictures) else 3
-    first_file, _, first = pictures[0]
-    if image_size is None:
-        for file, _, picture in pictures:
-            if picture.size != first.size:
-                raise DataError(f"{file}: size {picture.size[0]}x{picture.size[1]} (WxH) differs "
-                                f"from {first_file}: {first.size[0]}x{first.size[1]}; pass "
-                                "image_size to resize")
-        width, height = first.size
-    else:
-        width = height = image_size
-
-    images = np.empty((len(pictures), height, width, channels), dtype=np.uint8)
-    labels = np.empty(len(pictures), dtype=np.int64)
-    for row, (file, label, picture) in enumerate(pictures):
-        picture = _to_mode(picture, "L" if channels == 1 else "RGB")
-        if picture.size != (width, height):
-            picture = picture.resize((width, height), Image.Resampling.BILINEAR)
-        array = np.asarray(picture, dtype=np.uint8)
-        images[row] = array.reshape(height, width, channels)
-        labels[row] = label
-    tensor = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-    return ImageDataset(tensor, torch.from_numpy(labels), len(classes), "folder", str(root),
-                        [name for name, _ in classes], split)
-
-
-def _to_mode(picture, mode: str):
-    """Convert a PIL image to L or RGB; 16-bit and float grey are scaled, not clipped."""
-    if picture.mode in ("I", "I;16", "F"):
-        array = np.asarray(picture, dtype=np.float64)
-        top = 65535.0 if picture.mode != "F" or array.max() > 1.0 else 1.0
-        from PIL import Image
-        picture = Image.fromarray(np.rint(np.clip(array / top, 0, 1) * 255).astype(np.uint8))
-    if picture.mode in ("RGBA", "LA", "PA") or (picture.mode == "P" and "transparency"
-                                                 in picture.info):
-        picture = picture.convert("RGBA").convert("RGB")  # drop alpha, keep the colours
-    return picture.convert(mode)
+    return load_streamed("folder", path, split, image_size, channels, crop, on_bad_image)
 
 
 

@@ -38,6 +38,10 @@ def add_eval_parser(sub):
     p.add_argument("--data-path", default=None)
     p.add_argument("--split", default="train", help="reference split (train | test | all)")
     p.add_argument("--num-reference", type=int, default=None, help="first K reference images (default: all)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="folder / webdataset / hf references: make images this size (default: the checkpoint's data.image_size)")
+    p.add_argument("--crop", default=None, choices=["center", "resize", "random"],
+                   help="folder / webdataset / hf references: how (default: the checkpoint's data.crop, else center, ADM's)")
     p.add_argument("--feature-net", default=None, help="FD_dom classifier folder (default: trained once and cached)")
     p.add_argument("--inception", default=None, help="Inception FID weights: the TorchScript .pt archive, read as "
                                                      "weights only (its code never runs)")
@@ -134,7 +138,7 @@ def _train_feature_net(args, device, cache_dir: Path) -> int:
         raise ConfigError(f"--train-steps must be positive, got {args.train_steps}")
     widths = _widths(args.widths) or FD_DOM_WIDTHS
     _net, folder = feature_net_for(args.data, args.data_path, device, cache_dir, args.train_steps, Path(args.out),
-                                   seed=args.seed, widths=widths)
+                                   seed=args.seed, widths=widths, data_options=_reference_options(args, {}))
     print(f"wrote {folder}")
     return 0
 
@@ -170,6 +174,7 @@ def cmd_eval(args) -> int:
         images, labels = load_samples(args.samples)
 
     data_name, data_path, model, folder, settings = args.data, args.data_path, None, None, None
+    run_data: dict = {}
     if args.ckpt:
         from selfflow.config import sample_settings
         from selfflow.files import read_json
@@ -183,6 +188,8 @@ def cmd_eval(args) -> int:
             raise ConfigError(f"--metrics acc: {folder} is an unconditional model (no classes to check); "
                               f"leave acc out of --metrics")
         run = read_json(folder / "config.json").get("run") or {}
+        if not data_name or data_name == (run.get("data") or {}).get("name"):  # the training data's preprocessing too
+            run_data = run.get("data") or {}
         data_name = data_name or (run.get("data") or {}).get("name")
         data_path = data_path or (run.get("data") or {}).get("path")
         if images is None:
@@ -198,7 +205,8 @@ def cmd_eval(args) -> int:
 
     from selfflow.data import load_dataset
 
-    reference = load_dataset(data_name, path=data_path, split=args.split)
+    options = _reference_options(args, run_data)
+    reference = load_dataset(data_name, path=data_path, split=args.split, **options)
     if args.num_reference is not None and not 2 <= args.num_reference <= len(reference):
         raise ConfigError(f"--num-reference: {args.num_reference}, the {data_name} {args.split} split has "
                           f"{len(reference)} images (need 2..{len(reference)})")
@@ -220,7 +228,7 @@ def cmd_eval(args) -> int:
         else:
             from selfflow.evaluation.feature_net import feature_net_for
 
-            net = feature_net_for(data_name, data_path, device, cache_dir, args.train_steps)[1]
+            net = feature_net_for(data_name, data_path, device, cache_dir, args.train_steps, data_options=options)[1]
     report = evaluate(images, labels, metrics=metrics, reference=reference, num_reference=args.num_reference,
                       feature_net_dir=net, inception_path=inception, device=device,
                       cache_dir=cache_dir / "reference_stats", sampling=sampling)
@@ -232,6 +240,18 @@ def cmd_eval(args) -> int:
     _print_table(report)
     print(f"wrote {out}")
     return 0
+
+
+def _reference_options(args, run_data: dict) -> dict:
+    """image_size / crop (and the streamed sources' columns) for the reference set: the flags, else the training run's."""
+    if args.image_size is not None and args.image_size <= 0:
+        raise ConfigError(f"--image-size must be positive, got {args.image_size}")
+    options = {"image_size": args.image_size if args.image_size is not None else run_data.get("image_size")}
+    for key in ("crop", "image_column", "label_column"):
+        value = getattr(args, key, None) or run_data.get(key)
+        if value is not None:
+            options[key] = value
+    return options
 
 
 def _generate(model, folder: Path, settings, args, device) -> tuple[torch.Tensor, torch.Tensor | None, dict]:

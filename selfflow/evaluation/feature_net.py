@@ -350,21 +350,25 @@ def train_on_dataset(dataset, out: str | Path, *, steps: int = 2000, seed: int =
 
 def feature_net_for(name: str, path: str | None, device: str | torch.device, cache_dir: str | Path,
                     steps: int = 2000, out: str | Path | None = None, *, seed: int = 0,
-                    widths: tuple[int, ...] = FD_DOM_WIDTHS, progress: bool = True) -> tuple[FeatureNet, Path]:
+                    widths: tuple[int, ...] = FD_DOM_WIDTHS, progress: bool = True,
+                    data_options: dict | None = None) -> tuple[FeatureNet, Path]:
     """The FD_dom classifier of data set ``name``: loaded from ``cache_dir`` when it was trained
-    before, else trained on the train split and saved there (or to ``out``, always trained)."""
+    before, else trained on the train split and saved there (or to ``out``, always trained).
+    ``data_options``: ``load_dataset``'s image_size / crop / columns, as the reference set was read."""
     from selfflow.data import load_dataset
 
-    train = load_dataset(name, path=path, split="train")
+    data_options = {k: v for k, v in (data_options or {}).items() if v is not None}
+    train = load_dataset(name, path=path, split="train", **data_options)
     widths = tuple(int(w) for w in widths)
     # The cache name carries everything that shapes the network: data, size, steps, architecture, seed.
     c, h, w = train.shape
     folder = Path(out) if out is not None else (
         Path(cache_dir) / "feature_nets"
-        / f"{name}_{len(train)}_{c}x{h}x{w}_s{steps}_w{'-'.join(map(str, widths))}{f'_seed{seed}' if seed else ''}")
+        / f"{name}_{len(train)}_{c}x{h}x{w}{'_' + train.crop if getattr(train, 'crop', None) else ''}"
+          f"_s{steps}_w{'-'.join(map(str, widths))}{f'_seed{seed}' if seed else ''}")
     if out is None and (folder / WEIGHTS_FILE).exists():
         return load_feature_net(folder, device), folder
     print(f"training the feature net on {name} train ({len(train)} images, {steps} steps) → {folder}")
-    test = load_dataset(name, path=path, split="test") if name in ("digits", "mnist") else None
+    test = load_dataset(name, path=path, split="test", **data_options) if name in ("digits", "mnist") else None
     return train_on_dataset(train, folder, steps=steps, seed=seed, widths=widths, device=device, test=test,
                             progress=progress)
