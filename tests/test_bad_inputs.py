@@ -133,6 +133,7 @@ CHOICE_FIELDS = [
     ("method.loss", "l3", ["method.name=distill"]),
     ("modality.kind", "smell", []),
     ("modality.audio_source", "tape", ["modality.kind=audio"]),
+    ("modality.observation", "lidar", ["modality.kind=metaworld"]),
     ("text.encoder", "bert", []),
     ("data.crop", "middle", ["data.name=folder", "data.path=."]),
     ("data.on_bad_image", "ignore", ["data.name=folder", "data.path=."]),
@@ -140,7 +141,8 @@ CHOICE_FIELDS = [
 # str fields whose value is not a choice: paths and the like.
 FREE_TEXT_FIELDS = {"data.path", "train.out_dir", "train.init_from", "method.encoder_path", "method.feature_net", "method.teacher",
                     "modality.cache_dir", "text.captions", "text.cache_dir",
-                    "data.image_column", "data.label_column"}  # column names / tar extensions of the user's set
+                    "data.image_column", "data.label_column",  # column names / tar extensions of the user's set
+                    "modality.task"}  # a Meta-World task name, checked against the installed benchmark when its data is made
 
 
 def _str_fields():
