@@ -51,7 +51,7 @@ from torch import nn
 
 from safetensors import SafetensorError
 
-from selfflow import files
+import selfflow.files as files
 from selfflow.distributed import DistInfo, any_rank
 from selfflow.errors import CheckpointError, ConfigError
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from selfflow import checkpoint as ckpt
+import selfflow.checkpoint as ckpt
 from selfflow.arguments import TqdmLogHandler
 from selfflow.config import CUDA_GRAPH_MODES, ConfigError, RunConfig
 from selfflow.errors import DataError
