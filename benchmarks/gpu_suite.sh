@@ -24,13 +24,15 @@
 #     real-floor   MNIST FID floor at 10k vs 10k, and the time of one FID with a cached reference
 #   bash benchmarks/gpu_suite.sh metaworld  a fourth call: Meta-World push-v3 and reach-v3, flow matching vs Self-Flow vs
 #                  regression, 3 seeds × 50 episodes, execute-1 and execute-8, 64-px image observations, 100-step
-#                  episodes (benchmarks/metaworld_policies.py --device cuda, 5000 steps, batch 256). The device has no network: before the call, here,
+#                  episodes (benchmarks/metaworld_policies.py --device cuda, 5000 steps, batch 256). The device has no
+#                  network: before the call, here,
 #                  `pip install --target .carry/pylib metaworld==3.1.1 mujoco packaging` (carried; ~60 MB with MuJoCo, so
 #                  carry it instead of MNIST/Inception, which this call does not need); MUJOCO_GL=egl renders on the GPU's
 #                  driver (the CPU's osmesa is not there). An estimate without a measurement: training ~10 ms/step
-#                  (8 tokens, launch-bound) → 3 methods × 2 tasks × 3 seeds × 50 s ≈ 15 min: over one call's budget, so
-#                  the call runs what fits (the benchmark is resumable and rewrites its report after each method;
-#                  call again in the next session to finish)                                      520 s
+#                  (8 tokens, launch-bound) → 3 methods × 2 tasks × 3 seeds × 50 s ≈ 15 min, and evaluation is
+#                  CPU-bound MuJoCo (a reset ≈ 0.3 s, a step + a frame ≈ 0.01 s on the 2-core CPU: 36 evaluations of
+#                  50 episodes ≈ 30 min on one core): over one call's budget, so the call runs what fits (the
+#                  benchmark is resumable and rewrites its report after each method; call again to finish)  520 s
 #   bash benchmarks/gpu_suite.sh more       a third call (another session's): figures that need neither call's records
 #     modalities   video, audio, audio-video, actions: Self-Flow vs flow matching (+ the regression policy),
 #                  2 seeds, 32-px frames / 32 mel bins, batch 256, 300 steps each (benchmarks/modalities.py
