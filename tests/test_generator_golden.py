@@ -18,8 +18,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from selfflow.config import ModelConfig
-from selfflow.model import DiT, TimeRows
+from selfflow.config import ModalityConfig, ModelConfig, TextConfig
+from selfflow.loader import load_model
+from selfflow.model import Condition, DiT, TimeRows, build_generator
 from selfflow.modalities.model import TokenDiT
 from selfflow.modalities.tokens import Layout, Part
 from selfflow.text.encoders import TextEmbedding
@@ -114,6 +115,73 @@ def test_the_generator_keeps_the_old_classes_names_order_and_numbers(name):
     assert sorted(got) == sorted(k.split("/", 1)[1] for k in expected if k.startswith(name + "/"))
     for key, value in got.items():
         torch.testing.assert_close(value, expected[f"{name}/{key}"], rtol=0, atol=1e-6, msg=f"{name}: {key}")
+
+
+
+# ---- one class, configured -------------------------------------------------------------------------
+def test_the_old_names_build_the_one_class_and_it_is_the_only_generator_class():
+    import re
+
+    assert all(type(build(name)[0]) is DiT for name in CONFIGS)  # TextDiT, TokenDiT: factories, no class of their own
+    package = Path(__file__).resolve().parents[1] / "selfflow"
+    classes = [f"{p.relative_to(package)}: {line}" for p in package.rglob("*.py")
+               for line in p.read_text().splitlines() if re.match(r"class \w*DiT\b", line)]
+    assert classes == ["model.py: class DiT(nn.Module):"]
+
+
+def test_a_condition_names_what_is_wrong():
+    with pytest.raises(ValueError, match="condition kind 'audio'"):
+        Condition("audio")
+    with pytest.raises(ValueError, match="caption condition needs its width"):
+        Condition("caption")
+    with pytest.raises(ValueError, match="set_bank: this model is not caption-conditioned"):
+        build("image_labels")[0].set_bank(TextEmbedding(torch.zeros(1, 4), torch.zeros(1, 1, 4), torch.ones(1, 1, dtype=torch.bool)))
+
+
+def caption_video(tmp_path):
+    """A text-to-video model from a run's sections (a caption condition on a video layout), saved and loaded back."""
+    text = TextConfig(encoder="hashed", hashed_dim=TEXT_DIM, cache_dir=str(tmp_path / "cache"))
+    modality = ModalityConfig(kind="video", frames=4, frame_size=8, video_patch_frames=2, video_patch=4)
+    torch.manual_seed(0)
+    model = build_generator(tiny(num_classes=0), text=text, modality=modality)
+    return model, text, modality
+
+
+def test_a_caption_conditioned_video_model_trains_and_reloads(tmp_path):
+    model, text, modality = caption_video(tmp_path)
+    assert model.conditions_on_text and model.sample_shape == (1, 4, 8, 8) and model.text_dim == TEXT_DIM
+    g = torch.Generator().manual_seed(0)
+    captions = TextEmbedding(torch.randn(4, TEXT_DIM, generator=g), torch.randn(4, 3, TEXT_DIM, generator=g),
+                             torch.tensor([[True, True, False]] * 4))
+    model.set_bank(captions)
+    x0 = torch.randn(4, *model.sample_shape, generator=g)
+    y = torch.tensor([0, 1, 2, 4])  # bank index 4: the null caption
+    # a fresh model is the plain model: the cross-attention's output starts at zero, so no caption is read
+    t = torch.rand(4, generator=g)
+    with torch.no_grad():
+        assert torch.equal(model(x0, t, y), model(x0, t, None))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(3):  # flow matching with two time rows per sample (Self-Flow's per-token times)
+        noise = torch.randn(x0.shape, generator=g)
+        rows = TimeRows(torch.rand(4, 2, generator=g), torch.randint(0, 2, (4, model.num_tokens), generator=g))
+        t_tokens = model.expand_token_values(rows.per_token())
+        loss = (model((1 - t_tokens) * x0 + t_tokens * noise, rows, y) - (noise - x0)).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert model.blocks[0].cross.proj.weight.grad.abs().sum() > 0  # past adaLN-Zero's start the caption reaches the loss
+    model.eval()
+    with torch.no_grad():
+        v = model(x0, t, y)
+        assert not torch.allclose(v, model(x0, t, None))  # trained: the caption now changes the velocity
+        torch.testing.assert_close(v[3], model(x0[3:], t[3:], None)[0], rtol=0, atol=1e-6)  # index K: the null caption
+    folder = model.save_pretrained(tmp_path / "t2v", text=text, modality=modality)
+    loaded = load_model(folder)
+    assert type(loaded.model) is DiT and loaded.text == text and loaded.modality == modality
+    loaded.model.set_bank(captions)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x0, t, y), v)
 
 
 if __name__ == "__main__":
