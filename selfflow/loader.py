@@ -7,8 +7,9 @@ or an exported model folder, of any kind. ``config.json`` says what the folder h
     neither                                            → ``"image"``: class-conditional or unconditional images
 
 :func:`load_model` opens the folder once (:func:`selfflow.model.open_folder`), builds the one network
-class configured for that kind (:func:`selfflow.model.build_from_meta`), loads the chosen weights strictly and returns it with everything saved beside it. Every
-command that reads a generator goes through it.
+class configured by the folder's sections and loads the chosen weights strictly
+(:func:`selfflow.model.load_network`), and returns it with everything saved beside it. Every command
+that reads a generator goes through it.
 """
 from __future__ import annotations
 
@@ -21,9 +22,8 @@ from torch import nn
 
 from selfflow.config import ModalityConfig, TextConfig
 from selfflow.errors import USER_ERRORS, CheckpointError
-from selfflow.checkpoint import load_state_strict, load_tensors
 from selfflow.model import GENERATOR_KINDS, WEIGHTS, open_folder, read_kind  # noqa: F401  (re-exported)
-from selfflow.model import build_from_meta, check_text_width, modality_section, text_section
+from selfflow.model import load_network, modality_section, text_section
 
 # what each command that reads one kind says about a folder of another kind
 WRONG_KIND = {
@@ -69,10 +69,6 @@ def load_model(path: str | Path, weights: str = "ema", device: str | torch.devic
     if expect is not None and kind != expect:
         raise CheckpointError(f"{folder}: {WRONG_KIND[(expect, kind)]}")
     where = folder / "config.json"
-    model = build_from_meta(meta, where)  # one class; the folder's kind picks its layout and condition
-    state = load_tensors(file, device="cpu")
-    text = text_section(meta, where)
-    check_text_width(model, text, state, where, file)
-    load_state_strict(model, state, file)
-    modality = modality_section(meta, where)
-    return LoadedGenerator(model.to(device).eval(), folder, kind, file, meta, text=text, modality=modality, run=run)
+    model = load_network(meta, where, file)  # one class; the folder's sections pick its layout and condition
+    return LoadedGenerator(model.to(device).eval(), folder, kind, file, meta, text=text_section(meta, where),
+                           modality=modality_section(meta, where), run=run)

@@ -601,15 +601,10 @@ class DiT(nn.Module):
         """Load a folder written by :meth:`save_pretrained`, a training checkpoint or a run folder (its
         newest checkpoint), of any kind. ``weights="ema.safetensors"`` picks the EMA weights of a training
         checkpoint."""
-        from selfflow.checkpoint import load_tensors, read_json, resolve_checkpoint
+        from selfflow.checkpoint import read_json, resolve_checkpoint
 
         directory = resolve_checkpoint(directory)
-        meta = read_json(directory / "config.json")
-        model = build_from_meta(meta, directory / "config.json")
-        state = load_tensors(directory / weights, device="cpu")
-        check_text_width(model, text_section(meta, directory / "config.json"), state, directory / "config.json", directory / weights)
-        load_state_strict(model, state, directory / weights)
-        return model.to(device)
+        return load_network(read_json(directory / "config.json"), directory / "config.json", directory / weights).to(device)
 
 
 def TextDiT(config: ModelConfig, text_dim: int) -> DiT:
@@ -663,6 +658,17 @@ def build_from_meta(meta: dict, where: Path) -> DiT:
     fields = {k: v for k, v in meta["model"].items() if k != "class_dropout_prob"}  # label dropout moved to the method config
     config = from_dict(ModelConfig, fields, f"{where}:model")
     return build_generator(config, text_section(meta, where), modality_section(meta, where))
+
+
+def load_network(meta: dict, config_file: Path, weights_file: Path) -> DiT:
+    """The generator ``config_file`` (read as ``meta``) describes, with ``weights_file`` loaded strictly (on the CPU)."""
+    from selfflow.checkpoint import load_tensors
+
+    model = build_from_meta(meta, config_file)
+    state = load_tensors(weights_file, device="cpu")
+    check_text_width(model, text_section(meta, config_file), state, config_file, weights_file)
+    load_state_strict(model, state, weights_file)
+    return model
 
 
 def build_token_model(model: ModelConfig, modality: ModalityConfig) -> DiT:
