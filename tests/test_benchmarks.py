@@ -152,6 +152,20 @@ def test_one_step_rows_judge_each_student_against_the_teacher_it_learns():
     # reflow: 1.1× its teacher, 40× faster, but one seed; DMD: 1.15× its teacher, 80× faster, two seeds
     assert report["target"]["met"] == ["DMD, 1 step"]
     assert "Met by any: **yes**" in report["target"]["text"]
+    # the closest model is a met one (reflow's 1.1× is closer but on one seed), and the text says what reflow misses
+    assert (report["target"]["closest"], report["target"]["closest_misses"]) == ("DMD, 1 step", [])
+    assert "**not met** (1 seed < 2; teacher's class accuracy 0.800 < 0.9)" in report["target"]["text"]
     report["rows"] = one_step.build_rows(None, specs, [{**e, "class_accuracy": 0.5} if e["run"] == "teacher" else e for e in evals], speed)
     one_step.analyse(report)  # the same students of a teacher that cannot draw (class accuracy 0.5): nothing is met
     assert report["target"]["met"] == [] and "teacher's class accuracy 0.500 < 0.9" in report["target"]["text"]
+    assert report["target"]["closest"] == "reflow"  # nothing met: the fast row nearest its teacher, and why it misses
+    assert report["target"]["closest_misses"] == ["1 seed < 2", "teacher's class accuracy 0.500 < 0.9"]
+
+
+def test_one_step_target_misses_name_each_failed_condition():
+    one_step = pytest.importorskip("one_step")
+    row = {"speedup_b256_vs_teacher50": 30.0, "fd_dom_vs_learned_teacher": 1.2, "fd_dom_values": [1.0, 1.1],
+           "learned_teacher": {"class_accuracy": 0.9}}
+    assert one_step.target_misses(row) == []  # every bound is inclusive
+    slow = {**row, "speedup_b256_vs_teacher50": 29.9, "fd_dom_vs_learned_teacher": 1.21}
+    assert one_step.target_misses(slow) == ["speed-up 29.9× < 30×", "FD_dom 1.21× > 1.2× the teacher it learns"]
