@@ -203,7 +203,7 @@ suite() {
     elif [ "$part" = onestep ]; then
         # the committed CPU teacher the MNIST one-step table distils (docs/benchmarks/one_step_mnist_cpu.md), FID of 10k images
         for cfg in 1 1.5; do
-            step "fid10k-cpu-teacher-50-cfg$cfg" 30 "$PY" benchmarks/fid_generated.py --ckpt weights/mnist_teacher_cpu --n "$FID_N" \
+            step "fid10k-cpu-teacher-50-cfg$cfg" 30 "$PY" benchmarks/fid_generated.py --ckpt weights/mnist_teacher_cpu --data mnist --data-path "$MNIST" --n "$FID_N" \
                 --sampler euler --steps 50 --cfg-scale "$cfg" --inception "$SELFFLOW_INCEPTION" --device "$DEV" \
                 --cache-dir "$ONE_WORK/fid_cache" --name "fid${FID_N}_mnist_teacher_cpu_euler50_cfg${cfg}_$DEV"
         done
