@@ -485,6 +485,16 @@ class Evaluator:
 # --------------------------------------------------------------------------------------------
 # report
 # --------------------------------------------------------------------------------------------
+def relative(record):
+    """A record's paths as the repository sees them: under the checkout relative to it, the local data
+    copy (a link .carry to elsewhere) as .carry — not the paths of the machine that ran them."""
+    text = json.dumps(record)
+    carry = ROOT / ".carry"
+    if carry.is_symlink():
+        text = text.replace(str(carry.resolve()), ".carry")
+    return json.loads(text.replace(str(ROOT) + "/", ""))
+
+
 def mean_sd(values: list[float], digits: int = 3) -> str:
     if not values:
         return "—"
@@ -930,8 +940,8 @@ def main(argv=None) -> int:
                                                     "dmd_steps", "dmd2_steps", "num_samples", "fd_steps", "seeds", "loss_seeds",
                                                     "reflow_rounds", "threads", "speed_rounds", "teacher_run", "guidance",
                                                     "pairs_cfg", "pairs_steps", "regression_weight", "only")},
-        "evaluation": evaluator.info, "speed": {k: v for k, v in speed.items() if k != "machine"}, "straightness": straight,
-        "dmd_diagnostics": dmd, "stages": all_stages, "evals": evals, "rows": (rows := build_rows(chain, specs, evals, speed)),
+        "evaluation": relative(evaluator.info), "speed": {k: v for k, v in speed.items() if k != "machine"}, "straightness": straight,
+        "dmd_diagnostics": dmd, "stages": {k: relative(v) for k, v in all_stages.items()}, "evals": evals, "rows": (rows := build_rows(chain, specs, evals, speed)),
         "teacher": teacher_summary(rows),
         "wall_seconds_this_invocation": time.time() - started,
         "gpu_command": ("python benchmarks/one_step.py --data mnist --data-path .carry/mnist --device cuda --threads 8 --model S "

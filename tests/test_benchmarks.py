@@ -169,3 +169,10 @@ def test_one_step_target_misses_name_each_failed_condition():
     assert one_step.target_misses(row) == []  # every bound is inclusive
     slow = {**row, "speedup_b256_vs_teacher50": 29.9, "fd_dom_vs_learned_teacher": 1.21}
     assert one_step.target_misses(slow) == ["speed-up 29.9× < 30×", "FD_dom 1.21× > 1.2× the teacher it learns"]
+
+
+def test_one_step_report_names_paths_relative_to_the_checkout():
+    one_step = pytest.importorskip("one_step")
+    record = {"command": f"python -m selfflow train --set train.out_dir={one_step.ROOT}/runs/x --set data.path=/elsewhere/mnist", "seconds": 1.5}
+    assert one_step.relative(record) == {"command": "python -m selfflow train --set train.out_dir=runs/x --set data.path=/elsewhere/mnist",
+                                         "seconds": 1.5}
