@@ -273,6 +273,7 @@ class Evaluator:
         x_train, _ = train.get_batch(torch.arange(len(train)))
         x_test, y_test = test.get_batch(torch.arange(len(test)))
         self.real_features = extract_features(self.net, x_train.to(self.device), batch_size=1000).float().cpu()
+        self.real_radii = None  # the k-NN radii of the real features: one N² pass for every evaluation
         self.reference = compute_stats(self.net, x_train.to(self.device), batch_size=1000)
         floor_count = min(len(test), self.args.num_samples)
         floor = compute_stats(self.net, x_test[:floor_count].to(self.device), batch_size=1000).frechet_distance(self.reference)
@@ -301,6 +302,7 @@ class Evaluator:
 
     def score(self, name: str, sampler: str, steps: int, cfg: float) -> dict:
         from selfflow.evaluation import FeatureStats, extract_features, precision_recall
+        from selfflow.evaluation.precision_recall import knn_radii
         from selfflow.evaluation.feature_net import conditional_accuracy
 
         path = self.chain.work / "evals" / f"{name}__{sampler}{steps}_cfg{cfg:g}_n{self.args.num_samples}.json"
@@ -310,7 +312,9 @@ class Evaluator:
         features = extract_features(self.net, result.images.to(self.device), batch_size=1000).float().cpu()
         fd = FeatureStats.from_features(features).frechet_distance(self.reference)
         accuracy, _ = conditional_accuracy(self.net, result.images, result.labels)
-        pr = precision_recall(self.real_features, features, k=3)
+        if self.real_radii is None:
+            self.real_radii = knn_radii(self.real_features, 3)
+        pr = precision_recall(self.real_features, features, k=3, real_radii=self.real_radii)
         row = {"run": name, "sampler": sampler, "steps": steps, "cfg_scale": cfg, "nfe_per_image": result.nfe_per_sample,
                "fd_dom": fd, "class_accuracy": accuracy, "precision": pr.precision, "recall": pr.recall,
                "pixel_mean": float(result.images.mean()), "pixel_std": float(result.images.std()),
