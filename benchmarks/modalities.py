@@ -115,6 +115,15 @@ MEASURES = {
 }
 
 
+# measured and compared but kept out of the main table and the plot (the cross-modal table shows them)
+EXTRA = {"audio_video": [("video_given_audio_clean_sync_offset", "sync offset s, video given audio, clean", "low"),
+                         ("video_given_audio_replace_sync_offset", "sync offset s, video given audio, replace", "low")]}
+
+
+def summary_measures(kind: str) -> list[tuple]:
+    return MEASURES[kind] + EXTRA.get(kind, [])
+
+
 def log(*a):
     print(time.strftime("%H:%M:%S"), *a, flush=True)
 
@@ -184,6 +193,7 @@ def flatten(kind: str, reports: dict) -> dict:
             row[f"video_given_audio_{mode}"] = rep["video_given_audio_accuracy"]
             row[f"audio_given_video_{mode}"] = rep["audio_given_video_accuracy"]
             row[f"audio_given_video_{mode}_sync_offset"] = rep.get("audio_given_video_sync_offset")
+            row[f"video_given_audio_{mode}_sync_offset"] = rep.get("video_given_audio_sync_offset")
         row["sync_offset"] = r.get("sync_offset")
         return row
     return {k: r[k] for k in ("success_rate", "mode_left", "mode_right", "mean_steps")}
@@ -289,7 +299,7 @@ def summarise(kind: str, rows: list[dict]) -> dict:
         if not group:
             continue
         stats = {}
-        for key, _, _ in MEASURES[kind]:
+        for key, _, _ in summary_measures(kind):
             values = [r[key] for r in group if r.get(key) is not None and not math.isnan(r[key])]
             if values:
                 stats[key] = {"mean": sum(values) / len(values), "spread": (max(values) - min(values)) / 2,
@@ -307,7 +317,7 @@ def compare(kind: str, summary: dict, base: str, other: str, names: tuple[str, s
     ``other``), and whether the gap exceeds the sum of their half-ranges over the seeds."""
     a_stats, b_stats = summary.get(base, {}), summary.get(other, {})
     lines = []
-    for key, label, better in MEASURES[kind]:
+    for key, label, better in summary_measures(kind):
         if better is None or key not in a_stats or key not in b_stats or (keys is not None and key not in keys):
             continue
         a, b = a_stats[key], b_stats[key]
@@ -361,30 +371,33 @@ def cross_modal(summary: dict, ref: dict, n: int) -> list[str]:
     head = []
     for key, label in CROSS:
         head += [f"{label}, clean ↑", f"{label}, replace ↑", f"{label}, clean − replace"]
-    head += ["sync offset s, audio given video, clean ↓", "sync offset s, audio given video, replace ↓"]
+    sync = [f"{key}_{mode}_sync_offset" for key, _ in CROSS for mode in ("clean", "replace")]
+    head += [f"sync offset s, {label}, {mode} ↓" for _, label in CROSS for mode in ("clean", "replace")]
     lines = ["### Cross-modal generation: given tokens clean vs replace, with and without whole-part times", "",
              "| method | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
     for method, stats in summary.items():
         cells = []
         for key, _ in CROSS:
             cells += [cell(stats, f"{key}_clean"), cell(stats, f"{key}_replace"), gap(stats, key)]
-        cells += [cell(stats, "audio_given_video_clean_sync_offset"), cell(stats, "audio_given_video_replace_sync_offset")]
+        cells += [cell(stats, key) for key in sync]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     if ref.get("audio_given_video_clean") is not None:
         cells = []
         for key, _ in CROSS:
             cells += [fmt(ref[f"{key}_clean"]), fmt(ref[f"{key}_replace"]), ""]
-        cells += [fmt(ref[k]) if isinstance(ref.get(k), (int, float)) else ""
-                  for k in ("audio_given_video_clean_sync_offset", "audio_given_video_replace_sync_offset")]
+        cells += [fmt(ref["sync_offset"]) if isinstance(ref.get("sync_offset"), (int, float)) else ""] * len(sync)
         lines.append("| real data | " + " | ".join(cells) + " |")
     keys = {f"{key}_{mode}" for key, _ in CROSS for mode in ("clean", "replace")} | {
-        "sync_offset", "audio_given_video_clean_sync_offset", "audio_given_video_replace_sync_offset", "agreement"}
+        "sync_offset", "agreement", *sync}
     with_times = compare("audio_video", summary, "self_flow", "self_flow_whole_part", ("without", "with whole-part times"), keys)
     lines += ["", "Accuracy: the judge names the real clip's digit in the generated half; clean − replace per seed (same "
               "model, same given halves): positive where holding the given half clean at time 0 helps; one accuracy "
               f"near chance (0.1) over {n} samples has a sampling standard error of about {fmt(math.sqrt(0.09 / n))}. "
               "Sync offset: mean "
-              "|appearance − spoken onset| of the real picture and the generated sound; the real row is the real pairs'."]
+              "|appearance − spoken onset| in seconds of the real half and the generated one (selfflow.modalities.sync); "
+              "the real row is the real pairs' (the detectors' floor)" + (
+                  f"; real pairs with each clip's sound taken from another clip: {fmt(ref['sync_offset_shuffled'])} s (no "
+                  "sync)." if isinstance(ref.get("sync_offset_shuffled"), (int, float)) else ".")]
     if with_times:
         lines += ["", "**With vs without whole-part times (Self-Flow).** " + "; ".join(with_times) + "."]
     return lines
