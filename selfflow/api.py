@@ -87,7 +87,7 @@ class Generator:
     @property
     def num_classes(self) -> int:
         """Class labels of an image or modality model (0: unconditional or caption-conditioned)."""
-        return 0 if self.kind == "text" else int(self.model.num_classes or 0)
+        return 0 if self.text is not None else int(self.model.num_classes or 0)
 
     # ---- sampling ---------------------------------------------------------------------------
     def sample(self, n: int, labels: Labels = None, prompt: Union[None, str, Sequence[str]] = None, seed: int = 0,
@@ -113,7 +113,7 @@ class Generator:
         if device is not None:
             self.device = resolve_device(str(device), "device")
             self.model.to(self.device)
-        if self.kind == "text":
+        if self.text is not None:  # captions: an image model, or a video model (its clips (n, 1, T, S, S))
             return self._sample_prompts(n, prompt, labels, seed, sampler, steps, cfg_scale, batch_size, sampler_options, precision)
         if prompt is not None:
             raise ConfigError(f"prompt: {self.folder} is not caption-conditioned (no text section); use labels")
@@ -197,9 +197,9 @@ def export_model(loaded: LoadedGenerator, directory: str | Path, settings: Sampl
     from selfflow.files import atomic_directory, save_tensors, write_json
 
     meta = {"model": dataclasses.asdict(loaded.model.config), "sample": dataclasses.asdict(settings)}
-    if loaded.kind == "text":
+    if loaded.text is not None:  # a caption model, image or video: its encoder
         meta.update(text_dim=loaded.model.text_dim, text=dataclasses.asdict(loaded.text))
-    elif loaded.kind == "modality":
+    if loaded.kind == "modality":
         meta["modality"] = dataclasses.asdict(loaded.modality)
         if loaded.run is not None:
             meta["run"] = loaded.run  # its data and method settings: `selfflow modality eval` reads them
