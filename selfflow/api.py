@@ -295,6 +295,8 @@ def model_card(loaded: LoadedGenerator, settings: SampleConfig, fmt: str = "self
     depth, width, heads = config.resolved_dims()
     conditioning = {"text": "captions", "modality": f"{loaded.modality.kind if loaded.modality else ''} tokens"}.get(
         loaded.kind, f"{config.num_classes} classes" if config.num_classes else "unconditional")
+    if loaded.text is not None and loaded.modality is not None:
+        conditioning = f"captions, {loaded.modality.kind} tokens"
     if fmt == "diffusers":
         usage = ("```python\nfrom selfflow.hub import SelfFlowPipeline  # pip install selfflow[diffusers]\n\n"
                  "pipe = SelfFlowPipeline.from_pretrained(\"THIS_FOLDER\")\n"
@@ -304,7 +306,7 @@ def model_card(loaded: LoadedGenerator, settings: SampleConfig, fmt: str = "self
                  "x = g.sample(16, seed=0)  # (16, C, H, W) in [-1, 1], the settings below\n```\n")
     tags = list(dict.fromkeys(["selfflow", "flow-matching", method.replace("_", "-")]))  # flow_matching: once
     pipeline_tag = "unconditional-image-generation" if loaded.kind == "image" and not config.num_classes else (
-        "text-to-image" if loaded.kind == "text" else "image-generation")
+        "text-to-image" if loaded.kind == "text" else "text-to-video" if loaded.text is not None else "image-generation")
     lines = [
         "---", f"library_name: {'diffusers' if fmt == 'diffusers' else 'selfflow'}", f"pipeline_tag: {pipeline_tag}",
         "tags:", *[f"- {t}" for t in tags], "---", "",

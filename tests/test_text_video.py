@@ -125,6 +125,7 @@ def test_train_checkpoints_resumes_and_samples_identically(run, tmp_path, capsys
     # an exported folder keeps the text and modality sections and samples the same clips
     assert main(["export", "--ckpt", str(folder), "--out", str(tmp_path / "exported")]) == 0
     assert torch.equal(selfflow.load(tmp_path / "exported", device="cpu").sample(4, prompt=PROMPTS, seed=3), x)
+    assert "pipeline_tag: text-to-video" in (tmp_path / "exported" / "README.md").read_text()
 
     capsys.readouterr()
     for argv, needle in ((["sample", "--ckpt", str(folder), "--out", str(tmp_path / "none")], "--prompt"),
