@@ -63,6 +63,13 @@ def test_combinations_that_cannot_work_are_refused_before_any_work(override, key
     assert not (tmp_path / "run").exists()
 
 
+def test_a_missing_caption_file_fails_before_the_run_folder_exists(tmp_path, capsys):
+    missing = tmp_path / "nope.jsonl"
+    assert train_cli(tiny(tmp_path / "run", tmp_path / "cache", 4, f"text.captions={missing}")) == 2
+    one_line_error(capsys, "text.captions", str(missing))
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_caption_file_gives_each_clip_its_captions(tmp_path):
     """Caption files work as for images: one line per clip index; a clip without captions is named."""
     from selfflow.trainer import load_data
