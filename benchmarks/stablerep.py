@@ -174,6 +174,9 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--encoder", default="vit", choices=["vit", "resnet"])
+    p.add_argument("--width", type=int, default=32, help="--encoder resnet: channels of its first stage (method.width)")
+    p.add_argument("--stem-stride", type=int, default=1, choices=[1, 2],
+                   help="--encoder resnet: 2 halves the image in the stem (early downsampling, ~4x cheaper)")
     p.add_argument("--passes", type=int, default=128, help="encoder passes per step, the same for every variant")
     p.add_argument("--per-caption", type=int, default=10, help="m: images generated per caption row (the paper: 10)")
     p.add_argument("--images-per-caption", type=int, default=6, help="k of a row's m images per batch (the paper: 6)")
@@ -210,6 +213,8 @@ def main() -> None:
     data_path = str(Path(args.data_path) if Path(args.data_path).is_dir() else ROOT / args.data_path) if mnist else None
     patch = args.patch or (4 if mnist else None)
     extra = data_overrides(args.data, data_path, patch)
+    if args.encoder == "resnet":
+        extra += [f"method.width={args.width}", f"method.stem_stride={args.stem_stride}"]
     started = time.perf_counter()
     variants = VARIANTS + (ALSO if args.also else [])
 
@@ -251,7 +256,8 @@ def main() -> None:
         file.write_text(json.dumps(value))
         return value
 
-    references = work / "references" / f"probe{len(probe_train)}_{len(probe_test)}_{args.encoder}"
+    arch = args.encoder + (f"_w{args.width}_s{args.stem_stride}" if args.encoder == "resnet" else "")
+    references = work / "references" / f"probe{len(probe_train)}_{len(probe_test)}_{arch}"
     pixels = cached(references / "raw_pixels.json", lambda: raw_pixel_probes(probe_train, probe_test, probe))
     log(f"raw pixels: linear={pixels['linear']:.3f} knn={pixels['knn']:.3f}")
     config = load_config(ROOT / "configs" / "digits_simclr.yaml", [f"method.encoder={args.encoder}", *extra])
@@ -299,7 +305,7 @@ def report(args, rows, raw, scores_of, pixels, untrained, variants, folder, patc
     missing = [v[0] for v in variants if v not in done]
     data_words = ("the real MNIST train split (60000 images)" if mnist else f"the real digits train split ({len(real)} images)")
     notes = "\n".join([
-        f"Encoder: {args.encoder} ({f'ViT of 4 DiT blocks, width 64, patch {patch or 2}, mean-pooled' if args.encoder == 'vit' else 'ResNet (method.width 32)'}; "
+        f"Encoder: {args.encoder} ({f'ViT of 4 DiT blocks, width 64, patch {patch or 2}, mean-pooled' if args.encoder == 'vit' else f'ResNet of 3 stages × 2 residual blocks, width {args.width}/{2 * args.width}/{4 * args.width}, stem stride {args.stem_stride}, GroupNorm, average-pooled to {4 * args.width} features'}; "
         f"configs/digits_*.yaml{' with data.name=mnist' if mnist else ''}), {args.steps} steps, AdamW lr 2e-3, {args.passes} encoder "
         f"passes per step for every variant (StableRep: {args.passes // args.images_per_caption} caption rows × "
         f"{args.images_per_caption} images; SimCLR: {args.passes // 2} images × 2 views; supervised: {args.passes} images), "
