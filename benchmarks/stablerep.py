@@ -392,7 +392,7 @@ def text_comparison(args) -> None:
     ])
     path = write_result(out_name, rows, COLUMNS,
                         "StableRep vs StableRep+ on a caption-drawn synthetic set (digits; linear probe on the real test split)",
-                        notes, extra={"runs": raw, "teacher": str(folder), "captions": str(captions), "steps": args.steps,
+                        notes, extra={"runs": raw, "teacher": str(folder), "captions": str(captions.relative_to(ROOT) if captions.is_relative_to(ROOT) else captions), "steps": args.steps,
                                       "sizes": args.sizes, "seeds": args.seeds, "caption_weight": args.caption_weight,
                                       "synth_cfg": args.synth_cfg, "verdict": verdict})
     (RESULTS / f"{out_name}.json").replace(path.with_suffix(".json"))
