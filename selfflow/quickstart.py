@@ -14,7 +14,8 @@ import json
 from pathlib import Path
 
 # Measured on the busy 2-core development CPU (docs/benchmarks/quickstart.md; 201 s in all): teacher
-# 104 s, pairs + student 41 s, evaluation 14 s, synthetic set 0.4 s, encoder 35 s, probes 2.5 s.
+# 104 s, pairs + student 41 s, evaluation 14 s, synthetic set 0.4 s, encoder 35 s, probes 2.5 s. At a load
+# of 7–8 with these limits and the ResNet encoder: 241 s (teacher and student cut by their limits).
 _DIGITS_MODEL = {"size": "tiny", "depth": 4, "hidden_size": 64, "num_heads": 4, "patch_size": 2}
 QUICKSTART_PIPELINE = {
     # One thread: this small a model gains little from a second, and loses several-fold when other
