@@ -28,7 +28,10 @@ def add_parser(sub) -> None:
     p.add_argument("--max-steps", type=int, default=d.max_steps)
     p.add_argument("--max-cfg-scale", type=float, default=d.max_cfg_scale)
     p.add_argument("--max-prompt-chars", type=int, default=d.max_prompt_chars)
-    p.add_argument("--window-ms", type=float, default=d.window_ms, help="how long a pass waits for company when idle")
+    p.add_argument("--window-ms", type=float, default=d.window_ms,
+                   help="how long an idle worker waits for company to a lone request (default 0: none)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for the network on the CPU (default: cores − 1, leaving one to the HTTP loop)")
     p.add_argument("--drain-seconds", type=float, default=60.0, help="on SIGTERM, how long requests in flight may take")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     p.set_defaults(handler=cmd_serve)
@@ -71,8 +74,16 @@ def cmd_serve(args) -> int:
     from selfflow.serve.engine import Engine
 
     limits = limits_of(args)
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads {args.threads}: must be at least 1")
     sock = bind(args.host, args.port)
     engine = Engine.load(args.ckpt, args.weights, args.device, args.precision)
+    if str(engine.device).startswith("cpu"):  # the network's threads and the HTTP loop share the cores
+        import os
+
+        import torch
+
+        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) - 1))
     server = uvicorn.Server(uvicorn.Config(create_app(engine, limits), log_level=args.log_level,
                                            timeout_graceful_shutdown=args.drain_seconds))
     host, port = sock.getsockname()[:2]
