@@ -87,18 +87,21 @@ class Server:
         self._stop = threading.Event()
         threading.Thread(target=self._watch, daemon=True).start()
 
+    def _processes(self) -> list:
+        """The server and its children (the model worker)."""
+        return [self._process, *self._process.children(recursive=True)]
+
     def _watch(self) -> None:
         while not self._stop.is_set():
             try:
-                self.peak_rss = max(self.peak_rss, self._process.memory_info().rss)
+                self.peak_rss = max(self.peak_rss, sum(process.memory_info().rss for process in self._processes()))
             except Exception:
                 return
             time.sleep(0.02)
 
     def cpu_seconds(self) -> float:
-        """CPU time the server process has used (all its threads, user + system)."""
-        times = self._process.cpu_times()
-        return times.user + times.system
+        """CPU time the server and its model worker have used (all their threads, user + system)."""
+        return sum(times.user + times.system for times in (process.cpu_times() for process in self._processes()))
 
     def close(self) -> int:
         self._stop.set()

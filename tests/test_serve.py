@@ -276,11 +276,35 @@ def start_server(ckpt, port: int, *flags) -> subprocess.Popen:
     raise AssertionError("server did not answer /health in 60 s")
 
 
-def test_sigterm_drains_requests_in_flight_and_exits_0(class_run):
+def test_the_model_worker_process_answers_as_the_engine_does(class_run, engine):
+    """selfflow serve runs the network in a child process: its answers are the in-process engine's, alone
+    and in a crowd of concurrent requests."""
     import httpx
 
     port = free_port()
+    proc = start_server(class_run, port)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        assert httpx.get(url + "/health").json()["model"] == engine.describe()
+        bodies = [{"n": 1 + k % 3, "seed": 7 * k, "labels": [k % 10]} for k in range(8)]
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            replies = list(pool.map(lambda body: httpx.post(url + "/v1/generate", json=body, timeout=60).json(), bodies))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    limits = Limits()
+    for body, reply in zip(bodies, replies):
+        assert reply["images"] == engine.run([engine.job(limits, **body)])[0].images
+
+
+def test_sigterm_drains_requests_in_flight_and_exits_0(class_run):
+    import httpx
+    import psutil
+
+    port = free_port()
     proc = start_server(class_run, port, "--window-ms", "1500")
+    children = psutil.Process(proc.pid).children()  # the model worker (and multiprocessing's resource tracker)
+    assert any(child.cmdline()[-1].startswith("--multiprocessing-fork") for child in children)
     try:
         with ThreadPoolExecutor(1) as pool:
             in_flight = pool.submit(httpx.post, f"http://127.0.0.1:{port}/v1/generate", json={"n": 3, "steps": 50}, timeout=60)
@@ -296,6 +320,8 @@ def test_sigterm_drains_requests_in_flight_and_exits_0(class_run):
             proc.kill()
     assert reply.status_code == 200 and len(reply.json()["images"]) == 3
     assert proc.returncode == 0, err
+    time.sleep(1)
+    assert all(not child.is_running() or child.status() == psutil.STATUS_ZOMBIE for child in children)  # none outlives the server
     assert "Traceback" not in err and "stopped after" in out
 
 

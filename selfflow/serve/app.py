@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
 from selfflow.errors import RequestError
-from selfflow.serve.engine import Batcher, Engine, Limits, QueueFull
+from selfflow.serve.engine import Batcher, Engine, Limits, ProcessWorker, QueueFull
 from selfflow.serve.page import PAGE
 
 MAX_BODY_BYTES = 64 * 1024
@@ -131,13 +131,16 @@ class _Front:
                 return b"".join(chunks)
 
 
-def create_app(engine: Engine, limits: Limits = Limits()) -> "_Front":
-    """The ASGI application (FastAPI behind :class:`_Front`); its batcher runs while the lifespan does."""
+def create_app(engine: Engine, limits: Limits = Limits(), worker: Optional[ProcessWorker] = None) -> "_Front":
+    """The ASGI application (FastAPI behind :class:`_Front`); its batcher runs while the lifespan does,
+    its passes on ``engine`` in this process or on ``worker``'s copy of the model (whose device
+    ``/health`` reports; ``engine`` then only checks requests)."""
     limits.validate()
+    model = engine.describe() | ({"device": worker.device} if worker else {})
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.batcher = Batcher(engine, limits)
+        app.state.batcher = Batcher(engine, limits, worker)
         app.state.batcher.start()
         yield
         await app.state.batcher.stop()  # uvicorn has finished the requests in flight
@@ -160,7 +163,7 @@ def create_app(engine: Engine, limits: Limits = Limits()) -> "_Front":
     @app.get("/health")
     async def health() -> dict:
         batcher = app.state.batcher
-        return {"status": "ok", "model": engine.describe(),
+        return {"status": "ok", "model": model,
                 "limits": {"max_n": limits.max_n, "max_steps": limits.max_steps, "max_cfg_scale": limits.max_cfg_scale,
                            "max_prompt_chars": limits.max_prompt_chars, "max_batch": limits.max_batch,
                            "max_queue": limits.max_queue},

@@ -229,6 +229,82 @@ class Engine:
         return outputs
 
 
+class ProcessWorker:
+    """``Engine.run`` in a child process (spawned, so CUDA works there too), called like ``Engine.run``.
+
+    A small model's forward pass is mostly Python (module calls between short kernels), and Python
+    runs one thread at a time per process: in the server's own process the network and the HTTP loop
+    would take turns (on the quickstart student, a loop busy half the time halves the passes per
+    second). In a child process each has its interpreter, and a core. Jobs and images cross a pipe
+    between our two processes, once per pass. The child ignores SIGINT and SIGTERM (the server drains
+    and then stops it) and exits when the pipe closes, so it never outlives the server."""
+
+    def __init__(self, path: str | Path, weights: str, device: str, precision: str, threads: int):
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        self._conn, child = context.Pipe()
+        self._process = context.Process(target=_worker_main, args=(child, str(path), weights, device, precision, threads),
+                                        name="selfflow-serve-worker", daemon=True)
+        self._process.start()
+        child.close()
+        kind, value = self._receive()
+        if kind != "ready":
+            self.close()
+            raise ConfigError(f"--ckpt {path}: the model worker could not load it ({value})")
+        self.device = value
+
+    def _receive(self) -> tuple:
+        try:
+            return self._conn.recv()
+        except (EOFError, OSError):
+            return "error", f"the model worker exited (status {self._process.exitcode})"
+
+    def __call__(self, jobs: list[Job]) -> list[Output]:
+        self._conn.send(jobs)
+        kind, value = self._receive()
+        if kind != "ok":
+            raise RuntimeError(value)
+        return value
+
+    def close(self) -> None:
+        try:
+            self._conn.send(None)
+        except (OSError, ValueError):
+            pass
+        self._process.join(30)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join()
+        self._conn.close()
+
+
+def _worker_main(conn, path: str, weights: str, device: str, precision: str, threads: int) -> None:
+    """The child of :class:`ProcessWorker`: load the model, then answer passes until told to stop."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    torch.set_num_threads(threads)
+    try:
+        engine = Engine.load(path, weights, device, precision)
+    except Exception as exc:
+        conn.send(("error", str(exc)))
+        return
+    conn.send(("ready", str(engine.device)))
+    while True:
+        try:
+            jobs = conn.recv()
+        except (EOFError, OSError):
+            return
+        if jobs is None:
+            return
+        try:
+            conn.send(("ok", engine.run(jobs)))
+        except Exception as exc:  # the pass's requests fail with this line; the worker keeps serving
+            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+
+
 class QueueFull(Exception):
     """More images wait than ``Limits.max_queue``: the request is refused (503 + Retry-After)."""
 
@@ -238,7 +314,8 @@ class QueueFull(Exception):
 
 
 class Batcher:
-    """Gathers jobs into forward passes on one worker thread (continuous batching).
+    """Gathers jobs into forward passes on one worker thread (continuous batching), which runs each
+    pass itself or, given a :class:`ProcessWorker` (as ``selfflow serve`` does), in that process.
 
     The worker thread runs passes back to back: as soon as a pass ends, it takes the oldest job and,
     in arrival order, every waiting job with the same key while the images fit ``max_batch`` — under
@@ -254,8 +331,8 @@ class Batcher:
     that.
     """
 
-    def __init__(self, engine: Engine, limits: Limits):
-        self.engine, self.limits = engine, limits
+    def __init__(self, engine: Engine, limits: Limits, worker: Optional[ProcessWorker] = None):
+        self.engine, self.limits, self.worker = engine, limits, worker
         self._waiting: collections.deque = collections.deque()  # (job, future), guarded by _ready
         self._waiting_images = 0
         self._ready = threading.Condition()
@@ -327,7 +404,7 @@ class Batcher:
                 continue
             start = time.perf_counter()
             try:
-                outcome = self.engine.run([job for job, _ in taken])
+                outcome = (self.worker or self.engine.run)([job for job, _ in taken])
             except Exception as exc:  # a failed pass fails its requests, never the server
                 outcome = exc
             self._pass_seconds = 0.8 * self._pass_seconds + 0.2 * (time.perf_counter() - start)
