@@ -70,7 +70,8 @@ class Server:
                    OMP_NUM_THREADS=str(args.threads))
         self.proc = subprocess.Popen([sys.executable, "-m", "selfflow", "serve", "--ckpt", str(ckpt), "--port", str(self.port),
                                       "--device", "cpu", "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue),
-                                      "--window-ms", str(args.window_ms), "--max-n", str(max(args.n)), "--threads", str(args.threads)],
+                                      "--window-ms", str(args.window_ms), "--max-n", str(max(args.n)), "--threads", str(args.threads),
+                                      "--worker", args.worker],
                                      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.url = f"http://127.0.0.1:{self.port}"
         deadline = time.time() + 120
@@ -222,6 +223,41 @@ def batched_throughput(engine, batch: int, seconds: float) -> tuple[float, float
     return images / (time.perf_counter() - start), 1000 * (time.process_time() - cpu) / images
 
 
+def shared_interpreter(engine, batch: int, seconds: float = 2.0) -> dict:
+    """Images/s of passes run in a thread of this process while the main thread is idle, and while it
+    runs Python half the time (1 ms bursts, as an HTTP loop under load): how much a network in the
+    server's own process loses to the interpreter lock (why ``selfflow serve`` runs it in a child)."""
+    import threading
+
+    from selfflow.serve.engine import Limits
+
+    jobs = [engine.job(Limits(), n=1, seed=k) for k in range(batch)]
+    engine.run(jobs)
+
+    def rate(busy: bool) -> float:
+        stop, passes = threading.Event(), [0]
+
+        def work():
+            while not stop.is_set():
+                engine.run(jobs)
+                passes[0] += 1
+
+        thread = threading.Thread(target=work)
+        thread.start()
+        start = time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            burst = time.perf_counter()
+            while busy and time.perf_counter() - burst < 0.001:
+                pass
+            time.sleep(0.001)
+        stop.set()
+        thread.join()
+        return passes[0] * batch / (time.perf_counter() - start)
+
+    idle, busy = rate(False), rate(True)
+    return {"batch": batch, "idle_images_per_s": idle, "busy_images_per_s": busy, "slowdown": idle / busy}
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -261,6 +297,7 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--max-queue", type=int, default=1024)
     parser.add_argument("--window-ms", type=float, default=0.0, help="the server's --window-ms")
+    parser.add_argument("--worker", default="process", choices=["process", "thread"], help="the server's --worker")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the server and of the batched reference")
     parser.add_argument("--reference-seconds", type=float, default=3.0)
     parser.add_argument("--name", default="serve_load_cpu")
@@ -273,9 +310,13 @@ def main() -> None:
     rows, rss_notes = [], []
     from selfflow.serve.engine import Engine
 
+    interpreter = {}
     for role, ckpt in models(args).items():
         server = Server(ckpt, args)
         engine = Engine.load(ckpt, device="cpu")  # the reference's copy of the same model, in this process
+        if role == "student":
+            interpreter = shared_interpreter(engine, 16)
+            print("one interpreter:", json.dumps(interpreter), flush=True)
         model = server.health["model"]
         requests = args.teacher_requests if role == "teacher" and args.teacher_requests else args.requests
         for n in args.n:
@@ -317,7 +358,12 @@ def main() -> None:
              "served. Latency is per request (n images), from send to the parsed answer, on 127.0.0.1. rss_mib_at_100: "
              "the server's peak resident memory after the first 100 requests of the row (cumulative over the server's "
              "life); rss_mib_end: the peak at the end of the row. "
-             + "; ".join(rss_notes) + f". Plot: [{path.name}]({path.name}).")
+             + "; ".join(rss_notes) + f". Plot: [{path.name}]({path.name}). "
+             f"Why the network runs in a child process (`--worker process`): the student's passes of 16 images in a "
+             f"thread of one process make {interpreter.get('idle_images_per_s', 0):.0f} images/s while the main thread idles "
+             f"and {interpreter.get('busy_images_per_s', 0):.0f} while it runs Python half the time in 1 ms bursts, as an "
+             f"HTTP loop under load does ({interpreter.get('slowdown', 0):.2f}× slower: the forward pass of a small model "
+             f"is mostly Python, which one process runs one thread at a time).")
     md = harness.write_result(name, rows, COLUMNS, "selfflow serve under load", notes=notes)
     print(f"wrote {md} and {path}")
 
