@@ -322,10 +322,10 @@ class Batcher:
     load, the requests that arrived during a pass form the next one, so passes fill by themselves,
     with no fixed window spent waiting and no round trip through the event loop between passes
     (answers go back to it with ``call_soon_threadsafe``). One wait remains (:meth:`_await_company`):
-    a pass far smaller than the last waits briefly for the clients that pass answered, who ask again
-    at once; without it a crowd of closed-loop clients splits into a lone request and the rest, in
-    alternating passes (for the Heun-20 teacher of the quickstart, passes of 7.7 images on average
-    instead of 15.4 for 16 clients). An idle worker may also wait ``window_ms`` (default 0) for
+    a pass smaller than the last waits briefly for the clients that pass answered, who ask again at
+    once; without it a crowd of closed-loop clients splits into a lone request and the rest, or two
+    halves, in alternating passes (for the Heun-20 teacher of the quickstart, passes of 7.7 images on
+    average instead of 15.4 for 16 clients). An idle worker may also wait ``window_ms`` (default 0) for
     company to a lone request. Jobs with other keys wait for a later pass; the oldest job is always
     served next, so none starves. At most ``max_queue`` images wait; :meth:`submit` refuses beyond
     that.
@@ -413,12 +413,11 @@ class Batcher:
 
     def _await_company(self, idle: bool, window: float) -> None:
         """(Under the lock.) Under steady load the clients a pass answered ask again at once: a pass
-        that would hold fewer than half the images of the last one waits for them until half are
-        there, at most a quarter of a pass's time (so passes do not split into a lone request and the
-        crowd, alternating; the halves of a crowd may alternate, overlapping the HTTP work of one with
-        the forward pass of the other); an idle worker waits ``window`` for company. Either wait ends
-        early once enough images wait."""
-        wait, target = self._pass_seconds / 4, (self._last_images + 1) // 2
+        that would hold fewer images than the last one waits for them, at most a quarter of a pass's
+        time (without it, closed-loop clients split into a lone request and the crowd, or two halves,
+        in alternating passes, and small passes cost more per image); an idle worker waits ``window``
+        for company. Either wait ends early once enough images wait."""
+        wait, target = self._pass_seconds / 4, self._last_images
         if idle and window > wait:
             wait, target = window, self.limits.max_batch
         target = min(target, self.limits.max_batch)
