@@ -171,11 +171,11 @@ async def load(server: Server, clients: int, requests: int, n: int, classes: int
         connection.close()
 
     before = httpx.get(server.url + "/health").json()["queue"]
-    cpu_before, own_cpu = server.cpu_seconds(), time.process_time()
+    cpu_before, own_cpu = server.cpu_seconds(), time.thread_time()  # this thread runs every client
     start = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(clients)))
     wall = time.perf_counter() - start
-    own_cpu = time.process_time() - own_cpu
+    own_cpu = time.thread_time() - own_cpu
     after = httpx.get(server.url + "/health").json()["queue"]
     cpu = server.cpu_seconds() - cpu_before
     ok = sum(1 for s in statuses if s == 200)
@@ -353,10 +353,10 @@ def main() -> None:
              "on the same CPU as the server and the reference; its own CPU time per request is client_cpu_ms_per_request, "
              "and load_1min is the machine's 1-minute load average when the row started (the CPU is shared with "
              "other jobs). The CPU time per image is the steadier figure on a shared machine: server_cpu_ms_per_image is the "
-             "server process's CPU time (every thread: HTTP, JSON, PNG, the network) per image served, "
+             "CPU time of the server's two processes (HTTP, JSON in one; the network, PNG in its model worker; every thread) per image served, "
              "batched_cpu_ms_per_image the reference's (the lower of the two measurements), and cpu_ratio = batched ÷ "
              "served. Latency is per request (n images), from send to the parsed answer, on 127.0.0.1. rss_mib_at_100: "
-             "the server's peak resident memory after the first 100 requests of the row (cumulative over the server's "
+             "the server's peak resident memory (both processes together) after the first 100 requests of the row (cumulative over the server's "
              "life); rss_mib_end: the peak at the end of the row. "
              + "; ".join(rss_notes) + f". Plot: [{path.name}]({path.name}). "
              f"Why the network runs in a child process (`--worker process`): the student's passes of 16 images in a "
