@@ -341,6 +341,7 @@ class Batcher:
         self._thread: Optional[threading.Thread] = None
         self._pass_seconds = 0.05  # a running estimate of one pass (Retry-After, the wait for company)
         self._last_images = 0  # images in the last pass
+        self._wanted: Optional[int] = None  # waiting images at which the worker wants waking (None: busy)
         self.passes = 0
         self.images = 0
 
@@ -371,7 +372,8 @@ class Batcher:
                 raise QueueFull(max(1, round(passes * self._pass_seconds + 0.5)))
             self._waiting.append((job, future))
             self._waiting_images += count
-            self._ready.notify()
+            if self._wanted is not None and self._waiting_images >= self._wanted:  # wake the worker only when
+                self._ready.notify()  # it waits for this many: not once per request of a crowd
         return future
 
     def _take(self) -> list:
@@ -394,11 +396,13 @@ class Batcher:
         while True:
             with self._ready:
                 idle = not self._waiting
+                self._wanted = 1
                 while not self._waiting and not self._stopping:
                     self._ready.wait()
                 if not self._waiting:
                     return
                 self._await_company(idle, window)
+                self._wanted = None  # busy: submit() need not wake it
                 taken = self._take()
             if not taken:
                 continue
@@ -421,6 +425,7 @@ class Batcher:
         if idle and window > wait:
             wait, target = window, self.limits.max_batch
         target = min(target, self.limits.max_batch)
+        self._wanted = target
         deadline = time.perf_counter() + wait
         while self._waiting_images < target and not self._stopping:
             left = deadline - time.perf_counter()
