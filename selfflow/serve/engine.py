@@ -339,8 +339,8 @@ class Batcher:
         self._stopping = False
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._thread: Optional[threading.Thread] = None
-        self._pass_seconds = 0.05  # a running estimate of one pass (Retry-After, the wait for company)
-        self._last_images = 0  # images in the last pass
+        self._pass_seconds = 0.05  # a running estimate of one pass, for Retry-After
+        self._last_images, self._last_seconds = 0, 0.0  # the last pass: its images, its time
         self._wanted: Optional[int] = None  # waiting images at which the worker wants waking (None: busy)
         self.passes = 0
         self.images = 0
@@ -411,17 +411,18 @@ class Batcher:
                 outcome = (self.worker or self.engine.run)([job for job, _ in taken])
             except Exception as exc:  # a failed pass fails its requests, never the server
                 outcome = exc
-            self._pass_seconds = 0.8 * self._pass_seconds + 0.2 * (time.perf_counter() - start)
+            self._last_seconds = time.perf_counter() - start
+            self._pass_seconds = 0.8 * self._pass_seconds + 0.2 * self._last_seconds
             self._last_images = sum(len(job.seeds) for job, _ in taken)
             self._loop.call_soon_threadsafe(self._answer, taken, outcome)
 
     def _await_company(self, idle: bool, window: float) -> None:
         """(Under the lock.) Under steady load the clients a pass answered ask again at once: a pass
-        that would hold fewer images than the last one waits for them, at most a quarter of a pass's
+        that would hold fewer images than the last one waits for them, at most half the last pass's
         time (without it, closed-loop clients split into a lone request and the crowd, or two halves,
         in alternating passes, and small passes cost more per image); an idle worker waits ``window``
         for company. Either wait ends early once enough images wait."""
-        wait, target = self._pass_seconds / 4, self._last_images
+        wait, target = self._last_seconds / 2, self._last_images
         if idle and window > wait:
             wait, target = window, self.limits.max_batch
         target = min(target, self.limits.max_batch)
