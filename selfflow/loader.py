@@ -6,9 +6,10 @@ or an exported model folder, of any kind. ``config.json`` says what the folder h
     a ``text`` section (top level or in ``run``)       → ``"text"``: caption-conditioned images
     neither                                            → ``"image"``: class-conditional or unconditional images
 
-:func:`load_model` opens the folder once (:func:`selfflow.model.open_folder`), builds the network of
-that kind, loads the chosen weights strictly and returns it with everything saved beside it. Every
-command that reads a generator goes through it.
+:func:`load_model` opens the folder once (:func:`selfflow.model.open_folder`), builds the one network
+class configured by the folder's sections and loads the chosen weights strictly
+(:func:`selfflow.model.load_network`), and returns it with everything saved beside it. Every command
+that reads a generator goes through it.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from torch import nn
 from selfflow.config import ModalityConfig, TextConfig
 from selfflow.errors import USER_ERRORS, CheckpointError
 from selfflow.model import GENERATOR_KINDS, WEIGHTS, open_folder, read_kind  # noqa: F401  (re-exported)
+from selfflow.model import load_network, modality_section, text_section
 
 # what each command that reads one kind says about a folder of another kind
 WRONG_KIND = {
@@ -33,6 +35,8 @@ WRONG_KIND = {
     ("modality", "image"): "not a modality model (no modality section in config.json); sample image models with selfflow sample",
     ("modality", "text"): "not a modality model (a caption-conditioned one); sample it with selfflow sample --prompt",
 }
+CAPTIONED_VIDEO = ("a caption-conditioned video model (text and modality sections in config.json); sample it with "
+                   "selfflow sample --prompt")
 
 
 @dataclass
@@ -44,7 +48,7 @@ class LoadedGenerator:
     kind: str  # one of GENERATOR_KINDS
     weights: Path  # the safetensors file that was loaded
     meta: dict = field(repr=False)  # config.json as read
-    text: Optional[TextConfig] = None  # kind "text": the caption encoder the model reads
+    text: Optional[TextConfig] = None  # a caption model (kind "text", or a text-to-video "modality"): its caption encoder
     modality: Optional[ModalityConfig] = None  # kind "modality": the layout and condition
     run: Optional[dict[str, Any]] = field(default=None, repr=False)  # the run's resolved config (training checkpoints)
 
@@ -64,19 +68,11 @@ def load_model(path: str | Path, weights: str = "ema", device: str | torch.devic
     folder, meta, file = open_folder(path, weights)
     run = meta.get("run") if isinstance(meta.get("run"), dict) else None
     kind = read_kind(meta)
-    if expect is not None and kind != expect:
-        raise CheckpointError(f"{folder}: {WRONG_KIND[(expect, kind)]}")
-    if kind == "modality":
-        from selfflow.modalities.model import load_token_generator
-
-        model, folder, modality, run = load_token_generator(folder, weights, device)
-        return LoadedGenerator(model.eval(), folder, kind, file, meta, modality=modality, run=run)
-    if kind == "text":
-        from selfflow.text.model import load_text_generator
-
-        model, folder, text = load_text_generator(folder, weights, device)
-        return LoadedGenerator(model.eval(), folder, kind, file, meta, text=text, run=run)
-    from selfflow.model import DiT
-
-    model = DiT.from_pretrained(folder, weights=file.name, device=device)
-    return LoadedGenerator(model.eval(), folder, kind, file, meta, run=run)
+    where = folder / "config.json"
+    text = text_section(meta, where)
+    captioned_video = kind == "modality" and text is not None  # sampled from prompts, as a caption model is
+    if expect is not None and (kind != expect or captioned_video) and not (expect == "text" and captioned_video):
+        raise CheckpointError(f"{folder}: {CAPTIONED_VIDEO if captioned_video else WRONG_KIND[(expect, kind)]}")
+    model = load_network(meta, where, file)  # one class; the folder's sections pick its layout and condition
+    return LoadedGenerator(model.to(device).eval(), folder, kind, file, meta, text=text,
+                           modality=modality_section(meta, where), run=run)

@@ -1,4 +1,9 @@
-"""The network: a DiT/SiT transformer over patch tokens with **per-token** adaLN-Zero modulation.
+"""The network: one DiT/SiT transformer over a token layout with **per-token** adaLN-Zero modulation.
+
+:class:`DiT` is every generator: a :class:`~selfflow.modalities.tokens.Layout` of tokens (an image is a
+layout with one 2-D part; video, audio, audio-video and action chunks are others) and a pluggable
+:class:`Condition` — class labels (or none), a caption read by cross-attention, an observation vector
+(docs/methods.md#one-class-configured). :func:`build_generator` configures it from a run's sections.
 
 Every token carries its own time. The conditioning of token i of sample b is
 ``c[b, i] = time_embed(t[b, i]) + label_embed(y[b])`` and each block modulates that token with
@@ -16,11 +21,11 @@ same numbers.
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +33,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from selfflow.checkpoint import load_state_strict  # noqa: F401  (re-exported)
-from selfflow.config import ModelConfig, from_dict
+from selfflow.config import ModalityConfig, ModelConfig, TextConfig, from_dict
 from selfflow.modalities.tokens import Layout, Part, sincos_nd
+from selfflow.text.encoders import TextEmbedding
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,10 +154,33 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(B, N, D))
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block with adaLN-Zero; ``mod`` is (B, N, 6D) or (B, 1, 6D)."""
+class CrossAttention(nn.Module):
+    """Tokens (B, N, D) attend to context tokens (B, L, D) where ``mask`` (B, L) is True."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        L = context.shape[1]
+        H = self.num_heads
+        q = self.q(x).reshape(B, N, H, D // H).transpose(1, 2)
+        k, v = self.kv(context).reshape(B, L, 2, H, D // H).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+        return self.proj(out.transpose(1, 2).reshape(B, N, D))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with adaLN-Zero; ``mod`` is (B, N, 6D) or (B, 1, 6D).
+
+    With ``cross`` (a caption condition) the tokens also attend to the caption between self-attention
+    and the MLP (PixArt-α's place): ``h ← h + CrossAttn(LN(h), context)``, unmodulated."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, cross: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(dim, num_heads)
@@ -159,11 +188,18 @@ class Block(nn.Module):
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.cross = None
+        if cross:
+            self.norm_cross = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+            self.cross = CrossAttention(dim, num_heads)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, index: torch.Tensor | None,
+                context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None) -> torch.Tensor:
         # (R, 6D): one row per distinct (sample, time) → six (B, N, D) or (B, 1, D) parts
         shift1, scale1, gate1, shift2, scale2, gate2 = rows_to_tokens(self.adaLN(cond), index, 6)
         x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1))
+        if self.cross is not None:
+            x = x + self.cross(self.norm_cross(x), context, context_mask)
         x = x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
         return x
 
@@ -178,6 +214,26 @@ class FinalLayer(nn.Module):
     def forward(self, x: torch.Tensor, cond: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
         shift, scale = rows_to_tokens(self.adaLN(cond), index, 2)
         return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class ImageObservation(nn.Module):
+    """A window of rendered frames + proprioception, flattened (B, H·3·S·S + H·P) → (B, dim): each frame through
+    3 stride-2 convolutions (3→16→32→32 channels, SiLU) flattened, the frames' features and the proprioception
+    concatenated, then Linear, SiLU, Linear (Diffusion Policy's image + agent-state condition, with a small CNN)."""
+
+    def __init__(self, frames: int, size: int, proprio: int, dim: int):
+        super().__init__()
+        self.frames, self.size, self.proprio = frames, size, proprio
+        self.cnn = nn.Sequential(nn.Conv2d(3, 16, 4, 2, 1), nn.SiLU(), nn.Conv2d(16, 32, 4, 2, 1), nn.SiLU(),
+                                 nn.Conv2d(32, 32, 4, 2, 1), nn.SiLU(), nn.Flatten())
+        feature = 32 * (size // 8) ** 2
+        self.mlp = nn.Sequential(nn.Linear(frames * (feature + proprio), dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        B, pixels = y.shape[0], self.frames * 3 * self.size * self.size
+        images = y[:, :pixels].reshape(B * self.frames, 3, self.size, self.size)
+        features = self.cnn(images).reshape(B, -1)
+        return self.mlp(torch.cat([features, y[:, pixels:]], dim=1))
 
 
 def init_transformer(model: nn.Module, finals: Sequence[FinalLayer], init_inputs: Callable[[], None]) -> None:
@@ -199,56 +255,157 @@ def init_transformer(model: nn.Module, finals: Sequence[FinalLayer], init_inputs
 
 
 # --------------------------------------------------------------------------------------------
+# conditions
+# --------------------------------------------------------------------------------------------
+CONDITIONS = ("label", "caption", "observation")
+
+
+@dataclass(frozen=True)
+class Condition:
+    """What the generator reads besides time: a per-sample vector added to the time embedding in every
+    adaLN (``c = time_embed(t) + vector(y)``), and for a caption also the tokens every block cross-attends to.
+
+    ``label``        y (B,) int64 in [0, classes]; ``classes`` is the null label (label dropout, guidance).
+                     ``classes=0`` is the unconditional model (its table holds the null row only).
+                     Layer ``label_embed`` (classes + 1, D).
+    ``caption``      y a :class:`~selfflow.text.encoders.TextEmbedding`, (B,) int64 indices into the caption
+                     bank (``set_bank``; index K = the null caption) or None; ``dim`` the text encoder's width.
+                     ``vector = MLP(pooled)`` (a learned ``null_cond`` for the null caption); context: a learned
+                     register token then ``text_proj(LN(tokens))`` (docs/methods.md#text-to-image).
+    ``observation``  y (B, dim) float (a policy's observation), through a two-layer MLP ``cond_embed``, or, with
+                     ``image = (frames, size, proprioception)``, through :class:`ImageObservation`.
+    """
+
+    kind: str = "label"
+    classes: int = 0
+    dim: int = 0
+    image: Optional[tuple[int, int, int]] = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in CONDITIONS:
+            raise ValueError(f"condition kind {self.kind!r}: expected one of {', '.join(CONDITIONS)}")
+        if self.kind == "label" and self.classes < 0:
+            raise ValueError(f"a label condition needs classes >= 0, got {self.classes}")
+        if self.kind != "label" and self.dim <= 0:
+            raise ValueError(f"a {self.kind} condition needs its width dim > 0, got {self.dim}")
+
+
+# --------------------------------------------------------------------------------------------
 # the model
 # --------------------------------------------------------------------------------------------
 class DiT(nn.Module):
-    """Flow transformer predicting the velocity ``v = ε − x0`` (docs/methods.md#conventions).
+    """The flow transformer, predicting the velocity ``v = ε − x0`` (docs/methods.md#conventions), over a
+    token :class:`~selfflow.modalities.tokens.Layout` with a pluggable :class:`Condition`.
 
-    ``forward(x, t, y)``: x (B, C, H, W); t (B,), (B, N) with N = (H/p)·(W/p) tokens in
-    row-major order, or :class:`TimeRows` (the same per-token times in static shapes); y (B,) int64 labels, ``num_classes`` is the null label (None: all null).
+    ``forward(x, t, y)``: x (B, *layout.sample_shape) — an image (B, C, H, W); t (B,), (B, N) per-token
+    times in the layout's token order, or :class:`TimeRows` (the same per-token times in static shapes);
+    y the condition (:class:`Condition`; None: the null label, caption or a zero observation).
+
+    ``DiT(config)`` is the image model of ``config``: a layout with one 2-D part ``(C, H, W)``, class labels
+    (``num_classes``, 0 = unconditional). Its patches are embedded by a convolution and decoded by ``final``
+    (SiT's layer names, which imported and published checkpoints use). ``DiT(config, layout)`` embeds each
+    part with its own linear map (``embeds``; the same map as the convolution, on the patch's values in
+    the layout's order) and decodes it with its own final layer (``finals``); several parts add a learned
+    modality embedding. Everything else — positions, per-token times, blocks, conditions — is shared.
     """
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layout: Optional[Layout] = None, condition: Optional[Condition] = None):
         super().__init__()
-        if config.image_size is None or config.in_channels is None or config.num_classes is None:
-            raise ValueError("ModelConfig.image_size, in_channels and num_classes must be set before building the model")
-        if config.image_size % config.patch_size != 0:
-            raise ValueError(f"image_size {config.image_size} is not divisible by patch_size {config.patch_size}")
-        self.config = config
+        self.patch_conv = layout is None  # an image built from its config: SiT's patch convolution
+        if self.patch_conv:
+            if config.image_size is None or config.in_channels is None:
+                raise ValueError("ModelConfig.image_size and in_channels must be set before building the model")
+            if config.image_size % config.patch_size != 0:
+                raise ValueError(f"image_size {config.image_size} is not divisible by patch_size {config.patch_size}")
+            layout = Layout((Part("image", (config.in_channels, config.image_size, config.image_size),
+                                  (config.patch_size, config.patch_size)),))
+        if condition is None:
+            if config.num_classes is None:
+                raise ValueError("ModelConfig.num_classes must be set before building the model")
+            condition = Condition("label", classes=config.num_classes)
+        if condition.kind == "caption":  # the caption takes the label's place: the saved config says no classes
+            config = dataclasses.replace(config, num_classes=0)
+        self.config, self.layout, self.condition = config, layout, condition
         depth, dim, heads = config.resolved_dims()
         self.depth, self.hidden_size, self.num_heads = depth, dim, heads
         self.patch_size = config.patch_size
-        self.in_channels = config.in_channels
-        self.image_size = config.image_size
-        self.num_classes = config.num_classes
-        self.grid = config.image_size // config.patch_size
-        self.num_tokens = self.grid * self.grid
-        # an image is a token layout with one 2-D part (the token DiT's layouts have several)
-        self.layout = Layout((Part("image", (config.in_channels, config.image_size, config.image_size),
-                                   (config.patch_size, config.patch_size)),))
-        self.sample_shape = self.layout.sample_shape
+        self.in_channels, self.image_size = config.in_channels, config.image_size
+        self.num_tokens = layout.num_tokens
+        self.sample_shape = layout.sample_shape
+        self.grid = layout.parts[0].grid[0] if self.patch_conv else None
+        self.text_dim = condition.dim if condition.kind == "caption" else None
+        self.cond_dim = condition.dim if condition.kind == "observation" else 0
         self.activation_checkpointing = False
         self.dedupe_times = True  # compute the conditioning once per distinct (sample, time)
 
-        self.patch_embed = nn.Conv2d(config.in_channels, dim, kernel_size=config.patch_size, stride=config.patch_size)
+        # tokens in: (the layer names of the old image / token models, so their checkpoints load unchanged)
+        if self.patch_conv:
+            self.patch_embed = nn.Conv2d(config.in_channels, dim, kernel_size=config.patch_size, stride=config.patch_size)
+        else:
+            self.embeds = nn.ModuleList([nn.Linear(p.token_dim, dim) for p in layout.parts])
         # pos_embed "stored" (imported weights): the table is saved and loaded with the weights
-        self.register_buffer("pos_embed", sincos_2d(dim, self.grid, self.grid)[None], persistent=config.pos_embed == "stored")
+        self.register_buffer("pos_embed", layout.position_table(dim)[None], persistent=config.pos_embed == "stored")
+        self.modality_embed = None
+        if len(layout.parts) > 1:
+            self.register_buffer("modality_index", layout.modality_index(), persistent=False)
+            self.modality_embed = nn.Embedding(len(layout.parts), dim)
         self.time_embed = TimeEmbedding(dim, scale=config.time_scale, shift=config.time_shift)
-        self.label_embed = nn.Embedding(config.num_classes + 1, dim)  # last row: the null label
-        self.blocks = nn.ModuleList([Block(dim, heads, config.mlp_ratio) for _ in range(depth)])
-        self.final = FinalLayer(dim, config.patch_size, config.in_channels)
+        # the condition's vector (a caption's layers follow the blocks: the text model's parameter order)
+        if condition.kind == "label":
+            self.label_embed = nn.Embedding(condition.classes + 1, dim)  # last row: the null label
+        elif condition.kind == "observation":
+            self.cond_embed = (ImageObservation(*condition.image, dim) if condition.image else
+                               nn.Sequential(nn.Linear(condition.dim, dim), nn.SiLU(), nn.Linear(dim, dim)))
+        caption = condition.kind == "caption"
+        self.blocks = nn.ModuleList([Block(dim, heads, config.mlp_ratio, cross=caption) for _ in range(depth)])
+        # tokens out
+        if self.patch_conv:
+            self.final = FinalLayer(dim, config.patch_size, config.in_channels)
+        else:
+            self.finals = nn.ModuleList([FinalLayer(dim, 1, p.token_dim) for p in layout.parts])
+        if caption:
+            self.text_pool = nn.Sequential(nn.Linear(condition.dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+            self.text_norm = nn.LayerNorm(condition.dim, eps=1e-6)
+            self.text_proj = nn.Linear(condition.dim, dim)
+            self.null_cond = nn.Parameter(torch.zeros(dim))
+            self.register = nn.Parameter(torch.zeros(1, dim))
+        self.bank: Optional[TextEmbedding] = None  # plain tensors: not weights, not buffers (the EMA copy never re-copies them)
         self.reset_parameters()
 
+    @property
+    def conditions_on_text(self) -> bool:
+        return self.condition.kind == "caption"
+
+    @property
+    def num_classes(self) -> int:
+        """The null label: the label count, a caption model's bank size K (bank index K is the null caption,
+        what label dropout and guidance use), 0 for an observation."""
+        if self.condition.kind == "caption":
+            return 0 if self.bank is None else len(self.bank)
+        return self.condition.classes if self.condition.kind == "label" else 0
+
+    def finals_list(self) -> list[FinalLayer]:
+        return [self.final] if self.patch_conv else list(self.finals)
+
     def reset_parameters(self) -> None:
-        init_transformer(self, [self.final], self._init_inputs)
+        """DiT's initialisation (:func:`init_transformer`); a caption's cross-attention outputs start at zero
+        (a fresh caption block is the plain block), its null condition and register token N(0, 0.02)."""
+        init_transformer(self, self.finals_list(), self._init_inputs)
+        if self.conditions_on_text:
+            for block in self.blocks:
+                nn.init.zeros_(block.cross.proj.weight)
+                nn.init.zeros_(block.cross.proj.bias)
+            nn.init.normal_(self.null_cond, std=0.02)
+            nn.init.normal_(self.register, std=0.02)
 
     def _init_inputs(self) -> None:
-        w = self.patch_embed.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.patch_embed.bias)
-        label_embed = getattr(self, "label_embed", None)  # a caption-conditioned DiT has none (selfflow.text.model)
-        if label_embed is not None:
-            nn.init.normal_(label_embed.weight, std=0.02)
+        if self.patch_conv:
+            w = self.patch_embed.weight
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+            nn.init.zeros_(self.patch_embed.bias)
+        for table in (getattr(self, "label_embed", None), self.modality_embed):
+            if table is not None:
+                nn.init.normal_(table.weight, std=0.02)
 
     # ---- tokens <-> samples: one implementation, the layout's (selfflow.modalities.tokens) ------
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
@@ -277,17 +434,77 @@ class DiT(nn.Module):
             t_sample = t_sample.expand(t_sample.shape[0], *self.layout.sample_shape)
         return torch.cat([tokens[..., 0] for tokens in self.layout.tokens(t_sample)], dim=1)
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Samples (B, *sample_shape) → tokens (B, N, D) with their positions (and parts)."""
+        if self.patch_conv:
+            return self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed
+        h = torch.cat([embed(tokens) for embed, tokens in zip(self.embeds, self.layout.tokens(x))], dim=1) + self.pos_embed
+        if self.modality_embed is not None:
+            h = h + self.modality_embed(self.modality_index)
+        return h
+
+    def decode(self, h: torch.Tensor, cond: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+        """Tokens (B, N, D) → velocity (B, *sample_shape): each part through its own final layer."""
+        finals = self.finals_list()
+        if len(finals) == 1:
+            return self.layout.untokens([finals[0](h, cond, index)])
+        return self.layout.untokens([final(h[:, where], cond, None if index is None else index[:, where])
+                                     for final, where in zip(finals, self.layout.token_slices())])
+
     # ---- conditioning --------------------------------------------------------------------
-    def _conditioning(self, t: torch.Tensor, y: torch.Tensor | None, batch: int):
-        """Return (cond rows (R, D), index (B, N) into the rows, or None when t is per sample)."""
+    def set_bank(self, embedding: TextEmbedding) -> None:
+        """A caption model: install the captions that indices 0..K-1 stand for (K = ``len(embedding)``)."""
+        if not self.conditions_on_text:
+            raise ValueError("set_bank: this model is not caption-conditioned")
+        if embedding.pooled.shape[-1] != self.text_dim:
+            raise ValueError(f"text embeddings have width {embedding.pooled.shape[-1]}, the model expects {self.text_dim}")
+        device = self.pos_embed.device
+        self.bank = TextEmbedding(embedding.pooled.float().to(device), embedding.tokens.float().to(device), embedding.mask.bool().to(device))
+
+    def condition_from(self, y, batch: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A caption model: (pooled (B, Dt), tokens (B, L, Dt), mask (B, L), is_null (B,)) for the forms y may take."""
         if y is None:
-            y = torch.full((batch,), self.num_classes, dtype=torch.long, device=t.device)
-        return self.time_conditioning(t, self.label_embed(y), batch)
+            return (torch.zeros(batch, self.text_dim, device=device), torch.zeros(batch, 0, self.text_dim, device=device),
+                    torch.zeros(batch, 0, dtype=torch.bool, device=device), torch.ones(batch, dtype=torch.bool, device=device))
+        if isinstance(y, TextEmbedding):
+            return y.pooled.to(device), y.tokens.to(device), y.mask.to(device), torch.zeros(batch, dtype=torch.bool, device=device)
+        K, bank = self.num_classes, self.bank
+        if K == 0:
+            if bool((y != 0).any()):
+                raise ValueError("caption indices given but the model has no caption bank (set_bank)")
+            return self.condition_from(None, batch, device)
+        is_null = (y >= K).to(device)
+        rows = y.clamp(max=K - 1).to(bank.pooled.device)
+        mask = bank.mask[rows].to(device) & ~is_null[:, None]
+        return bank.pooled[rows].to(device), bank.tokens[rows].to(device), mask, is_null
+
+    def condition_vector(self, y, batch: int, device) -> tuple[torch.Tensor, tuple]:
+        """(the condition's vector (B, D), the extra block arguments: a caption's (context (B, 1+L, D),
+        context mask (B, 1+L)), else none)."""
+        kind = self.condition.kind
+        if kind == "label":
+            if y is None:
+                y = torch.full((batch,), self.condition.classes, dtype=torch.long, device=device)
+            return self.label_embed(y), ()
+        if kind == "observation":
+            if y is None:
+                y = torch.zeros(batch, self.cond_dim, device=device)
+            return self.cond_embed(y.to(self.pos_embed.dtype)), ()
+        pooled, tokens, mask, is_null = self.condition_from(y, batch, device)
+        dtype = self.text_proj.weight.dtype
+        vector = torch.where(is_null[:, None], self.null_cond[None].to(dtype), self.text_pool(pooled.to(dtype)))
+        context = torch.cat([self.register[None].expand(batch, 1, -1), self.text_proj(self.text_norm(tokens.to(dtype)))], dim=1)
+        context_mask = torch.cat([torch.ones(batch, 1, dtype=torch.bool, device=device), mask], dim=1)
+        return vector, (context, context_mask)
+
+    def _conditioning(self, t: torch.Tensor | TimeRows, y, batch: int):
+        """Return (cond rows (R, D), index (B, N) into the rows, or None when t is per sample)."""
+        return self.time_conditioning(t, self.condition_vector(y, batch, t.device)[0], batch)
 
     def time_conditioning(self, t: torch.Tensor | TimeRows, label: torch.Tensor, batch: int):
-        """:meth:`_conditioning` for a given per-sample condition vector ``label`` (B, D) (a label's
-        embedding, or a caption's in the TextDiT): time embedding plus it, once per distinct time
-        ((B, N) times) or once per time row (:class:`TimeRows`, static shapes)."""
+        """:meth:`_conditioning` for a given per-sample condition vector ``label`` (B, D) (a label's, a
+        caption's or an observation's): time embedding plus it, once per distinct time ((B, N) times) or
+        once per time row (:class:`TimeRows`, static shapes)."""
         if isinstance(t, TimeRows):
             if t.times.dim() != 2 or t.times.shape[0] != batch or t.index.shape != (batch, self.num_tokens):
                 raise ValueError(f"TimeRows must hold times (B, K) and index (B, N) = ({batch}, {self.num_tokens}), "
@@ -313,22 +530,23 @@ class DiT(nn.Module):
         self,
         x: torch.Tensor,
         t: torch.Tensor | TimeRows,
-        y: torch.Tensor | None = None,
+        y=None,
         return_layers: Sequence[int] = (),
         stop_after: int | None = None,
     ):
-        """Velocity (B, C, H, W); with ``return_layers`` also {layer: hidden (B, N, D)}.
+        """Velocity (B, *sample_shape); with ``return_layers`` also {layer: hidden (B, N, D)}.
 
         Layers count from 1: layer l is the output of block l. ``stop_after=l`` runs blocks 1..l
         only and returns ``(None, hiddens)`` — the Self-Flow teacher needs nothing deeper.
         """
         B = x.shape[0]
-        h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, N, D)
-        cond, index = self._conditioning(t, y, B)
-        h, hiddens = self.run_blocks(h, (cond, index), return_layers, stop_after)
+        h = self.embed(x)  # (B, N, D)
+        vector, context = self.condition_vector(y, B, x.device)
+        cond, index = self.time_conditioning(t, vector, B)
+        h, hiddens = self.run_blocks(h, (cond, index, *context), return_layers, stop_after)
         if h is None:
             return None, hiddens
-        out = self.unpatchify(self.final(h, cond, index))
+        out = self.decode(h, cond, index)
         return (out, hiddens) if return_layers else out
 
     def run_blocks(self, h: torch.Tensor, block_args: tuple, return_layers: Sequence[int] = (),
@@ -354,41 +572,120 @@ class DiT(nn.Module):
         return h, hiddens
 
     # ---- files ---------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``model.safetensors`` + ``config.json`` into ``directory`` atomically."""
-        from selfflow.checkpoint import atomic_directory, save_tensors
+    def save_pretrained(self, directory: str | Path, text: Optional[TextConfig] = None, modality: Optional[ModalityConfig] = None,
+                        run: Optional[dict] = None) -> Path:
+        """Write ``model.safetensors`` + ``config.json`` into ``directory`` atomically. ``config.json`` holds
+        the model and what rebuilds it: a caption model's text width and ``text`` section (its encoder), a
+        token model's ``modality`` section (its layout and condition) and, when given, the run's config
+        (whose sampler and data settings ``selfflow modality sample|eval`` read)."""
+        from selfflow.files import atomic_directory, save_tensors, write_json
 
+        if not self.patch_conv and modality is None:
+            raise ValueError("save_pretrained of a token model needs the run's modality section (it rebuilds the layout)")
+        meta: dict = {"model": asdict(self.config)}
+        if self.conditions_on_text:
+            meta["text_dim"] = self.text_dim
+            if text is not None:
+                meta["text"] = asdict(text)
+        if modality is not None:
+            meta["modality"] = asdict(modality)
+        if run is not None:
+            meta["run"] = run
         with atomic_directory(directory) as tmp:
             save_tensors(self.state_dict(), tmp / "model.safetensors")
-            (tmp / "config.json").write_text(json.dumps({"model": asdict(self.config)}, indent=2))
+            write_json(meta, tmp / "config.json")
         return Path(directory)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, weights: str = "model.safetensors", device: str | torch.device = "cpu") -> "DiT":
         """Load a folder written by :meth:`save_pretrained`, a training checkpoint or a run folder (its
-        newest checkpoint). ``weights="ema.safetensors"`` picks the EMA weights of a training checkpoint.
-        """
-        from selfflow.checkpoint import CheckpointError, load_tensors, read_json, resolve_checkpoint
+        newest checkpoint), of any kind. ``weights="ema.safetensors"`` picks the EMA weights of a training
+        checkpoint."""
+        from selfflow.checkpoint import read_json, resolve_checkpoint
 
         directory = resolve_checkpoint(directory)
-        meta = read_json(directory / "config.json")
-        if "model" not in meta:
-            raise CheckpointError(f"{directory / 'config.json'}: no 'model' section")
-        kind = read_kind(meta)
-        if kind == "text":  # selfflow.loader.load_model reads every kind
-            raise CheckpointError(f"{directory}: a caption-conditioned model (text section in config.json); sample it with "
-                                  f"selfflow sample --prompt (this command takes class-label models)")
-        if kind == "modality":
-            raise CheckpointError(f"{directory}: a video/audio/action model (modality section in config.json); sample it "
-                                  f"with selfflow modality sample")
-        fields = meta["model"]
-        if isinstance(fields, dict):  # label dropout moved to the method config: older files still load
-            fields = {k: v for k, v in fields.items() if k != "class_dropout_prob"}
-        config = from_dict(ModelConfig, fields, f"{directory / 'config.json'}:model")
-        model = cls(config)
-        state = load_tensors(directory / weights, device="cpu")
-        load_state_strict(model, state, directory / weights)
-        return model.to(device)
+        return load_network(read_json(directory / "config.json"), directory / "config.json", directory / weights).to(device)
+
+
+def TextDiT(config: ModelConfig, text_dim: int) -> DiT:
+    """The caption-conditioned image model: ``DiT(config, condition=Condition("caption", dim=text_dim))``."""
+    return DiT(config, condition=Condition("caption", dim=int(text_dim)))
+
+
+def TokenDiT(config: ModelConfig, layout: Layout, cond_dim: int = 0, cond_image: Optional[tuple[int, int, int]] = None) -> DiT:
+    """A token model: labels (``config.num_classes``), or with ``cond_dim > 0`` an observation vector."""
+    condition = Condition("observation", dim=cond_dim, image=cond_image) if cond_dim else None
+    return DiT(config, layout, condition)
+
+
+def text_section(meta: dict, where: Path) -> Optional[TextConfig]:
+    """The ``text`` section of a generator folder's config.json (top level or in ``run``); None: none."""
+    raw = meta.get("text") or (meta.get("run") if isinstance(meta.get("run"), dict) else {}).get("text")
+    return None if raw is None else from_dict(TextConfig, raw, f"{where}:text")
+
+
+def modality_section(meta: dict, where: Path) -> Optional[ModalityConfig]:
+    """The ``modality`` section of a generator folder's config.json (top level or in ``run``); None: none."""
+    raw = meta.get("modality") or (meta.get("run") if isinstance(meta.get("run"), dict) else {}).get("modality")
+    return from_dict(ModalityConfig, raw, f"{where}:modality") if isinstance(raw, dict) else None
+
+
+def build_generator(config: ModelConfig, text: Optional[TextConfig] = None, modality: Optional[ModalityConfig] = None) -> DiT:
+    """The generator of a run's sections: the layout of its ``modality`` (else the image of ``config``),
+    conditioned on a caption when it has a ``text`` section, else on the modality's observation (a
+    policy) or on class labels. A caption and a modality together make, e.g., a text-to-video model."""
+    layout = condition = None
+    if modality is not None:
+        from selfflow.modalities.data import condition_dim, condition_image, layout_for
+
+        layout = layout_for(modality)
+        if condition_dim(modality):
+            condition = Condition("observation", dim=condition_dim(modality), image=condition_image(modality))
+    if text is not None:
+        from selfflow.text.encoders import encoder_dim
+
+        condition = Condition("caption", dim=encoder_dim(text.encoder, text.hashed_dim))
+    return DiT(config, layout, condition)
+
+
+def build_from_meta(meta: dict, where: Path) -> DiT:
+    """The (untrained) generator a folder's ``config.json`` describes: its model section, with the layout
+    and condition of its ``modality`` and ``text`` sections (:func:`build_generator`)."""
+    from selfflow.checkpoint import CheckpointError
+
+    if not isinstance(meta.get("model"), dict):
+        raise CheckpointError(f"{where}: no 'model' section (not a selfflow model folder)")
+    fields = {k: v for k, v in meta["model"].items() if k != "class_dropout_prob"}  # label dropout moved to the method config
+    config = from_dict(ModelConfig, fields, f"{where}:model")
+    return build_generator(config, text_section(meta, where), modality_section(meta, where))
+
+
+def load_network(meta: dict, config_file: Path, weights_file: Path) -> DiT:
+    """The generator ``config_file`` (read as ``meta``) describes, with ``weights_file`` loaded strictly (on the CPU)."""
+    from selfflow.checkpoint import load_tensors
+
+    model = build_from_meta(meta, config_file)
+    state = load_tensors(weights_file, device="cpu")
+    check_text_width(model, text_section(meta, config_file), state, config_file, weights_file)
+    load_state_strict(model, state, weights_file)
+    return model
+
+
+def build_token_model(model: ModelConfig, modality: ModalityConfig) -> DiT:
+    """The token model of a modality run (its layout and condition from the modality section)."""
+    return build_generator(model, modality=modality)
+
+
+def check_text_width(model: DiT, text: Optional[TextConfig], state: dict, config_file: Path, weights_file: Path) -> None:
+    """A caption model's text section must give embeddings as wide as the ones the weights read (``text_proj``'s input)."""
+    from selfflow.checkpoint import CheckpointError
+
+    weight = state.get("text_proj.weight")
+    if text is None or not model.conditions_on_text or weight is None or weight.ndim != 2 or weight.shape[1] == model.text_dim:
+        return
+    named = f"text.encoder={text.encoder}" + (f", text.hashed_dim={text.hashed_dim}" if text.encoder == "hashed" else "")
+    raise CheckpointError(f"{config_file}: {named} gives {model.text_dim}-d caption embeddings, but {weights_file.name} reads "
+                          f"{weight.shape[1]}-d ones; the text section is not the one the model was trained with")
 
 
 GENERATOR_KINDS = ("image", "text", "modality")
@@ -433,6 +730,7 @@ def load_generator(path: str | Path, weights: str = "ema", device: str | torch.d
 
 
 def build_model(config: ModelConfig) -> DiT:
+    """The image model of ``config`` (class labels; ``num_classes=0``: unconditional)."""
     return DiT(config)
 
 

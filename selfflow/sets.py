@@ -9,7 +9,7 @@ Kinds (StableRep and reflow build on them):
             not: ``set.json`` records ``clipped``. A sampler that injects noise (``sde``, ``sit_sde``)
             is refused: reflow and distillation learn the deterministic coupling of ε and x0.
 
-A caption-conditioned model (:class:`selfflow.text.model.TextDiT`) takes ``prompts`` instead of
+A caption-conditioned model (caption-conditioned :class:`selfflow.model.DiT`) takes ``prompts`` instead of
 labels: item k uses prompt ``k mod P``, its ``labels`` entry is that prompt's index, and ``set.json``
 records the prompt table (``prompts``) and the text section that encodes it (``text``).
 

@@ -332,7 +332,7 @@ def test_each_kind_resumes_bit_identically(tmp_path, kind, method):
     a = ckpt.load_tensors(tmp_path / "straight" / "checkpoints" / "step_0000004" / "model.safetensors")
     b = ckpt.load_tensors(tmp_path / "resumed" / "checkpoints" / "step_0000004" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert isinstance(straight.model, TokenDiT) and isinstance(resumed.model, TokenDiT)
+    assert straight.model.layout == resumed.model.layout and not straight.model.patch_conv
 
 
 # ---- the commands ------------------------------------------------------------------------------

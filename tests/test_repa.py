@@ -227,7 +227,6 @@ def test_repa_on_captions_is_flow_matching_plus_the_alignment_computed_by_hand()
 
 def test_the_shipped_text_repa_config_trains_on_captions(tmp_path, digits_encoder):
     from selfflow.config import load_config
-    from selfflow.text.model import TextDiT
     from support import train_config
 
     config = load_config(ROOT / "configs" / "digits_text_repa.yaml", [
@@ -237,5 +236,5 @@ def test_the_shipped_text_repa_config_trains_on_captions(tmp_path, digits_encode
         "train.tensorboard=false", f"train.out_dir={tmp_path / 'run'}"])
     assert config.method_name() == "repa" and config.text is not None
     trainer, result = train_config(config)
-    assert isinstance(trainer.model, TextDiT) and trainer.model.num_classes == len(trainer.dataset.texts)
+    assert trainer.model.conditions_on_text and trainer.model.num_classes == len(trainer.dataset.texts)
     assert result["step"] == 2 and result["last"]["loss_align"] > 0

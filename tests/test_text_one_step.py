@@ -18,7 +18,7 @@ from selfflow.model import DiT
 from selfflow.sampling import noise_for_seeds
 from selfflow.sets import generate_set
 from selfflow.text.data import make_encoder
-from selfflow.text.model import TextDiT, load_text_generator
+from selfflow.text.model import load_text_generator
 from support import REPO, TINY_RUN, one_line_error, train_config
 
 PROMPTS = ["a thin seven", "the digit 3, bold strokes, slanted right", "number 1"]
@@ -82,7 +82,7 @@ def test_reflow_and_distill_losses_on_text_pairs_are_the_hand_computed_ones(teac
     reflow = _trainer(config_from_dict(text_raw(root, root / "reflow", "reflow", 1, data, init_from=str(root / "teacher"))))
     try:
         student = reflow.model
-        assert isinstance(student, TextDiT) and student.num_classes == 3
+        assert isinstance(student, DiT) and student.conditions_on_text and student.num_classes == 3
         assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), teacher.state_dict().values()))
         batch, eps = _one_batch(reflow)
         loss, _ = reflow.method.loss(student, batch)
@@ -131,7 +131,7 @@ def test_dmd_on_text_pairs_gives_the_teacher_the_students_captions(teacher_and_p
     trainer, result = train_config(config_from_dict(text_raw(root, root / "dmd", method, 2, data, init_from=str(root / "teacher"))))
     assert result["step"] == 2
     for scorer in (trainer.method.teacher, trainer.method.fake):
-        assert isinstance(scorer, TextDiT) and torch.equal(scorer.bank.pooled.cpu(), trainer.model.bank.pooled.cpu())
+        assert isinstance(scorer, DiT) and scorer.conditions_on_text and torch.equal(scorer.bank.pooled.cpu(), trainer.model.bank.pooled.cpu())
 
 
 def _write(path, raw) -> str:
@@ -187,7 +187,7 @@ def test_the_shipped_text_student_configs_fit_the_text_teacher_and_train(teacher
         "text.encoder=hashed", "text.hashed_dim=32", f"text.cache_dir={root / 'cache'}", f"data.path={root / 'pairs'}",
         f"train.init_from={root / 'teacher'}", "model.depth=2", "train.steps=1", "train.batch_size=6", "train.progress=false",
         "train.tensorboard=false", "train.num_sample_images=0", f"train.out_dir={root / name}"]))
-    assert result["step"] == 1 and isinstance(trainer.model, TextDiT) and trainer.model.num_classes == len(PROMPTS)
+    assert result["step"] == 1 and trainer.model.conditions_on_text and trainer.model.num_classes == len(PROMPTS)
 
 
 def test_the_shipped_prompt_file_names_every_digit_thickness_and_slant_in_training_templates():

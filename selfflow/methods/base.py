@@ -65,17 +65,10 @@ class Method(nn.Module):
     def build_network(cls, run) -> nn.Module:
         """The network the trainer trains and keeps an EMA of, from the resolved run config: the DiT
         (representation methods train an encoder instead)."""
-        from selfflow.model import DiT
+        from selfflow.model import build_generator
 
-        if getattr(run, "modality", None) is not None:  # tokens of video, audio or actions (selfflow.modalities.model)
-            from selfflow.modalities.model import build_token_model
-
-            return build_token_model(run.model, run.modality)
-        if getattr(run, "text", None) is not None:  # captions: the DiT with cross-attention (selfflow.text.model)
-            from selfflow.text.model import build_text_model
-
-            return build_text_model(run.model, run.text)
-        return DiT(run.model)
+        # the layout of a modality (video, audio, actions) or the image; a caption, an observation or labels
+        return build_generator(run.model, text=getattr(run, "text", None), modality=getattr(run, "modality", None))
 
     def bind_teacher(self, teacher: nn.Module) -> None:
         """Called by the trainer with its EMA model; methods that need a teacher keep it."""

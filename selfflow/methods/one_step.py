@@ -23,7 +23,7 @@ from selfflow.sampling import GuidedVelocity, time_grid
 def load_teacher(path: str, where: str, device: torch.device | str = "cpu"):
     """A frozen DiT (EMA weights) from a checkpoint, run or exported-model folder; errors name ``where``.
 
-    A caption-conditioned folder gives its :class:`selfflow.text.model.TextDiT` (without a caption bank)."""
+    A caption-conditioned folder gives its caption model (without a caption bank)."""
     from selfflow.loader import folder_kind, load_model
 
     if not Path(path).exists():

@@ -11,7 +11,7 @@ One module per job (docs/modalities.md):
 ``metaworld``               Meta-World (optional extra): scripted-expert demonstrations, windows, seeded success
 ``sync``                    audio-video in sync: the digit appears when its name starts; the offset measure
 ``data``                    the data set a run trains on, for each modality
-``model``                   the token DiT: any layout of tokens, per-token times, modality embeddings
+``model``                   token models: the one DiT over any layout of tokens, modality embeddings
 ``sampling``                generation with some tokens given (cross-modal generation by masking)
 ``evaluation``              each modality's measures (per-frame and clip FD, spoken-digit accuracy, success rate)
 ``cli``                     ``selfflow modality sample|eval``

@@ -11,7 +11,7 @@ same caption text — as in the paper, where each caption row of a batch is its 
                student's single step): a group is m independent draws of one class.
 ``text``       a caption file (one UTF-8 caption per line), recorded as ``captions.table`` in set.json
                with the generator's text section (``text``), for a caption-conditioned generator
-               (:class:`selfflow.text.model.TextDiT`): group g uses line g mod L, and image k starts from
+               (caption-conditioned :class:`selfflow.model.DiT`): group g uses line g mod L, and image k starts from
                the noise of seed ``seed + k`` (as ``classes``): m independent draws of one caption.
 ``variations`` not independent draws: the m images of a group share the class (g mod num_classes, or
                none for an unconditional generator) **and** the initial noise (seed ``seed + g``) and
