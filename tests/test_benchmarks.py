@@ -95,6 +95,26 @@ def test_modalities_benchmark_smoke_writes_every_kind_and_links_media_that_exist
     assert again["kinds"]["audio"]["summary"] == record["kinds"]["audio"]["summary"]
 
 
+def test_modalities_cross_modal_table_gap_is_clean_minus_replace_per_seed():
+    """The audio-video cross-modal table: clean − replace is taken per seed (same model, same given halves), then
+    averaged; with vs without whole-part times names the better method, and one seed is never called a clear gap."""
+    import modalities
+
+    def stat(*values):
+        return {"mean": sum(values) / len(values), "spread": (max(values) - min(values)) / 2,
+                "seeds": {str(i): v for i, v in enumerate(values)}}
+
+    summary = {"self_flow": {"audio_given_video_clean": stat(0.3, 0.1), "audio_given_video_replace": stat(0.1, 0.2)},
+               "self_flow_whole_part": {"audio_given_video_clean": stat(0.5, 0.45), "audio_given_video_replace": stat(0.2, 0.2)}}
+    lines = modalities.cross_modal(summary, {}, 256)
+    row = next(line for line in lines if line.startswith("| self_flow |")).split(" | ")
+    assert row[3] == "0.05 ± 0.15 [0.2, -0.1]"  # (0.3 − 0.1 + 0.1 − 0.2) / 2, half the range of 0.2 and −0.1
+    verdict = next(line for line in lines if line.startswith("**With vs without"))
+    assert "audio given video, clean: with whole-part times better" in verdict and "is larger than" in verdict
+    one_seed = {m: {k: stat(v["seeds"]["0"]) for k, v in s.items()} for m, s in summary.items()}
+    assert "one seed: no spread" in next(line for line in modalities.cross_modal(one_seed, {}, 256) if line.startswith("**With"))
+
+
 def test_text_to_image_defaults_keep_the_cpu_configs_and_size_s_resolves():
     """benchmarks/text_to_image.py: the defaults (CPU, fp32, tiny DiT, batch 64) give exactly RUN, so a CPU --work
     folder is reused; --model-size S is the DiT size S; --device cuda without CUDA is a one-line error."""
