@@ -33,6 +33,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--cache-dir", default=None, help="reference statistics (default: a fresh folder, so the reference is timed too)")
     parser.add_argument("--name", required=True)
+    parser.add_argument("--data", default=None, help="reference data set (default: the checkpoint's; an exported model folder has none)")
+    parser.add_argument("--data-path", default=None)
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     report_file = RESULTS / f"{args.name}_eval.json"
@@ -43,6 +45,10 @@ def main() -> None:
                    "--out", str(report_file)]
         if args.inception:
             command += ["--inception", args.inception]
+        if args.data:
+            command += ["--data", args.data]
+        if args.data_path:
+            command += ["--data-path", args.data_path]
         print(" ".join(command), flush=True)
         start = time.perf_counter()
         done = subprocess.run(command)

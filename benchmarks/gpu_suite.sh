@@ -50,6 +50,8 @@
 #                  1-rectified flow, DMD with and without its regression, DMD2; seed 0; FD_dom of 2000 images), an
 #                  estimate without a measurement there: a step of this 0.9M-parameter model is launch-bound
 #                  (~10-20 ms eager), so ~6000 + 3 × 1000 steps and the scoring take ~300 s                 400 s
+#     fid10k-cpu-teacher-*  Inception FID of 10k images of the committed CPU teacher (weights/mnist_teacher_cpu, the
+#                  teacher of docs/benchmarks/one_step_mnist_cpu.md) at 50 Euler steps, guidance 1 and 1.5   2 × 30 s
 #     fid10k-*     Inception FID of 10k images (vs the first 10k training images): the teacher at 50 Euler steps,
 #                  guidance 1 and 1.5 (the guidance the DMD students learn), and each 1-step student       4 × 30 s
 #   bash benchmarks/gpu_suite.sh data       a fifth call (another session's): real data at ImageNet-like shapes
@@ -202,6 +204,12 @@ suite() {
         [ "$DEV" = cuda ] && export MUJOCO_GL="${MUJOCO_GL:-egl}"
         step metaworld 520 "$PY" benchmarks/metaworld_policies.py --device "$DEV" "${MW[@]}" --work "$MW_WORK" --out "$MW_OUT"
     elif [ "$part" = onestep ]; then
+        # the committed CPU teacher the MNIST one-step table distils (docs/benchmarks/one_step_mnist_cpu.md), FID of 10k images
+        for cfg in 1 1.5; do
+            step "fid10k-cpu-teacher-50-cfg$cfg" 30 "$PY" benchmarks/fid_generated.py --ckpt weights/mnist_teacher_cpu --data mnist --data-path "$MNIST" --n "$FID_N" \
+                --sampler euler --steps 50 --cfg-scale "$cfg" --inception "$SELFFLOW_INCEPTION" --device "$DEV" \
+                --cache-dir "$ONE_WORK/fid_cache" --name "fid${FID_N}_mnist_teacher_cpu_euler50_cfg${cfg}_$DEV"
+        done
         step one-step "$ONE_LIMIT" "$PY" benchmarks/one_step.py --data mnist --data-path "$MNIST" --device "$DEV" --threads "$ONE_THREADS" --model cpu_teacher \
             "${ONE[@]}" --seeds 0 --reflow-rounds 1 --only distill1_l2 dmd dmd_noreg dmd2 --work "$ONE_WORK" --out "$ONE_OUT"
         local r="$ONE_WORK/runs"

@@ -115,6 +115,15 @@ MEASURES = {
 }
 
 
+# measured and compared but kept out of the main table and the plot (the cross-modal table shows them)
+EXTRA = {"audio_video": [("video_given_audio_clean_sync_offset", "sync offset s, video given audio, clean", "low"),
+                         ("video_given_audio_replace_sync_offset", "sync offset s, video given audio, replace", "low")]}
+
+
+def summary_measures(kind: str) -> list[tuple]:
+    return MEASURES[kind] + EXTRA.get(kind, [])
+
+
 def log(*a):
     print(time.strftime("%H:%M:%S"), *a, flush=True)
 
@@ -184,6 +193,7 @@ def flatten(kind: str, reports: dict) -> dict:
             row[f"video_given_audio_{mode}"] = rep["video_given_audio_accuracy"]
             row[f"audio_given_video_{mode}"] = rep["audio_given_video_accuracy"]
             row[f"audio_given_video_{mode}_sync_offset"] = rep.get("audio_given_video_sync_offset")
+            row[f"video_given_audio_{mode}_sync_offset"] = rep.get("video_given_audio_sync_offset")
         row["sync_offset"] = r.get("sync_offset")
         return row
     return {k: r[k] for k in ("success_rate", "mode_left", "mode_right", "mean_steps")}
@@ -289,7 +299,7 @@ def summarise(kind: str, rows: list[dict]) -> dict:
         if not group:
             continue
         stats = {}
-        for key, _, _ in MEASURES[kind]:
+        for key, _, _ in summary_measures(kind):
             values = [r[key] for r in group if r.get(key) is not None and not math.isnan(r[key])]
             if values:
                 stats[key] = {"mean": sum(values) / len(values), "spread": (max(values) - min(values)) / 2,
@@ -302,24 +312,33 @@ def fmt(x: float) -> str:
     return f"{x:.3g}" if abs(x) < 1e4 else f"{x:.3e}"
 
 
-def verdicts(kind: str, summary: dict) -> list[str]:
-    """Per measure with a direction: which of the two generative methods is better, and whether the gap exceeds
-    the sum of their half-ranges over the seeds."""
-    fm, sf = summary.get("flow_matching", {}), summary.get("self_flow", {})
+def compare(kind: str, summary: dict, base: str, other: str, names: tuple[str, str], keys=None) -> list[str]:
+    """Per measure with a direction: which of two methods is better (``names`` = how the report calls ``base`` and
+    ``other``), and whether the gap exceeds the sum of their half-ranges over the seeds."""
+    a_stats, b_stats = summary.get(base, {}), summary.get(other, {})
     lines = []
-    for key, label, better in MEASURES[kind]:
-        if better is None or key not in fm or key not in sf:
+    for key, label, better in summary_measures(kind):
+        if better is None or key not in a_stats or key not in b_stats or (keys is not None and key not in keys):
             continue
-        a, b = fm[key], sf[key]
+        a, b = a_stats[key], b_stats[key]
         gap = b["mean"] - a["mean"]
         if gap == 0:
             lines.append(f"{label}: equal ({fmt(a['mean'])})")
             continue
-        winner = "Self-Flow" if (gap < 0) == (better == "low") else "flow matching"
+        winner = names[1] if (gap < 0) == (better == "low") else names[0]
+        head = f"{label}: {winner} better ({names[1]} {fmt(b['mean'])}, {names[0]} {fmt(a['mean'])}"
+        if min(len(a["seeds"]), len(b["seeds"])) < 2:
+            lines.append(f"{head}; one seed: no spread to judge the gap {fmt(abs(gap))} by)")
+            continue
         clear = abs(gap) > a["spread"] + b["spread"]
-        lines.append(f"{label}: {winner} better (Self-Flow {fmt(b['mean'])}, flow matching {fmt(a['mean'])}; the gap "
-                     f"{fmt(abs(gap))} is {'larger' if clear else 'NOT larger'} than the two seed half-ranges together, "
-                     f"{fmt(a['spread'] + b['spread'])})")
+        lines.append(f"{head}; the gap {fmt(abs(gap))} is {'larger' if clear else 'NOT larger'} than the two seed "
+                     f"half-ranges together, {fmt(a['spread'] + b['spread'])})")
+    return lines
+
+
+def verdicts(kind: str, summary: dict) -> list[str]:
+    """Self-Flow against flow matching per measure (see ``compare``), then any baseline beside the two."""
+    lines = compare(kind, summary, "flow_matching", "self_flow", ("flow matching", "Self-Flow"))
     for method, stats in summary.items():  # a baseline beside the two (actions: the regression policy)
         if method in ("flow_matching", "self_flow"):
             continue
@@ -329,13 +348,70 @@ def verdicts(kind: str, summary: dict) -> list[str]:
     return lines
 
 
+CROSS = [("audio_given_video", "audio given video"), ("video_given_audio", "video given audio")]
+
+
+def cross_modal(summary: dict, ref: dict, n: int) -> list[str]:
+    """audio_video: the cross-modal table, given tokens clean (time 0) vs re-noised (replace) for each method, with the
+    per-seed gap clean − replace, the synchrony of the sound generated for a real picture, and Self-Flow with
+    whole-part times against Self-Flow without them."""
+    def cell(stats, key):
+        if key not in stats:
+            return ""
+        s = stats[key]
+        return f"{fmt(s['mean'])} ± {fmt(s['spread'])} [" + ", ".join(fmt(v) for v in s["seeds"].values()) + "]"
+
+    def gap(stats, key):
+        clean, replace = stats.get(f"{key}_clean"), stats.get(f"{key}_replace")
+        if not clean or not replace:
+            return ""
+        d = [clean["seeds"][k] - replace["seeds"][k] for k in clean["seeds"] if k in replace["seeds"]]
+        return f"{fmt(sum(d) / len(d))} ± {fmt((max(d) - min(d)) / 2)} [" + ", ".join(fmt(v) for v in d) + "]"
+
+    head = []
+    for key, label in CROSS:
+        head += [f"{label}, clean ↑", f"{label}, replace ↑", f"{label}, clean − replace"]
+    sync = [f"{key}_{mode}_sync_offset" for key, _ in CROSS for mode in ("clean", "replace")]
+    head += [f"sync offset s, {label}, {mode} ↓" for _, label in CROSS for mode in ("clean", "replace")]
+    lines = ["### Cross-modal generation: given tokens clean vs replace, with and without whole-part times", "",
+             "| method | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
+    for method, stats in summary.items():
+        cells = []
+        for key, _ in CROSS:
+            cells += [cell(stats, f"{key}_clean"), cell(stats, f"{key}_replace"), gap(stats, key)]
+        cells += [cell(stats, key) for key in sync]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    if ref.get("audio_given_video_clean") is not None:
+        cells = []
+        for key, _ in CROSS:
+            cells += [fmt(ref[f"{key}_clean"]), fmt(ref[f"{key}_replace"]), ""]
+        cells += [fmt(ref["sync_offset"]) if isinstance(ref.get("sync_offset"), (int, float)) else ""] * len(sync)
+        lines.append("| real data | " + " | ".join(cells) + " |")
+    keys = {f"{key}_{mode}" for key, _ in CROSS for mode in ("clean", "replace")} | {
+        "sync_offset", "agreement", *sync}
+    with_times = compare("audio_video", summary, "self_flow", "self_flow_whole_part", ("without", "with whole-part times"), keys)
+    lines += ["", "Accuracy: the judge names the real clip's digit in the generated half; clean − replace per seed (same "
+              "model, same given halves): positive where holding the given half clean at time 0 helps; one accuracy "
+              f"near chance (0.1) over {n} samples has a sampling standard error of about {fmt(math.sqrt(0.09 / n))}. "
+              "Sync offset: mean "
+              "|appearance − spoken onset| in seconds of the real half and the generated one (selfflow.modalities.sync); "
+              "the real row is the real pairs' (the detectors' floor)" + (
+                  f"; real pairs with each clip's sound taken from another clip: {fmt(ref['sync_offset_shuffled'])} s (no "
+                  "sync)." if isinstance(ref.get("sync_offset_shuffled"), (int, float)) else ".")]
+    if with_times:
+        lines += ["", "**With vs without whole-part times (Self-Flow).** " + "; ".join(with_times) + "."]
+    return lines
+
+
 def protocol(args, kind: str, record: dict) -> str:
     size = record["settings"][kind]
     steps = max(1, round(size["steps"] * args.steps_scale))
     sampler = record["kinds"][kind].get("sampler", "euler, 16 steps")
     base = (f"Training: `configs/{kind}_<method>.yaml` with `{' '.join(size['set'])}`, {steps} steps, batch {size['batch']} for "
             f"every method, `train.seed` ∈ {args.seeds}, `modality.seed=0` (the same data for all runs); fp32 on the CPU "
-            f"(bf16 autocast on CUDA); EMA weights evaluated. Sampler: {sampler}, no guidance.")
+            f"(bf16 autocast on CUDA); EMA weights evaluated. Sampler: {sampler}, no guidance. Self-Flow's mask ratios per "
+            f"modality (video 0.10, audio 0.50, actions 0.25) are stated for Self-Flow in its source text but found in no "
+            f"paper, so they are ours, as are the whole-part probabilities (0.5, 0.5).")
     if kind == "actions":
         return base + (f" Evaluation: {size['n']} seeded episodes (env seeds 1000…{999 + size['n']}, disjoint from the training "
                        f"seeds), receding horizon (the first `execute` actions of each chunk, then replanning), at most 100 steps; "
@@ -360,10 +436,11 @@ def protocol(args, kind: str, record: dict) -> str:
         text += (" `agreement`: the two judges name the same digit for a joint sample. Cross-modal generation: the real test "
                  "clip's other half is given and this half generated (same sampler), judged against the real clip's label; "
                  "`clean`: the given tokens sit at time 0 (clean) at every step; `replace`: they are re-noised to the current "
-                 "time at every step (the usual inpainting replacement). A whole part at time 0 beside a noisy one is in "
-                 "the training distribution only of `self_flow_whole_part` (`method.whole_part_prob` 0.5: per sample with "
-                 "probability 0.5 one whole part takes its own time, 0 half of those); plain Self-Flow's in-part masks "
-                 "never make it and flow matching has one time per sample. The digit appears in the clip when its name "
+                 "time at every step (the usual inpainting replacement), the state every flow model trains on. `clean` "
+                 "(a whole part at time 0 beside a noisy one) is trained on only by `self_flow_whole_part` "
+                 "(`method.whole_part_prob` 0.5: per sample with probability 0.5 one whole part takes its own time, exactly "
+                 "0 in half of those, `method.whole_part_clean_prob` 0.5); plain Self-Flow's in-part masks never make it "
+                 "and flow matching has one time per sample. The digit appears in the clip when its name "
                  "is spoken; `sync offset`: mean |appearance − spoken onset| in seconds (selfflow.modalities.sync), of "
                  "joint samples and of the sound generated for a real clip's picture; the real row is the real pairs' "
                  f"(the detectors' floor); real pairs with each clip's sound taken from another clip: "
@@ -420,6 +497,8 @@ def report(args, record: dict) -> None:
                       f"of {args.sizes[kind]['n']} real training samples against the test split (the floor of the FD at this "
                       f"sample count). Audio source: {ref.get('audio_source') or 'n/a'}."]
         lines += ["", "**What this shows.** " + "; ".join(verdicts(kind, summary)) + "."]
+        if kind == "audio_video":
+            lines += [""] + cross_modal(summary, ref, args.sizes[kind]["n"])
         if info.get("note"):
             lines += ["", info["note"]]
         media_files = info.get("media", {})

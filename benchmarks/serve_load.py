@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import harness  # noqa: E402
 
 COLUMNS = ["model", "sampler", "clients", "n", "requests", "ok", "errors", "lost", "p50_ms", "p99_ms", "images_per_s",
-           "pass_images", "batched_batch", "batched_images_per_s", "batched_spread", "ratio", "server_cpu_ms_per_image", "batched_cpu_ms_per_image", "cpu_ratio", "rss_mib_at_100", "rss_mib_end"]
+           "pass_images", "batched_batch", "batched_images_per_s", "batched_spread", "ratio", "server_cpu_ms_per_image", "batched_cpu_ms_per_image", "cpu_ratio", "client_cpu_ms_per_request", "load_1min", "rss_mib_at_100", "rss_mib_end"]
 
 
 def free_port() -> int:
@@ -70,7 +70,8 @@ class Server:
                    OMP_NUM_THREADS=str(args.threads))
         self.proc = subprocess.Popen([sys.executable, "-m", "selfflow", "serve", "--ckpt", str(ckpt), "--port", str(self.port),
                                       "--device", "cpu", "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue),
-                                      "--window-ms", str(args.window_ms), "--max-n", str(max(args.n))],
+                                      "--window-ms", str(args.window_ms), "--max-n", str(max(args.n)), "--threads", str(args.threads),
+                                      "--worker", args.worker],
                                      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.url = f"http://127.0.0.1:{self.port}"
         deadline = time.time() + 120
@@ -87,18 +88,21 @@ class Server:
         self._stop = threading.Event()
         threading.Thread(target=self._watch, daemon=True).start()
 
+    def _processes(self) -> list:
+        """The server and its children (the model worker)."""
+        return [self._process, *self._process.children(recursive=True)]
+
     def _watch(self) -> None:
         while not self._stop.is_set():
             try:
-                self.peak_rss = max(self.peak_rss, self._process.memory_info().rss)
+                self.peak_rss = max(self.peak_rss, sum(process.memory_info().rss for process in self._processes()))
             except Exception:
                 return
             time.sleep(0.02)
 
     def cpu_seconds(self) -> float:
-        """CPU time the server process has used (all its threads, user + system)."""
-        times = self._process.cpu_times()
-        return times.user + times.system
+        """CPU time the server and its model worker have used (all their threads, user + system)."""
+        return sum(times.user + times.system for times in (process.cpu_times() for process in self._processes()))
 
     def close(self) -> int:
         self._stop.set()
@@ -167,10 +171,11 @@ async def load(server: Server, clients: int, requests: int, n: int, classes: int
         connection.close()
 
     before = httpx.get(server.url + "/health").json()["queue"]
-    cpu_before = server.cpu_seconds()
+    cpu_before, own_cpu = server.cpu_seconds(), time.thread_time()  # this thread runs every client
     start = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(clients)))
     wall = time.perf_counter() - start
+    own_cpu = time.thread_time() - own_cpu
     after = httpx.get(server.url + "/health").json()["queue"]
     cpu = server.cpu_seconds() - cpu_before
     ok = sum(1 for s in statuses if s == 200)
@@ -180,7 +185,18 @@ async def load(server: Server, clients: int, requests: int, n: int, classes: int
             "p50_ms": 1000 * latencies[len(latencies) // 2], "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
             "images_per_s": ok * n / wall, "pass_images": images / max(1, after["passes"] - before["passes"]),
             "rss_mib_at_100": (rss_at_100 or server.peak_rss) / 2**20, "rss_mib_end": server.peak_rss / 2**20, "wall_s": wall,
-            "server_cpu_ms_per_image": 1000 * cpu / max(1, ok * n)}
+            "server_cpu_ms_per_image": 1000 * cpu / max(1, ok * n), "client_cpu_ms_per_request": 1000 * own_cpu / max(1, len(statuses))}
+
+
+def run_load(*args) -> dict:
+    """:func:`load` on uvloop when it is installed (the load generator's own CPU cost, on the server's
+    cores, is lower there), else on asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(load(*args))
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(load(*args))
 
 
 def batched_throughput(engine, batch: int, seconds: float) -> tuple[float, float]:
@@ -205,6 +221,41 @@ def batched_throughput(engine, batch: int, seconds: float) -> tuple[float, float
         calls += 1
     images = calls * batch
     return images / (time.perf_counter() - start), 1000 * (time.process_time() - cpu) / images
+
+
+def shared_interpreter(engine, batch: int, seconds: float = 2.0) -> dict:
+    """Images/s of passes run in a thread of this process while the main thread is idle, and while it
+    runs Python half the time (1 ms bursts, as an HTTP loop under load): how much a network in the
+    server's own process loses to the interpreter lock (why ``selfflow serve`` runs it in a child)."""
+    import threading
+
+    from selfflow.serve.engine import Limits
+
+    jobs = [engine.job(Limits(), n=1, seed=k) for k in range(batch)]
+    engine.run(jobs)
+
+    def rate(busy: bool) -> float:
+        stop, passes = threading.Event(), [0]
+
+        def work():
+            while not stop.is_set():
+                engine.run(jobs)
+                passes[0] += 1
+
+        thread = threading.Thread(target=work)
+        thread.start()
+        start = time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            burst = time.perf_counter()
+            while busy and time.perf_counter() - burst < 0.001:
+                pass
+            time.sleep(0.001)
+        stop.set()
+        thread.join()
+        return passes[0] * batch / (time.perf_counter() - start)
+
+    idle, busy = rate(False), rate(True)
+    return {"batch": batch, "idle_images_per_s": idle, "busy_images_per_s": busy, "slowdown": idle / busy}
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -245,7 +296,8 @@ def main() -> None:
     parser.add_argument("--teacher-requests", type=int, default=None, help="requests for the teacher (default: --requests)")
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--max-queue", type=int, default=1024)
-    parser.add_argument("--window-ms", type=float, default=5.0)
+    parser.add_argument("--window-ms", type=float, default=0.0, help="the server's --window-ms")
+    parser.add_argument("--worker", default="process", choices=["process", "thread"], help="the server's --worker")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the server and of the batched reference")
     parser.add_argument("--reference-seconds", type=float, default=3.0)
     parser.add_argument("--name", default="serve_load_cpu")
@@ -258,9 +310,13 @@ def main() -> None:
     rows, rss_notes = [], []
     from selfflow.serve.engine import Engine
 
+    interpreter = {}
     for role, ckpt in models(args).items():
         server = Server(ckpt, args)
         engine = Engine.load(ckpt, device="cpu")  # the reference's copy of the same model, in this process
+        if role == "student":
+            interpreter = shared_interpreter(engine, 16)
+            print("one interpreter:", json.dumps(interpreter), flush=True)
         model = server.health["model"]
         requests = args.teacher_requests if role == "teacher" and args.teacher_requests else args.requests
         for n in args.n:
@@ -270,15 +326,16 @@ def main() -> None:
                 # CPU's load changes by the minute); the faster of the two, at the fullest pass the
                 # clients can make (at least the pass the server formed): the ratio errs low, not high
                 batch = min(clients * n, args.max_batch)
+                load_1min = os.getloadavg()[0]
                 before, cpu_before = batched_throughput(engine, batch, args.reference_seconds)
-                result = asyncio.run(load(server, clients, requests, n, model["classes"] or 0))
+                result = run_load(server, clients, requests, n, model["classes"] or 0)
                 after, cpu_after = batched_throughput(engine, batch, args.reference_seconds)
                 reference, batched_cpu = max(before, after), min(cpu_before, cpu_after)
                 rows.append({"model": role, "sampler": f"{model['sampler']} {model['steps']}", "clients": clients, "n": n,
                              **result, "batched_batch": batch, "batched_images_per_s": reference,
                              "batched_spread": min(before, after) / reference, "ratio": result["images_per_s"] / reference,
                              "batched_cpu_ms_per_image": batched_cpu,
-                             "cpu_ratio": batched_cpu / result["server_cpu_ms_per_image"]})
+                             "cpu_ratio": batched_cpu / result["server_cpu_ms_per_image"], "load_1min": load_1min})
                 print(json.dumps(rows[-1]), flush=True)
         rss_notes.append(f"{role}: server exit status {server.close()} after SIGTERM")
     name = args.name
@@ -287,17 +344,26 @@ def main() -> None:
     plot(rows, path)
     notes = ("ratio = served images/s ÷ batched_images_per_s, the images/s of `generate` on the same model and settings in "
              "batches of batched_batch = min(clients × n, max batch) images (the fullest pass the clients can make; "
-             "pass_images is the mean pass the server formed), measured right before and right after each row while the "
-             "server idled, the faster of the two (batched_spread = slower ÷ faster shows how much the shared CPU moved "
-             "meanwhile). Because the CPU is shared with other work, the CPU time per image is given too: "
-             "server_cpu_ms_per_image is the server process's CPU time (every thread: HTTP, JSON, PNG, the network) per "
-             "image served, batched_cpu_ms_per_image the reference's (the lower of the two measurements), and "
-             "cpu_ratio = batched ÷ served: the throughput ratio a server with the cores to itself would reach, the "
-             "load generator's own CPU left out. "
-             "Latency is per request (n images), from send to the parsed answer, on 127.0.0.1 with the load generator "
-             "on the same CPU. rss_mib_at_100: the server's peak resident memory after the first 100 requests of the row "
-             "(cumulative over the server's life); rss_mib_end: the peak at the end of the row. "
-             + "; ".join(rss_notes) + f". Plot: [{path.name}]({path.name}).")
+             "pass_images is the mean pass the server formed), measured in this process with the same torch threads "
+             f"({args.threads}) right before and right after each row while the server idled, the faster of the two "
+             "(batched_spread = slower ÷ faster shows how much the shared CPU moved meanwhile). The two sides do not do "
+             "the same work: the served figure includes everything a client gets (HTTP, JSON, converting to 8-bit "
+             "pixels, PNG and base64 encoding of every image), the batched reference only `generate`'s tensors. The "
+             "load generator (one keep-alive HTTP/1.1 connection per client, in one asyncio process on uvloop) runs "
+             "on the same CPU as the server and the reference; its own CPU time per request is client_cpu_ms_per_request, "
+             "and load_1min is the machine's 1-minute load average when the row started (the CPU is shared with "
+             "other jobs). The CPU time per image is the steadier figure on a shared machine: server_cpu_ms_per_image is the "
+             "CPU time of the server's two processes (HTTP, JSON in one; the network, PNG in its model worker; every thread) per image served, "
+             "batched_cpu_ms_per_image the reference's (the lower of the two measurements), and cpu_ratio = batched ÷ "
+             "served. Latency is per request (n images), from send to the parsed answer, on 127.0.0.1. rss_mib_at_100: "
+             "the server's peak resident memory (both processes together) after the first 100 requests of the row (cumulative over the server's "
+             "life); rss_mib_end: the peak at the end of the row. "
+             + "; ".join(rss_notes) + f". Plot: [{path.name}]({path.name}). "
+             f"Why the network runs in a child process (`--worker process`): the student's passes of 16 images in a "
+             f"thread of one process make {interpreter.get('idle_images_per_s', 0):.0f} images/s while the main thread idles "
+             f"and {interpreter.get('busy_images_per_s', 0):.0f} while it runs Python half the time in 1 ms bursts, as an "
+             f"HTTP loop under load does ({interpreter.get('slowdown', 0):.2f}× slower: the forward pass of a small model "
+             f"is mostly Python, which one process runs one thread at a time).")
     md = harness.write_result(name, rows, COLUMNS, "selfflow serve under load", notes=notes)
     print(f"wrote {md} and {path}")
 

@@ -26,8 +26,13 @@ caption row, --images-per-caption of them drawn per row and batch (the paper: 10
         --probe-train 5000 --probe-test 2000 --out stablerep_mnist_cpu
 
 On MNIST (28×28) the encoder is the same ViT (4 DiT blocks, width 64) with patch 4 (49 tokens) instead of
-patch 2, or the ResNet (--encoder resnet); the probes use a fixed real subset (the first --probe-train
-train and --probe-test test images) to stay cheap.
+patch 2, or the ResNet (--encoder resnet; --width 16 --stem-stride 2: a narrow ResNet that downsamples in its
+stem, 0.17 M parameters, ~0.2 s per step of 128 images on one thread); the probes use a fixed real subset (the
+first --probe-train train and --probe-test test images) to stay cheap. --teacher takes a training run or an
+exported folder (e.g. weights/mnist_teacher_cpu, the committed MNIST teacher):
+
+    python benchmarks/stablerep.py --data mnist --teacher weights/mnist_teacher_cpu --sizes 2000 --seeds 0 1 2 \
+        --steps 1000 --fast --encoder resnet --width 16 --stem-stride 2 --synth-steps 12 --out stablerep_mnist_cpu
 
 StableRep vs StableRep+ (--text-teacher, digits): one synthetic set drawn by a caption-conditioned teacher
 from the lines of a caption file (4 images per row, guidance --synth-cfg), then StableRep (method.caption_weight
@@ -174,6 +179,9 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--encoder", default="vit", choices=["vit", "resnet"])
+    p.add_argument("--width", type=int, default=32, help="--encoder resnet: channels of its first stage (method.width)")
+    p.add_argument("--stem-stride", type=int, default=1, choices=[1, 2],
+                   help="--encoder resnet: 2 halves the image in the stem (early downsampling, ~4x cheaper)")
     p.add_argument("--passes", type=int, default=128, help="encoder passes per step, the same for every variant")
     p.add_argument("--per-caption", type=int, default=10, help="m: images generated per caption row (the paper: 10)")
     p.add_argument("--images-per-caption", type=int, default=6, help="k of a row's m images per batch (the paper: 6)")
@@ -185,7 +193,7 @@ def main() -> None:
     p.add_argument("--probe-train", type=int, default=None, help="real train images for the probes (default: all "
                    "on digits, 5000 on MNIST)")
     p.add_argument("--probe-test", type=int, default=None, help="real test images (default: all on digits, 2000 on MNIST)")
-    p.add_argument("--teacher", default=None, help="a Self-Flow run of the same data (default: train one into --work)")
+    p.add_argument("--teacher", default=None, help="a Self-Flow run of the same data or its exported folder (default: train one into --work)")
     p.add_argument("--teacher-steps", type=int, default=1500)
     p.add_argument("--synth-steps", type=int, default=20, help="Heun steps for the synthetic sets")
     p.add_argument("--synth-cfg", type=float, default=2.0, help="classifier-free guidance of the synthesis (the paper's "
@@ -210,6 +218,8 @@ def main() -> None:
     data_path = str(Path(args.data_path) if Path(args.data_path).is_dir() else ROOT / args.data_path) if mnist else None
     patch = args.patch or (4 if mnist else None)
     extra = data_overrides(args.data, data_path, patch)
+    if args.encoder == "resnet":
+        extra += [f"method.width={args.width}", f"method.stem_stride={args.stem_stride}"]
     started = time.perf_counter()
     variants = VARIANTS + (ALSO if args.also else [])
 
@@ -251,7 +261,8 @@ def main() -> None:
         file.write_text(json.dumps(value))
         return value
 
-    references = work / "references" / f"probe{len(probe_train)}_{len(probe_test)}_{args.encoder}"
+    arch = args.encoder + (f"_w{args.width}_s{args.stem_stride}" if args.encoder == "resnet" else "")
+    references = work / "references" / f"probe{len(probe_train)}_{len(probe_test)}_{arch}"
     pixels = cached(references / "raw_pixels.json", lambda: raw_pixel_probes(probe_train, probe_test, probe))
     log(f"raw pixels: linear={pixels['linear']:.3f} knn={pixels['knn']:.3f}")
     config = load_config(ROOT / "configs" / "digits_simclr.yaml", [f"method.encoder={args.encoder}", *extra])
@@ -299,7 +310,7 @@ def report(args, rows, raw, scores_of, pixels, untrained, variants, folder, patc
     missing = [v[0] for v in variants if v not in done]
     data_words = ("the real MNIST train split (60000 images)" if mnist else f"the real digits train split ({len(real)} images)")
     notes = "\n".join([
-        f"Encoder: {args.encoder} ({f'ViT of 4 DiT blocks, width 64, patch {patch or 2}, mean-pooled' if args.encoder == 'vit' else 'ResNet (method.width 32)'}; "
+        f"Encoder: {args.encoder} ({f'ViT of 4 DiT blocks, width 64, patch {patch or 2}, mean-pooled' if args.encoder == 'vit' else f'ResNet of 3 stages × 2 residual blocks, width {args.width}/{2 * args.width}/{4 * args.width}, stem stride {args.stem_stride}, GroupNorm, average-pooled to {4 * args.width} features'}; "
         f"configs/digits_*.yaml{' with data.name=mnist' if mnist else ''}), {args.steps} steps, AdamW lr 2e-3, {args.passes} encoder "
         f"passes per step for every variant (StableRep: {args.passes // args.images_per_caption} caption rows × "
         f"{args.images_per_caption} images; SimCLR: {args.passes // 2} images × 2 views; supervised: {args.passes} images), "
@@ -381,7 +392,7 @@ def text_comparison(args) -> None:
     ])
     path = write_result(out_name, rows, COLUMNS,
                         "StableRep vs StableRep+ on a caption-drawn synthetic set (digits; linear probe on the real test split)",
-                        notes, extra={"runs": raw, "teacher": str(folder), "captions": str(captions), "steps": args.steps,
+                        notes, extra={"runs": raw, "teacher": str(folder), "captions": str(captions.relative_to(ROOT) if captions.is_relative_to(ROOT) else captions), "steps": args.steps,
                                       "sizes": args.sizes, "seeds": args.seeds, "caption_weight": args.caption_weight,
                                       "synth_cfg": args.synth_cfg, "verdict": verdict})
     (RESULTS / f"{out_name}.json").replace(path.with_suffix(".json"))

@@ -87,7 +87,7 @@ class Generator:
     @property
     def num_classes(self) -> int:
         """Class labels of an image or modality model (0: unconditional or caption-conditioned)."""
-        return 0 if self.kind == "text" else int(self.model.num_classes or 0)
+        return 0 if self.text is not None else int(self.model.num_classes or 0)
 
     # ---- sampling ---------------------------------------------------------------------------
     def sample(self, n: int, labels: Labels = None, prompt: Union[None, str, Sequence[str]] = None, seed: int = 0,
@@ -113,7 +113,7 @@ class Generator:
         if device is not None:
             self.device = resolve_device(str(device), "device")
             self.model.to(self.device)
-        if self.kind == "text":
+        if self.text is not None:  # captions: an image model, or a video model (its clips (n, 1, T, S, S))
             return self._sample_prompts(n, prompt, labels, seed, sampler, steps, cfg_scale, batch_size, sampler_options, precision)
         if prompt is not None:
             raise ConfigError(f"prompt: {self.folder} is not caption-conditioned (no text section); use labels")
@@ -197,9 +197,9 @@ def export_model(loaded: LoadedGenerator, directory: str | Path, settings: Sampl
     from selfflow.files import atomic_directory, save_tensors, write_json
 
     meta = {"model": dataclasses.asdict(loaded.model.config), "sample": dataclasses.asdict(settings)}
-    if loaded.kind == "text":
+    if loaded.text is not None:  # a caption model, image or video: its encoder
         meta.update(text_dim=loaded.model.text_dim, text=dataclasses.asdict(loaded.text))
-    elif loaded.kind == "modality":
+    if loaded.kind == "modality":
         meta["modality"] = dataclasses.asdict(loaded.modality)
         if loaded.run is not None:
             meta["run"] = loaded.run  # its data and method settings: `selfflow modality eval` reads them
@@ -295,6 +295,8 @@ def model_card(loaded: LoadedGenerator, settings: SampleConfig, fmt: str = "self
     depth, width, heads = config.resolved_dims()
     conditioning = {"text": "captions", "modality": f"{loaded.modality.kind if loaded.modality else ''} tokens"}.get(
         loaded.kind, f"{config.num_classes} classes" if config.num_classes else "unconditional")
+    if loaded.text is not None and loaded.modality is not None:
+        conditioning = f"captions, {loaded.modality.kind} tokens"
     if fmt == "diffusers":
         usage = ("```python\nfrom selfflow.hub import SelfFlowPipeline  # pip install selfflow[diffusers]\n\n"
                  "pipe = SelfFlowPipeline.from_pretrained(\"THIS_FOLDER\")\n"
@@ -304,7 +306,7 @@ def model_card(loaded: LoadedGenerator, settings: SampleConfig, fmt: str = "self
                  "x = g.sample(16, seed=0)  # (16, C, H, W) in [-1, 1], the settings below\n```\n")
     tags = list(dict.fromkeys(["selfflow", "flow-matching", method.replace("_", "-")]))  # flow_matching: once
     pipeline_tag = "unconditional-image-generation" if loaded.kind == "image" and not config.num_classes else (
-        "text-to-image" if loaded.kind == "text" else "image-generation")
+        "text-to-image" if loaded.kind == "text" else "text-to-video" if loaded.text is not None else "image-generation")
     lines = [
         "---", f"library_name: {'diffusers' if fmt == 'diffusers' else 'selfflow'}", f"pipeline_tag: {pipeline_tag}",
         "tags:", *[f"- {t}" for t in tags], "---", "",

@@ -35,6 +35,8 @@ WRONG_KIND = {
     ("modality", "image"): "not a modality model (no modality section in config.json); sample image models with selfflow sample",
     ("modality", "text"): "not a modality model (a caption-conditioned one); sample it with selfflow sample --prompt",
 }
+CAPTIONED_VIDEO = ("a caption-conditioned video model (text and modality sections in config.json); sample it with "
+                   "selfflow sample --prompt")
 
 
 @dataclass
@@ -66,9 +68,11 @@ def load_model(path: str | Path, weights: str = "ema", device: str | torch.devic
     folder, meta, file = open_folder(path, weights)
     run = meta.get("run") if isinstance(meta.get("run"), dict) else None
     kind = read_kind(meta)
-    if expect is not None and kind != expect:
-        raise CheckpointError(f"{folder}: {WRONG_KIND[(expect, kind)]}")
     where = folder / "config.json"
+    text = text_section(meta, where)
+    captioned_video = kind == "modality" and text is not None  # sampled from prompts, as a caption model is
+    if expect is not None and (kind != expect or captioned_video) and not (expect == "text" and captioned_video):
+        raise CheckpointError(f"{folder}: {CAPTIONED_VIDEO if captioned_video else WRONG_KIND[(expect, kind)]}")
     model = load_network(meta, where, file)  # one class; the folder's sections pick its layout and condition
-    return LoadedGenerator(model.to(device).eval(), folder, kind, file, meta, text=text_section(meta, where),
+    return LoadedGenerator(model.to(device).eval(), folder, kind, file, meta, text=text,
                            modality=modality_section(meta, where), run=run)

@@ -196,9 +196,11 @@ def write_report(config: PipelineConfig, markers: dict[str, dict], ran: dict[str
     # ---- encoder ------------------------------------------------------------------------------
     en, e = r["encoder"], config.encoder
     report.heading("5. StableRep encoder")
+    shape = (f"widths {e.method.width}/{2 * e.method.width}/{4 * e.method.width}, stem stride {e.method.stem_stride}"
+             if en["encoder"] == "resnet" else
+             f"depth {e.model.resolved_dims()[0]}, width {e.model.resolved_dims()[1]}, patch {e.model.patch_size}")
     report.paragraph(
-        f"A {en['encoder']} encoder (depth {e.model.resolved_dims()[0]}, width {e.model.resolved_dims()[1]}, patch "
-        f"{e.model.patch_size}) trained with the multi-positive contrastive loss (τ = {en['temperature']:g}, embedding "
+        f"A {en['encoder']} encoder ({shape}) trained with the multi-positive contrastive loss (τ = {en['temperature']:g}, embedding "
         f"{en['embed_dim']}) on the synthetic set: {en['steps']} of {en['steps_planned']} steps of {e.train.batch_size} captions × "
         f"{sy['per_caption']} images, lr {e.train.lr:g}, seed {e.train.seed}; status {en['status']}.")
     report.paragraph(positives_in_words(config, en, r["evaluate"].get("train_images")))

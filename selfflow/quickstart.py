@@ -14,7 +14,8 @@ import json
 from pathlib import Path
 
 # Measured on the busy 2-core development CPU (docs/benchmarks/quickstart.md; 201 s in all): teacher
-# 104 s, pairs + student 41 s, evaluation 14 s, synthetic set 0.4 s, encoder 35 s, probes 2.5 s.
+# 104 s, pairs + student 41 s, evaluation 14 s, synthetic set 0.4 s, encoder 35 s, probes 2.5 s. At a load
+# of 7–8 with these limits and the ResNet encoder: 241 s (teacher and student cut by their limits).
 _DIGITS_MODEL = {"size": "tiny", "depth": 4, "hidden_size": 64, "num_heads": 4, "patch_size": 2}
 QUICKSTART_PIPELINE = {
     # One thread: this small a model gains little from a second, and loses several-fold when other
@@ -25,7 +26,7 @@ QUICKSTART_PIPELINE = {
         "model": dict(_DIGITS_MODEL),
         "method": {"name": "self_flow", "class_dropout_prob": 0.1, "mask_ratio": 0.25, "rep_weight": 0.8},
         "train": {"steps": 1500, "batch_size": 64, "lr": 2e-3, "warmup_steps": 100, "ema_decay": 0.999, "seed": 0,
-                  "time_limit_minutes": 2.0, "precision": "fp32", "log_every": 50, "ckpt_every": 0, "sample_every": 0,
+                  "time_limit_minutes": 1.5, "precision": "fp32", "log_every": 50, "ckpt_every": 0, "sample_every": 0,
                   "num_sample_images": 0, "tensorboard": False},
         "sample": {"sampler": "heun", "steps": 20, "cfg_scale": 1.0},
     },
@@ -33,7 +34,7 @@ QUICKSTART_PIPELINE = {
         "kind": "distill", "pairs": 2000, "pairs_sampler": "heun", "pairs_steps": 16,
         "method": {"steps": 1, "loss": "l2"},
         "train": {"steps": 600, "batch_size": 64, "lr": 5e-4, "warmup_steps": 50, "ema_decay": 0.99, "seed": 0,
-                  "time_limit_minutes": 1.0, "precision": "fp32", "log_every": 25, "ckpt_every": 0, "num_sample_images": 0,
+                  "time_limit_minutes": 0.75, "precision": "fp32", "log_every": 25, "ckpt_every": 0, "num_sample_images": 0,
                   "tensorboard": False},
         "sample": {"sampler": "euler", "steps": 1},
     },
@@ -41,12 +42,15 @@ QUICKSTART_PIPELINE = {
     "synth": {"generator": "student", "captions": "classes", "per_caption": 4, "num": 2000, "seed": 0},
     "encoder": {
         "model": dict(_DIGITS_MODEL),
-        "method": {"name": "stablerep", "encoder": "vit", "head_hidden": 256, "embed_dim": 64, "temperature": 0.1},
+        # the small ResNet (0.17 M parameters): 0.20 s per step of 128 digits on one thread, the ViT of the
+        # teacher's sizes 0.49 s (measured side by side on the busy machine)
+        "method": {"name": "stablerep", "encoder": "resnet", "width": 16, "head_hidden": 256, "embed_dim": 64,
+                   "temperature": 0.1},
         "train": {"steps": 400, "batch_size": 32, "lr": 2e-3, "weight_decay": 0.05, "warmup_steps": 20, "seed": 0,
-                  "time_limit_minutes": 1.0, "precision": "fp32", "log_every": 10, "ckpt_every": 0, "num_sample_images": 0,
+                  "time_limit_minutes": 0.75, "precision": "fp32", "log_every": 10, "ckpt_every": 0, "num_sample_images": 0,
                   "tensorboard": False},
     },
-    "probes": {"data": "digits", "max_iter": 1000, "few_shot": [1, 5, 10], "few_shot_trials": 5, "seed": 0},
+    "probes": {"data": "digits", "max_iter": 1000, "few_shot": [1, 5, 10], "few_shot_trials": 3, "seed": 0},
 }
 
 # --tiny: every stage a few steps (tests, a smoke check of an installation; seconds, not minutes).

@@ -95,6 +95,26 @@ def test_modalities_benchmark_smoke_writes_every_kind_and_links_media_that_exist
     assert again["kinds"]["audio"]["summary"] == record["kinds"]["audio"]["summary"]
 
 
+def test_modalities_cross_modal_table_gap_is_clean_minus_replace_per_seed():
+    """The audio-video cross-modal table: clean − replace is taken per seed (same model, same given halves), then
+    averaged; with vs without whole-part times names the better method, and one seed is never called a clear gap."""
+    import modalities
+
+    def stat(*values):
+        return {"mean": sum(values) / len(values), "spread": (max(values) - min(values)) / 2,
+                "seeds": {str(i): v for i, v in enumerate(values)}}
+
+    summary = {"self_flow": {"audio_given_video_clean": stat(0.3, 0.1), "audio_given_video_replace": stat(0.1, 0.2)},
+               "self_flow_whole_part": {"audio_given_video_clean": stat(0.5, 0.45), "audio_given_video_replace": stat(0.2, 0.2)}}
+    lines = modalities.cross_modal(summary, {}, 256)
+    row = next(line for line in lines if line.startswith("| self_flow |")).split(" | ")
+    assert row[3] == "0.05 ± 0.15 [0.2, -0.1]"  # (0.3 − 0.1 + 0.1 − 0.2) / 2, half the range of 0.2 and −0.1
+    verdict = next(line for line in lines if line.startswith("**With vs without"))
+    assert "audio given video, clean: with whole-part times better" in verdict and "is larger than" in verdict
+    one_seed = {m: {k: stat(v["seeds"]["0"]) for k, v in s.items()} for m, s in summary.items()}
+    assert "one seed: no spread" in next(line for line in modalities.cross_modal(one_seed, {}, 256) if line.startswith("**With"))
+
+
 def test_text_to_image_defaults_keep_the_cpu_configs_and_size_s_resolves():
     """benchmarks/text_to_image.py: the defaults (CPU, fp32, tiny DiT, batch 64) give exactly RUN, so a CPU --work
     folder is reused; --model-size S is the DiT size S; --device cuda without CUDA is a one-line error."""
@@ -152,6 +172,27 @@ def test_one_step_rows_judge_each_student_against_the_teacher_it_learns():
     # reflow: 1.1× its teacher, 40× faster, but one seed; DMD: 1.15× its teacher, 80× faster, two seeds
     assert report["target"]["met"] == ["DMD, 1 step"]
     assert "Met by any: **yes**" in report["target"]["text"]
+    # the closest model is a met one (reflow's 1.1× is closer but on one seed), and the text says what reflow misses
+    assert (report["target"]["closest"], report["target"]["closest_misses"]) == ("DMD, 1 step", [])
+    assert "**not met** (1 seed < 2; teacher's class accuracy 0.800 < 0.9)" in report["target"]["text"]
     report["rows"] = one_step.build_rows(None, specs, [{**e, "class_accuracy": 0.5} if e["run"] == "teacher" else e for e in evals], speed)
     one_step.analyse(report)  # the same students of a teacher that cannot draw (class accuracy 0.5): nothing is met
     assert report["target"]["met"] == [] and "teacher's class accuracy 0.500 < 0.9" in report["target"]["text"]
+    assert report["target"]["closest"] == "reflow"  # nothing met: the fast row nearest its teacher, and why it misses
+    assert report["target"]["closest_misses"] == ["1 seed < 2", "teacher's class accuracy 0.500 < 0.9"]
+
+
+def test_one_step_target_misses_name_each_failed_condition():
+    one_step = pytest.importorskip("one_step")
+    row = {"speedup_b256_vs_teacher50": 30.0, "fd_dom_vs_learned_teacher": 1.2, "fd_dom_values": [1.0, 1.1],
+           "learned_teacher": {"class_accuracy": 0.9}}
+    assert one_step.target_misses(row) == []  # every bound is inclusive
+    slow = {**row, "speedup_b256_vs_teacher50": 29.9, "fd_dom_vs_learned_teacher": 1.21}
+    assert one_step.target_misses(slow) == ["speed-up 29.9× < 30×", "FD_dom 1.21× > 1.2× the teacher it learns"]
+
+
+def test_one_step_report_names_paths_relative_to_the_checkout():
+    one_step = pytest.importorskip("one_step")
+    record = {"command": f"python -m selfflow train --set train.out_dir={one_step.ROOT}/runs/x --set data.path=/elsewhere/mnist", "seconds": 1.5}
+    assert one_step.relative(record) == {"command": "python -m selfflow train --set train.out_dir=runs/x --set data.path=/elsewhere/mnist",
+                                         "seconds": 1.5}

@@ -648,3 +648,16 @@ def test_eval_imports_nothing_from_the_cli_or_the_trainer():
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     assert not {"selfflow.cli", "selfflow.trainer"} & imported
+
+
+def test_precision_recall_with_precomputed_real_radii_is_identical():
+    from selfflow.evaluation import precision_recall
+    from selfflow.evaluation.precision_recall import knn_radii
+
+    g = torch.Generator().manual_seed(0)
+    real, fake = torch.randn(300, 8, generator=g), torch.randn(120, 8, generator=g) * 1.3 + 0.2
+    plain = precision_recall(real, fake, k=3, batch=64)
+    reused = precision_recall(real, fake, k=3, batch=64, real_radii=knn_radii(real, 3))
+    assert (reused.precision, reused.recall) == (plain.precision, plain.recall)
+    with pytest.raises(ValueError, match="real_radii has shape"):
+        precision_recall(real, fake, k=3, real_radii=torch.ones(299))

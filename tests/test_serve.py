@@ -185,6 +185,40 @@ def test_a_full_queue_answers_503_with_retry_after(engine):
         assert client.post("/v1/generate", json={"n": 1}).status_code == 200
 
 
+def test_requests_that_arrive_during_a_pass_make_the_next_pass(engine):
+    """Continuous batching: a lone request starts a pass at once (no window); the requests that arrive
+    while it runs wait, and the next pass takes them all together, each answer still its own images."""
+    release, running = threading.Event(), threading.Event()
+    real_run, passes = engine.run, []
+
+    def held_run(jobs):
+        passes.append([job.seeds for job in jobs])
+        running.set()
+        if len(passes) == 1:
+            release.wait(30)
+        return real_run(jobs)
+
+    bodies = [{"n": 2, "seed": 10 * k, "labels": [k]} for k in range(5)]
+    with TestClient(create_app(engine)) as client, ThreadPoolExecutor(len(bodies) + 1) as pool:
+        alone = [client.post("/v1/generate", json=body).json() for body in bodies]
+        engine.run = held_run
+        try:
+            first = pool.submit(client.post, "/v1/generate", json={"n": 1, "seed": 999})
+            assert running.wait(30)  # the first pass started with the lone request
+            crowd = [pool.submit(client.post, "/v1/generate", json=body) for body in bodies]
+            deadline = time.time() + 30
+            while client.get("/health").json()["queue"]["waiting_images"] < 10 and time.time() < deadline:
+                time.sleep(0.01)
+        finally:
+            release.set()
+        answers = [reply.result().json() for reply in crowd]
+        engine.run = real_run
+    assert first.result().json()["batch"] == 1
+    assert passes[0] == [(999,)] and len(passes) == 2 and sorted(passes[1]) == sorted(tuple(a["seeds"]) for a in alone)
+    assert all(answer["batch"] == 10 for answer in answers)
+    assert [a["images"] for a in answers] == [a["images"] for a in alone]
+
+
 def test_a_caption_model_takes_prompts_not_labels(tmp_path):
     from selfflow.config import config_from_dict
     from support import train_config
@@ -211,6 +245,8 @@ def test_serve_refuses_bad_flags_in_one_line(class_run, tmp_path, capsys):
     one_line_error(capsys, "missing")
     assert main(["serve", "--ckpt", str(class_run), "--max-n", "100", "--max-batch", "8"]) == 2
     one_line_error(capsys, "--max-n 100", "--max-batch 8")
+    assert main(["serve", "--ckpt", str(class_run), "--threads", "0"]) == 2
+    one_line_error(capsys, "--threads 0")
     import socket
 
     with socket.socket() as taken:
@@ -240,11 +276,35 @@ def start_server(ckpt, port: int, *flags) -> subprocess.Popen:
     raise AssertionError("server did not answer /health in 60 s")
 
 
-def test_sigterm_drains_requests_in_flight_and_exits_0(class_run):
+def test_the_model_worker_process_answers_as_the_engine_does(class_run, engine):
+    """selfflow serve runs the network in a child process: its answers are the in-process engine's, alone
+    and in a crowd of concurrent requests."""
     import httpx
 
     port = free_port()
+    proc = start_server(class_run, port)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        assert httpx.get(url + "/health").json()["model"] == engine.describe()
+        bodies = [{"n": 1 + k % 3, "seed": 7 * k, "labels": [k % 10]} for k in range(8)]
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            replies = list(pool.map(lambda body: httpx.post(url + "/v1/generate", json=body, timeout=60).json(), bodies))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    limits = Limits()
+    for body, reply in zip(bodies, replies):
+        assert reply["images"] == engine.run([engine.job(limits, **body)])[0].images
+
+
+def test_sigterm_drains_requests_in_flight_and_exits_0(class_run):
+    import httpx
+    import psutil
+
+    port = free_port()
     proc = start_server(class_run, port, "--window-ms", "1500")
+    children = psutil.Process(proc.pid).children()  # the model worker (and multiprocessing's resource tracker)
+    assert any(child.cmdline()[-1].startswith("--multiprocessing-fork") for child in children)
     try:
         with ThreadPoolExecutor(1) as pool:
             in_flight = pool.submit(httpx.post, f"http://127.0.0.1:{port}/v1/generate", json={"n": 3, "steps": 50}, timeout=60)
@@ -260,6 +320,8 @@ def test_sigterm_drains_requests_in_flight_and_exits_0(class_run):
             proc.kill()
     assert reply.status_code == 200 and len(reply.json()["images"]) == 3
     assert proc.returncode == 0, err
+    time.sleep(1)
+    assert all(not child.is_running() or child.status() == psutil.STATUS_ZOMBIE for child in children)  # none outlives the server
     assert "Traceback" not in err and "stopped after" in out
 
 

@@ -268,6 +268,19 @@ def test_each_method_lowers_its_loss_on_digits(tmp_path, method, encoder):
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
 
 
+def test_a_stride_2_stem_is_the_stride_1_stem_read_at_every_other_pixel():
+    from selfflow.represent.encoders import ResNetEncoder
+
+    torch.manual_seed(0)
+    full, early = ResNetEncoder(28, 1, 8), ResNetEncoder(28, 1, 8, stem_stride=2)
+    early.load_state_dict(full.state_dict())  # the same weights: only the stride differs
+    x = torch.randn(3, 1, 28, 28)
+    conv_full, conv_early = full.stem[0](x), early.stem[0](x)
+    assert conv_early.shape == (3, 8, 14, 14)
+    torch.testing.assert_close(conv_early, conv_full[:, :, ::2, ::2])
+    assert early(x).shape == full(x).shape == (3, 32)
+
+
 def _ddp_worker(rank, world, port, raw):
     join_as_rank(rank, world, port)
     fit(raw)
@@ -337,7 +350,8 @@ def test_synth_then_represent_train_and_probe(tmp_path, capsys, generator_dir):
 
 
 @pytest.mark.parametrize("key,value,needle", [("method.encoder", "cnn", "method.encoder"), ("method.temperature", "0", "method.temperature"),
-                                              ("train.init_from", "runs/x", "train.init_from"), ("data.name", "pairs", "data.name=pairs")])
+                                              ("train.init_from", "runs/x", "train.init_from"), ("data.name", "pairs", "data.name=pairs"),
+                                              ("method.stem_stride", "3", "method.stem_stride")])
 def test_represent_config_errors_name_the_key(key, value, needle):
     from selfflow.config import ConfigError, config_from_dict
     from selfflow.config import apply_overrides

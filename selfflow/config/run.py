@@ -95,7 +95,7 @@ class RunConfig:
         if method not in ("flow_matching", "self_flow", "regression"):
             raise ConfigError(f"modality.kind={kind} trains flow_matching, self_flow or regression; not method.name={method}")
         if self.text is not None:
-            raise ConfigError("modality and text sections together: text conditions images only (drop one section)")
+            self._validate_captioned_video()
         if kind in ("video", "audio_video") and data.name not in DIGIT_SOURCES:
             raise ConfigError(f"data.name={data.name}: the video's digits come from one of {', '.join(DIGIT_SOURCES)}")
         if kind in ("audio", *POLICY_KINDS) and (data.name != "digits" or data.path is not None):
@@ -115,6 +115,22 @@ class RunConfig:
         elif method == "regression":
             raise ConfigError(f"method.name=regression is the action-policy baseline; modality.kind={kind} is generated "
                               f"with flow_matching or self_flow")
+
+    def _validate_captioned_video(self) -> None:
+        """A text section with a modality: captions condition moving-digit video (a text-to-video model)."""
+        kind, method, modality = self.modality.kind, self.method_name(), self.modality
+        if kind != "video":
+            raise ConfigError(f"modality.kind={kind} with a text section: captions condition images or video "
+                              f"(modality.kind=video), not {kind}; drop one section")
+        if method not in ("flow_matching", "self_flow"):
+            raise ConfigError(f"method.name={method}: a caption-conditioned video trains flow_matching or self_flow")
+        if not self.data.class_conditional:
+            raise ConfigError("text: a caption-conditioned run needs data.class_conditional true (the captions are its condition)")
+        if self.model.num_classes:
+            raise ConfigError(f"model.num_classes={self.model.num_classes}: a caption-conditioned model has no classes; leave it unset")
+        if self.text.captions == "generated" and modality.digits_per_clip != 1:
+            raise ConfigError(f"modality.digits_per_clip={modality.digits_per_clip}: generated captions describe one digit "
+                              f"per clip; use 1, or a caption file (text.captions) that describes every digit")
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False)

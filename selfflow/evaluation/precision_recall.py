@@ -58,17 +58,25 @@ def _coverage(queries: torch.Tensor, support: torch.Tensor, radii: torch.Tensor,
 @torch.inference_mode()
 def precision_recall(real_features: torch.Tensor, fake_features: torch.Tensor, k: int = 3,
                      batch: int = 1000, device: str | torch.device | None = None,
-                     progress: bool = False) -> PrecisionRecall:
+                     progress: bool = False, real_radii: torch.Tensor | None = None) -> PrecisionRecall:
     """k-NN precision and recall of fake (M, D) against real (N, D) features; both in [0, 1].
 
-    ``progress``: one bar over the four passes (radii of each set, coverage of each), 2·(N + M) rows."""
+    ``progress``: one bar over the four passes (radii of each set, coverage of each), 2·(N + M) rows.
+    ``real_radii``: ``knn_radii(real_features, k)`` computed once for many fake sets (the N² pass)."""
     real = _as_features(real_features, "real_features", torch.device(device) if device else None)
     fake = _as_features(fake_features, "fake_features", real.device)
     if real.shape[1] != fake.shape[1]:
         raise ValueError(f"feature dimensions differ: {real.shape[1]} vs {fake.shape[1]}")
     fake = fake.to(real.dtype)
     with progress_bar(2 * (real.shape[0] + fake.shape[0]), "precision/recall", "row", progress) as bar:
-        real_radii = knn_radii(real, k, batch, bar)
+        if real_radii is None:
+            real_radii = knn_radii(real, k, batch, bar)
+        else:
+            if real_radii.shape != (real.shape[0],):
+                raise ValueError(f"real_radii has shape {tuple(real_radii.shape)}, expected ({real.shape[0]},)")
+            real_radii = real_radii.to(real.device, real.dtype)
+            if bar is not None:
+                bar.update(real.shape[0])
         fake_radii = knn_radii(fake, k, batch, bar)
         return PrecisionRecall(precision=_coverage(fake, real, real_radii, batch, bar),
                                recall=_coverage(real, fake, fake_radii, batch, bar))

@@ -1,23 +1,24 @@
 """The HTTP side of ``selfflow serve``: a FastAPI application around an :class:`~selfflow.serve.engine.Engine`.
 
-Every refusal is a JSON object with one line, ``{"error": "…"}``: 400 malformed JSON or a body too
+Every refusal is a JSON object with one line, ``{"error": "…"}``: 400 malformed JSON, 413 a body too
 large, 422 a field of the wrong type, an unknown field or a value out of range, 404/405 a wrong
 path or method, 503 (with ``Retry-After``) a full queue. No response carries a traceback.
 """
 from __future__ import annotations
 
+import json
 import time
 from contextlib import asynccontextmanager
 from typing import Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
 from selfflow.errors import RequestError
-from selfflow.serve.engine import Batcher, Engine, Limits, QueueFull
+from selfflow.serve.engine import Batcher, Engine, Limits, ProcessWorker, QueueFull
 from selfflow.serve.page import PAGE
 
 MAX_BODY_BYTES = 64 * 1024
@@ -49,10 +50,6 @@ class GenerateResponse(BaseModel):
     batch: int = Field(description="images in the forward pass that made these")
 
 
-def _error(status: int, message: str, headers: Optional[dict] = None) -> JSONResponse:
-    return JSONResponse({"error": " ".join(str(message).split())}, status_code=status, headers=headers)
-
-
 def _validation_message(exc) -> tuple[int, str]:
     """(status, one line) for a pydantic ``ValidationError`` or FastAPI's ``RequestValidationError``."""
     problem = exc.errors()[0]
@@ -67,45 +64,89 @@ def _validation_message(exc) -> tuple[int, str]:
     return 422, f"{where}: {problem.get('msg', 'invalid value')}"
 
 
-class _BodyLimit:
-    """Refuses a request body over ``limit`` bytes (400) before it is read into memory."""
+class _Answer:
+    """A response as it goes out: status, JSON body bytes, extra headers."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, status: int, payload: dict, headers: Optional[dict] = None):
+        self.status, self.headers = status, headers or {}
+        self.body = json.dumps(payload, separators=(",", ":")).encode()
+
+    def response(self) -> Response:
+        return Response(self.body, self.status, self.headers, media_type="application/json")
+
+
+def _refusal(status: int, message: str, headers: Optional[dict] = None) -> _Answer:
+    return _Answer(status, {"error": " ".join(str(message).split())}, headers)
+
+
+def _error(status: int, message: str, headers: Optional[dict] = None) -> Response:
+    return _refusal(status, message, headers).response()
+
+
+class _Front:
+    """The ASGI application uvicorn calls: ``POST /v1/generate`` is answered here, everything else by
+    FastAPI behind it.
+
+    The hot path skips the framework's layers (routing, dependency solving, five middlewares,
+    ``Request`` and ``Response`` objects): on a one-step model they cost more server CPU per request
+    than the network's forward pass per image. What it does is what the FastAPI route for the same
+    path does (the route stays for ``/docs`` and is the same :func:`answer`): the body read with its
+    size bounded (413), checked, queued, answered as one-line JSON; an exception of ours is a one-line
+    500, never a traceback.
+    """
+
+    def __init__(self, app, answer, limit: int):
+        self.app, self.answer, self.limit = app, answer, limit
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["path"] != "/v1/generate" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
+        reply = await self._body(scope, receive)
+        if not isinstance(reply, _Answer):
+            try:
+                reply = await self.answer(reply, time.perf_counter())
+            except Exception as exc:  # a bug of ours: one line, no traceback
+                reply = _refusal(500, f"internal error ({type(exc).__name__}); the server keeps serving")
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(reply.body))]
+        headers += [(key.lower().encode(), str(value).encode()) for key, value in reply.headers.items()]
+        await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+        await send({"type": "http.response.body", "body": reply.body})
+
+    async def _body(self, scope, receive):
+        """The request body, or a 413 once it exceeds ``limit`` bytes (declared or counted)."""
+        declared = next((value for key, value in scope["headers"] if key == b"content-length"), None)
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-            return await _error(413, f"the body exceeds {self.limit} bytes")(scope, receive, send)
-        seen = 0
-
-        async def counted():
-            nonlocal seen
+            return _refusal(413, f"the body exceeds {self.limit} bytes")
+        chunks, seen = [], 0
+        while True:
             message = await receive()
-            seen += len(message.get("body", b""))
+            if message["type"] == "http.disconnect":
+                return _refusal(400, "the client left before its body arrived")
+            chunk = message.get("body", b"")
+            seen += len(chunk)
             if seen > self.limit:
-                raise HTTPException(413, f"the body exceeds {self.limit} bytes")
-            return message
+                return _refusal(413, f"the body exceeds {self.limit} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
 
-        return await self.app(scope, counted, send)
 
-
-def create_app(engine: Engine, limits: Limits = Limits()) -> FastAPI:
-    """The application; its batcher runs while the application's lifespan does."""
+def create_app(engine: Engine, limits: Limits = Limits(), worker: Optional[ProcessWorker] = None) -> "_Front":
+    """The ASGI application (FastAPI behind :class:`_Front`); its batcher runs while the lifespan does,
+    its passes on ``engine`` in this process or on ``worker``'s copy of the model (whose device
+    ``/health`` reports; ``engine`` then only checks requests)."""
     limits.validate()
+    model = engine.describe() | ({"device": worker.device} if worker else {})
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.batcher = Batcher(engine, limits)
+        app.state.batcher = Batcher(engine, limits, worker)
         app.state.batcher.start()
         yield
         await app.state.batcher.stop()  # uvicorn has finished the requests in flight
 
     app = FastAPI(title="selfflow serve", version="1", lifespan=lifespan,
                   description="Images from a selfflow generator: one-step students and multi-step teachers.")
-    app.add_middleware(_BodyLimit, limit=MAX_BODY_BYTES)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
@@ -122,41 +163,44 @@ def create_app(engine: Engine, limits: Limits = Limits()) -> FastAPI:
     @app.get("/health")
     async def health() -> dict:
         batcher = app.state.batcher
-        return {"status": "ok", "model": engine.describe(),
+        return {"status": "ok", "model": model,
                 "limits": {"max_n": limits.max_n, "max_steps": limits.max_steps, "max_cfg_scale": limits.max_cfg_scale,
                            "max_prompt_chars": limits.max_prompt_chars, "max_batch": limits.max_batch,
                            "max_queue": limits.max_queue},
                 "queue": {"waiting_images": batcher.waiting_images, "passes": batcher.passes, "images": batcher.images}}
 
-    # The body is read and checked here, and the answer built and returned as it is (GenerateRequest and
-    # GenerateResponse document both in /docs): FastAPI's body machinery and its re-validation of every
-    # base64 string cost more server CPU per request than the one-step student's forward pass per image.
-    # Any Content-Type is read as JSON (curl -d sends a form type); an empty body asks for the defaults.
-    @app.post("/v1/generate", response_model=GenerateResponse,
-              openapi_extra={"requestBody": {"required": False, "content": {"application/json": {
-                  "schema": GenerateRequest.model_json_schema(ref_template="#/components/schemas/{model}")}}}},
-              responses={400: {"description": "malformed JSON"}, 422: {"description": "a bad field"},
-                         503: {"description": "queue full; see Retry-After"}})
-    async def generate(request: Request):
-        start = time.perf_counter()
+    async def answer(raw: bytes, start: float) -> _Answer:
+        """``POST /v1/generate``: the body checked (any Content-Type is read as JSON, since curl -d sends a
+        form type; an empty body asks for the defaults), the job queued, its images answered."""
         try:
-            body = GenerateRequest.model_validate_json((await request.body()).strip() or b"{}")
+            body = GenerateRequest.model_validate_json(raw.strip() or b"{}")
         except ValidationError as exc:
-            return _error(*_validation_message(exc))
+            return _refusal(*_validation_message(exc))
         try:
             job = engine.job(limits, **body.model_dump())
             future = app.state.batcher.submit(job)
         except RequestError as exc:
-            return _error(exc.status, str(exc))
+            return _refusal(exc.status, str(exc))
         except QueueFull as exc:
-            return _error(503, str(exc), {"Retry-After": str(exc.retry_after_s)})
+            return _refusal(503, str(exc), {"Retry-After": exc.retry_after_s})
         output = await future
-        return JSONResponse({"images": output.images, "seeds": list(job.seeds), "labels": list(job.labels) if job.labels else None,
-                "prompt": job.prompt, "sampler": job.sampler, "steps": job.steps, "cfg_scale": job.cfg_scale,
-                "nfe": round(output.nfe), "ms": round(1000 * (time.perf_counter() - start), 3), "batch": output.batch})
+        return _Answer(200, {"images": output.images, "seeds": list(job.seeds), "labels": list(job.labels) if job.labels else None,
+                             "prompt": job.prompt, "sampler": job.sampler, "steps": job.steps, "cfg_scale": job.cfg_scale,
+                             "nfe": round(output.nfe), "ms": round(1000 * (time.perf_counter() - start), 3), "batch": output.batch})
+
+    # Answered by _Front before FastAPI sees it; declared here for /docs (GenerateRequest and
+    # GenerateResponse document the body and the answer), and it answers the same way if reached.
+    @app.post("/v1/generate", response_model=GenerateResponse,
+              openapi_extra={"requestBody": {"required": False, "content": {"application/json": {
+                  "schema": GenerateRequest.model_json_schema(ref_template="#/components/schemas/{model}")}}}},
+              responses={400: {"description": "malformed JSON"}, 413: {"description": "body too large"},
+                         422: {"description": "a bad field"}, 503: {"description": "queue full; see Retry-After"}})
+    async def generate(request: Request):
+        start = time.perf_counter()
+        return (await answer(await request.body(), start)).response()
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> str:
         return PAGE
 
-    return app
+    return _Front(app, answer, MAX_BODY_BYTES)

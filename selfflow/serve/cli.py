@@ -4,6 +4,7 @@ SIGTERM (or Ctrl-C) stops taking connections, lets every request in flight finis
 at most), then exits with status 0."""
 from __future__ import annotations
 
+import os
 import signal
 import socket
 
@@ -28,7 +29,13 @@ def add_parser(sub) -> None:
     p.add_argument("--max-steps", type=int, default=d.max_steps)
     p.add_argument("--max-cfg-scale", type=float, default=d.max_cfg_scale)
     p.add_argument("--max-prompt-chars", type=int, default=d.max_prompt_chars)
-    p.add_argument("--window-ms", type=float, default=d.window_ms, help="how long a pass waits for company when idle")
+    p.add_argument("--window-ms", type=float, default=d.window_ms,
+                   help="how long an idle worker waits for company to a lone request (default 0: none)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for the network on the CPU (default: cores − 1, leaving one to the HTTP loop)")
+    p.add_argument("--worker", default="process", choices=["process", "thread"],
+                   help="where the network runs: a child process (default; the HTTP loop keeps its own interpreter "
+                        "and core) or a thread of the server's process")
     p.add_argument("--drain-seconds", type=float, default=60.0, help="on SIGTERM, how long requests in flight may take")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     p.set_defaults(handler=cmd_serve)
@@ -68,15 +75,35 @@ def cmd_serve(args) -> int:
     except ImportError as exc:
         raise ConfigError(f"selfflow serve needs FastAPI and uvicorn ({exc.name} is missing): "
                           f"pip install 'selfflow[serve]'") from None
-    from selfflow.serve.engine import Engine
+    import torch
+
+    from selfflow.serve.engine import Engine, ProcessWorker
 
     limits = limits_of(args)
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads {args.threads}: must be at least 1")
     sock = bind(args.host, args.port)
-    engine = Engine.load(args.ckpt, args.weights, args.device, args.precision)
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, limits), log_level=args.log_level,
-                                           timeout_graceful_shutdown=args.drain_seconds))
+    threads = args.threads or max(1, (os.cpu_count() or 1) - 1)  # on the CPU, a core left to the HTTP loop
+    worker = None
+    try:
+        if args.worker == "process":
+            engine = Engine.load(args.ckpt, args.weights, "cpu", args.precision)  # here only to check requests
+            worker = ProcessWorker(args.ckpt, args.weights, args.device, args.precision, threads)
+        else:
+            engine = Engine.load(args.ckpt, args.weights, args.device, args.precision)
+            torch.set_num_threads(threads)
+        model = engine.describe() | ({"device": worker.device} if worker else {})
+        return _serve(args, sock, create_app(engine, limits, worker), model, uvicorn)
+    finally:
+        if worker is not None:
+            worker.close()
+        sock.close()
+
+
+def _serve(args, sock, app, model: dict, uvicorn) -> int:
+    """Run ``app`` on ``sock`` until SIGTERM or Ctrl-C, then drain; 0 once drained."""
+    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=args.drain_seconds))
     host, port = sock.getsockname()[:2]
-    model = engine.describe()
     print(f"serving {model['kind']} model {model['checkpoint']} ({model['sampler']}, {model['steps']} step(s)) "
           f"on http://{host}:{port}/ — SIGTERM or Ctrl-C drains and stops", flush=True)
     # uvicorn re-raises the signal that stopped it once it has drained; ours records it, so a drained
@@ -88,6 +115,5 @@ def cmd_serve(args) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        sock.close()
     print(f"stopped after {server.server_state.total_requests} request(s)", flush=True)
     return 0

@@ -71,14 +71,21 @@ def sample_prompts(args, resolved_sampling) -> int:
     result = generate_from_prompts(
         model, make_encoder(text), prompts, per_prompt=per_prompt, seed=args.seed, sampler=settings.sampler,
         steps=settings.steps, cfg_scale=settings.cfg_scale, batch_size=settings.batch_size, device=device,
-        image_shape=(model.in_channels, model.image_size, model.image_size), autocast_dtype=autocast_dtype(args.precision, device),
+        image_shape=model.sample_shape, autocast_dtype=autocast_dtype(args.precision, device),
         sampler_options=args.sampler_options,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    save_grid(result.images, out / "grid.png", nrow=per_prompt)
-    np.savez(out / "samples.npz", images=to_uint8(result.images).numpy(), prompt_index=result.labels.numpy(),
-             seeds=np.array(result.seeds))
+    if loaded.modality is not None:  # a caption-conditioned video: a GIF (one row per prompt), its frames, the clips
+        from selfflow.modalities.video import save_frame_strip, save_gif, video_to_uint8
+
+        clips = video_to_uint8(result.images)
+        written = [save_gif(clips, out / "samples.gif", columns=per_prompt), save_frame_strip(clips, out / "frames.png")]
+        np.savez(out / "samples.npz", videos=clips.numpy(), prompt_index=result.labels.numpy(), seeds=np.array(result.seeds))
+    else:
+        written = [save_grid(result.images, out / "grid.png", nrow=per_prompt)]
+        np.savez(out / "samples.npz", images=to_uint8(result.images).numpy(), prompt_index=result.labels.numpy(),
+                 seeds=np.array(result.seeds))
     info = {
         "checkpoint": str(folder), "weights": args.weights, "prompts": prompts, "per_prompt": per_prompt,
         "sampler": settings.sampler, "steps": settings.steps, "cfg_scale": settings.cfg_scale, "precision": args.precision,
@@ -88,6 +95,7 @@ def sample_prompts(args, resolved_sampling) -> int:
     if args.sampler_options:
         info["sampler_options"] = args.sampler_options
     (out / "samples.json").write_text(json.dumps(info, indent=2))
-    print(f"wrote {out / 'grid.png'} and {out / 'samples.npz'} ({len(prompts)} prompt(s) × {per_prompt} images, "
-          f"{result.nfe_per_sample:g} evaluations each)")
+    items = "clips" if loaded.modality is not None else "images"
+    print(f"wrote {', '.join(str(p) for p in written)} and {out / 'samples.npz'} ({len(prompts)} prompt(s) × {per_prompt} "
+          f"{items}, {result.nfe_per_sample:g} evaluations each)")
     return 0

@@ -88,10 +88,21 @@ def make_encoder(text: TextConfig, device="cpu"):
     return build_encoder(text.encoder, hashed_dim=text.hashed_dim, max_tokens=text.max_tokens, cache_dir=text.cache_dir, device=device)
 
 
+def caption_source(base) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, labels) that generated captions are measured on: an image set's images; for a set of
+    moving-digit clips (N, 1, T, S, S) each clip's first frame, which shows its digit whole (the digit is
+    translated, never cut: ink and slant are the digit's own)."""
+    if getattr(base, "kind", None) == "video":
+        return base.x[:, :, 0], base.y
+    return base.images, base.labels
+
+
 def captioned_dataset(base, text: TextConfig, data_name: str, data_path: Optional[str]) -> CaptionedDataset:
-    """Wrap an image set with the captions a ``text`` section names (generated, or a JSONL file)."""
+    """Wrap an image set, or a video set (caption-conditioned video), with the captions a ``text`` section
+    names (generated, or a JSONL file whose ids are the item indices)."""
     if text.captions == "generated":
-        captions, bins = generated_captions(base.images, base.labels, base.num_classes, per_image=text.captions_per_image,
+        images, labels = caption_source(base)
+        captions, bins = generated_captions(images, labels, base.num_classes, per_image=text.captions_per_image,
                                             seed=text.caption_seed)
         return CaptionedDataset(base, [[c.text for c in caps] for caps in captions], bins=bins)
     if not Path(text.captions).is_file():
@@ -149,5 +160,5 @@ def load_captioned(text: TextConfig, data_name: str, path, split: str, image_siz
     return captioned_dataset(base, text, data_name, path)
 
 
-__all__ = ["CaptionedDataset", "captioned_dataset", "encoding_difference", "encoding_of", "folder_image_ids", "generated_captions",
+__all__ = ["CaptionedDataset", "caption_source", "captioned_dataset", "encoding_difference", "encoding_of", "folder_image_ids", "generated_captions",
            "load_captioned", "load_text_pairs", "make_encoder"]
