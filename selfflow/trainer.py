@@ -71,12 +71,12 @@ def load_data(config: RunConfig):
     if config.modality is not None:  # video, audio, audio-video or actions, made from a seed (selfflow.modalities)
         from selfflow.modalities.data import load_modality_dataset
 
-        dataset = load_modality_dataset(config)
         if config.text is not None:  # caption-conditioned video: (clip, caption) pairs, captions as for images
-            from selfflow.text.data import captioned_dataset
+            from selfflow.text.data import captioned_dataset, check_caption_source
 
-            return captioned_dataset(dataset, config.text, d.name, d.path)
-        return dataset
+            check_caption_source(config.text)  # a missing caption file is named before the clips are made
+            return captioned_dataset(load_modality_dataset(config), config.text, d.name, d.path)
+        return load_modality_dataset(config)
     if config.text is not None:  # (image, caption) pairs instead of labels, or pairs made from prompts (selfflow.text)
         from selfflow.text.data import load_captioned
 

@@ -97,6 +97,12 @@ def caption_source(base) -> tuple[torch.Tensor, torch.Tensor]:
     return base.images, base.labels
 
 
+def check_caption_source(text: TextConfig) -> None:
+    """A caption file the ``text`` section names must exist ('generated' needs nothing)."""
+    if text.captions != "generated" and not Path(text.captions).is_file():
+        raise DataError(f"text.captions={text.captions!r}: no such caption file (JSONL); or use 'generated'")
+
+
 def captioned_dataset(base, text: TextConfig, data_name: str, data_path: Optional[str]) -> CaptionedDataset:
     """Wrap an image set, or a video set (caption-conditioned video), with the captions a ``text`` section
     names (generated, or a JSONL file whose ids are the item indices)."""
@@ -105,8 +111,7 @@ def captioned_dataset(base, text: TextConfig, data_name: str, data_path: Optiona
         captions, bins = generated_captions(images, labels, base.num_classes, per_image=text.captions_per_image,
                                             seed=text.caption_seed)
         return CaptionedDataset(base, [[c.text for c in caps] for caps in captions], bins=bins)
-    if not Path(text.captions).is_file():
-        raise DataError(f"text.captions={text.captions!r}: no such caption file (JSONL); or use 'generated'")
+    check_caption_source(text)
     table = read_caption_file(text.captions)
     if data_name == "folder":
         ids = folder_image_ids(data_path)
