@@ -23,14 +23,16 @@
 #     cuda-tests   tests/test_cuda.py                                                           150 s
 #     real-floor   MNIST FID floor at 10k vs 10k, and the time of one FID with a cached reference
 #   bash benchmarks/gpu_suite.sh metaworld  a fourth call: Meta-World push-v3 and reach-v3, flow matching vs Self-Flow vs
-#                  regression, 3 seeds × 50 episodes, execute-1 and execute-8 (benchmarks/metaworld_policies.py --device cuda,
-#                  5000 steps, batch 256). The device has no network: before the call, here,
+#                  regression, 3 seeds × 50 episodes, execute-1 and execute-8, 64-px image observations, 100-step
+#                  episodes (benchmarks/metaworld_policies.py --device cuda, 5000 steps, batch 256). The device has no
+#                  network: before the call, here,
 #                  `pip install --target .carry/pylib metaworld==3.1.1 mujoco packaging` (carried; ~60 MB with MuJoCo, so
 #                  carry it instead of MNIST/Inception, which this call does not need); MUJOCO_GL=egl renders on the GPU's
 #                  driver (the CPU's osmesa is not there). An estimate without a measurement: training ~10 ms/step
-#                  (8 tokens, launch-bound) → 3 methods × 2 tasks × 3 seeds × 50 s ≈ 15 min: over one call's budget, so
-#                  the call runs what fits (the benchmark is resumable and rewrites its report after each method;
-#                  call again in the next session to finish)                                      520 s
+#                  (8 tokens, launch-bound) → 3 methods × 2 tasks × 3 seeds × 50 s ≈ 15 min, and evaluation is
+#                  CPU-bound MuJoCo (a reset ≈ 0.3 s, a step + a frame ≈ 0.01 s on the 2-core CPU: 36 evaluations of
+#                  50 episodes ≈ 30 min on one core): over one call's budget, so the call runs what fits (the
+#                  benchmark is resumable and rewrites its report after each method; call again to finish)  520 s
 #   bash benchmarks/gpu_suite.sh more       a third call (another session's): figures that need neither call's records
 #     modalities   video, audio, audio-video, actions: Self-Flow vs flow matching (+ the regression policy),
 #                  2 seeds, 32-px frames / 32 mel bins, batch 256, 300 steps each (benchmarks/modalities.py
@@ -143,7 +145,8 @@ else
     MEM=(--latent --sizes S B L XL --batches 32 256)
     MEM_MAX=(--latent --sizes XL L --batches 256 --max-batch 2048 --granularity 64)
     MOD=(--preset gpu --threads 4) MOD_WORK=runs/modalities_gpu MOD_OUT=docs/benchmarks/modalities_gpu
-    MW=(--steps 5000 --batch 256 --episodes 50 --seeds 0,1,2 --tasks push-v3,reach-v3) MW_WORK=runs/metaworld_gpu MW_OUT=docs/benchmarks/metaworld_gpu
+    MW=(--steps 5000 --batch 256 --episodes 50 --seeds 0,1,2 --tasks push-v3,reach-v3 --observation image --image-size 64
+        --max-steps 100) MW_WORK=runs/metaworld_gpu MW_OUT=docs/benchmarks/metaworld_gpu
     TEXT_WORK=runs/t2i_mnist_gpu TEXT_NAME=text_to_image_mnist_gpu TEXT=(--model-size S --batch-size 256)
     ONE=(--teacher-steps "$ONE_TEACHER_STEPS" --teacher-lr 1.5e-3 --pairs 5000 --reflow-steps 1000 --distill-steps 1000 --dmd-steps 1000
          --dmd2-steps 2500 --num-samples 2000)

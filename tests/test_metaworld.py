@@ -94,3 +94,22 @@ def test_rendered_rollouts_give_frames_of_the_asked_size(tmp_path):
     (frames,) = out["frames"]
     assert frames.shape == (4, 16, 16, 3) and frames.dtype == np.uint8 and frames.std() > 0
     assert mw.save_gif(out["frames"], tmp_path / "a.gif").stat().st_size > 0
+
+
+@needs_metaworld
+def test_the_camera_renders_a_state_to_the_same_pixels_and_sees_the_hand_move():
+    envs = [mw.make_env("reach-v3", 3) for _ in range(2)]
+    cameras = [mw.Camera(env, 16) for env in envs]
+    try:
+        for env in envs:
+            env.reset()
+        first = [camera() for camera in cameras]
+        assert first[0].shape == (3, 16, 16) and first[0].dtype == np.uint8
+        assert np.array_equal(first[0], first[1])  # same seed, same state: the same frame, from separate renderers
+        assert np.array_equal(cameras[0](), first[0])  # the reused renderer redraws the unchanged scene exactly
+        for _ in range(10):
+            envs[0].step(np.array([1.0, 0.0, 0.0, 0.0], dtype=np.float32))
+        assert not np.array_equal(cameras[0](), first[0])
+    finally:
+        for closing in [*cameras, *envs]:
+            closing.close()
