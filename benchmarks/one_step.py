@@ -9,8 +9,9 @@ stage is a command anyone can rerun) and is resumable: a stage whose run folder 
 2. teacher pairs: ``selfflow generate-set --kind pairs --sampler heun --steps 32`` (guidance ``--pairs-cfg``, 1),
    and for DMD's regression the same at the real score's guidance ``--guidance`` (1.5);
 3. reflow round 1 (``selfflow distill reflow``, from the teacher, on its pairs), its pairs, and
-   (``--reflow-rounds 2``) round 2 from round 1's pairs — straightness is measured for each;
-4. students from the reflowed model and its pairs (InstaFlow): ``selfflow distill one-step`` with
+   (``--reflow-rounds 2``) round 2 from round 1's pairs, for every ``--seeds`` (round 2 of a seed learns
+   round 1 of that seed) — straightness is measured for the first seed's;
+4. students from the first seed's 1-rectified flow and its pairs (InstaFlow): ``selfflow distill one-step`` with
    1, 2 and 4 Euler steps (loss l2, every ``--seeds``) and the 1-step student with pseudo-Huber and
    feature losses (``--loss-seeds``);
 5. ``selfflow distill dmd`` (with its regression on the guided pairs: "DMD"; without: "DMD (no
