@@ -9,8 +9,9 @@ stage is a command anyone can rerun) and is resumable: a stage whose run folder 
 2. teacher pairs: ``selfflow generate-set --kind pairs --sampler heun --steps 32`` (guidance ``--pairs-cfg``, 1),
    and for DMD's regression the same at the real score's guidance ``--guidance`` (1.5);
 3. reflow round 1 (``selfflow distill reflow``, from the teacher, on its pairs), its pairs, and
-   (``--reflow-rounds 2``) round 2 from round 1's pairs — straightness is measured for each;
-4. students from the reflowed model and its pairs (InstaFlow): ``selfflow distill one-step`` with
+   (``--reflow-rounds 2``) round 2 from round 1's pairs, for every ``--seeds`` (round 2 of a seed learns
+   round 1 of that seed) — straightness is measured for the first seed's;
+4. students from the first seed's 1-rectified flow and its pairs (InstaFlow): ``selfflow distill one-step`` with
    1, 2 and 4 Euler steps (loss l2, every ``--seeds``) and the 1-step student with pseudo-Huber and
    feature losses (``--loss-seeds``);
 5. ``selfflow distill dmd`` (with its regression on the guided pairs: "DMD"; without: "DMD (no
@@ -81,6 +82,16 @@ DEFAULTS = {
 }
 TEACHER_EULER = [50, 20, 10, 4, 2, 1]
 TEACHER_HEUN = [25, 10, 5, 2]
+
+
+def reflow_name(round_: int, seed: int) -> str:
+    """The run of reflow round 1 or 2 with a seed: ``reflow1`` / ``reflow2`` for seed 0, ``reflow1_s1`` … for the others."""
+    return f"reflow{round_}" if seed == 0 else f"reflow{round_}_s{seed}"
+
+
+def reflow_pairs_name(seed: int) -> str:
+    """The pair set of the 1-rectified flow of a seed (round 2 of that seed learns it)."""
+    return "pairs_reflow1" if seed == 0 else f"pairs_reflow1_s{seed}"
 
 
 def log(message: str) -> None:
@@ -170,11 +181,13 @@ class Chain:
         """Every trained model after the teacher: name, what it is, how it samples."""
         a = self.args
         pc, g = a.pairs_cfg, a.guidance  # the guidance each student learns: reflow's pairs', DMD's real score's
-        specs = [{"name": "reflow1", "method": "1-rectified flow (reflow), no distillation", "group": "reflow1", "seed": 0, "steps": [1, 2, 4],
-                  "learned_cfg": pc}]
-        if a.reflow_rounds >= 2:
-            specs.append({"name": "reflow2", "method": "2-rectified flow (reflow twice), no distillation", "group": "reflow2", "seed": 0,
-                          "steps": [1, 2, 4], "learned_cfg": pc})
+        specs = []
+        for seed in a.seeds:  # every reflow round for every seed: round 2 of seed s learns pairs of round 1 of seed s
+            specs.append({"name": reflow_name(1, seed), "method": "1-rectified flow (reflow), no distillation", "group": "reflow1",
+                          "seed": seed, "steps": [1, 2, 4], "learned_cfg": pc})
+            if a.reflow_rounds >= 2:
+                specs.append({"name": reflow_name(2, seed), "method": "2-rectified flow (reflow twice), no distillation", "group": "reflow2",
+                              "seed": seed, "steps": [1, 2, 4], "learned_cfg": pc})
         for k in (1, 2, 4):
             for seed in a.seeds:
                 specs.append({"name": f"distill{k}_l2_s{seed}", "method": f"reflow + distill, {k} step{'s' if k > 1 else ''} (l2)",
@@ -193,8 +206,8 @@ class Chain:
         if not a.only:
             return specs
         chosen = [s for s in specs if s["name"] in a.only or s["group"] in a.only]
-        if any(s["name"].startswith("distill") for s in chosen):  # the students of reflow need it
-            chosen = [s for s in specs if s["name"].startswith("reflow") and s not in chosen] + chosen
+        if any(s["name"].startswith("distill") for s in chosen):  # the students of reflow need the first seed's 1-rectified flow
+            chosen = [s for s in specs if s["name"] == reflow_name(1, a.seeds[0]) and s not in chosen] + chosen
         return chosen
 
     def run_all(self) -> dict:
@@ -214,22 +227,26 @@ class Chain:
             records["pairs_teacher"] = self.pairs("pairs_teacher", teacher, a.pairs_cfg)
         if any(s["group"] == "dmd" for s in chosen):  # DMD's regression: pairs of the real score (the teacher at a.guidance)
             records["pairs_teacher_guided"] = self.pairs("pairs_teacher_guided", teacher, a.guidance)
-        previous, previous_pairs = teacher, self.sets / "pairs_teacher"
-        for round_ in range(1, a.reflow_rounds + 1 if reflow else 1):
-            name = f"reflow{round_}"
-            records[name] = self.train(name, "reflow", self.config("reflow"), [
-                f"train.init_from={previous}", f"data.path={previous_pairs}", f"train.steps={a.reflow_steps}", *a.student_set])
-            if round_ == 1:  # students are distilled from the 1-rectified flow on its own pairs
-                records["pairs_reflow1"] = self.pairs("pairs_reflow1", self.runs / name)
-                previous_pairs = self.sets / "pairs_reflow1"
-            previous = self.runs / name
+        reflow_seeds = sorted({s["seed"] for s in chosen if s["group"].startswith("reflow")})
+        for seed in reflow_seeds:  # round 1 from the teacher on its pairs, round 2 from round 1 on round 1's pairs (same seed)
+            previous, previous_pairs = teacher, self.sets / "pairs_teacher"
+            for round_ in range(1, a.reflow_rounds + 1):
+                name = reflow_name(round_, seed)
+                records[name] = self.train(name, "reflow", self.config("reflow"), [
+                    f"train.init_from={previous}", f"data.path={previous_pairs}", f"train.steps={a.reflow_steps}", *a.student_set], seed)
+                if round_ == 1:
+                    pairs = reflow_pairs_name(seed)
+                    records[pairs] = self.pairs(pairs, self.runs / name)
+                    previous_pairs = self.sets / pairs
+                previous = self.runs / name
         fnet = self.loss_feature_net() if not a.report_only and any(s.get("loss") == "feature" for s in chosen) else None
         for spec in chosen:
             name = spec["name"]
             if name.startswith("reflow"):
                 continue
             if name.startswith("distill"):
-                overrides = [f"train.init_from={self.runs / 'reflow1'}", f"data.path={self.sets / 'pairs_reflow1'}",
+                # distilled from the first seed's 1-rectified flow on its own pairs (every distill seed alike)
+                overrides = [f"train.init_from={self.runs / reflow_name(1, a.seeds[0])}", f"data.path={self.sets / reflow_pairs_name(a.seeds[0])}",
                              f"train.steps={a.distill_steps}", f"method.steps={spec['k']}", f"method.loss={spec['loss']}"]
                 if spec["loss"] == "feature":
                     overrides.append(f"method.feature_net={fnet or self.work / 'loss_feature_net'}")
@@ -904,12 +921,13 @@ def main(argv=None) -> int:
     speed_settings = sorted({(e["sampler"], e["steps"], e["cfg_scale"]) for e in evals})
     speed = {"results": {}, "note": "not timed (--no-speed)"} if args.no_speed else evaluator.speed(speed_settings)
     # straightness compares the teacher with its reflowed models: only where one was trained
-    straight = evaluator.straightness(["teacher", "reflow1", "reflow2"]) if any(done(n) for n in ("reflow1", "reflow2")) else {}
+    reflows = [reflow_name(1, args.seeds[0]), reflow_name(2, args.seeds[0])]  # the first seed's rounds
+    straight = evaluator.straightness(["teacher", *reflows]) if any(done(n) for n in reflows) else {}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     seed0 = args.seeds[0]
     grid_entries = [("teacher, Euler 50", "teacher", "euler", 50, 1.0), ("teacher, Euler 1", "teacher", "euler", 1, 1.0),
-                    ("1-rectified flow, Euler 1", "reflow1", "euler", 1, 1.0),
+                    ("1-rectified flow, Euler 1", reflow_name(1, seed0), "euler", 1, 1.0),
                     ("distill 1 step (l2)", f"distill1_l2_s{seed0}", "euler", 1, 1.0),
                     ("distill 2 steps (l2)", f"distill2_l2_s{seed0}", "euler", 2, 1.0),
                     ("distill 4 steps (l2)", f"distill4_l2_s{seed0}", "euler", 4, 1.0),

@@ -196,3 +196,77 @@ def test_one_step_report_names_paths_relative_to_the_checkout():
     record = {"command": f"python -m selfflow train --set train.out_dir={one_step.ROOT}/runs/x --set data.path=/elsewhere/mnist", "seconds": 1.5}
     assert one_step.relative(record) == {"command": "python -m selfflow train --set train.out_dir=runs/x --set data.path=/elsewhere/mnist",
                                          "seconds": 1.5}
+
+
+def _one_step_args(tmp_path, **changes):
+    import argparse
+
+    args = dict(pairs_cfg=1.0, guidance=1.5, seeds=[0, 1], loss_seeds=[], reflow_rounds=2, only=None, work=str(tmp_path), device="cpu",
+                data="digits", teacher_run=None, report_only=False, teacher_steps=10, teacher_lr=1e-3, teacher_set=[], student_set=[],
+                reflow_steps=5, distill_steps=5, dmd_steps=5, dmd2_steps=5, pairs=8, pairs_steps=2, regression_weight=0.25, threads=1,
+                model="tiny")
+    return argparse.Namespace(**{**args, **changes})
+
+
+def test_one_step_specs_train_every_seed_of_every_group(tmp_path):
+    one_step = pytest.importorskip("one_step")
+    chain = one_step.Chain(_one_step_args(tmp_path, seeds=[0, 1, 2]))
+    specs = chain.student_specs()
+    groups = {}
+    for s in specs:
+        groups.setdefault(s["group"], []).append(s["seed"])
+    assert set(groups) == {"reflow1", "reflow2", "distill1_l2", "distill2_l2", "distill4_l2", "dmd", "dmd_noreg", "dmd2", "dmd2_4step"}
+    assert all(sorted(seeds) == [0, 1, 2] for seeds in groups.values()), groups
+    assert len({s["name"] for s in specs}) == len(specs)
+    # seed 0 keeps the names of the runs made before reflow had seeds (their finished stages are reused)
+    assert [s["name"] for s in specs if s["group"] == "reflow1"] == ["reflow1", "reflow1_s1", "reflow1_s2"]
+    assert [s["name"] for s in specs if s["group"] == "reflow2"] == ["reflow2", "reflow2_s1", "reflow2_s2"]
+
+
+def test_one_step_reflow_round_two_of_a_seed_learns_that_seeds_round_one(tmp_path, monkeypatch):
+    one_step = pytest.importorskip("one_step")
+    chain = one_step.Chain(_one_step_args(tmp_path))
+    commands = {}
+    monkeypatch.setattr(one_step.Chain, "stage", lambda self, name, folder, argv: commands.setdefault(name, argv) and {})
+    chain.run_all()
+
+    def setting(name, key):
+        argv = commands[name]
+        return next(argv[i + 1].split("=", 1)[1] for i in range(len(argv) - 1) if argv[i] == "--set" and argv[i + 1].startswith(key + "="))
+
+    runs, sets = chain.runs, chain.sets
+    assert setting("reflow1_s1", "train.init_from") == str(runs / "teacher") and setting("reflow1_s1", "train.seed") == "1"
+    assert setting("reflow1_s1", "data.path") == str(sets / "pairs_teacher")
+    assert commands["pairs_reflow1_s1"][commands["pairs_reflow1_s1"].index("--ckpt") + 1] == str(runs / "reflow1_s1")
+    assert setting("reflow2_s1", "train.init_from") == str(runs / "reflow1_s1") and setting("reflow2_s1", "train.seed") == "1"
+    assert setting("reflow2_s1", "data.path") == str(sets / "pairs_reflow1_s1")
+    assert setting("reflow2", "train.init_from") == str(runs / "reflow1") and setting("reflow2", "data.path") == str(sets / "pairs_reflow1")
+    # the distilled students of every seed learn the first seed's 1-rectified flow and its pairs
+    for seed in (0, 1):
+        assert setting(f"distill1_l2_s{seed}", "train.init_from") == str(runs / "reflow1")
+        assert setting(f"distill1_l2_s{seed}", "data.path") == str(sets / "pairs_reflow1")
+        assert setting(f"distill1_l2_s{seed}", "train.seed") == str(seed)
+
+
+def test_one_step_reflow_rows_carry_every_seed_into_the_verdict():
+    one_step = pytest.importorskip("one_step")
+
+    def ev(run, steps, cfg, fd, acc=0.95):
+        return {"run": run, "sampler": "euler", "steps": steps, "cfg_scale": cfg, "nfe_per_image": steps, "fd_dom": fd,
+                "class_accuracy": acc, "precision": 0.5, "recall": 0.5, "pixel_mean": 0.0, "pixel_std": 1.0}
+
+    evals = [ev("teacher", 50, 1.0, 10.0), ev("teacher", 1, 1.0, 40.0), ev("reflow1", 1, 1.0, 11.0), ev("reflow1_s1", 1, 1.0, 12.0),
+             ev("dmd_s0", 1, 1.0, 13.0), ev("dmd_s1", 1, 1.0, 13.0)]
+    specs = [{"name": "reflow1", "method": "reflow", "group": "reflow1", "seed": 0, "learned_cfg": 1.0},
+             {"name": "reflow1_s1", "method": "reflow", "group": "reflow1", "seed": 1, "learned_cfg": 1.0},
+             {"name": "dmd_s0", "method": "DMD", "group": "dmd", "seed": 0, "learned_cfg": 1.0},
+             {"name": "dmd_s1", "method": "DMD", "group": "dmd", "seed": 1, "learned_cfg": 1.0}]
+    speed = {"results": {"euler50_cfg1": {"images_per_s_b256": 10.0, "ms_per_image_b1": 50.0},
+                         "euler1_cfg1": {"images_per_s_b256": 400.0, "ms_per_image_b1": 1.0}}}
+    report = {"rows": one_step.build_rows(None, specs, evals, speed), "evaluation": {"floor_fd_dom": 0.5}}
+    reflow = next(r for r in report["rows"] if r["group"] == "reflow1")
+    assert (reflow["fd_dom_values"], reflow["seeds"], reflow["fd_dom"]) == ([11.0, 12.0], [0, 1], 11.5)
+    report["teacher"] = one_step.teacher_summary(report["rows"])
+    one_step.analyse(report)
+    assert report["target"]["met"] == ["reflow"]  # 1.15× its teacher on two seeds; DMD 1.3×
+    assert report["target"]["closest"] == "reflow" and report["target"]["closest_misses"] == []
