@@ -297,6 +297,32 @@ def test_the_model_worker_process_answers_as_the_engine_does(class_run, engine):
         assert reply["images"] == engine.run([engine.job(limits, **body)])[0].images
 
 
+def test_a_model_worker_that_dies_is_replaced_and_serving_goes_on(class_run, engine):
+    """A worker killed between passes is restarted before the next one (that pass still answers);
+    one killed during a pass fails that pass only, and the pass after it answers again."""
+    import os
+
+    from selfflow.serve.engine import ProcessWorker
+
+    limits = Limits()
+    jobs = [engine.job(limits, n=2, seed=5, labels=[3])]
+    expected = engine.run(jobs)[0].images
+    worker = ProcessWorker(class_run, "ema", "cpu", "auto", 1)
+    try:
+        assert worker(jobs)[0].images == expected
+        first = worker._process.pid
+        os.kill(first, signal.SIGKILL)
+        worker._process.join(10)
+        assert worker(jobs)[0].images == expected and worker.restarts == 1 and worker._process.pid != first
+        worker._conn.close()  # the pipe breaks mid-pass, as when the worker dies while computing
+        worker._process.kill()
+        with pytest.raises(RuntimeError, match="model worker exited"):
+            worker(jobs)
+        assert worker.restarts == 2 and worker(jobs)[0].images == expected
+    finally:
+        worker.close()
+
+
 def test_sigterm_drains_requests_in_flight_and_exits_0(class_run):
     import httpx
     import psutil

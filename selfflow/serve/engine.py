@@ -18,6 +18,7 @@ import base64
 import collections
 import dataclasses
 import functools
+import logging
 import struct
 import threading
 import time
@@ -31,6 +32,7 @@ import torch
 
 from selfflow.errors import ConfigError, RequestError
 
+log = logging.getLogger("selfflow")
 MAX_SEED = 2**62  # seeds are int64 for torch.Generator; the bound leaves room for seed + n
 
 
@@ -240,29 +242,52 @@ class ProcessWorker:
     and then stops it) and exits when the pipe closes, so it never outlives the server."""
 
     def __init__(self, path: str | Path, weights: str, device: str, precision: str, threads: int):
+        self._args = (str(path), weights, device, precision, threads)
+        self.restarts = 0  # workers started again after one died (killed, out of memory)
+        self._start()
+
+    def _start(self) -> None:
         import multiprocessing
 
         context = multiprocessing.get_context("spawn")
         self._conn, child = context.Pipe()
-        self._process = context.Process(target=_worker_main, args=(child, str(path), weights, device, precision, threads),
+        self._process = context.Process(target=_worker_main, args=(child, *self._args),
                                         name="selfflow-serve-worker", daemon=True)
         self._process.start()
         child.close()
         kind, value = self._receive()
         if kind != "ready":
             self.close()
-            raise ConfigError(f"--ckpt {path}: the model worker could not load it ({value})")
+            raise ConfigError(f"--ckpt {self._args[0]}: the model worker could not load it ({value})")
         self.device = value
+
+    def _restart(self) -> None:
+        """A worker that died is replaced before the next pass, so one lost process costs one pass's
+        requests (a one-line 500 each), never the server."""
+        self.close()
+        self.restarts += 1
+        log.warning("serve: the model worker exited (status %s); starting another (restart %d)",
+                    self._process.exitcode, self.restarts)
+        self._start()
 
     def _receive(self) -> tuple:
         try:
             return self._conn.recv()
         except (EOFError, OSError):
-            return "error", f"the model worker exited (status {self._process.exitcode})"
+            self._process.join(5)
+            return "lost", f"the model worker exited (status {self._process.exitcode})"
 
     def __call__(self, jobs: list[Job]) -> list[Output]:
-        self._conn.send(jobs)
-        kind, value = self._receive()
+        if not self._process.is_alive():  # died between passes: this pass runs on a new one
+            self._restart()
+        try:
+            self._conn.send(jobs)
+        except (OSError, ValueError):
+            kind, value = "lost", "the model worker exited"
+        else:
+            kind, value = self._receive()
+        if kind == "lost":  # died during the pass: its requests fail, the next pass has a new worker
+            self._restart()
         if kind != "ok":
             raise RuntimeError(value)
         return value
