@@ -68,15 +68,19 @@ def load_data(config: RunConfig):
     from selfflow.data import load_dataset
 
     d = config.data
+    if config.text is not None:  # a missing caption file is named before any images or clips are read or made
+        from selfflow.text.data import check_caption_source
+
+        check_caption_source(config.text)
     if config.modality is not None:  # video, audio, audio-video or actions, made from a seed (selfflow.modalities)
         from selfflow.modalities.data import load_modality_dataset
 
+        dataset = load_modality_dataset(config)
         if config.text is not None:  # caption-conditioned video: (clip, caption) pairs, captions as for images
-            from selfflow.text.data import captioned_dataset, check_caption_source
+            from selfflow.text.data import captioned_dataset
 
-            check_caption_source(config.text)  # a missing caption file is named before the clips are made
-            return captioned_dataset(load_modality_dataset(config), config.text, d.name, d.path)
-        return load_modality_dataset(config)
+            return captioned_dataset(dataset, config.text, d.name, d.path)
+        return dataset
     if config.text is not None:  # (image, caption) pairs instead of labels, or pairs made from prompts (selfflow.text)
         from selfflow.text.data import load_captioned
 
