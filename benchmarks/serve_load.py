@@ -7,9 +7,12 @@ for its answer before sending the next; every request its own seed), then stop. 
 latency, images/s, errors (non-200 or no answer), requests lost (sent − answered), the images per
 forward pass the server formed, and the server's resident memory (peak after the first 100 requests
 and at the end: memory is flat when they agree). The reference is :func:`selfflow.sampling.generate`
-on the same model and settings in batches of min(clients × n, --max-batch) images, timed in this process while the
-server idles, right before and right after each row (the faster of the two, at the fullest pass the
-clients can make, so the ratio errs low): ``ratio = served images/s ÷ batched images/s``.
+on the same model and settings in batches of min(clients × n, --max-batch) images (the fullest pass
+the clients can make, so the ratio errs low), timed in this process while the server idles. The two
+take turns: each row's requests go in ``--rounds`` slices, each between two reference slices, since a
+shared machine's speed drifts by tens of percent within a minute and slices side by side see the same
+machine: ``ratio = served images/s ÷ batched images/s`` over all slices, ``ratio_min``/``ratio_max``
+each load slice against the reference slices on either side of it.
 
 The models: ``--student``/``--teacher`` folders, or (default) the quickstart's ``runs/quickstart/student``
 and ``teacher`` (``--work``), made by the quickstart pipeline when absent (about 4 minutes on 2 cores;
@@ -35,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import harness  # noqa: E402
 
 COLUMNS = ["model", "sampler", "clients", "n", "requests", "ok", "errors", "lost", "p50_ms", "p99_ms", "images_per_s",
-           "pass_images", "batched_batch", "batched_images_per_s", "batched_spread", "ratio", "server_cpu_ms_per_image", "batched_cpu_ms_per_image", "cpu_ratio", "client_cpu_ms_per_request", "load_1min", "rss_mib_at_100", "rss_mib_end"]
+           "images_per_s_whole", "pass_images", "slices", "batched_batch", "batched_images_per_s", "batched_spread", "ratio", "ratio_min", "ratio_max", "server_cpu_ms_per_image", "batched_cpu_ms_per_image", "cpu_ratio", "client_cpu_ms_per_request", "load_1min", "rss_mib_at_100", "rss_mib_end"]
 
 
 def free_port() -> int:
@@ -141,20 +144,23 @@ class Connection:
         self.reader = self.writer = None
 
 
-async def load(server: Server, clients: int, requests: int, n: int, classes: int) -> dict:
-    """``clients`` closed-loop clients (one connection each), ``requests`` requests in all; per-request seeds."""
+async def load(server: Server, clients: int, requests: int, n: int, classes: int, first_seed: int = 0) -> dict:
+    """``clients`` closed-loop clients (one connection each), ``requests`` requests in all; per-request seeds
+    (request k asks for seed first_seed + 1000 k). Raw figures: :func:`summarise` adds slices up."""
     import httpx
 
-    latencies, statuses = [], []
-    sent, rss_at_100 = 0, None
+    latencies, statuses, finished = [], [], []  # finished: when each request that got its images was answered
+    sent, rss_at_100, last_sent = 0, None, None
 
     async def client():
-        nonlocal sent, rss_at_100
+        nonlocal sent, rss_at_100, last_sent
         connection = Connection(server.port)
         while sent < requests:
             k = sent
             sent += 1
-            body = {"n": n, "seed": 1000 * k}
+            if sent == requests:
+                last_sent = time.perf_counter()
+            body = {"n": n, "seed": first_seed + 1000 * k}
             if classes:
                 body["labels"] = [k % classes]
             start = time.perf_counter()
@@ -163,6 +169,8 @@ async def load(server: Server, clients: int, requests: int, n: int, classes: int
                 if status == 200 and len(json.loads(data)["images"]) != n:
                     status = "short answer"
                 statuses.append(status)
+                if status == 200:
+                    finished.append(time.perf_counter())
             except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
                 statuses.append(type(exc).__name__)
             latencies.append(time.perf_counter() - start)
@@ -177,15 +185,35 @@ async def load(server: Server, clients: int, requests: int, n: int, classes: int
     wall = time.perf_counter() - start
     own_cpu = time.thread_time() - own_cpu
     after = httpx.get(server.url + "/health").json()["queue"]
-    cpu = server.cpu_seconds() - cpu_before
+    # The steady part: from the answer that completes the clients' first round (all are busy from then
+    # on) to the last request sent (after it, fewer and fewer clients remain); the ramp and the tail of
+    # a slice are not the server's throughput under load, only the slice's edges.
+    steady_start = finished[clients - 1] if len(finished) >= clients else start
+    steady_end = last_sent if last_sent is not None and last_sent > steady_start else start + wall
+    steady = sum(1 for t in finished if steady_start < t <= steady_end)
+    if steady_end - steady_start <= 0 or steady == 0:  # too few requests for a steady part: the whole slice
+        steady_start, steady_end, steady = start, start + wall, len(finished)
+    return {"sent": sent, "statuses": statuses, "latencies": latencies, "wall": wall, "client_cpu": own_cpu,
+            "steady_answers": steady, "steady_seconds": steady_end - steady_start,
+            "server_cpu": server.cpu_seconds() - cpu_before, "images": after["images"] - before["images"],
+            "passes": after["passes"] - before["passes"], "rss_at_100": rss_at_100}
+
+
+def summarise(slices: list[dict], n: int, server: Server) -> dict:
+    """One row's figures from its load slices (requests, images and time added up; latencies pooled)."""
+    statuses = [s for piece in slices for s in piece["statuses"]]
+    latencies = sorted(t for piece in slices for t in piece["latencies"])
+    sent, wall = sum(piece["sent"] for piece in slices), sum(piece["wall"] for piece in slices)
     ok = sum(1 for s in statuses if s == 200)
-    latencies.sort()
-    images = after["images"] - before["images"]
+    rss_at_100 = next((piece["rss_at_100"] for piece in slices if piece["rss_at_100"]), None)
     return {"requests": sent, "ok": ok, "errors": len(statuses) - ok, "lost": sent - len(statuses),
             "p50_ms": 1000 * latencies[len(latencies) // 2], "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
-            "images_per_s": ok * n / wall, "pass_images": images / max(1, after["passes"] - before["passes"]),
+            "images_per_s": sum(piece["steady_answers"] for piece in slices) * n / sum(piece["steady_seconds"] for piece in slices),
+            "images_per_s_whole": ok * n / wall,
+            "pass_images": sum(piece["images"] for piece in slices) / max(1, sum(piece["passes"] for piece in slices)),
             "rss_mib_at_100": (rss_at_100 or server.peak_rss) / 2**20, "rss_mib_end": server.peak_rss / 2**20, "wall_s": wall,
-            "server_cpu_ms_per_image": 1000 * cpu / max(1, ok * n), "client_cpu_ms_per_request": 1000 * own_cpu / max(1, len(statuses))}
+            "server_cpu_ms_per_image": 1000 * sum(piece["server_cpu"] for piece in slices) / max(1, ok * n),
+            "client_cpu_ms_per_request": 1000 * sum(piece["client_cpu"] for piece in slices) / max(1, len(statuses))}
 
 
 def run_load(*args) -> dict:
@@ -199,9 +227,10 @@ def run_load(*args) -> dict:
         return runner.run(load(*args))
 
 
-def batched_throughput(engine, batch: int, seconds: float) -> tuple[float, float]:
-    """(images/s, CPU ms per image) of ``generate`` on the server's model and saved settings, ``batch``
-    images per call (this process's CPU time: one torch thread, nothing else running in it)."""
+def batched_throughput(engine, batch: int, seconds: float) -> tuple[int, float, float]:
+    """(images, seconds, CPU seconds) of ``generate`` on the server's model and saved settings, ``batch``
+    images per call, for about ``seconds`` after one untimed call (this process's CPU time: one torch
+    thread, nothing else running in it)."""
     import torch
 
     from selfflow.sampling import generate
@@ -219,8 +248,7 @@ def batched_throughput(engine, batch: int, seconds: float) -> tuple[float, float
     while time.perf_counter() - start < seconds or calls < 3:
         once(batch * (calls + 1))
         calls += 1
-    images = calls * batch
-    return images / (time.perf_counter() - start), 1000 * (time.process_time() - cpu) / images
+    return calls * batch, time.perf_counter() - start, time.process_time() - cpu
 
 
 def shared_interpreter(engine, batch: int, seconds: float = 2.0) -> dict:
@@ -299,10 +327,13 @@ def main() -> None:
     parser.add_argument("--window-ms", type=float, default=0.0, help="the server's --window-ms")
     parser.add_argument("--worker", default="process", choices=["process", "thread"], help="the server's --worker")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the server and of the batched reference")
-    parser.add_argument("--reference-seconds", type=float, default=3.0)
+    parser.add_argument("--reference-seconds", type=float, default=6.0, help="reference time per row, all slices together")
+    parser.add_argument("--rounds", type=int, default=5, help="slices of load per row, each between two reference slices")
+    parser.add_argument("--models", default="student,teacher", help="which of the two to load (comma-separated)")
     parser.add_argument("--name", default="serve_load_cpu")
     args = parser.parse_args()
     args.n = [int(v) for v in args.n.split(",")]
+    args.models = args.models.split(",")
     concurrency = [int(v) for v in args.concurrency.split(",")]
     import torch
 
@@ -312,6 +343,8 @@ def main() -> None:
 
     interpreter = {}
     for role, ckpt in models(args).items():
+        if role not in args.models:
+            continue
         server = Server(ckpt, args)
         engine = Engine.load(ckpt, device="cpu")  # the reference's copy of the same model, in this process
         if role == "student":
@@ -322,18 +355,31 @@ def main() -> None:
         for n in args.n:
             for clients in concurrency:
                 print(f"{role}: {clients} clients × n={n}, {requests} requests …", flush=True)
-                # the reference right before and right after the row, while the server idles (the shared
-                # CPU's load changes by the minute); the faster of the two, at the fullest pass the
-                # clients can make (at least the pass the server formed): the ratio errs low, not high
+                # The reference and the load take turns in --rounds slices, reference first and last, while
+                # the other side idles: the shared CPU's speed drifts by tens of percent within a minute,
+                # and slices side by side see the same machine. Batch: the fullest pass the clients can
+                # make (at least the pass the server formed), so the ratio errs low, not high.
                 batch = min(clients * n, args.max_batch)
                 load_1min = os.getloadavg()[0]
-                before, cpu_before = batched_throughput(engine, batch, args.reference_seconds)
-                result = run_load(server, clients, requests, n, model["classes"] or 0)
-                after, cpu_after = batched_throughput(engine, batch, args.reference_seconds)
-                reference, batched_cpu = max(before, after), min(cpu_before, cpu_after)
+                references, slices = [], []
+                rounds = max(1, min(args.rounds, requests // (8 * clients)))  # slices of ≥ 8 rounds of every client
+                per_slice = -(-requests // rounds)
+                for k in range(rounds):
+                    references.append(batched_throughput(engine, batch, args.reference_seconds / (rounds + 1)))
+                    count = min(per_slice, requests - k * per_slice)
+                    slices.append(run_load(server, clients, count, n, model["classes"] or 0, 1000 * k * per_slice))
+                references.append(batched_throughput(engine, batch, args.reference_seconds / (rounds + 1)))
+                result = summarise(slices, n, server)
+                reference = sum(r[0] for r in references) / sum(r[1] for r in references)
+                rates = [r[0] / r[1] for r in references]
+                served = [piece["steady_answers"] * n / piece["steady_seconds"] for piece in slices]
+                # each slice against the mean of the reference slices on either side of it
+                slice_ratios = [rate / ((rates[k] + rates[k + 1]) / 2) for k, rate in enumerate(served)]
+                batched_cpu = 1000 * sum(r[2] for r in references) / sum(r[0] for r in references)
                 rows.append({"model": role, "sampler": f"{model['sampler']} {model['steps']}", "clients": clients, "n": n,
-                             **result, "batched_batch": batch, "batched_images_per_s": reference,
-                             "batched_spread": min(before, after) / reference, "ratio": result["images_per_s"] / reference,
+                             **result, "slices": rounds, "batched_batch": batch, "batched_images_per_s": reference,
+                             "batched_spread": min(rates) / max(rates), "ratio": result["images_per_s"] / reference,
+                             "ratio_min": min(slice_ratios), "ratio_max": max(slice_ratios),
                              "batched_cpu_ms_per_image": batched_cpu,
                              "cpu_ratio": batched_cpu / result["server_cpu_ms_per_image"], "load_1min": load_1min})
                 print(json.dumps(rows[-1]), flush=True)
@@ -345,8 +391,12 @@ def main() -> None:
     notes = ("ratio = served images/s ÷ batched_images_per_s, the images/s of `generate` on the same model and settings in "
              "batches of batched_batch = min(clients × n, max batch) images (the fullest pass the clients can make; "
              "pass_images is the mean pass the server formed), measured in this process with the same torch threads "
-             f"({args.threads}) right before and right after each row while the server idled, the faster of the two "
-             "(batched_spread = slower ÷ faster shows how much the shared CPU moved meanwhile). The two sides do not do "
+             f"({args.threads}) while the server idled. Reference and load take turns: each row's requests are sent in "
+             f"{args.rounds} slices, each between two reference slices ({args.reference_seconds / (args.rounds + 1):.2f} s "
+             "each), and both sides' images and seconds are added up over the row (the shared CPU's speed drifts by tens of "
+             "percent within a minute; side by side, both see the same machine); ratio_min and ratio_max are the worst and "
+             "best load slice against the mean of the two reference slices beside it. "
+"batched_spread = slowest ÷ fastest reference slice shows how much the CPU moved meanwhile. The two sides do not do "
              "the same work: the served figure includes everything a client gets (HTTP, JSON, converting to 8-bit "
              "pixels, PNG and base64 encoding of every image), the batched reference only `generate`'s tensors. The "
              "load generator (one keep-alive HTTP/1.1 connection per client, in one asyncio process on uvloop) runs "
@@ -354,7 +404,7 @@ def main() -> None:
              "and load_1min is the machine's 1-minute load average when the row started (the CPU is shared with "
              "other jobs). The CPU time per image is the steadier figure on a shared machine: server_cpu_ms_per_image is the "
              "CPU time of the server's two processes (HTTP, JSON in one; the network, PNG in its model worker; every thread) per image served, "
-             "batched_cpu_ms_per_image the reference's (the lower of the two measurements), and cpu_ratio = batched ÷ "
+             "batched_cpu_ms_per_image the reference's (over all its slices), and cpu_ratio = batched ÷ "
              "served. Latency is per request (n images), from send to the parsed answer, on 127.0.0.1. rss_mib_at_100: "
              "the server's peak resident memory (both processes together) after the first 100 requests of the row (cumulative over the server's "
              "life); rss_mib_end: the peak at the end of the row. "

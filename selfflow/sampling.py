@@ -40,6 +40,7 @@ None where the method has none, i.e. :func:`dopri5`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import time
@@ -170,6 +171,22 @@ class _Autocast:
 # --------------------------------------------------------------------------------------------
 
 TIME_GRID_KINDS = ("uniform",)
+
+
+@contextlib.contextmanager
+def evaluating(model):
+    """Eval mode for the block: the modules of ``model`` that were training are put in eval mode and put
+    back afterwards, and only those (``model.eval()`` + ``model.train(was)`` would walk every module
+    twice per call, a noticeable part of a small one-step model's pass, and would flatten a mixed
+    state). Anything without ``modules()`` (a plain velocity function) is left alone."""
+    training = [module for module in model.modules() if module.training] if hasattr(model, "modules") else []
+    for module in training:
+        module.training = False
+    try:
+        yield model
+    finally:
+        for module in training:
+            module.training = True
 
 
 def time_grid(steps: int, kind: str = "uniform", shift: float = 1.0) -> Tensor:
@@ -721,13 +738,10 @@ def generate(
         except ImportError:
             bar = None
 
-    was_training = getattr(model, "training", None)
-    if hasattr(model, "eval"):
-        model.eval()
     chunks = []
     start = time.perf_counter()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), evaluating(model):
             for lo in range(0, num_samples, batch_size):
                 batch_seeds = seeds[lo : lo + batch_size]
                 generators = _seeded_generators(batch_seeds)
@@ -739,8 +753,6 @@ def generate(
                 if bar is not None:
                     bar.update(len(batch_seeds))
     finally:
-        if was_training is not None and hasattr(model, "train"):
-            model.train(was_training)
         if bar is not None:
             bar.close()
     wall_time = time.perf_counter() - start

@@ -342,3 +342,25 @@ def test_generate_same_noise_on_cuda():
     on_cpu = generate(ToyModel(), **common)
     on_gpu = generate(ToyModel().cuda(), device="cuda", **common)
     assert torch.allclose(on_cpu.images, on_gpu.images, atol=1e-5)
+
+
+def test_evaluating_puts_training_modules_in_eval_and_back_exactly():
+    """generate() runs the network in eval mode and leaves every module as it found it, a mixed state
+    included (model.eval() + model.train(was) would have flattened it), even when sampling fails."""
+    import pytest
+    from torch import nn
+
+    from selfflow.sampling import evaluating
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5), nn.Sequential(nn.Dropout(0.5), nn.Linear(2, 2)))
+    model.train()
+    model[2].eval()  # a frozen part inside a training model
+    before = [m.training for m in model.modules()]
+    with evaluating(model):
+        assert not any(m.training for m in model.modules())
+    assert [m.training for m in model.modules()] == before
+    with pytest.raises(RuntimeError), evaluating(model):
+        raise RuntimeError("a sampler that fails")
+    assert [m.training for m in model.modules()] == before
+    with evaluating(lambda x: x):  # a plain velocity function: nothing to switch
+        pass

@@ -371,3 +371,18 @@ def test_dopri5_requests_never_share_a_pass(engine):
     assert engine.job(limits, seed=1, sampler="dopri5").key != engine.job(limits, seed=1, sampler="dopri5").key
     assert engine.job(limits, seed=1, sampler="heun").key == engine.job(limits, seed=9, sampler="heun", labels=[2]).key
     assert engine.job(limits, seed=1, steps=3).key != engine.job(limits, seed=1, steps=4).key
+
+
+@pytest.mark.parametrize("prompt,labels,seeds", [(None, (3, 3, 7), (5, 6, 7)), ('a "thick" seven\\ — ünïcode\n', None, (0,)),
+                                                 (None, None, (2**62 - 1,))])
+def test_the_hand_built_answer_is_the_json_the_encoder_writes(prompt, labels, seeds):
+    """/v1/generate's answer is put together from bytes (the generic encoder costs too much per request):
+    it parses to exactly what json.dumps of the same fields gives, escapes included."""
+    from selfflow.serve.app import generated_json
+    from selfflow.serve.engine import Job, Output
+
+    job = Job(seeds, labels, prompt, "euler", 4, 1.5)
+    output = Output(["iVBORw0KGgo=", "AAAA"][: len(seeds)] * 2, 8.0, 16)
+    expected = {"images": output.images, "seeds": list(seeds), "labels": list(labels) if labels else None, "prompt": prompt,
+                "sampler": "euler", "steps": 4, "cfg_scale": 1.5, "nfe": 8, "ms": 12.345, "batch": 16}
+    assert json.loads(generated_json(job, output, 12.345)) == expected == json.loads(json.dumps(expected))

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from selfflow.errors import CheckpointError, ConfigError
-from selfflow.sampling import GuidedVelocity, time_grid
+from selfflow.sampling import GuidedVelocity, evaluating, time_grid
 
 
 # --------------------------------------------------------------------------------------------
@@ -101,10 +101,7 @@ def straightness(model: Callable, noise: Tensor, labels: Optional[Tensor] = None
     """
     num_classes = int(getattr(model, "num_classes", 0) or 0)
     fn = GuidedVelocity(model, cfg_scale, null_label=num_classes) if cfg_scale != 1.0 else model
-    was_training = getattr(model, "training", None)
-    if hasattr(model, "eval"):
-        model.eval()
-    try:
+    with evaluating(model):
         times = time_grid(steps).tolist()
         x = noise.float()
         velocities = []
@@ -118,9 +115,6 @@ def straightness(model: Callable, noise: Tensor, labels: Optional[Tensor] = None
         for i, v in enumerate(velocities):
             total += (times[i] - times[i + 1]) * (chord - v).pow(2).flatten(1).sum(1).mean().item()
         return total
-    finally:
-        if was_training is not None and hasattr(model, "train"):
-            model.train(was_training)
 
 
 # --------------------------------------------------------------------------------------------

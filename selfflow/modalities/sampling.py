@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import torch
 
 from selfflow.config import RunConfig
-from selfflow.sampling import GuidedVelocity, generate, noise_for_seeds, time_grid
+from selfflow.sampling import GuidedVelocity, evaluating, generate, noise_for_seeds, time_grid
 
 GIVEN_MODES = ("clean", "replace")
 
@@ -40,9 +40,7 @@ def generate_given(model, given: torch.Tensor, given_tokens: torch.Tensor, *, se
     velocity = GuidedVelocity(model, cfg_scale) if labels is not None else model
     x = noise.clone()
     times = time_grid(steps)
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         for t, t_next in zip(times[:-1].tolist(), times[1:].tolist()):
             if mode == "clean":
                 x_in = torch.where(known, given, x)
@@ -52,8 +50,6 @@ def generate_given(model, given: torch.Tensor, given_tokens: torch.Tensor, *, se
                 tau = torch.full((B,), t, device=device)
             v = velocity(x_in, tau, labels)
             x = x + (t_next - t) * v.float()
-    finally:
-        model.train(was_training)
     return torch.where(known, given, x).clamp(-1, 1)
 
 

@@ -39,7 +39,7 @@ import torch
 from selfflow.data.synth import KIND
 from selfflow.errors import ConfigError
 from selfflow.imageio import to_uint8
-from selfflow.sampling import GuidedVelocity, generate, get_sampler, noise_for_seeds, time_grid
+from selfflow.sampling import GuidedVelocity, evaluating, generate, get_sampler, noise_for_seeds, time_grid
 from selfflow.sets import install_prompts
 from selfflow.shards import ShardSet
 
@@ -110,9 +110,7 @@ def _variations(model, items: dict, *, steps: int, cfg_scale: float, churn: floa
     times = time_grid(steps)
     sde = get_sampler("sde")
     out = []
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         for lo in range(0, len(items["seeds"]), batch_size):
             rows = slice(lo, lo + batch_size)
             x = noise_for_seeds(items["seeds"][rows].tolist(), shape, device)
@@ -122,8 +120,6 @@ def _variations(model, items: dict, *, steps: int, cfg_scale: float, churn: floa
             with torch.no_grad(), autocast:
                 x = sde(velocity, x, times, y=y, generator=generators, diffusion=lambda t: t if t <= churn else 0.0)
             out.append(x.float().clamp(-1, 1).cpu())
-    finally:
-        model.train(was_training)
     return torch.cat(out)
 
 

@@ -102,7 +102,10 @@ def cmd_serve(args) -> int:
 
 def _serve(args, sock, app, model: dict, uvicorn) -> int:
     """Run ``app`` on ``sock`` until SIGTERM or Ctrl-C, then drain; 0 once drained."""
-    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=args.drain_seconds))
+    # No proxy-header rewriting (nothing here reads the client's address) and an access log only at
+    # info/debug: both cost server CPU on every request of a one-step model.
+    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=args.drain_seconds,
+                                           proxy_headers=False, access_log=args.log_level in ("debug", "info")))
     host, port = sock.getsockname()[:2]
     print(f"serving {model['kind']} model {model['checkpoint']} ({model['sampler']}, {model['steps']} step(s)) "
           f"on http://{host}:{port}/ — SIGTERM or Ctrl-C drains and stops", flush=True)

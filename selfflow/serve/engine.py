@@ -17,15 +17,13 @@ import asyncio
 import base64
 import collections
 import dataclasses
-import functools
 import logging
 import struct
-import threading
 import time
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -58,9 +56,10 @@ class Limits:
             raise ConfigError(f"--max-queue {self.max_queue} is smaller than --max-n {self.max_n}")
 
 
-@dataclass(frozen=True)
-class Job:
-    """One request, checked: the images it asks for and the settings they share."""
+class Job(NamedTuple):
+    """One request, checked: the images it asks for and the settings they share. (A named tuple: it
+    crosses the pipe to the model worker as a plain tuple, which pickles several times faster than
+    a class instance.)"""
 
     seeds: tuple
     labels: Optional[tuple]  # per image; None: an unconditional or caption model
@@ -77,33 +76,44 @@ class Job:
         return self.sampler, self.steps, self.cfg_scale, self.prompt, alone
 
 
-@dataclass
-class Output:
+class Output(NamedTuple):
     images: list  # base64 PNG strings
     nfe: float  # network evaluations per image
     batch: int  # images in the forward pass that made them
 
 
-def png_base64(image) -> str:
-    """(H, W, C) uint8 numpy array → base64 PNG: grey for one channel, RGB for three (8 bits, no filter,
-    zlib level 1).
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    """A PNG chunk: length, type, data, CRC-32 of type and data."""
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def png_base64_batch(images) -> list[str]:
+    """(N, H, W, C) uint8 numpy array → N base64 PNGs: grey for one channel, RGB for three (8 bits, no
+    filter, zlib level 1).
 
     Written directly (signature, IHDR, one IDAT, IEND; the PNG specification's chunk layout) rather
     than through Pillow: for the small images one-step models make, Pillow's per-image set-up costs
-    more than the network's forward pass per image."""
-    height, width, channels = image.shape
+    more than the network's forward pass per image. The rows of the whole batch get their filter
+    byte in one array operation, and the chunks every image shares (signature, IHDR, IEND) are built
+    once, so an image costs one zlib call, one CRC and one base64 call."""
+    count, height, width, channels = images.shape
     if channels not in (1, 3):
         raise ValueError(f"a PNG holds 1 or 3 channels here, got {channels}")
-    raw = np.zeros((height, 1 + width * channels), dtype=np.uint8)  # filter type 0 before each row
-    raw[:, 1:] = image.reshape(height, width * channels)
-    raw = raw.tobytes()
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
+    raw = np.zeros((count, height, 1 + width * channels), dtype=np.uint8)  # filter type 0 before each row
+    raw[:, :, 1:] = images.reshape(count, height, width * channels)
     header = struct.pack(">IIBBBBB", width, height, 8, 0 if channels == 1 else 2, 0, 0, 0)
-    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 1)) + chunk(b"IEND", b"")
-    return base64.b64encode(png).decode("ascii")
+    head, tail = b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header), _chunk(b"IEND", b"")
+    encoded = []
+    for rows in raw:
+        data = b"IDAT" + zlib.compress(rows.tobytes(), 1)
+        png = head + struct.pack(">I", len(data) - 4) + data + struct.pack(">I", zlib.crc32(data) & 0xFFFFFFFF) + tail
+        encoded.append(base64.b64encode(png).decode("ascii"))
+    return encoded
+
+
+def png_base64(image) -> str:
+    """(H, W, C) uint8 numpy array → one base64 PNG (:func:`png_base64_batch`)."""
+    return png_base64_batch(image[None])[0]
 
 
 class Engine:
@@ -132,6 +142,7 @@ class Engine:
 
             self.encoder = make_encoder(self.text)
         self.num_classes = generator.num_classes
+        self._checked: dict = {}  # (sampler, steps, cfg_scale) → settings, or the RequestError they raise
         self.kind = "text" if self.text is not None else ("class" if self.num_classes else "unconditional")
 
     @classmethod
@@ -147,10 +158,24 @@ class Engine:
                 "sampler": self.settings.sampler, "steps": self.settings.steps, "cfg_scale": self.settings.cfg_scale,
                 "checkpoint": str(self.folder), "device": str(self.device)}
 
-    @functools.lru_cache(maxsize=256)
     def _settings(self, sampler, steps, cfg_scale):
         """The saved settings with the request's on top, checked as ``selfflow sample`` checks its flags
-        (the run's config.json was read once, at load; a combination once checked is remembered)."""
+        (the run's config.json was read once, at load; the last 256 combinations checked, valid or not,
+        are remembered)."""
+        key = (sampler, steps, cfg_scale)
+        known = self._checked.get(key)
+        if known is None:
+            if len(self._checked) >= 256:
+                self._checked.clear()
+            try:
+                known = self._checked[key] = self._check_settings(sampler, steps, cfg_scale)
+            except RequestError as exc:
+                known = self._checked[key] = (exc.args[0], exc.status)
+        if isinstance(known, tuple):  # a fresh exception each time (a re-raised one would grow its traceback)
+            raise RequestError(*known)
+        return known
+
+    def _check_settings(self, sampler, steps, cfg_scale):
         given = {key: value for key, value in (("sampler", sampler), ("steps", steps), ("cfg_scale", cfg_scale)) if value is not None}
         settings = dataclasses.replace(self.settings, **given)
         try:
@@ -223,12 +248,30 @@ class Engine:
 
             images = decode_latents(self.decoder, images, len(seeds), self.device)
         pixels = to_uint8(images).permute(0, 2, 3, 1).numpy()  # (N, H, W, C), once for the whole pass
+        encoded = png_base64_batch(pixels)
         outputs, start = [], 0
         for job in jobs:
             count = len(job.seeds)
-            outputs.append(Output([png_base64(image) for image in pixels[start:start + count]], result.nfe_per_sample, len(seeds)))
+            outputs.append(Output(encoded[start:start + count], result.nfe_per_sample, len(seeds)))
             start += count
         return outputs
+
+
+class ThreadWorker:
+    """``Engine.run`` on one thread of the server's process (``--worker thread``, and the in-process app
+    of ``create_app(engine)``): the event loop stays free while a pass runs."""
+
+    def __init__(self, engine: Engine):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.engine = engine
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="selfflow-serve")
+
+    async def run(self, jobs: list[Job]) -> list[Output]:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, lambda: self.engine.run(jobs))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
 
 
 class ProcessWorker:
@@ -277,20 +320,48 @@ class ProcessWorker:
             self._process.join(5)
             return "lost", f"the model worker exited (status {self._process.exitcode})"
 
-    def __call__(self, jobs: list[Job]) -> list[Output]:
-        if not self._process.is_alive():  # died between passes: this pass runs on a new one
-            self._restart()
+    def _send(self, jobs: list[Job]) -> bool:
         try:
-            self._conn.send(jobs)
+            self._conn.send([tuple(job) for job in jobs])  # plain tuples on the wire (see Job)
+            return True
         except (OSError, ValueError):
-            kind, value = "lost", "the model worker exited"
-        else:
-            kind, value = self._receive()
-        if kind == "lost":  # died during the pass: its requests fail, the next pass has a new worker
-            self._restart()
+            return False
+
+    @staticmethod
+    def _outcome(kind: str, value):
         if kind != "ok":
             raise RuntimeError(value)
-        return value
+        return [Output._make(output) for output in value]
+
+    def __call__(self, jobs: list[Job]) -> list[Output]:
+        """One pass, waiting for it (the blocking form of :meth:`run`)."""
+        if not self._process.is_alive():  # died between passes: this pass runs on a new one
+            self._restart()
+        kind, value = self._receive() if self._send(jobs) else ("lost", "the model worker exited")
+        if kind == "lost":  # died during the pass: its requests fail, the next pass has a new worker
+            self._restart()
+        return self._outcome(kind, value)
+
+    async def run(self, jobs: list[Job]) -> list[Output]:
+        """One pass, awaited on the event loop: the answer is read when the pipe becomes readable (the
+        loop watches it as it watches sockets), so no thread and no lock stand between a pass's end and
+        its answers. Restarting a dead worker (seconds: a new process loads the model) runs off the loop."""
+        loop = asyncio.get_running_loop()
+        if not self._process.is_alive():
+            await loop.run_in_executor(None, self._restart)
+        if not self._send(jobs):
+            kind, value = "lost", "the model worker exited"
+        else:
+            readable, fd = loop.create_future(), self._conn.fileno()
+            loop.add_reader(fd, lambda: readable.done() or readable.set_result(None))
+            try:
+                await readable
+            finally:
+                loop.remove_reader(fd)
+            kind, value = self._receive()
+        if kind == "lost":
+            await loop.run_in_executor(None, self._restart)
+        return self._outcome(kind, value)
 
     def close(self) -> None:
         try:
@@ -325,7 +396,7 @@ def _worker_main(conn, path: str, weights: str, device: str, precision: str, thr
         if jobs is None:
             return
         try:
-            conn.send(("ok", engine.run(jobs)))
+            conn.send(("ok", [tuple(output) for output in engine.run([Job._make(job) for job in jobs])]))
         except Exception as exc:  # the pass's requests fail with this line; the worker keeps serving
             conn.send(("error", f"{type(exc).__name__}: {exc}"))
 
@@ -339,50 +410,54 @@ class QueueFull(Exception):
 
 
 class Batcher:
-    """Gathers jobs into forward passes on one worker thread (continuous batching), which runs each
-    pass itself or, given a :class:`ProcessWorker` (as ``selfflow serve`` does), in that process.
+    """Gathers jobs into forward passes (continuous batching) and runs them on a worker: a
+    :class:`ProcessWorker` (``selfflow serve``'s default) or a :class:`ThreadWorker`.
 
-    The worker thread runs passes back to back: as soon as a pass ends, it takes the oldest job and,
-    in arrival order, every waiting job with the same key while the images fit ``max_batch`` — under
-    load, the requests that arrived during a pass form the next one, so passes fill by themselves,
-    with no fixed window spent waiting and no round trip through the event loop between passes
-    (answers go back to it with ``call_soon_threadsafe``). One wait remains (:meth:`_await_company`):
-    a pass smaller than the last waits briefly for the clients that pass answered, who ask again at
-    once; without it a crowd of closed-loop clients splits into a lone request and the rest, or two
-    halves, in alternating passes (for the Heun-20 teacher of the quickstart, passes of 7.7 images on
-    average instead of 15.4 for 16 clients). An idle worker may also wait ``window_ms`` (default 0) for
-    company to a lone request. Jobs with other keys wait for a later pass; the oldest job is always
-    served next, so none starves. At most ``max_queue`` images wait; :meth:`submit` refuses beyond
-    that.
+    Everything here runs on the server's event loop, one pass at a time: when a pass ends, its answers
+    are set and the next pass starts from the jobs that arrived meanwhile — the oldest job and, in
+    arrival order, every waiting job with the same key while the images fit ``max_batch``. Under load
+    passes fill by themselves, with no fixed window spent waiting and no thread hand-over between a
+    pass's end and the next one's start. One wait remains (:meth:`_gather`): a pass smaller than the
+    last waits briefly for the clients that pass answered, who ask again at once; without it a crowd
+    of closed-loop clients splits into a lone request and the rest, or two halves, in alternating
+    passes (for the Heun-20 teacher of the quickstart, passes of 7.7 images on average instead of 15.4
+    for 16 clients). An idle worker may also wait ``window_ms`` (default 0) for company to a lone
+    request. Jobs with other keys wait for a later pass; the oldest job is always served next, so none
+    starves. At most ``max_queue`` images wait; :meth:`submit` refuses beyond that.
     """
 
     def __init__(self, engine: Engine, limits: Limits, worker: Optional[ProcessWorker] = None):
-        self.engine, self.limits, self.worker = engine, limits, worker
-        self._waiting: collections.deque = collections.deque()  # (job, future), guarded by _ready
+        self.engine, self.limits = engine, limits
+        self.worker = worker if worker is not None else ThreadWorker(engine)
+        self._own_worker = worker is None
+        self._waiting: collections.deque = collections.deque()  # (job, future) in arrival order
         self._waiting_images = 0
-        self._ready = threading.Condition()
+        self._busy = False  # a pass runs
+        self._timer: Optional[asyncio.TimerHandle] = None  # while a pass waits for company
+        self._target = 0  # the waiting images at which that wait ends early
+        self._task: Optional[asyncio.Task] = None
+        self._idle: Optional[asyncio.Event] = None  # set while no pass runs and no job waits
         self._stopping = False
         self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._thread: Optional[threading.Thread] = None
         self._pass_seconds = 0.05  # a running estimate of one pass, for Retry-After
         self._last_images, self._last_seconds = 0, 0.0  # the last pass: its images, its time
-        self._wanted: Optional[int] = None  # waiting images at which the worker wants waking (None: busy)
+        self._crowd = 0  # images the next pass should hold under steady load (see _pass)
         self.passes = 0
         self.images = 0
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._work, name="selfflow-serve", daemon=True)
-        self._thread.start()
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     async def stop(self) -> None:
         """After the server stopped taking requests: the waiting jobs are finished first."""
-        with self._ready:
-            self._stopping = True
-            self._ready.notify()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
-        await asyncio.sleep(0)  # the last answers, posted by the worker, reach their requests
+        self._stopping = True
+        if self._timer is not None:  # no more waiting for company
+            self._launch()
+        await self._idle.wait()
+        if self._own_worker:
+            await asyncio.to_thread(self.worker.close)
 
     @property
     def waiting_images(self) -> int:
@@ -390,19 +465,40 @@ class Batcher:
 
     def submit(self, job: Job) -> asyncio.Future:
         count = len(job.seeds)
+        if self._waiting_images + count > self.limits.max_queue:
+            passes = self._waiting_images / self.limits.max_batch + 1
+            raise QueueFull(max(1, round(passes * self._pass_seconds + 0.5)))
         future = self._loop.create_future()
-        with self._ready:
-            if self._waiting_images + count > self.limits.max_queue:
-                passes = self._waiting_images / self.limits.max_batch + 1
-                raise QueueFull(max(1, round(passes * self._pass_seconds + 0.5)))
-            self._waiting.append((job, future))
-            self._waiting_images += count
-            if self._wanted is not None and self._waiting_images >= self._wanted:  # wake the worker only when
-                self._ready.notify()  # it waits for this many: not once per request of a crowd
+        self._waiting.append((job, future))
+        self._waiting_images += count
+        self._idle.clear()
+        if not self._busy:
+            if self._timer is None:
+                self._gather(idle=True)
+            elif self._waiting_images >= self._target:
+                self._launch()
         return future
 
+    def _gather(self, idle: bool) -> None:
+        """No pass runs and jobs wait: start one now, or wait for company. Under steady load the clients
+        the last pass answered ask again at once: a pass that would hold fewer images than the last one
+        waits for them (the images it answered plus those that waited meanwhile), at most half the last
+        pass's time; an idle worker (``idle``: the first job after
+        none waited) waits ``window_ms`` for company when that is longer. Either wait ends early once
+        enough images wait (:meth:`submit`)."""
+        wait, target = self._last_seconds / 2, self._crowd
+        window = self.limits.window_ms / 1000
+        if idle and window > wait:
+            wait, target = window, self.limits.max_batch
+        target = min(target, self.limits.max_batch)
+        if self._stopping or wait <= 0 or self._waiting_images >= target:
+            self._launch()
+        else:
+            self._target = target
+            self._timer = self._loop.call_later(wait, self._launch)
+
     def _take(self) -> list:
-        """The next pass (under the lock): the oldest job and every waiting job with its key that fits."""
+        """The next pass: the oldest job and every waiting job with its key that fits."""
         first_job, _ = self._waiting[0]
         taken, kept, images = [], collections.deque(), 0
         for job, future in self._waiting:
@@ -415,52 +511,41 @@ class Batcher:
         self._waiting_images -= images
         return [(job, future) for job, future in taken if not future.cancelled()]  # clients that left
 
-    def _work(self) -> None:
-        """The worker thread: passes back to back while jobs wait; on stop, the waiting jobs first."""
-        window = self.limits.window_ms / 1000
-        while True:
-            with self._ready:
-                idle = not self._waiting
-                self._wanted = 1
-                while not self._waiting and not self._stopping:
-                    self._ready.wait()
-                if not self._waiting:
-                    return
-                self._await_company(idle, window)
-                self._wanted = None  # busy: submit() need not wake it
-                taken = self._take()
-            if not taken:
-                continue
-            start = time.perf_counter()
-            try:
-                outcome = (self.worker or self.engine.run)([job for job, _ in taken])
-            except Exception as exc:  # a failed pass fails its requests, never the server
-                outcome = exc
-            self._last_seconds = time.perf_counter() - start
-            self._pass_seconds = 0.8 * self._pass_seconds + 0.2 * self._last_seconds
-            self._last_images = sum(len(job.seeds) for job, _ in taken)
-            self._loop.call_soon_threadsafe(self._answer, taken, outcome)
+    def _launch(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        taken = self._take() if self._waiting else []
+        if not taken:  # every client of that pass left
+            self._next()
+            return
+        self._busy = True
+        self._task = self._loop.create_task(self._pass(taken))
 
-    def _await_company(self, idle: bool, window: float) -> None:
-        """(Under the lock.) Under steady load the clients a pass answered ask again at once: a pass
-        that would hold fewer images than the last one waits for them, at most half the last pass's
-        time (without it, closed-loop clients split into a lone request and the crowd, or two halves,
-        in alternating passes, and small passes cost more per image); an idle worker waits ``window``
-        for company. Either wait ends early once enough images wait."""
-        wait, target = self._last_seconds / 2, self._last_images
-        if idle and window > wait:
-            wait, target = window, self.limits.max_batch
-        target = min(target, self.limits.max_batch)
-        self._wanted = target
-        deadline = time.perf_counter() + wait
-        while self._waiting_images < target and not self._stopping:
-            left = deadline - time.perf_counter()
-            if left <= 0:
-                return
-            self._ready.wait(left)
+    async def _pass(self, taken: list) -> None:
+        start = time.perf_counter()
+        try:
+            outcome = await self.worker.run([job for job, _ in taken])
+        except Exception as exc:  # a failed pass fails its requests, never the server
+            outcome = exc
+        self._last_seconds = time.perf_counter() - start
+        self._pass_seconds = 0.8 * self._pass_seconds + 0.2 * self._last_seconds
+        self._last_images = sum(len(job.seeds) for job, _ in taken)
+        # the clients answered now and those already waiting: the pass the crowd makes when all are back
+        # (waiting only for the answered ones would let a pass cut short once stay short: 12 + 4 for ever)
+        self._crowd = self._last_images + self._waiting_images
+        self._answer(taken, outcome)
+        self._busy = False
+        self._next()
+
+    def _next(self) -> None:
+        if self._waiting:
+            self._gather(idle=False)
+        else:
+            self._idle.set()
 
     def _answer(self, taken: list, outcome) -> None:
-        """On the event loop: each request's images, or the pass's error."""
+        """Each request's images, or the pass's error."""
         if not isinstance(outcome, Exception):
             self.passes += 1
             self.images += sum(len(job.seeds) for job, _ in taken)
