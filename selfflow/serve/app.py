@@ -6,6 +6,7 @@ path or method, 503 (with ``Retry-After``) a full queue. No response carries a t
 """
 from __future__ import annotations
 
+import functools
 import json
 import time
 from contextlib import asynccontextmanager
@@ -64,20 +65,26 @@ def _validation_message(exc) -> tuple[int, str]:
     return 422, f"{where}: {problem.get('msg', 'invalid value')}"
 
 
+def _numbers(values) -> bytes:
+    return b"[%d]" % values[0] if len(values) == 1 else b"[%s]" % b",".join(b"%d" % value for value in values)
+
+
+@functools.lru_cache(maxsize=256)
+def _settings_json(prompt, sampler: str, steps: int, cfg_scale: float) -> bytes:
+    return b'"prompt":%s,"sampler":%s,"steps":%d,"cfg_scale":%s' % (
+        json.dumps(prompt).encode(), json.dumps(sampler).encode(), steps, repr(float(cfg_scale)).encode())
+
+
 def generated_json(job, output, ms: float) -> bytes:
     """The answer to a request that got its images, as :class:`GenerateResponse` describes it: the JSON
     ``json.dumps`` would write (tests/test_serve.py parses both), put together from bytes, since on a
     one-step model the generic encoder costs the server as much per request as the network per image.
     The base64 images and the numbers need no escaping; the prompt and the sampler name go through
-    ``json.dumps``."""
-    def numbers(values) -> bytes:
-        return b"[%s]" % b",".join(b"%d" % value for value in values)
-
-    return (b'{"images":["%s"],"seeds":%s,"labels":%s,"prompt":%s,"sampler":%s,"steps":%d,"cfg_scale":%s,"nfe":%d,'
-            b'"ms":%s,"batch":%d}') % ('","'.join(output.images).encode("ascii"), numbers(job.seeds),
-                                      numbers(job.labels) if job.labels else b"null", json.dumps(job.prompt).encode(),
-                                      json.dumps(job.sampler).encode(), job.steps, repr(float(job.cfg_scale)).encode(),
-                                      round(output.nfe), repr(float(ms)).encode(), output.batch)
+    ``json.dumps`` (once per combination of settings)."""
+    return b'{"images":["%s"],"seeds":%s,"labels":%s,%s,"nfe":%d,"ms":%s,"batch":%d}' % (
+        '","'.join(output.images).encode("ascii"), _numbers(job.seeds), _numbers(job.labels) if job.labels else b"null",
+        _settings_json(job.prompt, job.sampler, job.steps, job.cfg_scale), round(output.nfe), repr(float(ms)).encode(),
+        output.batch)
 
 
 class _Answer:

@@ -4,6 +4,7 @@ SIGTERM (or Ctrl-C) stops taking connections, lets every request in flight finis
 at most), then exits with status 0."""
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import socket
@@ -100,17 +101,73 @@ def cmd_serve(args) -> int:
         sock.close()
 
 
+class _OneSend:
+    """A connection's transport that sends a response's head and body together.
+
+    uvicorn writes the status line and headers when the application starts its response and the body
+    when it sends it: two sends, two packets on the wire and two wake-ups of the client, for answers
+    of a few hundred bytes. Here a head waits for what follows it in the same turn of the event loop
+    (the body, which ``POST /v1/generate`` sends at once) and leaves with it in one send; at the latest
+    it leaves at the end of that turn, so a response without a body is never held back. Everything else
+    is the transport's own."""
+
+    __slots__ = ("_transport", "_loop", "_held")
+
+    def __init__(self, transport, loop):
+        self._transport, self._loop, self._held = transport, loop, None
+
+    def write(self, data: bytes) -> None:
+        if self._held is not None:
+            data, self._held = self._held + data, None
+            self._transport.write(data)
+        elif data.startswith(b"HTTP/"):
+            self._held = data
+            self._loop.call_soon(self.flush)
+        else:
+            self._transport.write(data)
+
+    def flush(self) -> None:
+        if self._held is not None:
+            held, self._held = self._held, None
+            self._transport.write(held)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def __getattr__(self, name):
+        return getattr(self._transport, name)
+
+
+def http_protocol():
+    """uvicorn's httptools protocol on a :class:`_OneSend` transport, or ``"auto"`` without httptools."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        return "auto"
+
+    class OneSendProtocol(HttpToolsProtocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(_OneSend(transport, self.loop))
+
+    return OneSendProtocol
+
+
 def _serve(args, sock, app, model: dict, uvicorn) -> int:
     """Run ``app`` on ``sock`` until SIGTERM or Ctrl-C, then drain; 0 once drained."""
     # No proxy-header rewriting (nothing here reads the client's address) and an access log only at
     # info/debug: both cost server CPU on every request of a one-step model.
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=args.drain_seconds,
-                                           proxy_headers=False, access_log=args.log_level in ("debug", "info")))
+                                           proxy_headers=False, access_log=args.log_level in ("debug", "info"),
+                                           http=http_protocol()))
     host, port = sock.getsockname()[:2]
     print(f"serving {model['kind']} model {model['checkpoint']} ({model['sampler']}, {model['steps']} step(s)) "
           f"on http://{host}:{port}/ — SIGTERM or Ctrl-C drains and stops", flush=True)
     # uvicorn re-raises the signal that stopped it once it has drained; ours records it, so a drained
     # shutdown returns 0 instead of dying by the signal.
+    # Everything loaded so far lives as long as the server: the collector's full passes need not walk it
+    # again and again (a model's objects make a full pass take tens of milliseconds).
+    gc.freeze()
     stopped = []
     previous = {sig: signal.signal(sig, lambda number, frame: stopped.append(number)) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:

@@ -213,14 +213,14 @@ class Engine:
                 raise RequestError("labels: this model is unconditional; leave labels out")
             if not 1 <= len(labels) <= n:
                 raise RequestError(f"labels: give 1 to n={n} labels (cycled over the images), got {len(labels)}")
-            bad = [value for value in labels if not 0 <= value < self.num_classes]
-            if bad:
-                raise RequestError(f"labels: {bad[0]} is out of range [0, {self.num_classes - 1}]")
+            if min(labels) < 0 or max(labels) >= self.num_classes:
+                bad = next(value for value in labels if not 0 <= value < self.num_classes)
+                raise RequestError(f"labels: {bad} is out of range [0, {self.num_classes - 1}]")
         settings = self._settings(sampler, steps, cfg_scale)
         seeds = tuple(range(seed, seed + n))
         per_image = None
         if self.num_classes:
-            per_image = tuple(labels[k % len(labels)] for k in range(n)) if labels else tuple(s % self.num_classes for s in seeds)
+            per_image = tuple((labels * (n // len(labels) + 1))[:n]) if labels else tuple(s % self.num_classes for s in seeds)
         return Job(seeds, per_image, prompt, settings.sampler, settings.steps, float(settings.cfg_scale))
 
     def run(self, jobs: list[Job]) -> list[Output]:
@@ -387,6 +387,9 @@ def _worker_main(conn, path: str, weights: str, device: str, precision: str, thr
     except Exception as exc:
         conn.send(("error", str(exc)))
         return
+    import gc
+
+    gc.freeze()  # the model's objects stay: full collections need not walk them
     conn.send(("ready", str(engine.device)))
     while True:
         try:
