@@ -61,6 +61,14 @@
 #                  one-step, DMD students → decoded samples → FD_dom; per stage: time, training images/s, peak GPU
 #                  memory (benchmarks/latent_chain.py --data synthetic; 4000 images, 300 teacher steps, an estimate:
 #                  ~40 s writing the JPEGs, ~30 ms per S step at 256 tokens)                      400 s
+#   bash benchmarks/gpu_suite.sh serve      a sixth call (another session's): selfflow serve under load on the GPU
+#     quickstart   the quickstart pipeline on the GPU (its teacher and one-step student; benchmarks/serve_load.py makes
+#                  it when runs/quickstart_gpu is absent), then serve_load: the student and the Heun-20 teacher served to
+#                  1-64 clients × 1 or 8 images, against `generate` at the same batch in bf16, interleaved; the model worker
+#                  and the reference on one pinned core. The device has no network and only torch: before the call, here,
+#                  `pip install --target .carry/pylib fastapi uvicorn httptools uvloop httpx psutil` (carried, ~20 MB;
+#                  compiled wheels, so the device's Python must be this one's minor version). An estimate without a
+#                  measurement: quickstart ~120 s (launch-bound tiny models), 16 rows × ~15 s                    450 s
 #
 # Where the CUDA tests go: the main call's figures already run the CUDA paths (bf16 training of three
 # methods, checkpoints, sampling, Inception FID), so a broken path shows there as a failed step; the tests
@@ -98,6 +106,7 @@
 #   run(command="bash benchmarks/gpu_suite.sh more", carry=[".carry"], timeout_s=600)
 #   run(command="bash benchmarks/gpu_suite.sh onestep", carry=[".carry"], timeout_s=600)
 #   run(command="bash benchmarks/gpu_suite.sh data", timeout_s=600)
+#   run(command="bash benchmarks/gpu_suite.sh serve", carry=[".carry/pylib"], timeout_s=600)
 # Each call packs what it wrote into $OUT/<part>.tgz (new docs/benchmarks/ files and the convergence run
 # records, never checkpoints; the more call packs its reports only; unpack here with `tar xzf`) and keeps its whole log in $OUT/<part>.log.
 # The records (FD_dom network, reference statistics, per-method results: about 1 MB) also go into
@@ -107,7 +116,7 @@
 # docs/benchmarks: a check of the plumbing before a GPU session is spent on it.
 set -uo pipefail
 part="${1:-main}"
-case "$part" in main|extra|more|onestep|data|metaworld) ;; *) echo "usage: bash benchmarks/gpu_suite.sh [main|extra|more|onestep|data|metaworld]   (got '$part')" >&2; exit 2 ;; esac
+case "$part" in main|extra|more|onestep|data|metaworld|serve) ;; *) echo "usage: bash benchmarks/gpu_suite.sh [main|extra|more|onestep|data|metaworld|serve]   (got '$part')" >&2; exit 2 ;; esac
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
@@ -138,6 +147,8 @@ if [ "${SMOKE:-0}" = 1 ]; then
     ONE_WORK=outputs/gpu_suite_smoke_runs/one_step_mnist ONE_OUT=outputs/gpu_suite_smoke/one_step_mnist_smoke
     ONE_LIMIT=1200 ONE_THREADS=1  # ~10 commands of ~45 s start-up each on the loaded 2-core machine; run it with BUDGET=1500
     CHAIN=(--tiny --data synthetic --image-size 32 --channels 3 --autoencoder-downsample 4 --workers 1) CHAIN_WORK=outputs/gpu_suite_smoke_runs/latent_chain
+    SERVE=(--tiny --work outputs/gpu_suite_smoke_runs/quickstart_tiny --concurrency 2 --n 1 --requests 40 --teacher-requests 8
+           --rounds 2 --reference-seconds 1 --name serve_load_smoke)
 else
     DEV=cuda DOCS=docs/benchmarks WORK=runs/convergence_mnist_gpu CONV_OUT=docs/benchmarks/convergence_mnist_gpu OUT="${OUT:-outputs/gpu_suite}" FID_N=10000 FID_STEPS=16 TP_LIMIT=120
     CONV_EXTRA=(--num-samples 2000 --sample-steps 16)
@@ -154,6 +165,8 @@ else
     CHAIN=(--data synthetic --count 4000 --image-size 256 --channels 3 --autoencoder-downsample 8 --ae-width 32 --ae-steps 300
            --model-size S --batch-size 256 --teacher-steps 300 --teacher-sample-steps 16 --pairs 2048 --student-steps 100
            --samples 2000 --feature-steps 300 --workers 8) CHAIN_WORK=runs/latent_chain_gpu
+    SERVE=(--work runs/quickstart_gpu --concurrency 1,16,32,64 --n 1,8 --requests 4000 --teacher-requests 400 --rounds 10
+           --reference-seconds 6 --name serve_load_gpu)
 fi
 RECORDS="$DOCS/results/$(basename "$CONV_OUT")_records.tgz"  # the convergence records a later extra call builds on
 mkdir -p "$OUT" "$DOCS/results"
@@ -179,7 +192,7 @@ step() {  # step NAME SECONDS COMMAND...: a time limit, cut to what is left of t
 }
 
 suite() {
-    [ "$part" = data ] || [ "$part" = metaworld ] || [ -d "$MNIST" ] && { [ "$part" = more ] || [ "$part" = data ] || [ "$part" = metaworld ] || [ -f "$SELFFLOW_INCEPTION" ]; } || {
+    [ "$part" = data ] || [ "$part" = metaworld ] || [ "$part" = serve ] || [ -d "$MNIST" ] && { [ "$part" = more ] || [ "$part" = data ] || [ "$part" = metaworld ] || [ "$part" = serve ] || [ -f "$SELFFLOW_INCEPTION" ]; } || {
         echo "missing $MNIST or $SELFFLOW_INCEPTION: copy the MNIST IDX files and fid_inception_v3_fp16.pt into .carry/"; return 2; }
     echo "gpu_suite $part, budget ${BUDGET}s, $(date)"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
@@ -220,6 +233,9 @@ suite() {
                 --steps "$steps" --cfg-scale "$cfg" --inception "$SELFFLOW_INCEPTION" --device "$DEV" \
                 --cache-dir "$ONE_WORK/fid_cache" --name "fid${FID_N}_one_step_mnist_${run}_euler${steps}_cfg${cfg}_$DEV"
         done
+    elif [ "$part" = serve ]; then
+        [ -d .carry/pylib ] && export PYTHONPATH="$PYTHONPATH:$PWD/.carry/pylib"
+        step serve 450 "$PY" benchmarks/serve_load.py --device "$DEV" "${SERVE[@]}"
     elif [ "$part" = data ]; then
         step latent-chain 400 "$PY" benchmarks/latent_chain.py --device "$DEV" "${CHAIN[@]}" --work "$CHAIN_WORK" \
             --out "$DOCS/latent_chain_synthetic256_$DEV"
@@ -248,7 +264,7 @@ suite() {
 
     # pack what this call wrote: new benchmark files and the convergence records (no checkpoints)
     local files
-    files=$( (find "$DOCS" -type f -newer "$stamp"; [ "$part" = more ] || [ "$part" = data ] || records) | sort -u)
+    files=$( (find "$DOCS" -type f -newer "$stamp"; [ "$part" = more ] || [ "$part" = data ] || [ "$part" = serve ] || records) | sort -u)
     if [ -n "$files" ]; then
         tar czf "$OUT/$part.tgz" $files && echo "packed $(echo "$files" | wc -l) files into $OUT/$part.tgz:" && echo "$files" | sed 's/^/  /'
     else

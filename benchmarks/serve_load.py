@@ -57,7 +57,7 @@ def models(args) -> dict:
         from selfflow.quickstart import run_quickstart
 
         print(f"training the quickstart teacher and student into {root} …", flush=True)
-        run_quickstart(out_dir=str(root), device="cpu", tiny=args.tiny, say=lambda *a: None)
+        run_quickstart(out_dir=str(root), device=args.device, tiny=args.tiny, say=lambda *a: None)
     return {"student": root / "student", "teacher": root / "teacher"}
 
 
@@ -72,7 +72,7 @@ class Server:
         env = dict(os.environ, PYTHONPATH=str(harness.ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                    OMP_NUM_THREADS=str(args.threads))
         self.proc = subprocess.Popen([sys.executable, "-m", "selfflow", "serve", "--ckpt", str(ckpt), "--port", str(self.port),
-                                      "--device", "cpu", "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue),
+                                      "--device", args.device, "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue),
                                       "--window-ms", str(args.window_ms), "--max-n", str(max(args.n)), "--threads", str(args.threads),
                                       "--worker", args.worker],
                                      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -87,6 +87,11 @@ class Server:
             except httpx.HTTPError:
                 time.sleep(0.2)
         self._process = psutil.Process(self.proc.pid)
+        self.core = args.pin_core
+        if self.core >= 0:  # the model worker on the reference's core (see main)
+            for child in self._process.children(recursive=True):
+                if "--multiprocessing-fork" in child.cmdline():
+                    child.cpu_affinity([self.core])
         self.peak_rss = 0
         self._stop = threading.Event()
         threading.Thread(target=self._watch, daemon=True).start()
@@ -227,28 +232,36 @@ def run_load(*args) -> dict:
         return runner.run(load(*args))
 
 
-def batched_throughput(engine, batch: int, seconds: float) -> tuple[int, float, float]:
+def batched_throughput(engine, batch: int, seconds: float, core: int = -1) -> tuple[int, float, float]:
     """(images, seconds, CPU seconds) of ``generate`` on the server's model and saved settings, ``batch``
     images per call, for about ``seconds`` after one untimed call (this process's CPU time: one torch
-    thread, nothing else running in it)."""
+    thread, nothing else running in it), on CPU ``core`` when it is ≥ 0."""
     import torch
 
+    from selfflow.device import autocast_dtype
     from selfflow.sampling import generate
 
     model, settings = engine.model, engine.settings
     labels = torch.arange(batch) % model.num_classes if model.num_classes else None
 
-    def once(seed):
+    def once(seed):  # as the server's passes run: its device and precision (bf16 autocast on CUDA by default)
         generate(model, num_samples=batch, seeds=range(seed, seed + batch), labels=labels, sampler=settings.sampler,
-                 steps=settings.steps, cfg_scale=settings.cfg_scale, batch_size=batch,
-                 image_shape=engine.generator.sample_shape, progress=False)
+                 steps=settings.steps, cfg_scale=settings.cfg_scale, batch_size=batch, device=engine.device,
+                 image_shape=engine.generator.sample_shape, progress=False,
+                 autocast_dtype=autocast_dtype(engine.precision, engine.device))
 
-    once(0)
-    calls, start, cpu = 0, time.perf_counter(), time.process_time()
-    while time.perf_counter() - start < seconds or calls < 3:
-        once(batch * (calls + 1))
-        calls += 1
-    return calls * batch, time.perf_counter() - start, time.process_time() - cpu
+    cores = os.sched_getaffinity(0)
+    if core >= 0:
+        os.sched_setaffinity(0, {core})
+    try:
+        once(0)
+        calls, start, cpu = 0, time.perf_counter(), time.process_time()
+        while time.perf_counter() - start < seconds or calls < 3:
+            once(batch * (calls + 1))
+            calls += 1
+        return calls * batch, time.perf_counter() - start, time.process_time() - cpu
+    finally:
+        os.sched_setaffinity(0, cores)
 
 
 def shared_interpreter(engine, batch: int, seconds: float = 2.0) -> dict:
@@ -329,6 +342,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the server and of the batched reference")
     parser.add_argument("--reference-seconds", type=float, default=6.0, help="reference time per row, all slices together")
     parser.add_argument("--rounds", type=int, default=5, help="slices of load per row, each between two reference slices")
+    parser.add_argument("--device", default="cpu", help="the server's and the reference's device (cpu, cuda)")
+    parser.add_argument("--pin-core", type=int, default=(os.cpu_count() or 1) - 1,
+                        help="run the model worker and the reference on this CPU (default: the last; -1: not pinned)")
     parser.add_argument("--models", default="student,teacher", help="which of the two to load (comma-separated)")
     parser.add_argument("--name", default="serve_load_cpu")
     args = parser.parse_args()
@@ -346,7 +362,7 @@ def main() -> None:
         if role not in args.models:
             continue
         server = Server(ckpt, args)
-        engine = Engine.load(ckpt, device="cpu")  # the reference's copy of the same model, in this process
+        engine = Engine.load(ckpt, device=args.device)  # the reference's copy of the same model, in this process
         if role == "student":
             interpreter = shared_interpreter(engine, 16)
             print("one interpreter:", json.dumps(interpreter), flush=True)
@@ -365,10 +381,10 @@ def main() -> None:
                 rounds = max(1, min(args.rounds, requests // (8 * clients)))  # slices of ≥ 8 rounds of every client
                 per_slice = -(-requests // rounds)
                 for k in range(rounds):
-                    references.append(batched_throughput(engine, batch, args.reference_seconds / (rounds + 1)))
+                    references.append(batched_throughput(engine, batch, args.reference_seconds / (rounds + 1), args.pin_core))
                     count = min(per_slice, requests - k * per_slice)
                     slices.append(run_load(server, clients, count, n, model["classes"] or 0, 1000 * k * per_slice))
-                references.append(batched_throughput(engine, batch, args.reference_seconds / (rounds + 1)))
+                references.append(batched_throughput(engine, batch, args.reference_seconds / (rounds + 1), args.pin_core))
                 result = summarise(slices, n, server)
                 reference = sum(r[0] for r in references) / sum(r[1] for r in references)
                 rates = [r[0] / r[1] for r in references]

@@ -386,3 +386,62 @@ def test_the_hand_built_answer_is_the_json_the_encoder_writes(prompt, labels, se
     expected = {"images": output.images, "seeds": list(seeds), "labels": list(labels) if labels else None, "prompt": prompt,
                 "sampler": "euler", "steps": 4, "cfg_scale": 1.5, "nfe": 8, "ms": 12.345, "batch": 16}
     assert json.loads(generated_json(job, output, 12.345)) == expected == json.loads(json.dumps(expected))
+
+
+def test_one_send_holds_a_response_head_for_its_body_and_never_longer():
+    """selfflow serve's transport: a response's head leaves with its body in one send; a head alone
+    leaves at the end of the event loop's turn; close sends what is held first; other data is not held."""
+    import asyncio
+
+    from selfflow.serve.cli import _OneSend
+
+    class Recorder:
+        def __init__(self):
+            self.writes, self.closed = [], False
+
+        def write(self, data):
+            self.writes.append(data)
+
+        def close(self):
+            self.closed = True
+
+        def get_extra_info(self, name):
+            return ("127.0.0.1", 1) if name == "peername" else None
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        inner = Recorder()
+        transport = _OneSend(inner, loop)
+        transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
+        transport.write(b"{}")
+        assert inner.writes == [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"]
+        transport.write(b"HTTP/1.1 204 No Content\r\n\r\n")  # no body follows
+        assert len(inner.writes) == 1
+        await asyncio.sleep(0)
+        assert inner.writes[-1] == b"HTTP/1.1 204 No Content\r\n\r\n"
+        transport.write(b"chunk")  # not a head: straight through
+        assert inner.writes[-1] == b"chunk"
+        transport.write(b"HTTP/1.1 500 Internal Server Error\r\n\r\n")
+        transport.close()
+        assert inner.closed and inner.writes[-1].startswith(b"HTTP/1.1 500")
+        assert transport.get_extra_info("peername") == ("127.0.0.1", 1)  # everything else is the transport's
+
+    asyncio.run(scenario())
+
+
+def test_the_load_benchmark_runs_end_to_end(class_run, tmp_path):
+    """benchmarks/serve_load.py on a tiny model: every request answered, slices interleaved with the
+    reference, the steady part measured, the report written, the servers stopped with status 0."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", SELFFLOW_BENCH_DIR=str(tmp_path))
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "serve_load.py"), "--student", str(class_run),
+                             "--teacher", str(class_run), "--concurrency", "1,3", "--n", "1,2", "--requests", "60",
+                             "--teacher-requests", "12", "--rounds", "2", "--reference-seconds", "0.4", "--name", "serve_load_tiny"],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads((tmp_path / "results" / "serve_load_tiny.json").read_text())["rows"]
+    assert len(rows) == 8 and {row["model"] for row in rows} == {"student", "teacher"}
+    for row in rows:
+        assert row["errors"] == 0 and row["lost"] == 0 and row["ok"] == row["requests"]
+        assert row["images_per_s"] > 0 and row["batched_images_per_s"] > 0 and row["ratio_min"] <= row["ratio_max"]
+        assert row["slices"] >= 1 and row["pass_images"] >= 1
+    assert "student: server exit status 0 after SIGTERM" in (tmp_path / "serve_load_tiny.md").read_text()
