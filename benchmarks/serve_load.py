@@ -11,8 +11,10 @@ on the same model and settings in batches of min(clients × n, --max-batch) imag
 the clients can make, so the ratio errs low), timed in this process while the server idles. The two
 take turns: each row's requests go in ``--rounds`` slices, each between two reference slices, since a
 shared machine's speed drifts by tens of percent within a minute and slices side by side see the same
-machine: ``ratio = served images/s ÷ batched images/s`` over all slices, ``ratio_min``/``ratio_max``
-each load slice against the reference slices on either side of it.
+machine; the model worker and the reference are pinned to one core (``--pin-core``). The served
+images/s is each slice's steady part (every client busy: after the clients' first answers, before the
+last request is sent): ``ratio = served images/s ÷ batched images/s`` over all slices,
+``ratio_min``/``ratio_max`` each slice against the reference slices on either side of it.
 
 The models: ``--student``/``--teacher`` folders, or (default) the quickstart's ``runs/quickstart/student``
 and ``teacher`` (``--work``), made by the quickstart pipeline when absent (about 4 minutes on 2 cores;
@@ -404,15 +406,22 @@ def main() -> None:
     harness.DOCS.mkdir(parents=True, exist_ok=True)
     path = harness.DOCS / f"{name}.png"
     plot(rows, path)
+    pinned = (f"The model worker and the reference run pinned to CPU {args.pin_core} (the two cores of a shared "
+              f"machine can differ in speed by a quarter from minute to minute); the HTTP process and the load "
+              f"generator are not pinned. ") if args.pin_core >= 0 else ""
     notes = ("ratio = served images/s ÷ batched_images_per_s, the images/s of `generate` on the same model and settings in "
              "batches of batched_batch = min(clients × n, max batch) images (the fullest pass the clients can make; "
              "pass_images is the mean pass the server formed), measured in this process with the same torch threads "
-             f"({args.threads}) while the server idled. Reference and load take turns: each row's requests are sent in "
-             f"{args.rounds} slices, each between two reference slices ({args.reference_seconds / (args.rounds + 1):.2f} s "
-             "each), and both sides' images and seconds are added up over the row (the shared CPU's speed drifts by tens of "
-             "percent within a minute; side by side, both see the same machine); ratio_min and ratio_max are the worst and "
-             "best load slice against the mean of the two reference slices beside it. "
-"batched_spread = slowest ÷ fastest reference slice shows how much the CPU moved meanwhile. The two sides do not do "
+             f"({args.threads}), device ({args.device}) and precision while the server idled. Reference and load take "
+             f"turns: each row's requests are sent in `slices` slices (up to {args.rounds}; each slice at least 8 requests "
+             f"per client), each between two reference slices ({args.reference_seconds:g} s of reference per row in all), "
+             "because a shared machine's speed drifts by tens of percent within a minute and slices side by side see the "
+             "same machine. The served images/s is the steady part of each slice, from the answer that completes every "
+             "client's first request to the moment the slice's last request is sent (all clients busy throughout), added "
+             "up over the slices; images_per_s_whole counts every answer over whole slices, ramp and tail included. "
+             "ratio_min and ratio_max are the worst and best slice against the two reference slices beside it; "
+             "batched_spread = slowest ÷ fastest reference slice shows how much the machine moved meanwhile. " + pinned +
+             "The two sides do not do "
              "the same work: the served figure includes everything a client gets (HTTP, JSON, converting to 8-bit "
              "pixels, PNG and base64 encoding of every image), the batched reference only `generate`'s tensors. The "
              "load generator (one keep-alive HTTP/1.1 connection per client, in one asyncio process on uvloop) runs "

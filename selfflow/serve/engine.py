@@ -225,6 +225,11 @@ class Engine:
 
     def run(self, jobs: list[Job]) -> list[Output]:
         """One :func:`generate` call for jobs sharing a key; each job's images as base64 PNGs."""
+        return split_pass(jobs, *self.run_pass(jobs))
+
+    def run_pass(self, jobs: list[Job]) -> tuple[list, float, int]:
+        """:meth:`run` before the images are dealt to the jobs: (base64 PNGs of every image in job
+        order, network evaluations per image, images in the pass) — what the model worker sends back."""
         from selfflow.device import autocast_dtype
         from selfflow.imageio import to_uint8
         from selfflow.sampling import generate
@@ -248,13 +253,17 @@ class Engine:
 
             images = decode_latents(self.decoder, images, len(seeds), self.device)
         pixels = to_uint8(images).permute(0, 2, 3, 1).numpy()  # (N, H, W, C), once for the whole pass
-        encoded = png_base64_batch(pixels)
-        outputs, start = [], 0
-        for job in jobs:
-            count = len(job.seeds)
-            outputs.append(Output(encoded[start:start + count], result.nfe_per_sample, len(seeds)))
-            start += count
-        return outputs
+        return png_base64_batch(pixels), result.nfe_per_sample, len(seeds)
+
+
+def split_pass(jobs: list[Job], images: list, nfe: float, batch: int) -> list[Output]:
+    """A pass's images (in job order) dealt back to its jobs."""
+    outputs, start = [], 0
+    for job in jobs:
+        count = len(job.seeds)
+        outputs.append(Output(images[start:start + count], nfe, batch))
+        start += count
+    return outputs
 
 
 class ThreadWorker:
@@ -328,10 +337,10 @@ class ProcessWorker:
             return False
 
     @staticmethod
-    def _outcome(kind: str, value):
+    def _outcome(kind: str, value, jobs: list[Job]) -> list[Output]:
         if kind != "ok":
             raise RuntimeError(value)
-        return [Output._make(output) for output in value]
+        return split_pass(jobs, *value)
 
     def __call__(self, jobs: list[Job]) -> list[Output]:
         """One pass, waiting for it (the blocking form of :meth:`run`)."""
@@ -340,7 +349,7 @@ class ProcessWorker:
         kind, value = self._receive() if self._send(jobs) else ("lost", "the model worker exited")
         if kind == "lost":  # died during the pass: its requests fail, the next pass has a new worker
             self._restart()
-        return self._outcome(kind, value)
+        return self._outcome(kind, value, jobs)
 
     async def run(self, jobs: list[Job]) -> list[Output]:
         """One pass, awaited on the event loop: the answer is read when the pipe becomes readable (the
@@ -361,7 +370,7 @@ class ProcessWorker:
             kind, value = self._receive()
         if kind == "lost":
             await loop.run_in_executor(None, self._restart)
-        return self._outcome(kind, value)
+        return self._outcome(kind, value, jobs)
 
     def close(self) -> None:
         try:
@@ -399,7 +408,7 @@ def _worker_main(conn, path: str, weights: str, device: str, precision: str, thr
         if jobs is None:
             return
         try:
-            conn.send(("ok", [tuple(output) for output in engine.run([Job._make(job) for job in jobs])]))
+            conn.send(("ok", engine.run_pass([Job._make(job) for job in jobs])))
         except Exception as exc:  # the pass's requests fail with this line; the worker keeps serving
             conn.send(("error", f"{type(exc).__name__}: {exc}"))
 
