@@ -445,3 +445,15 @@ def test_the_load_benchmark_runs_end_to_end(class_run, tmp_path):
         assert row["images_per_s"] > 0 and row["batched_images_per_s"] > 0 and row["ratio_min"] <= row["ratio_max"]
         assert row["slices"] >= 1 and row["pass_images"] >= 1
     assert "student: server exit status 0 after SIGTERM" in (tmp_path / "serve_load_tiny.md").read_text()
+
+
+def test_closing_a_stuck_model_worker_kills_it_without_holding_up_shutdown(class_run):
+    """A worker that cannot answer (stopped here with SIGSTOP) is killed a few seconds after close asks it
+    to exit, instead of holding the server's shutdown up."""
+    from selfflow.serve.engine import ProcessWorker
+
+    worker = ProcessWorker(class_run, "ema", "cpu", "auto", 1)
+    os.kill(worker._process.pid, signal.SIGSTOP)
+    start = time.perf_counter()
+    worker.close()
+    assert time.perf_counter() - start < 15 and not worker._process.is_alive()

@@ -373,11 +373,14 @@ class ProcessWorker:
         return self._outcome(kind, value, jobs)
 
     def close(self) -> None:
+        """Stop the worker: it is told to exit and, if it has not within 5 s, killed. The server closes it
+        after draining (its batcher has no pass in flight then), so a worker still there after 5 s is
+        stuck, and waiting longer would only hold the shutdown up."""
         try:
             self._conn.send(None)
         except (OSError, ValueError):
             pass
-        self._process.join(30)
+        self._process.join(5)
         if self._process.is_alive():
             self._process.kill()
             self._process.join()
