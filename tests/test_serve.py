@@ -457,3 +457,57 @@ def test_closing_a_stuck_model_worker_kills_it_without_holding_up_shutdown(class
     start = time.perf_counter()
     worker.close()
     assert time.perf_counter() - start < 15 and not worker._process.is_alive()
+
+
+def test_the_server_replaces_a_killed_model_worker_between_and_during_passes(class_run, engine):
+    """Through the event loop's path (the pipe watched like a socket): a worker killed between requests is
+    replaced before the next pass, which answers; one killed during a pass fails that pass's request with a
+    one-line 500, and the request after it is answered by a new worker with the same images."""
+    import httpx
+    import psutil
+
+    port = free_port()
+    proc = start_server(class_run, port)
+    url = f"http://127.0.0.1:{port}/v1/generate"
+
+    def worker_pid():
+        return next(child.pid for child in psutil.Process(proc.pid).children() if "--multiprocessing-fork" in child.cmdline())
+
+    body = {"n": 2, "seed": 5, "labels": [3]}
+    expected = engine.run([engine.job(Limits(), **body)])[0].images
+    try:
+        assert httpx.post(url, json=body, timeout=60).json()["images"] == expected
+        first = worker_pid()
+        os.kill(first, signal.SIGKILL)
+        time.sleep(0.5)
+        assert httpx.post(url, json=body, timeout=120).json()["images"] == expected  # a new worker, same images
+        second = worker_pid()
+        assert second != first
+        with ThreadPoolExecutor(1) as pool:  # a long pass (250 Heun steps), killed while it runs
+            slow = pool.submit(httpx.post, url, json={"n": 16, "steps": 250, "sampler": "heun"}, timeout=120)
+            time.sleep(0.5)
+            os.kill(second, signal.SIGKILL)
+            reply = slow.result()
+        assert reply.status_code == 500 and "model worker exited" in reply.json()["error"] and "\n" not in reply.text
+        assert httpx.post(url, json=body, timeout=120).json()["images"] == expected
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+
+
+def test_a_failing_pass_answers_a_one_line_500_and_the_server_goes_on(engine):
+    real_run = engine.run
+
+    def broken_run(jobs):
+        raise FloatingPointError("the network gave NaN\nat step 3")
+
+    with TestClient(create_app(engine)) as client:
+        engine.run = broken_run
+        try:
+            reply = client.post("/v1/generate", json={"n": 2, "seed": 1})
+        finally:
+            engine.run = real_run
+        assert reply.status_code == 500 and "\n" not in reply.text
+        assert reply.json() == {"error": "the forward pass failed (FloatingPointError: the network gave NaN at step 3); "
+                                         "the server keeps serving"}
+        assert client.post("/v1/generate", json={"n": 2, "seed": 1}).status_code == 200

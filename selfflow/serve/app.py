@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
 from selfflow.errors import RequestError
-from selfflow.serve.engine import Batcher, Engine, Limits, ProcessWorker, QueueFull
+from selfflow.serve.engine import Batcher, Engine, Limits, PassFailed, ProcessWorker, QueueFull
 from selfflow.serve.page import PAGE
 
 MAX_BODY_BYTES = 64 * 1024
@@ -213,7 +213,10 @@ def create_app(engine: Engine, limits: Limits = Limits(), worker: Optional[Proce
             return _refusal(exc.status, str(exc))
         except QueueFull as exc:
             return _refusal(503, str(exc), {"Retry-After": exc.retry_after_s})
-        output = await future
+        try:
+            output = await future
+        except PassFailed as exc:
+            return _refusal(500, f"the forward pass failed ({exc}); the server keeps serving")
         return _Answer.raw(200, generated_json(job, output, round(1000 * (time.perf_counter() - start), 3)))
 
     # Answered by _Front before FastAPI sees it; declared here for /docs (GenerateRequest and

@@ -339,7 +339,7 @@ class ProcessWorker:
     @staticmethod
     def _outcome(kind: str, value, jobs: list[Job]) -> list[Output]:
         if kind != "ok":
-            raise RuntimeError(value)
+            raise PassFailed(value)
         return split_pass(jobs, *value)
 
     def __call__(self, jobs: list[Job]) -> list[Output]:
@@ -414,6 +414,11 @@ def _worker_main(conn, path: str, weights: str, device: str, precision: str, thr
             conn.send(("ok", engine.run_pass([Job._make(job) for job in jobs])))
         except Exception as exc:  # the pass's requests fail with this line; the worker keeps serving
             conn.send(("error", f"{type(exc).__name__}: {exc}"))
+
+
+class PassFailed(RuntimeError):
+    """A forward pass that gave no images (the model worker died, or the network raised): its requests
+    are answered with a one-line 500 naming why; the server goes on."""
 
 
 class QueueFull(Exception):
@@ -541,8 +546,10 @@ class Batcher:
         start = time.perf_counter()
         try:
             outcome = await self.worker.run([job for job, _ in taken])
-        except Exception as exc:  # a failed pass fails its requests, never the server
+        except PassFailed as exc:  # a failed pass fails its requests, never the server
             outcome = exc
+        except Exception as exc:
+            outcome = PassFailed(f"{type(exc).__name__}: {exc}")
         self._last_seconds = time.perf_counter() - start
         self._pass_seconds = 0.8 * self._pass_seconds + 0.2 * self._last_seconds
         self._last_images = sum(len(job.seeds) for job, _ in taken)
