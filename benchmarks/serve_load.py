@@ -301,28 +301,36 @@ def shared_interpreter(engine, batch: int, seconds: float = 2.0) -> dict:
     return {"batch": batch, "idle_images_per_s": idle, "busy_images_per_s": busy, "slowdown": idle / busy}
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, device: str = "CPU") -> None:
+    """Latency, images/s (served and batched) and their ratio (the worst and best slice as a bar) against
+    the number of clients, one colour per model and request size."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4.2))
     for (model, n), colour in zip(sorted({(r["model"], r["n"]) for r in rows}), ["C0", "C1", "C2", "C3", "C4", "C5"]):
         mine = [r for r in rows if r["model"] == model and r["n"] == n]
         clients = [r["clients"] for r in mine]
-        right.plot(clients, [r["images_per_s"] for r in mine], "o-", color=colour, label=f"{model}, n={n}: served")
-        right.plot(clients, [r["batched_images_per_s"] for r in mine], "x--", color=colour, label=f"{model}, n={n}: batched generate")
+        middle.plot(clients, [r["images_per_s"] for r in mine], "o-", color=colour, label=f"{model}, n={n}: served")
+        middle.plot(clients, [r["batched_images_per_s"] for r in mine], "x--", color=colour, label=f"{model}, n={n}: batched generate")
         left.plot(clients, [r["p50_ms"] for r in mine], "o-", color=colour, label=f"{model}, n={n}: p50")
         left.plot(clients, [r["p99_ms"] for r in mine], "^:", color=colour, label=f"{model}, n={n}: p99")
-    for axis, label in ((left, "latency (ms)"), (right, "images / s")):
+        ratio = [r["ratio"] for r in mine]
+        spread = [[max(0.0, r["ratio"] - r.get("ratio_min", r["ratio"])) for r in mine],
+                  [max(0.0, r.get("ratio_max", r["ratio"]) - r["ratio"]) for r in mine]]
+        right.errorbar(clients, ratio, yerr=spread, fmt="o-", color=colour, capsize=3, label=f"{model}, n={n}")
+    right.axhline(0.7, color="grey", linestyle="--", linewidth=1, label="0.7 × batched")
+    for axis, label in ((left, "latency (ms)"), (middle, "images / s"), (right, "served ÷ batched generate")):
         axis.set_xscale("log", base=2)
-        axis.set_yscale("log")
+        if axis is not right:
+            axis.set_yscale("log")
         axis.set_xlabel("concurrent clients")
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
-    fig.suptitle("selfflow serve under load (CPU)")
+    fig.suptitle(f"selfflow serve under load ({device})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -405,7 +413,7 @@ def main() -> None:
     name = args.name
     harness.DOCS.mkdir(parents=True, exist_ok=True)
     path = harness.DOCS / f"{name}.png"
-    plot(rows, path)
+    plot(rows, path, "GPU" if args.device.startswith("cuda") else "CPU")
     pinned = (f"The model worker and the reference run pinned to CPU {args.pin_core} (the two cores of a shared "
               f"machine can differ in speed by a quarter from minute to minute); the HTTP process and the load "
               f"generator are not pinned. ") if args.pin_core >= 0 else ""
