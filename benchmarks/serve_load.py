@@ -89,11 +89,10 @@ class Server:
             except httpx.HTTPError:
                 time.sleep(0.2)
         self._process = psutil.Process(self.proc.pid)
-        self.core = args.pin_core
-        if self.core >= 0:  # the model worker on the reference's core (see main)
+        if args.pin_core >= 0:  # the model worker on the reference's core (see main)
             for child in self._process.children(recursive=True):
                 if "--multiprocessing-fork" in child.cmdline():
-                    child.cpu_affinity([self.core])
+                    child.cpu_affinity([args.pin_core])
         self.peak_rss = 0
         self._stop = threading.Event()
         threading.Thread(target=self._watch, daemon=True).start()

@@ -308,17 +308,23 @@ def test_a_model_worker_that_dies_is_replaced_and_serving_goes_on(class_run, eng
     jobs = [engine.job(limits, n=2, seed=5, labels=[3])]
     expected = engine.run(jobs)[0].images
     worker = ProcessWorker(class_run, "ema", "cpu", "auto", 1)
+
+    def run(jobs):  # one pass, as the server's event loop awaits it
+        import asyncio
+
+        return asyncio.run(worker.run(jobs))
+
     try:
-        assert worker(jobs)[0].images == expected
+        assert run(jobs)[0].images == expected
         first = worker._process.pid
         os.kill(first, signal.SIGKILL)
         worker._process.join(10)
-        assert worker(jobs)[0].images == expected and worker.restarts == 1 and worker._process.pid != first
+        assert run(jobs)[0].images == expected and worker.restarts == 1 and worker._process.pid != first
         worker._conn.close()  # the pipe breaks mid-pass, as when the worker dies while computing
         worker._process.kill()
         with pytest.raises(RuntimeError, match="model worker exited"):
-            worker(jobs)
-        assert worker.restarts == 2 and worker(jobs)[0].images == expected
+            run(jobs)
+        assert worker.restarts == 2 and run(jobs)[0].images == expected
     finally:
         worker.close()
 

@@ -66,7 +66,7 @@ def _validation_message(exc) -> tuple[int, str]:
 
 
 def _numbers(values) -> bytes:
-    return b"[%d]" % values[0] if len(values) == 1 else b"[%s]" % b",".join(b"%d" % value for value in values)
+    return b"[%s]" % b",".join(b"%d" % value for value in values)
 
 
 @functools.lru_cache(maxsize=256)
@@ -90,22 +90,15 @@ def generated_json(job, output, ms: float) -> bytes:
 class _Answer:
     """A response as it goes out: status, JSON body bytes, extra headers."""
 
-    def __init__(self, status: int, payload: dict, headers: Optional[dict] = None):
-        self.status, self.headers = status, headers or {}
-        self.body = json.dumps(payload, separators=(",", ":")).encode()
-
-    @classmethod
-    def raw(cls, status: int, body: bytes) -> "_Answer":
-        answer = cls.__new__(cls)
-        answer.status, answer.headers, answer.body = status, {}, body
-        return answer
+    def __init__(self, status: int, body: bytes, headers: Optional[dict] = None):
+        self.status, self.body, self.headers = status, body, headers or {}
 
     def response(self) -> Response:
         return Response(self.body, self.status, self.headers, media_type="application/json")
 
 
 def _refusal(status: int, message: str, headers: Optional[dict] = None) -> _Answer:
-    return _Answer(status, {"error": " ".join(str(message).split())}, headers)
+    return _Answer(status, json.dumps({"error": " ".join(str(message).split())}, separators=(",", ":")).encode(), headers)
 
 
 def _error(status: int, message: str, headers: Optional[dict] = None) -> Response:
@@ -217,7 +210,7 @@ def create_app(engine: Engine, limits: Limits = Limits(), worker: Optional[Proce
             output = await future
         except PassFailed as exc:
             return _refusal(500, f"the forward pass failed ({exc}); the server keeps serving")
-        return _Answer.raw(200, generated_json(job, output, round(1000 * (time.perf_counter() - start), 3)))
+        return _Answer(200, generated_json(job, output, round(1000 * (time.perf_counter() - start), 3)))
 
     # Answered by _Front before FastAPI sees it; declared here for /docs (GenerateRequest and
     # GenerateResponse document the body and the answer), and it answers the same way if reached.

@@ -163,11 +163,11 @@ def _serve(args, sock, app, model: dict, uvicorn) -> int:
     host, port = sock.getsockname()[:2]
     print(f"serving {model['kind']} model {model['checkpoint']} ({model['sampler']}, {model['steps']} step(s)) "
           f"on http://{host}:{port}/ — SIGTERM or Ctrl-C drains and stops", flush=True)
-    # uvicorn re-raises the signal that stopped it once it has drained; ours records it, so a drained
-    # shutdown returns 0 instead of dying by the signal.
     # Everything loaded so far lives as long as the server: the collector's full passes need not walk it
     # again and again (a model's objects make a full pass take tens of milliseconds).
     gc.freeze()
+    # uvicorn re-raises the signal that stopped it once it has drained; ours records it, so a drained
+    # shutdown returns 0 instead of dying by the signal.
     stopped = []
     previous = {sig: signal.signal(sig, lambda number, frame: stopped.append(number)) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:

@@ -105,8 +105,7 @@ def png_base64_batch(images) -> list[str]:
     head, tail = b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header), _chunk(b"IEND", b"")
     encoded = []
     for rows in raw:
-        data = b"IDAT" + zlib.compress(rows.tobytes(), 1)
-        png = head + struct.pack(">I", len(data) - 4) + data + struct.pack(">I", zlib.crc32(data) & 0xFFFFFFFF) + tail
+        png = head + _chunk(b"IDAT", zlib.compress(rows.tobytes(), 1)) + tail
         encoded.append(base64.b64encode(png).decode("ascii"))
     return encoded
 
@@ -284,7 +283,7 @@ class ThreadWorker:
 
 
 class ProcessWorker:
-    """``Engine.run`` in a child process (spawned, so CUDA works there too), called like ``Engine.run``.
+    """``Engine.run`` in a child process (spawned, so CUDA works there too), awaited with :meth:`run`.
 
     A small model's forward pass is mostly Python (module calls between short kernels), and Python
     runs one thread at a time per process: in the server's own process the network and the HTTP loop
@@ -341,15 +340,6 @@ class ProcessWorker:
         if kind != "ok":
             raise PassFailed(value)
         return split_pass(jobs, *value)
-
-    def __call__(self, jobs: list[Job]) -> list[Output]:
-        """One pass, waiting for it (the blocking form of :meth:`run`)."""
-        if not self._process.is_alive():  # died between passes: this pass runs on a new one
-            self._restart()
-        kind, value = self._receive() if self._send(jobs) else ("lost", "the model worker exited")
-        if kind == "lost":  # died during the pass: its requests fail, the next pass has a new worker
-            self._restart()
-        return self._outcome(kind, value, jobs)
 
     async def run(self, jobs: list[Job]) -> list[Output]:
         """One pass, awaited on the event loop: the answer is read when the pipe becomes readable (the
@@ -438,7 +428,7 @@ class Batcher:
     arrival order, every waiting job with the same key while the images fit ``max_batch``. Under load
     passes fill by themselves, with no fixed window spent waiting and no thread hand-over between a
     pass's end and the next one's start. One wait remains (:meth:`_gather`): a pass smaller than the
-    last waits briefly for the clients that pass answered, who ask again at once; without it a crowd
+    crowd the last pass served waits briefly for its clients, who ask again at once; without it a crowd
     of closed-loop clients splits into a lone request and the rest, or two halves, in alternating
     passes (for the Heun-20 teacher of the quickstart, passes of 7.7 images on average instead of 15.4
     for 16 clients). An idle worker may also wait ``window_ms`` (default 0) for company to a lone
@@ -447,7 +437,7 @@ class Batcher:
     """
 
     def __init__(self, engine: Engine, limits: Limits, worker: Optional[ProcessWorker] = None):
-        self.engine, self.limits = engine, limits
+        self.limits = limits
         self.worker = worker if worker is not None else ThreadWorker(engine)
         self._own_worker = worker is None
         self._waiting: collections.deque = collections.deque()  # (job, future) in arrival order
@@ -501,11 +491,10 @@ class Batcher:
 
     def _gather(self, idle: bool) -> None:
         """No pass runs and jobs wait: start one now, or wait for company. Under steady load the clients
-        the last pass answered ask again at once: a pass that would hold fewer images than the last one
-        waits for them (the images it answered plus those that waited meanwhile), at most half the last
-        pass's time; an idle worker (``idle``: the first job after
-        none waited) waits ``window_ms`` for company when that is longer. Either wait ends early once
-        enough images wait (:meth:`submit`)."""
+        the last pass answered ask again at once: a pass that would hold fewer images than that pass's
+        crowd (the images it answered plus those that waited meanwhile) waits for them, at most half the
+        last pass's time; an idle worker (``idle``: the first job after none waited) waits ``window_ms``
+        for company when that is longer. Either wait ends early once enough images wait (:meth:`submit`)."""
         wait, target = self._last_seconds / 2, self._crowd
         window = self.limits.window_ms / 1000
         if idle and window > wait:
@@ -552,11 +541,11 @@ class Batcher:
             outcome = PassFailed(f"{type(exc).__name__}: {exc}")
         self._last_seconds = time.perf_counter() - start
         self._pass_seconds = 0.8 * self._pass_seconds + 0.2 * self._last_seconds
-        self._last_images = sum(len(job.seeds) for job, _ in taken)
+        self._last_images = images = sum(len(job.seeds) for job, _ in taken)
         # the clients answered now and those already waiting: the pass the crowd makes when all are back
         # (waiting only for the answered ones would let a pass cut short once stay short: 12 + 4 for ever)
         self._crowd = self._last_images + self._waiting_images
-        self._answer(taken, outcome)
+        self._answer(taken, outcome, images)
         self._busy = False
         self._next()
 
@@ -566,11 +555,11 @@ class Batcher:
         else:
             self._idle.set()
 
-    def _answer(self, taken: list, outcome) -> None:
-        """Each request's images, or the pass's error."""
+    def _answer(self, taken: list, outcome, images: int) -> None:
+        """Each request's images, or the pass's error (``images``: the pass's, for the counters)."""
         if not isinstance(outcome, Exception):
             self.passes += 1
-            self.images += sum(len(job.seeds) for job, _ in taken)
+            self.images += images
         for k, (_, future) in enumerate(taken):
             if future.done():  # a request whose client left was cancelled meanwhile
                 continue
